@@ -1,0 +1,414 @@
+//! The `tessera` command line: flags are parsed here, checked, and handed to the library.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+use chrono::NaiveDate;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Project, CONFIG_FILE};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::generate::{self, GenerateOptions};
+use crate::pipeline::{self, RunOptions};
+use crate::progress::Progress;
+use crate::runs::RunReport;
+use crate::storage::Place;
+use crate::tables;
+
+/// Tessera: an embedded customer data platform engine.
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about, long_about = None)]
+pub struct Cli {
+    /// The project folder (holding tessera.toml).
+    #[arg(long, global = true, default_value = ".", value_name = "DIR")]
+    pub project: PathBuf,
+    /// No progress bars and only warnings in the log.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Machine-readable output: JSON on stdout, JSON log lines on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log detail (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline: ingest events, write the output tables, record the run.
+    Run {
+        /// Rebuild everything from all input.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Run one SQL query over events, sources and the output tables.
+    Query {
+        /// The query (one SELECT).
+        sql: String,
+        /// How to print the result.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Check the config, the SQL files and the event files; write nothing.
+    Validate,
+    /// Create a new project with a config, example queries and a small generated sample.
+    Init {
+        /// The folder to create (must be empty or absent).
+        dir: PathBuf,
+        /// People in the generated sample.
+        #[arg(long, default_value_t = 300)]
+        people: u64,
+    },
+    /// Generate synthetic Segment-spec events and their identity truth.
+    Generate {
+        /// Where to write: events go to OUT/events/, the truth to OUT/truth.parquet.
+        #[arg(long, value_name = "OUT")]
+        out: String,
+        /// How many people.
+        #[arg(long, default_value_t = 1000)]
+        people: u64,
+        /// How many days.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// The seed: the same seed gives the same rows.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// The first day (YYYY-MM-DD).
+        #[arg(long, default_value = "2026-10-01")]
+        start: NaiveDate,
+        /// Rows per Parquet file at most.
+        #[arg(long, default_value_t = 250_000)]
+        rows_per_file: usize,
+    },
+}
+
+/// How `tessera query` prints rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header.
+    Csv,
+    /// A JSON array of objects.
+    Json,
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(main_inner(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if json {
+                let body = serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()});
+                println!("{body}");
+            } else {
+                eprintln!("error: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let interactive = std::io::stderr().is_terminal();
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) if interactive && !cli.json => "warn",
+        (false, 0 | 1) => "tessera=info,warn",
+        (false, _) => "tessera=debug,info",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.json {
+        builder.json().init();
+    } else {
+        builder.with_target(false).with_ansi(interactive).init();
+    }
+}
+
+async fn main_inner(cli: Cli) -> Result<i32> {
+    let progress = Progress::new(!cli.quiet && !cli.json);
+    let project_dir = cli.project.clone();
+    match cli.command {
+        Command::Run { full } => {
+            let project = Project::load(&project_dir)?;
+            let report = pipeline::run(project, &RunOptions { full }, progress).await?;
+            print_report(&report, cli.json);
+            Ok(0)
+        }
+        Command::Query { sql, format } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            engine.ingest(&|_, _| {}).await?;
+            engine.register_outputs().await?;
+            let df = engine.query(&sql, "<query>").await?;
+            let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
+            let format = if cli.json { Format::Json } else { format };
+            print_batches(&batches, format)?;
+            Ok(0)
+        }
+        Command::Validate => validate(&project_dir, cli.json).await,
+        Command::Init { dir, people } => {
+            init(&dir, people, progress).await?;
+            if !cli.quiet {
+                println!(
+                    "created project in {}; next: cd {} && tessera run",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            Ok(0)
+        }
+        Command::Generate {
+            out,
+            people,
+            days,
+            seed,
+            start,
+            rows_per_file,
+        } => {
+            if people == 0 || days == 0 || rows_per_file == 0 {
+                return Err(Error::Usage(
+                    "--people, --days and --rows-per-file must be at least 1".into(),
+                ));
+            }
+            let place = Place::open(&out, &current_dir()?, "--out")?;
+            let options = GenerateOptions {
+                people,
+                days,
+                seed,
+                start,
+                rows_per_file,
+            };
+            let summary = generate::generate(&place, &options, progress).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+            } else if !cli.quiet {
+                println!(
+                    "wrote {} event rows ({} redelivered copies, {} malformed) in {} files under {}events/, and {} truth rows",
+                    summary.rows,
+                    summary.duplicates,
+                    summary.malformed,
+                    summary.files,
+                    place.url(),
+                    summary.truth_rows
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn print_report(report: &RunReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+        return;
+    }
+    let secs = (report.finished_at - report.started_at).num_milliseconds() as f64 / 1000.0;
+    println!(
+        "run {} {} in {secs:.1}s",
+        report.run_id,
+        report.status.as_str()
+    );
+    println!(
+        "  files   {} read, {} skipped",
+        report.input_files.len(),
+        report.skipped_files.len()
+    );
+    for skipped in &report.skipped_files {
+        println!("    skipped {}: {}", skipped.file, skipped.reason);
+    }
+    println!(
+        "  rows    {} read, {} rejected, {} duplicates, {} events",
+        report.rows_read, report.rows_rejected, report.rows_duplicate, report.events
+    );
+    for (name, committed) in &report.tables {
+        println!(
+            "  table   {name:<18} version {:<4} {} rows written",
+            committed.version, committed.rows
+        );
+    }
+}
+
+/// Prints batches in `format` to stdout.
+pub fn print_batches(batches: &[RecordBatch], format: Format) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match format {
+        Format::Table => {
+            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            writeln!(out, "{table}").map_err(|e| Error::io("<stdout>", e))?;
+        }
+        Format::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for batch in batches {
+                writer.write(batch)?;
+            }
+        }
+        Format::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(&mut out);
+            let refs: Vec<&RecordBatch> = batches.iter().collect();
+            writer.write_batches(&refs)?;
+            writer.finish()?;
+            drop(writer);
+            writeln!(out).map_err(|e| Error::io("<stdout>", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Problems `validate` found, by severity.
+#[derive(Debug, Default, serde::Serialize)]
+struct Findings {
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    event_files: usize,
+    sql_files: usize,
+}
+
+async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
+    let project = Project::load(project_dir)?;
+    let engine = Engine::open(project).await?;
+    let mut findings = Findings::default();
+    match engine.ingest(&|_, _| {}).await {
+        Ok(ingested) => {
+            findings.event_files = ingested.inventory.files.len();
+            for skipped in &ingested.inventory.skipped {
+                findings.warnings.push(format!(
+                    "{}: will be skipped: {}",
+                    skipped.file, skipped.reason
+                ));
+            }
+        }
+        Err(e) => findings.errors.push(e.to_string()),
+    }
+    for kind in ["identity", "traits", "segments"] {
+        let dir = engine.project.queries_dir(kind);
+        for file in sql_files(&dir)? {
+            findings.sql_files += 1;
+            let name = file
+                .strip_prefix(&engine.project.dir)
+                .unwrap_or(&file)
+                .display()
+                .to_string();
+            let sql = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+            let checked = crate::engine::check_read_only(&engine.ctx, &sql, &name);
+            // Identity queries read only events and sources, which exist now: plan them fully.
+            let planned = match checked {
+                Ok(_) if kind == "identity" => engine.query(&sql, &name).await.map(|_| ()),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = planned {
+                findings.errors.push(e.to_string());
+            }
+        }
+    }
+    let code = if !findings.errors.is_empty() {
+        2
+    } else if !findings.warnings.is_empty() {
+        1
+    } else {
+        0
+    };
+    if json {
+        println!("{}", serde_json::to_string(&findings).unwrap_or_default());
+    } else {
+        for e in &findings.errors {
+            println!("error: {e}");
+        }
+        for w in &findings.warnings {
+            println!("warning: {w}");
+        }
+        println!(
+            "{}: {} event files, {} SQL files, {} errors, {} warnings",
+            if code == 0 { "ok" } else { "problems found" },
+            findings.event_files,
+            findings.sql_files,
+            findings.errors.len(),
+            findings.warnings.len()
+        );
+    }
+    Ok(code)
+}
+
+fn current_dir() -> Result<PathBuf> {
+    std::env::current_dir().map_err(|e| Error::io(".", e))
+}
+
+/// The `.sql` files of a folder, sorted; none when the folder is absent.
+pub fn sql_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The files `tessera init` writes, from the bundled project itself.
+const INIT_FILES: &[(&str, &str)] = &[
+    (CONFIG_FILE, include_str!("../tessera.toml")),
+    (
+        "queries/identity/events.sql",
+        include_str!("../queries/identity/events.sql"),
+    ),
+    (".gitignore", "/out\n"),
+];
+
+async fn init(dir: &Path, people: u64, progress: Progress) -> Result<()> {
+    if dir.exists()
+        && std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Usage(format!(
+            "{} is not empty; `tessera init` only creates new projects",
+            dir.display()
+        )));
+    }
+    for (name, text) in INIT_FILES {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    let data = dir.join("data");
+    let place = Place::open(&data.to_string_lossy(), &current_dir()?, "data")?;
+    let options = GenerateOptions {
+        people,
+        ..GenerateOptions::default()
+    };
+    generate::generate(&place, &options, progress).await?;
+    let _ = tables::EVENTS;
+    Ok(())
+}

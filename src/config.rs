@@ -1,0 +1,505 @@
+//! `tessera.toml` → a typed [`Config`], with errors that name the file and the key at fault.
+//!
+//! Every key has a default, so a file holding only `[storage]` is a complete project. Unknown
+//! keys are refused rather than ignored: a misspelt `limt = 1` that silently did nothing would
+//! merge profiles the user meant to keep apart.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The name of a project's config file.
+pub const CONFIG_FILE: &str = "tessera.toml";
+
+/// A project's whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[project]`
+    #[serde(default)]
+    pub project: ProjectConfig,
+    /// `[storage]`
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// `[[sources]]`: extra tables registered under their name.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// `[identity]`
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// `[profiles]`
+    #[serde(default)]
+    pub profiles: ProfilesConfig,
+}
+
+/// `[project]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// A name for logs and the `runs` table.
+    #[serde(default = "default_project_name")]
+    pub name: String,
+}
+
+impl Default for ProjectConfig {
+    fn default() -> Self {
+        ProjectConfig {
+            name: default_project_name(),
+        }
+    }
+}
+
+fn default_project_name() -> String {
+    "tessera".to_string()
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Where event Parquet files land: a folder, `file://`, `s3://bucket/prefix` or `memory://`.
+    #[serde(default = "default_events")]
+    pub events: String,
+    /// Where output tables are written.
+    #[serde(default = "default_output")]
+    pub output: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            events: default_events(),
+            output: default_output(),
+        }
+    }
+}
+
+fn default_events() -> String {
+    "data/events".to_string()
+}
+
+fn default_output() -> String {
+    "out".to_string()
+}
+
+/// One `[[sources]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The table name SQL sees.
+    pub name: String,
+    /// A Parquet file or folder.
+    pub location: String,
+}
+
+/// `[identity]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Identifier types, highest priority first.
+    #[serde(default = "default_identifiers")]
+    pub identifiers: Vec<IdentifierConfig>,
+    /// Country calling code used to complete phone numbers written without one (e.g. `"1"`, `"44"`).
+    #[serde(default = "default_country_code")]
+    pub default_country_code: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            identifiers: default_identifiers(),
+            default_country_code: default_country_code(),
+        }
+    }
+}
+
+fn default_country_code() -> String {
+    "1".to_string()
+}
+
+/// The Segment-spec identifiers: user_id (one per profile), email, anonymous_id.
+fn default_identifiers() -> Vec<IdentifierConfig> {
+    vec![
+        IdentifierConfig {
+            limit: Some(1),
+            ..IdentifierConfig::named("user_id")
+        },
+        IdentifierConfig {
+            normalize: Normalize::Email,
+            ..IdentifierConfig::named("email")
+        },
+        IdentifierConfig::named("anonymous_id"),
+    ]
+}
+
+/// One identifier type of `[[identity.identifiers]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifierConfig {
+    /// The column name identity queries return for this type.
+    pub name: String,
+    /// How values are normalised before matching.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// At most this many values of this type in one profile.
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Values that never link anything (compared after normalising, case-insensitively).
+    #[serde(default)]
+    pub blocklist: Vec<String>,
+    /// A value linked to more distinct identifiers than this is shared junk and links nothing.
+    #[serde(default)]
+    pub max_links: Option<u64>,
+}
+
+impl IdentifierConfig {
+    fn named(name: &str) -> Self {
+        IdentifierConfig {
+            name: name.to_string(),
+            normalize: Normalize::Trim,
+            limit: None,
+            blocklist: Vec::new(),
+            max_links: None,
+        }
+    }
+}
+
+/// How identifier values are normalised.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// Trim and lowercase.
+    Email,
+    /// E.164 digits, completed with the default country code.
+    Phone,
+    /// Trim surrounding white space.
+    #[default]
+    Trim,
+    /// Use the value exactly as given.
+    None,
+}
+
+/// `[profiles]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilesConfig {
+    /// Traits from identify calls lifted into their own `profiles` columns.
+    #[serde(default)]
+    pub traits: Vec<String>,
+}
+
+/// A loaded project: its folder and its config.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The project folder; relative locations resolve against it.
+    pub dir: PathBuf,
+    /// The config file that was read (or would have been, when absent).
+    pub config_file: PathBuf,
+    /// The parsed config.
+    pub config: Config,
+}
+
+impl Project {
+    /// Loads `DIR/tessera.toml`.
+    pub fn load(dir: &Path) -> Result<Project> {
+        let dir = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+        let dir = dir.as_path();
+        let config_file = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_file).map_err(|e| Error::Config {
+            file: config_file.clone(),
+            key: None,
+            message: if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "no {CONFIG_FILE} here; pass --project DIR or create one with `tessera init DIR`"
+                )
+            } else {
+                format!("cannot read: {e}")
+            },
+        })?;
+        let config = Config::parse(&text, &config_file)?;
+        Ok(Project {
+            dir: dir.to_path_buf(),
+            config_file,
+            config,
+        })
+    }
+
+    /// The folder holding SQL files of one kind (`identity`, `traits`, `segments`).
+    pub fn queries_dir(&self, kind: &str) -> PathBuf {
+        self.dir.join("queries").join(kind)
+    }
+}
+
+impl Config {
+    /// Parses and checks config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|err| {
+            let key = err.path().to_string();
+            let inner = err.into_inner();
+            // toml's own message carries the line and a caret under the offending text.
+            let message = inner.message().to_string();
+            let at = inner
+                .span()
+                .map(|span| format!(" (line {})", line_of(text, span.start)))
+                .unwrap_or_default();
+            let key = (key != ".").then_some(key);
+            Error::Config {
+                file: file.to_path_buf(),
+                message: match &key {
+                    Some(k) => format!("key `{k}`{at}: {message}"),
+                    None => format!("{}{at}", message.trim_end()),
+                },
+                key,
+            }
+        })?;
+        config.check(file)?;
+        Ok(config)
+    }
+
+    /// Checks that go beyond types: names, duplicates, ranges.
+    fn check(&self, file: &Path) -> Result<()> {
+        let fail = |key: String, message: String| Error::Config {
+            file: file.to_path_buf(),
+            message: format!("key `{key}`: {message}"),
+            key: Some(key),
+        };
+        if self.identity.identifiers.is_empty() {
+            return Err(fail(
+                "identity.identifiers".into(),
+                "needs at least one identifier type (or remove [identity] to use the defaults)"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, id) in self.identity.identifiers.iter().enumerate() {
+            let key = format!("identity.identifiers[{i}]");
+            if !is_sql_name(&id.name) {
+                return Err(fail(
+                    format!("{key}.name"),
+                    format!(
+                        "\"{}\" is not a usable column name: use lowercase letters, digits and _, starting with a letter",
+                        id.name
+                    ),
+                ));
+            }
+            if !seen.insert(id.name.as_str()) {
+                return Err(fail(
+                    format!("{key}.name"),
+                    format!("identifier type \"{}\" is listed twice", id.name),
+                ));
+            }
+            if id.limit == Some(0) {
+                return Err(fail(
+                    format!("{key}.limit"),
+                    "must be at least 1 (leave it out for no limit)".into(),
+                ));
+            }
+            if id.max_links == Some(0) {
+                return Err(fail(
+                    format!("{key}.max_links"),
+                    "must be at least 1 (leave it out for no cap)".into(),
+                ));
+            }
+        }
+        let cc = &self.identity.default_country_code;
+        if cc.is_empty() || cc.len() > 3 || !cc.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(fail(
+                "identity.default_country_code".into(),
+                format!("\"{cc}\" is not a country calling code: use 1 to 3 digits, e.g. \"1\" or \"44\""),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            if !is_sql_name(&source.name) {
+                return Err(fail(
+                    format!("sources[{i}].name"),
+                    format!(
+                        "\"{}\" is not a usable table name: use lowercase letters, digits and _, starting with a letter",
+                        source.name
+                    ),
+                ));
+            }
+            if crate::tables::RESERVED.contains(&source.name.as_str()) {
+                return Err(fail(
+                    format!("sources[{i}].name"),
+                    format!(
+                        "\"{}\" is the name of a Tessera table; pick another",
+                        source.name
+                    ),
+                ));
+            }
+            if !names.insert(source.name.as_str()) {
+                return Err(fail(
+                    format!("sources[{i}].name"),
+                    format!("source \"{}\" is listed twice", source.name),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("storage.events", &self.storage.events),
+            ("storage.output", &self.storage.output),
+        ] {
+            if value.trim().is_empty() {
+                return Err(fail(key.into(), "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A name SQL can use unquoted: `^[a-z][a-z0-9_]{0,62}$`.
+pub fn is_sql_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z'))
+        && name.len() <= 63
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/p/tessera.toml"))
+    }
+
+    fn err(text: &str) -> (Option<String>, String) {
+        match parse(text).unwrap_err() {
+            Error::Config { key, message, file } => {
+                assert_eq!(file, Path::new("/p/tessera.toml"));
+                (key, message)
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn storage_only_gets_segment_defaults() {
+        let c = parse("[storage]\nevents = \"e\"\noutput = \"o\"\n").unwrap();
+        assert_eq!(c.storage.events, "e");
+        let names: Vec<_> = c
+            .identity
+            .identifiers
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(names, ["user_id", "email", "anonymous_id"]);
+        assert_eq!(c.identity.identifiers[0].limit, Some(1));
+        assert_eq!(c.identity.identifiers[1].normalize, Normalize::Email);
+    }
+
+    #[test]
+    fn empty_file_is_a_project_with_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.storage.output, "out");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let (key, msg) = err("[storag]\nevents = \"x\"\n");
+        assert_eq!(key, None);
+        assert!(msg.contains("storag"), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_nested_key_is_named_with_its_path() {
+        let (key, msg) = err("[[identity.identifiers]]\nname = \"email\"\nlimt = 2\n");
+        assert_eq!(
+            key.as_deref(),
+            Some("identity.identifiers[0].limt"),
+            "{msg}"
+        );
+        assert!(msg.contains("unknown field `limt`"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let (key, msg) = err("[[identity.identifiers]]\nname = \"email\"\nlimit = \"three\"\n");
+        assert_eq!(
+            key.as_deref(),
+            Some("identity.identifiers[0].limit"),
+            "{msg}"
+        );
+        assert!(msg.contains("invalid type"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_normaliser_is_named() {
+        let (key, msg) = err("[[identity.identifiers]]\nname = \"email\"\nnormalize = \"upper\"\n");
+        assert_eq!(
+            key.as_deref(),
+            Some("identity.identifiers[0].normalize"),
+            "{msg}"
+        );
+        assert!(msg.contains("email") && msg.contains("phone"), "{msg}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let (key, msg) = err("[[sources]]\nname = \"crm\"\n");
+        assert_eq!(key.as_deref(), Some("sources[0]"), "{msg}");
+        assert!(msg.contains("location"), "{msg}");
+    }
+
+    #[test]
+    fn zero_limit_is_refused() {
+        let (key, _) = err("[[identity.identifiers]]\nname = \"email\"\nlimit = 0\n");
+        assert_eq!(key.as_deref(), Some("identity.identifiers[0].limit"));
+    }
+
+    #[test]
+    fn duplicate_identifier_is_refused() {
+        let (key, msg) = err("[[identity.identifiers]]\nname = \"email\"\n[[identity.identifiers]]\nname = \"email\"\n");
+        assert_eq!(key.as_deref(), Some("identity.identifiers[1].name"));
+        assert!(msg.contains("twice"), "{msg}");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let (key, _) = err("[[identity.identifiers]]\nname = \"E-mail\"\n");
+        assert_eq!(key.as_deref(), Some("identity.identifiers[0].name"));
+        let (key, _) = err("[[sources]]\nname = \"events\"\nlocation = \"x\"\n");
+        assert_eq!(key.as_deref(), Some("sources[0].name"));
+    }
+
+    #[test]
+    fn bad_country_code_is_refused() {
+        let (key, _) = err("[identity]\ndefault_country_code = \"+44\"\n");
+        assert_eq!(key.as_deref(), Some("identity.default_country_code"));
+    }
+
+    #[test]
+    fn syntax_error_gives_the_line() {
+        let (key, msg) = err("[storage]\nevents = \n");
+        assert_eq!(key, None);
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn missing_file_says_how_to_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Project::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("tessera.toml") && e.contains("tessera init"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sql_names() {
+        assert!(is_sql_name("crm_contacts"));
+        assert!(!is_sql_name("Crm"));
+        assert!(!is_sql_name("1x"));
+        assert!(!is_sql_name(""));
+    }
+}

@@ -1,0 +1,248 @@
+//! The DataFusion `SessionContext` every stage shares: settings, functions and the read-only
+//! SQL options applied to users' files.
+//!
+//! Stages receive a context they did not create and talk to it only through SQL and DataFrames,
+//! so the same stages can later run against a distributed (Ballista) context.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray};
+use arrow::datatypes::DataType;
+use datafusion::common::cast::as_string_array;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::{create_udf, ColumnarValue, ScalarUDF, Volatility};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+
+use crate::config::Project;
+use crate::error::{Error, Result};
+use crate::ingest::{self, Ingested};
+use crate::output::Outputs;
+use crate::storage::Place;
+use crate::tables;
+
+/// Name of the JSON check used at ingest; also available to users' SQL.
+pub const IS_JSON: &str = "is_json";
+
+/// A project opened for work: its context with stores and tables registered.
+///
+/// This is the embedding API: open a project, ingest, then run SQL over its tables.
+pub struct Engine {
+    /// The project.
+    pub project: Project,
+    /// The context every stage and query shares.
+    pub ctx: SessionContext,
+    /// Where events are read from.
+    pub events: Place,
+    /// Where tables are written.
+    pub outputs: Outputs,
+}
+
+impl Engine {
+    /// Opens `project`: resolves its locations and registers their stores and its sources.
+    pub async fn open(project: Project) -> Result<Engine> {
+        Self::open_with(project, new_context()?).await
+    }
+
+    /// Like [`Engine::open`], over a context the caller made (e.g. a distributed one).
+    pub async fn open_with(project: Project, ctx: SessionContext) -> Result<Engine> {
+        let storage = &project.config.storage;
+        let events = Place::open(&storage.events, &project.dir, "storage.events")?;
+        let output = Place::open(&storage.output, &project.dir, "storage.output")?;
+        events.register(&ctx);
+        output.register(&ctx);
+        for (i, source) in project.config.sources.iter().enumerate() {
+            let key = format!("sources[{i}].location");
+            let place = Place::open(&source.location, &project.dir, &key)?;
+            place.register(&ctx);
+            let url = place.url();
+            // A location naming a file has no trailing slash; a folder keeps its own.
+            let url = if source.location.trim_end().ends_with(".parquet") {
+                url.as_str().trim_end_matches('/').to_string()
+            } else {
+                url.to_string()
+            };
+            ctx.register_parquet(source.name.as_str(), url.as_str(), Default::default())
+                .await
+                .map_err(|e| Error::Location {
+                    key: key.clone(),
+                    location: source.location.clone(),
+                    message: format!("cannot register source `{}`: {e}", source.name),
+                })?;
+        }
+        Ok(Engine {
+            outputs: Outputs::new(output),
+            project,
+            ctx,
+            events,
+        })
+    }
+
+    /// Finds and checks event files, plans ingest and registers `events`.
+    pub async fn ingest(&self, on_file: &(dyn Fn(u64, u64) + Sync)) -> Result<Ingested> {
+        let inventory = ingest::discover(&self.events, on_file).await?;
+        let ingested = ingest::plan(&self.ctx, inventory).await?;
+        self.ctx
+            .register_table(tables::EVENTS, ingested.events.clone().into_view())?;
+        Ok(ingested)
+    }
+
+    /// Registers the output tables that exist, so SQL can read them.
+    pub async fn register_outputs(&self) -> Result<Vec<String>> {
+        self.outputs
+            .register(&self.ctx, tables::OUTPUT_TABLES)
+            .await
+    }
+
+    /// Runs one read-only query; `file` names it in errors.
+    pub async fn query(&self, sql: &str, file: &str) -> Result<datafusion::dataframe::DataFrame> {
+        check_read_only(&self.ctx, sql, file)?;
+        self.ctx
+            .sql_with_options(sql, read_only())
+            .await
+            .map_err(|e| Error::query(file, e))
+    }
+}
+
+/// SQL options for users' files: no DDL, no DML, no `SET`.
+pub fn read_only() -> datafusion::execution::context::SQLOptions {
+    datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// A new context with Tessera's settings and functions.
+pub fn new_context() -> Result<SessionContext> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        // Output must be plain UTF-8 for BI tools; view types would leak into every table.
+        .set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        )
+        .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false)
+        // On by default in 55: moves json_get_* below filters so it parses every row
+        // (measured 8x more parses), and breaks some nested string expressions.
+        .set_bool(
+            "datafusion.optimizer.enable_leaf_expression_pushdown",
+            false,
+        );
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_default_features()
+        // delta-rs plans its writes with extension nodes only its planner knows.
+        .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
+        .build();
+    let mut ctx = SessionContext::new_with_state(state);
+    datafusion_functions_json::register_all(&mut ctx)?;
+    ctx.register_udf(is_json_udf());
+    Ok(ctx)
+}
+
+/// `is_json(text) -> boolean`: true when the text parses as JSON (NULL stays NULL).
+pub fn is_json_udf() -> ScalarUDF {
+    create_udf(
+        IS_JSON,
+        vec![DataType::Utf8],
+        DataType::Boolean,
+        Volatility::Immutable,
+        Arc::new(is_json_impl),
+    )
+}
+
+fn is_json_impl(args: &[ColumnarValue]) -> DfResult<ColumnarValue> {
+    let arrays = ColumnarValue::values_to_arrays(args)?;
+    let text = as_string_array(&arrays[0])?;
+    let result: BooleanArray = text.iter().map(|v| v.map(is_json)).collect();
+    Ok(ColumnarValue::Array(Arc::new(result) as ArrayRef))
+}
+
+/// True when `text` is one complete JSON value.
+pub fn is_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// Checks that `sql` holds exactly one read-only statement (a query); `file` names it in errors.
+///
+/// DataFusion's `SQLOptions` refuse DDL, DML and `SET` while planning; this check runs first so
+/// the message names the file and the kind of statement, and also refuses `COPY`.
+pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<Statement> {
+    let dialect = ctx.state().config().options().sql_parser.dialect.clone();
+    let mut statements = datafusion::sql::parser::DFParser::parse_sql_with_dialect(
+        sql,
+        datafusion::sql::sqlparser::dialect::dialect_from_str(dialect.to_string())
+            .unwrap_or_else(|| Box::new(datafusion::sql::sqlparser::dialect::GenericDialect {}))
+            .as_ref(),
+    )
+    .map_err(|e| Error::query(file, format!("cannot parse SQL: {e}")))?;
+    if statements.len() != 1 {
+        return Err(Error::query(
+            file,
+            format!(
+                "holds {} statements; a query file holds exactly one SELECT",
+                statements.len()
+            ),
+        ));
+    }
+    let statement = statements.pop_front().expect("one statement");
+    match &statement {
+        Statement::Statement(s)
+            if matches!(**s, datafusion::sql::sqlparser::ast::Statement::Query(_)) =>
+        {
+            Ok(statement)
+        }
+        other => {
+            let text = other.to_string();
+            let kind: String = text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            Err(Error::query(
+                file,
+                format!(
+                    "`{kind} …` is not allowed: query files may only read (SELECT/WITH); DDL, DML, COPY and SET are refused"
+                ),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_check() {
+        assert!(is_json(r#"{"a": [1, 2, {"b": null}]}"#));
+        assert!(is_json("  {}  "));
+        assert!(is_json("\"text\""));
+        assert!(!is_json(r#"{"a": 1"#));
+        assert!(!is_json("{a: 1}"));
+        assert!(!is_json(""));
+        assert!(!is_json("{} {}"));
+    }
+
+    #[tokio::test]
+    async fn read_only_check_refuses_writes() {
+        let ctx = new_context().unwrap();
+        assert!(check_read_only(&ctx, "SELECT 1", "q.sql").is_ok());
+        assert!(check_read_only(&ctx, "WITH a AS (SELECT 1) SELECT * FROM a", "q.sql").is_ok());
+        for sql in [
+            "CREATE TABLE t AS SELECT 1",
+            "DROP TABLE events",
+            "INSERT INTO t VALUES (1)",
+            "COPY (SELECT 1) TO '/tmp/x.parquet'",
+            "SET datafusion.execution.batch_size = 1",
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/tmp'",
+            "SELECT 1; SELECT 2",
+        ] {
+            let err = check_read_only(&ctx, sql, "queries/x.sql")
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("queries/x.sql:"), "{sql}: {err}");
+        }
+    }
+}

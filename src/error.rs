@@ -1,0 +1,123 @@
+//! The one error type of the library: every failure names what is at fault and how to fix it.
+
+use std::path::PathBuf;
+
+use datafusion::error::DataFusionError;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in Tessera.
+///
+/// Context (file, key, table, location) lives in fields so callers can act on it; the
+/// `Display` text is meant for a person and says how to fix the problem where we know.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `tessera.toml` is missing, unreadable, or does not match the config contract.
+    #[error("{}: {message}", file.display())]
+    Config {
+        /// The config file at fault.
+        file: PathBuf,
+        /// The dotted key at fault, when there is one (e.g. `identity.identifiers[0].limit`).
+        key: Option<String>,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A storage location (events, output, a source) cannot be used.
+    #[error("{key} = \"{location}\": {message}")]
+    Location {
+        /// The config key the location came from, e.g. `storage.output`.
+        key: String,
+        /// The location as written (never carries credentials).
+        location: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A local file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An object store request failed.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+
+    /// A SQL file failed to parse, plan or run.
+    #[error("{file}: {message}")]
+    Query {
+        /// The SQL file (or `<command line>` for `tessera query`).
+        file: String,
+        /// What went wrong, from DataFusion or from our own checks.
+        message: String,
+    },
+
+    /// A Delta table could not be read or committed.
+    #[error("table `{table}`: {source}")]
+    Delta {
+        /// The output table at fault.
+        table: String,
+        /// The error from delta-rs.
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+
+    /// An error from the query engine outside a user's SQL file.
+    #[error("query engine: {0}")]
+    DataFusion(#[from] DataFusionError),
+
+    /// An Arrow error (casting, building batches).
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    /// A Parquet error while reading or writing a file we own.
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+
+    /// The command line asked for something that cannot be done.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A Delta error on `table`.
+    pub fn delta(table: impl Into<String>, source: deltalake::DeltaTableError) -> Self {
+        Error::Delta {
+            table: table.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// A SQL error in `file`.
+    pub fn query(file: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        Error::Query {
+            file: file.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// The process exit code for this error; documented in README ("Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config { .. }
+            | Error::Location { .. }
+            | Error::Query { .. }
+            | Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}

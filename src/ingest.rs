@@ -1,0 +1,644 @@
+//! Ingest: event files → the `events` table (checked, deduplicated) and `rejected_events`.
+//!
+//! A bad file must never take a run down, so every file's footer is read on its own (under
+//! `catch_unwind`: parquet-rs still panics on some corrupt inputs) and its schema is checked
+//! against the event contract before any scan is planned. Files that fail are recorded with
+//! the reason and skipped; rows that fail a check become `rejected_events` rows; nothing
+//! disappears without being counted.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::{Column, ScalarValue};
+use datafusion::dataframe::DataFrame;
+use datafusion::functions::string::expr_fn::btrim;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{cast, lit, not, when, Expr, ExprFunctionExt, LogicalPlan, Union};
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectMeta;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+#[allow(deprecated)] // its replacement (a hand-written AsyncFileReader) buys nothing here yet
+use parquet::arrow::async_reader::ParquetObjectReader;
+
+use crate::error::{Error, Result};
+use crate::storage::{Location, Place};
+use crate::tables::{column, event};
+
+/// Internal column carrying each row's input file through the plan.
+const SOURCE: &str = "__tessera_source_file";
+/// Internal column carrying each row's rejection reason (NULL when it passes).
+const REASON: &str = "__tessera_reason";
+/// Internal column numbering copies of one message_id.
+const COPY: &str = "__tessera_copy";
+
+/// How many footers are read at once (matters on S3, where each is a round trip).
+const FOOTER_CONCURRENCY: usize = 16;
+
+/// The timestamp type of every output timestamp: microseconds, UTC.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// What a known event column must hold.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Time,
+}
+
+/// The Segment-spec columns, in the order `events` shows them, and whether each is required.
+const KNOWN_COLUMNS: &[(&str, Kind, bool)] = &[
+    (event::MESSAGE_ID, Kind::Text, true),
+    (event::TYPE, Kind::Text, true),
+    (event::EVENT, Kind::Text, false),
+    (event::ANONYMOUS_ID, Kind::Text, false),
+    (event::USER_ID, Kind::Text, false),
+    (event::TIMESTAMP, Kind::Time, true),
+    (event::RECEIVED_AT, Kind::Time, false),
+    (event::TRAITS, Kind::Text, false),
+    (event::PROPERTIES, Kind::Text, false),
+    (event::CONTEXT, Kind::Text, false),
+];
+
+/// One event file that passed the footer and schema checks.
+#[derive(Debug, Clone)]
+pub struct EventFile {
+    /// Where it is inside the store.
+    pub path: ObjectPath,
+    /// Its full URL, as reports and `source_file` show it.
+    pub url: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The store's ETag, when it gives one.
+    pub e_tag: Option<String>,
+    /// Rows according to the footer.
+    pub rows: u64,
+    /// Hive partition values from its path (`date=2026-11-28/…`).
+    pub partitions: Vec<(String, String)>,
+    schema: SchemaRef,
+}
+
+/// A file that was recorded and skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedFile {
+    /// The file's URL.
+    pub file: String,
+    /// Why it was skipped, and what to do about it.
+    pub reason: String,
+}
+
+/// The event files found under `storage.events`, checked.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    /// Files that will be read, in path order.
+    pub files: Vec<EventFile>,
+    /// Files that will not be read.
+    pub skipped: Vec<SkippedFile>,
+    /// The schema of `events`: Segment-spec columns, then other columns, then partition columns.
+    pub schema: SchemaRef,
+}
+
+impl Inventory {
+    /// Rows in the files that will be read, by their footers.
+    pub fn rows(&self) -> u64 {
+        self.files.iter().map(|f| f.rows).sum()
+    }
+
+    /// Bytes in the files that will be read.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Lists the Parquet files under `place`, reads each footer and checks each schema.
+///
+/// `on_file` is called once per file examined (for progress).
+pub async fn discover(place: &Place, on_file: &(dyn Fn(u64, u64) + Sync)) -> Result<Inventory> {
+    if let Location::Local(dir) = &place.location {
+        if !dir.exists() {
+            return Err(Error::Location {
+                key: place.key.clone(),
+                location: dir.display().to_string(),
+                message: "the folder does not exist; point storage.events at your event files, or make a sample with `tessera generate --out data`".into(),
+            });
+        }
+    }
+    let mut metas: Vec<ObjectMeta> = place
+        .store
+        .list(Some(&place.prefix))
+        .try_filter(|meta| futures::future::ready(is_event_file(&place.prefix, &meta.location)))
+        .try_collect()
+        .await?;
+    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    let total = metas.len() as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+
+    let footers: Vec<(ObjectMeta, std::result::Result<(SchemaRef, u64), String>)> =
+        futures::stream::iter(metas)
+            .map(|meta| {
+                let store = place.store.clone();
+                let done = &done;
+                async move {
+                    let footer = read_footer(store, &meta).await;
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    on_file(n, total);
+                    (meta, footer)
+                }
+            })
+            .buffered(FOOTER_CONCURRENCY)
+            .collect()
+            .await;
+
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut extra: Vec<Field> = Vec::new();
+    let mut first_seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut partition_keys: Vec<String> = Vec::new();
+
+    for (meta, footer) in footers {
+        let url = object_url(place, &meta.location);
+        let (schema, rows) = match footer {
+            Ok(found) => found,
+            Err(reason) => {
+                tracing::warn!(file = %url, %reason, "skipping unreadable event file");
+                skipped.push(SkippedFile { file: url, reason });
+                continue;
+            }
+        };
+        match check_schema(&schema, &extra, &first_seen) {
+            Ok(widened) => {
+                for field in widened {
+                    match extra.iter_mut().find(|f| f.name() == field.name()) {
+                        Some(existing) => *existing = field,
+                        None => {
+                            first_seen.insert(field.name().clone(), url.clone());
+                            extra.push(field);
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(file = %url, %reason, "skipping event file with a conflicting schema");
+                skipped.push(SkippedFile { file: url, reason });
+                continue;
+            }
+        }
+        let partitions: Vec<(String, String)> = hive_partitions(&place.prefix, &meta.location)
+            .into_iter()
+            .filter(|(k, _)| schema.field_with_name(k).is_err())
+            .collect();
+        for (key, _) in &partitions {
+            if !partition_keys.contains(key) {
+                partition_keys.push(key.clone());
+            }
+        }
+        files.push(EventFile {
+            path: meta.location.clone(),
+            url,
+            size: meta.size,
+            e_tag: meta.e_tag.clone(),
+            rows,
+            partitions,
+            schema,
+        });
+    }
+
+    let mut fields: Vec<Field> = KNOWN_COLUMNS
+        .iter()
+        .map(|(name, kind, _)| Field::new(*name, kind_type(*kind), true))
+        .collect();
+    fields.extend(extra.into_iter().map(|f| f.with_nullable(true)));
+    for key in partition_keys {
+        if fields.iter().all(|f| f.name() != &key) {
+            fields.push(Field::new(key, DataType::Utf8, true));
+        }
+    }
+    Ok(Inventory {
+        files,
+        skipped,
+        schema: Arc::new(Schema::new(fields)),
+    })
+}
+
+/// Event files are `*.parquet`; names starting with `_` or `.` (markers, temp files) are not.
+fn is_event_file(prefix: &ObjectPath, path: &ObjectPath) -> bool {
+    let hidden = path
+        .prefix_match(prefix)
+        .map(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])))
+        .unwrap_or(false);
+    !hidden && path.as_ref().ends_with(".parquet")
+}
+
+/// `key=value` folders between `prefix` and the file.
+fn hive_partitions(prefix: &ObjectPath, path: &ObjectPath) -> Vec<(String, String)> {
+    let Some(parts) = path.prefix_match(prefix) else {
+        return Vec::new();
+    };
+    let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+    let folders = &parts[..parts.len().saturating_sub(1)];
+    folders
+        .iter()
+        .filter_map(|segment| {
+            let decoded = percent_decode(segment);
+            let (k, v) = decoded.split_once('=')?;
+            crate::config::is_sql_name(k).then(|| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The URL of an object in `place`'s store.
+pub fn object_url(place: &Place, path: &ObjectPath) -> String {
+    let root = place.store_url();
+    format!("{}{}", root.as_str(), path.as_ref())
+}
+
+/// Reads a file's footer: its Arrow schema and row count, or why it cannot be read.
+async fn read_footer(
+    store: Arc<dyn object_store::ObjectStore>,
+    meta: &ObjectMeta,
+) -> std::result::Result<(SchemaRef, u64), String> {
+    if meta.size == 0 {
+        return Err("the file is empty (0 bytes); remove it or land it again".into());
+    }
+    #[allow(deprecated)]
+    let mut reader =
+        ParquetObjectReader::new(store, meta.location.clone()).with_file_size(meta.size);
+    let load = ArrowReaderMetadata::load_async(&mut reader, ArrowReaderOptions::new());
+    match AssertUnwindSafe(load).catch_unwind().await {
+        Ok(Ok(metadata)) => {
+            let rows = metadata.metadata().file_metadata().num_rows().max(0) as u64;
+            Ok((metadata.schema().clone(), rows))
+        }
+        Ok(Err(e)) => Err(format!(
+            "not a readable Parquet file ({e}); it may be truncated or still being written"
+        )),
+        Err(_) => Err("the Parquet reader crashed on this file; it is corrupt".into()),
+    }
+}
+
+fn kind_type(kind: Kind) -> DataType {
+    match kind {
+        Kind::Text => DataType::Utf8,
+        Kind::Time => timestamp_type(),
+    }
+}
+
+fn is_text(dt: &DataType) -> bool {
+    matches!(
+        dt,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
+}
+
+fn is_time(dt: &DataType) -> bool {
+    matches!(dt, DataType::Timestamp(_, _))
+}
+
+/// The type a column is stored as in Tessera's tables: no view types, timestamps in µs UTC.
+pub fn plain_type(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Timestamp(_, _) => timestamp_type(),
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f) => DataType::List(Arc::new(plain_field(f))),
+        DataType::Struct(fields) => {
+            DataType::Struct(fields.iter().map(|f| plain_field(f)).collect())
+        }
+        DataType::Dictionary(_, value) => plain_type(value),
+        other => other.clone(),
+    }
+}
+
+fn plain_field(f: &Field) -> Field {
+    Field::new(f.name(), plain_type(f.data_type()), f.is_nullable())
+}
+
+/// The common type of two column types, when one can hold the other.
+fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
+    if a == b {
+        return Some(a.clone());
+    }
+    let int = |t: &DataType| t.is_integer();
+    let float = |t: &DataType| t.is_floating();
+    if int(a) && int(b) {
+        return Some(DataType::Int64);
+    }
+    if (int(a) || float(a)) && (int(b) || float(b)) {
+        return Some(DataType::Float64);
+    }
+    None
+}
+
+/// Checks one file's schema; on success returns the other columns as they widen the table's.
+fn check_schema(
+    schema: &Schema,
+    extra: &[Field],
+    first_seen: &BTreeMap<String, String>,
+) -> std::result::Result<Vec<Field>, String> {
+    for (name, kind, required) in KNOWN_COLUMNS {
+        match schema.field_with_name(name) {
+            Err(_) if *required => {
+                return Err(format!(
+                    "no `{name}` column; every event file needs message_id, type and timestamp"
+                ))
+            }
+            Err(_) => {}
+            Ok(field) => {
+                let ok = match kind {
+                    Kind::Text => is_text(field.data_type()),
+                    Kind::Time => is_time(field.data_type()),
+                };
+                if !ok {
+                    let want = match kind {
+                        Kind::Text => "text (UTF-8; JSON columns hold JSON text)",
+                        Kind::Time => "a timestamp (UTC)",
+                    };
+                    return Err(format!(
+                        "column `{name}` is {} but must be {want}; fix the writer that lands these files",
+                        field.data_type()
+                    ));
+                }
+            }
+        }
+    }
+    let mut widened = Vec::new();
+    for field in schema.fields() {
+        if KNOWN_COLUMNS.iter().any(|(n, _, _)| n == field.name()) {
+            continue;
+        }
+        let plain = plain_type(field.data_type());
+        match extra.iter().find(|f| f.name() == field.name()) {
+            None => widened.push(Field::new(field.name(), plain, true)),
+            Some(existing) => match unify(existing.data_type(), &plain) {
+                Some(t) if &t == existing.data_type() => {}
+                Some(t) => widened.push(Field::new(field.name(), t, true)),
+                None => {
+                    return Err(format!(
+                        "column `{}` is {} here but {} in {}; make the files agree or move this one out of storage.events",
+                        field.name(),
+                        plain,
+                        existing.data_type(),
+                        first_seen.get(field.name()).map(String::as_str).unwrap_or("earlier files"),
+                    ))
+                }
+            },
+        }
+    }
+    Ok(widened)
+}
+
+fn ident(name: &str) -> Expr {
+    Expr::Column(Column::new_unqualified(name))
+}
+
+/// Every event row, each file cast to the table's schema, with its source file attached.
+async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFrame> {
+    let mut plans = Vec::with_capacity(inventory.files.len());
+    for file in &inventory.files {
+        let options = ParquetReadOptions::default().schema(&file.schema);
+        let df = ctx.read_parquet(file.url.as_str(), options).await?;
+        let mut exprs = Vec::with_capacity(inventory.schema.fields().len() + 1);
+        for field in inventory.schema.fields() {
+            let name = field.name();
+            let expr = if let Ok(source) = file.schema.field_with_name(name) {
+                if source.data_type() == field.data_type() {
+                    ident(name)
+                } else {
+                    cast(ident(name), field.data_type().clone()).alias(name)
+                }
+            } else if let Some((_, value)) = file.partitions.iter().find(|(k, _)| k == name) {
+                lit(value.as_str()).alias(name)
+            } else {
+                lit(ScalarValue::try_from(field.data_type())?).alias(name)
+            };
+            exprs.push(expr);
+        }
+        exprs.push(lit(file.url.as_str()).alias(SOURCE));
+        plans.push(Arc::new(df.select(exprs)?.into_unoptimized_plan()));
+    }
+    let plan = match plans.len() {
+        0 => {
+            let mut fields: Vec<Field> = inventory
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields.push(Field::new(SOURCE, DataType::Utf8, false));
+            let empty = arrow::record_batch::RecordBatch::new_empty(Arc::new(Schema::new(fields)));
+            return Ok(ctx.read_batch(empty)?);
+        }
+        1 => Arc::unwrap_or_clone(plans.pop().expect("one plan")),
+        _ => LogicalPlan::Union(Union::try_new(plans)?),
+    };
+    Ok(DataFrame::new(ctx.state(), plan))
+}
+
+/// Why a row is rejected, or NULL when it passes. The first failing check wins.
+fn reject_reason() -> Result<Expr> {
+    let blank = |name: &str| {
+        ident(name)
+            .is_null()
+            .or(btrim(vec![ident(name)]).eq(lit("")))
+    };
+    let types: Vec<Expr> = event::TYPES.iter().map(|t| lit(*t)).collect();
+    let is_json = crate::engine::is_json_udf();
+    let mut reason = when(blank(event::MESSAGE_ID), lit("missing message_id"))
+        .when(blank(event::TYPE), lit("missing type"))
+        .when(
+            not(ident(event::TYPE).in_list(types, false)),
+            lit("unknown type"),
+        )
+        .when(ident(event::TIMESTAMP).is_null(), lit("missing timestamp"));
+    for name in event::JSON_COLUMNS {
+        reason = reason.when(
+            ident(name)
+                .is_not_null()
+                .and(not(is_json.call(vec![ident(name)]))),
+            lit(format!("invalid JSON in {name}")),
+        );
+    }
+    Ok(reason.otherwise(lit(ScalarValue::Utf8(None)))?)
+}
+
+/// The plans of one ingest: what to keep and what to quarantine.
+pub struct Ingested {
+    /// The files read and skipped.
+    pub inventory: Inventory,
+    /// `events`: rows that passed, one per message_id.
+    pub events: DataFrame,
+    /// Rows that passed, before deduplication.
+    pub valid: DataFrame,
+    /// `rejected_events`: the event's columns, `reason`, `source_file`.
+    pub rejected: DataFrame,
+}
+
+/// Builds the ingest plans over the files in `inventory` (nothing runs yet).
+pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested> {
+    let all = scan_all(ctx, &inventory).await?;
+    let checked = all.with_column(REASON, reject_reason()?)?;
+    let event_columns: Vec<Expr> = inventory
+        .schema
+        .fields()
+        .iter()
+        .map(|f| ident(f.name()))
+        .collect();
+
+    let mut rejected_columns = event_columns.clone();
+    rejected_columns.push(ident(REASON).alias(column::REASON));
+    rejected_columns.push(ident(SOURCE).alias(column::SOURCE_FILE));
+    let rejected = checked
+        .clone()
+        .filter(ident(REASON).is_not_null())?
+        .select(rejected_columns)?;
+
+    let valid = checked.filter(ident(REASON).is_null())?;
+    // Copies of one message_id: keep the one received first (as Segment and Snowplow do);
+    // exact redeliveries are identical, so any tie-break among them gives the same row.
+    let copy_number = row_number()
+        .partition_by(vec![ident(event::MESSAGE_ID)])
+        .order_by(vec![
+            ident(event::RECEIVED_AT).sort(true, false),
+            ident(event::TIMESTAMP).sort(true, false),
+            ident(SOURCE).sort(true, false),
+        ])
+        .build()?
+        .alias(COPY);
+    let events = valid
+        .clone()
+        .window(vec![copy_number])?
+        .filter(ident(COPY).eq(lit(1u64)))?
+        .select(event_columns.clone())?;
+    let valid = valid.select(event_columns)?;
+    Ok(Ingested {
+        inventory,
+        events,
+        valid,
+        rejected,
+    })
+}
+
+/// Counts of rows that passed the checks and of distinct message_ids among them.
+pub async fn count_valid(valid: &DataFrame) -> Result<(u64, u64)> {
+    let batches = valid
+        .clone()
+        .aggregate(
+            vec![],
+            vec![
+                count(lit(1)).alias("rows"),
+                count_distinct(ident(event::MESSAGE_ID)).alias("ids"),
+            ],
+        )?
+        .collect()
+        .await?;
+    let get = |i: usize| -> u64 {
+        batches
+            .first()
+            .and_then(|b| {
+                b.column(i)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .map(|a| a.value(0) as u64)
+            })
+            .unwrap_or(0)
+    };
+    Ok((get(0), get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_files_and_partitions() {
+        let prefix = ObjectPath::from("data/events");
+        let p = ObjectPath::from("data/events/date=2026-11-28/part-0.parquet");
+        assert!(is_event_file(&prefix, &p));
+        assert_eq!(
+            hive_partitions(&prefix, &p),
+            vec![("date".into(), "2026-11-28".into())]
+        );
+        assert!(!is_event_file(
+            &prefix,
+            &ObjectPath::from("data/events/_SUCCESS")
+        ));
+        assert!(!is_event_file(
+            &prefix,
+            &ObjectPath::from("data/events/_tmp/x.parquet")
+        ));
+        assert!(!is_event_file(
+            &prefix,
+            &ObjectPath::from("data/events/notes.txt")
+        ));
+    }
+
+    #[test]
+    fn widening_and_conflicts() {
+        assert_eq!(
+            unify(&DataType::Int32, &DataType::Int64),
+            Some(DataType::Int64)
+        );
+        assert_eq!(
+            unify(&DataType::Int32, &DataType::Float32),
+            Some(DataType::Float64)
+        );
+        assert_eq!(unify(&DataType::Utf8, &DataType::Int64), None);
+        assert_eq!(
+            plain_type(&DataType::Timestamp(TimeUnit::Nanosecond, None)),
+            timestamp_type()
+        );
+        assert_eq!(plain_type(&DataType::Utf8View), DataType::Utf8);
+    }
+
+    #[test]
+    fn required_columns_and_kinds() {
+        let ok = Schema::new(vec![
+            Field::new("message_id", DataType::Utf8, true),
+            Field::new("type", DataType::Utf8View, true),
+            Field::new(
+                "timestamp",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                true,
+            ),
+        ]);
+        assert!(check_schema(&ok, &[], &BTreeMap::new()).is_ok());
+        let missing = Schema::new(vec![Field::new("message_id", DataType::Utf8, true)]);
+        assert!(check_schema(&missing, &[], &BTreeMap::new())
+            .unwrap_err()
+            .contains("`type`"));
+        let wrong = Schema::new(vec![
+            Field::new("message_id", DataType::Utf8, true),
+            Field::new("type", DataType::Utf8, true),
+            Field::new("timestamp", DataType::Utf8, true),
+        ]);
+        assert!(check_schema(&wrong, &[], &BTreeMap::new())
+            .unwrap_err()
+            .contains("timestamp"));
+    }
+}

@@ -1,0 +1,20 @@
+//! Tessera: an embedded customer data platform engine.
+//!
+//! Events land as Parquet files; DataFusion runs the SQL data engineers write; identity is
+//! resolved in native Rust; results are Delta Lake tables BI tools read. Start at [`pipeline`].
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod ingest;
+pub mod output;
+pub mod pipeline;
+pub mod progress;
+pub mod runs;
+pub mod storage;
+pub mod tables;
+
+pub use error::{Error, Result};

@@ -1,0 +1,217 @@
+//! Output tables: Delta Lake tables under `storage.output`, each replaced or appended in one
+//! commit, with plain types every BI tool reads (UTF-8 strings, µs UTC timestamps).
+
+use std::sync::{Arc, OnceLock};
+
+use datafusion::common::Column;
+use datafusion::dataframe::DataFrame;
+use datafusion::logical_expr::{cast, Expr};
+use datafusion::prelude::SessionContext;
+use deltalake::logstore::{
+    default_logstore, logstore_factories, LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig,
+};
+use deltalake::operations::write::SchemaMode;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaResult, DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::StreamExt;
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::ingest::plain_type;
+use crate::storage::Place;
+
+/// How a table is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// The new version holds exactly the rows written.
+    Replace,
+    /// The rows are added to the current version.
+    Append,
+}
+
+/// What one table commit produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Committed {
+    /// The Delta version created.
+    pub version: u64,
+    /// Rows written by this commit.
+    pub rows: u64,
+}
+
+/// The output tables of a project.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    place: Place,
+}
+
+/// delta-rs ships no log store for `s3://` unless built with the whole AWS SDK; we hand it our
+/// own object_store S3 client and the default log store (commits by conditional create).
+struct S3LogStoreFactory;
+
+impl LogStoreFactory for S3LogStoreFactory {
+    fn with_options(
+        &self,
+        prefixed_store: ObjectStoreRef,
+        root_store: ObjectStoreRef,
+        location: &Url,
+        options: &StorageConfig,
+    ) -> DeltaResult<Arc<dyn LogStore>> {
+        Ok(default_logstore(
+            prefixed_store,
+            root_store,
+            location,
+            options,
+        ))
+    }
+}
+
+fn register_s3_logstore() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let scheme = Url::parse("s3://").expect("static URL");
+        logstore_factories().insert(scheme, Arc::new(S3LogStoreFactory));
+    });
+}
+
+impl Outputs {
+    /// The output tables under `place`.
+    pub fn new(place: Place) -> Self {
+        register_s3_logstore();
+        Outputs { place }
+    }
+
+    /// Where the tables live.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// The URL of table `name`.
+    pub fn table_url(&self, name: &str) -> Url {
+        self.place.url_of(&self.place.child(name))
+    }
+
+    /// The folder of table `name` when the output is local.
+    fn local_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        match &self.place.location {
+            crate::storage::Location::Local(dir) => Some(dir.join(name)),
+            _ => None,
+        }
+    }
+
+    fn builder(&self, name: &str) -> Result<DeltaTableBuilder> {
+        let url = self.table_url(name);
+        Ok(DeltaTableBuilder::from_url(url.clone())
+            .map_err(|e| Error::delta(name, e))?
+            .with_storage_backend(self.place.store.clone(), url))
+    }
+
+    /// Opens table `name` at its latest version; `None` when it has never been written.
+    pub async fn open(&self, name: &str) -> Result<Option<DeltaTable>> {
+        // Asking delta-rs about a folder without a log makes its kernel log an error; look first.
+        let log = self.place.child(name).join("_delta_log");
+        if self.place.store.list(Some(&log)).next().await.is_none() {
+            return Ok(None);
+        }
+        let mut table = self
+            .builder(name)?
+            .build()
+            .map_err(|e| Error::delta(name, e))?;
+        match table.load().await {
+            Ok(()) => Ok(Some(table)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(Error::delta(name, e)),
+        }
+    }
+
+    /// Writes `df` to table `name` in one commit (creating the table on first write).
+    pub async fn write(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        df: DataFrame,
+        mode: WriteMode,
+    ) -> Result<Committed> {
+        let df = plain_columns(df)?;
+        if let Some(dir) = self.local_dir(name) {
+            // delta-rs refuses a local table location that does not exist yet.
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        let table = match self.open(name).await? {
+            Some(table) => table,
+            None => self
+                .builder(name)?
+                .build()
+                .map_err(|e| Error::delta(name, e))?,
+        };
+        let (save, schema) = match mode {
+            WriteMode::Replace => (SaveMode::Overwrite, SchemaMode::Overwrite),
+            WriteMode::Append => (SaveMode::Append, SchemaMode::Merge),
+        };
+        let table = table
+            .write(Vec::new())
+            .with_input_plan(df.into_unoptimized_plan())
+            .with_session_state(Arc::new(ctx.state()))
+            .with_save_mode(save)
+            .with_schema_mode(schema)
+            .with_table_name(name)
+            .await
+            .map_err(|e| Error::delta(name, e))?;
+        let version = table.version().unwrap_or(0);
+        let rows = last_commit_rows(&table).await;
+        tracing::debug!(table = name, version, rows, "committed");
+        Ok(Committed { version, rows })
+    }
+
+    /// Registers every table in `names` that exists with `ctx`; returns those registered.
+    pub async fn register(&self, ctx: &SessionContext, names: &[&str]) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        for name in names {
+            if let Some(table) = self.open(name).await? {
+                let provider = table.table_provider().await?;
+                table
+                    .update_datafusion_session(&ctx.state())
+                    .map_err(|e| Error::delta(*name, e))?;
+                ctx.register_table(*name, provider)?;
+                found.push(name.to_string());
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Rows added by the table's latest commit, from the commit's own metrics.
+async fn last_commit_rows(table: &DeltaTable) -> u64 {
+    let mut history = table.history(Some(1));
+    while let Some(Ok(info)) = history.next().await {
+        if let Some(rows) = info
+            .info
+            .get("operationMetrics")
+            .and_then(|m| m.get("num_added_rows"))
+            .and_then(|v| v.as_u64())
+        {
+            return rows;
+        }
+    }
+    0
+}
+
+/// Casts every column to its plain type (no view types, no dictionaries, µs UTC timestamps).
+pub fn plain_columns(df: DataFrame) -> Result<DataFrame> {
+    let schema = df.schema().clone();
+    let mut changed = false;
+    let exprs: Vec<Expr> = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = Expr::Column(Column::new_unqualified(field.name()));
+            let plain = plain_type(field.data_type());
+            if &plain == field.data_type() {
+                column
+            } else {
+                changed = true;
+                cast(column, plain).alias(field.name())
+            }
+        })
+        .collect();
+    Ok(if changed { df.select(exprs)? } else { df })
+}

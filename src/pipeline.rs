@@ -1,0 +1,136 @@
+//! A run, stage by stage, as DESIGN.md §1 draws it. Read this first.
+//!
+//! ```text
+//! event files ─► ingest: footer + schema checks, row checks, dedupe ─► rejected_events
+//!                          │
+//!                       events ─► (identity, profiles, segments: coming stages)
+//!                          │
+//!                        runs  (one row per run, appended last)
+//! ```
+
+use std::time::Instant;
+
+use chrono::Utc;
+
+use crate::config::Project;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::output::WriteMode;
+use crate::progress::Progress;
+use crate::runs::{RunReport, RunStatus};
+use crate::tables;
+
+/// Choices for one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Rebuild everything from all input. Every run is a full run until incremental input lands,
+    /// so this is accepted now and changes nothing yet.
+    pub full: bool,
+}
+
+/// Runs the project's pipeline once and records the run in `runs`.
+///
+/// A run that fails still appends a `failed` row to `runs` (when the output can be written),
+/// then returns the error.
+pub async fn run(project: Project, options: &RunOptions, progress: Progress) -> Result<RunReport> {
+    let mut report = RunReport::start(&project.config.project.name);
+    tracing::info!(run_id = %report.run_id, full = options.full, "run started");
+    let engine = Engine::open(project).await?;
+    let outcome = stages(&engine, &mut report, progress).await;
+    report.finished_at = Utc::now();
+    report.status = match &outcome {
+        Ok(()) => RunStatus::Succeeded,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            RunStatus::Failed
+        }
+    };
+    let runs = engine.ctx.read_batch(report.to_batch()?)?;
+    let logged = engine
+        .outputs
+        .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
+        .await;
+    match (outcome, logged) {
+        (Err(e), logged) => {
+            if let Err(log_error) = logged {
+                tracing::error!(error = %log_error, "could not record the failed run in `runs`");
+            }
+            Err(e)
+        }
+        (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(committed)) => {
+            report.tables.insert(tables::RUNS.to_string(), committed);
+            tracing::info!(run_id = %report.run_id, events = report.events, "run succeeded");
+            Ok(report)
+        }
+    }
+}
+
+async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> Result<()> {
+    // Ingest: find files, check them, plan the events table.
+    let started = Instant::now();
+    let bar = progress.bar("reading event file footers", 0);
+    let on_file = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let ingested = engine.ingest(&on_file).await?;
+    bar.finish_and_clear();
+    let inventory = &ingested.inventory;
+    report.input_files = inventory.files.iter().map(|f| f.url.clone()).collect();
+    report.skipped_files = inventory.skipped.clone();
+    report.rows_read = inventory.rows();
+    tracing::info!(
+        files = inventory.files.len(),
+        skipped = inventory.skipped.len(),
+        rows = report.rows_read,
+        bytes = inventory.bytes(),
+        "event files checked"
+    );
+    report
+        .timings_ms
+        .push(("discover".into(), elapsed_ms(started)));
+
+    let started = Instant::now();
+    let spinner = progress.spinner("quarantining rejected events");
+    let committed = engine
+        .outputs
+        .write(
+            &engine.ctx,
+            tables::REJECTED_EVENTS,
+            ingested.rejected.clone(),
+            WriteMode::Replace,
+        )
+        .await?;
+    spinner.finish_and_clear();
+    report.rows_rejected = committed.rows;
+    report
+        .tables
+        .insert(tables::REJECTED_EVENTS.to_string(), committed);
+    report
+        .timings_ms
+        .push(("rejected_events".into(), elapsed_ms(started)));
+
+    let started = Instant::now();
+    let spinner = progress.spinner("checking and deduplicating events");
+    let (valid, distinct) = crate::ingest::count_valid(&ingested.valid).await?;
+    spinner.finish_and_clear();
+    report.events = distinct;
+    report.rows_duplicate = valid - distinct;
+    report
+        .timings_ms
+        .push(("events".into(), elapsed_ms(started)));
+    if report.rows_read != valid + report.rows_rejected {
+        tracing::warn!(
+            read = report.rows_read,
+            valid,
+            rejected = report.rows_rejected,
+            "row counts do not add up"
+        );
+    }
+    Ok(())
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}

@@ -1,0 +1,61 @@
+//! Names of the tables and columns in Tessera's contract (DESIGN.md §3, §6), in one place.
+
+/// The validated, deduplicated events table SQL sees.
+pub const EVENTS: &str = "events";
+/// Events that failed a row check, with the reason and their source file.
+pub const REJECTED_EVENTS: &str = "rejected_events";
+/// One row per run.
+pub const RUNS: &str = "runs";
+
+/// Table names a `[[sources]]` entry may not take.
+pub const RESERVED: &[&str] = &[
+    EVENTS,
+    REJECTED_EVENTS,
+    RUNS,
+    "identity_graph",
+    "identity_conflicts",
+    "profile_merges",
+    "profiles",
+    "segments",
+    "segment_changes",
+];
+
+/// Output tables that `tessera query` registers when they exist.
+pub const OUTPUT_TABLES: &[&str] = &[REJECTED_EVENTS, RUNS];
+
+/// Event columns (DESIGN.md §3).
+pub mod event {
+    /// Unique per event; duplicates are counted once.
+    pub const MESSAGE_ID: &str = "message_id";
+    /// track, identify, page, screen, group or alias.
+    pub const TYPE: &str = "type";
+    /// When the event happened (UTC).
+    pub const TIMESTAMP: &str = "timestamp";
+    /// Device or cookie identifier.
+    pub const ANONYMOUS_ID: &str = "anonymous_id";
+    /// The customer's id in the client's own system.
+    pub const USER_ID: &str = "user_id";
+    /// The name of a track event.
+    pub const EVENT: &str = "event";
+    /// Identify traits (JSON text).
+    pub const TRAITS: &str = "traits";
+    /// Track/page properties (JSON text).
+    pub const PROPERTIES: &str = "properties";
+    /// Library, page, campaign… (JSON text).
+    pub const CONTEXT: &str = "context";
+    /// When the collector received the event (UTC).
+    pub const RECEIVED_AT: &str = "received_at";
+
+    /// The call types the Segment spec defines.
+    pub const TYPES: &[&str] = &["track", "identify", "page", "screen", "group", "alias"];
+    /// Columns holding JSON text, checked at ingest.
+    pub const JSON_COLUMNS: &[&str] = &[TRAITS, PROPERTIES, CONTEXT];
+}
+
+/// Columns Tessera adds to its own tables.
+pub mod column {
+    /// Why a row went to `rejected_events`.
+    pub const REASON: &str = "reason";
+    /// The input file a rejected row came from.
+    pub const SOURCE_FILE: &str = "source_file";
+}
