@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn unknown_top_level_key_is_named() {
         let (key, msg) = err("[storag]\nevents = \"x\"\n");
-        assert_eq!(key, None);
+        assert_eq!(key.as_deref(), Some("storag"));
         assert!(msg.contains("storag"), "{msg}");
         assert!(msg.contains("line 1"), "{msg}");
     }

@@ -1,1 +1,9 @@
+//! Integration tests: the real binary on real files, a real S3 server and real readers.
+//! One test binary, so DataFusion is linked once.
 
+mod cli;
+mod common;
+mod generator;
+mod ingest;
+mod readers;
+mod s3;

@@ -1,0 +1,216 @@
+//! The commands as a user runs them: run, query, validate, init, and their errors.
+
+use std::path::Path;
+
+use crate::common::*;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// A copy of the bundled project (config, queries, sample events) in a temp folder.
+fn bundled() -> TempProject {
+    let p = TempProject::local();
+    std::fs::copy(repo().join("tessera.toml"), p.path().join("tessera.toml")).unwrap();
+    copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    copy_dir(&repo().join("data/events"), &p.path().join("data/events"));
+    p
+}
+
+#[test]
+fn the_bundled_project_runs_end_to_end() {
+    let p = bundled();
+    let report = p.run_json();
+    assert_eq!(report["status"], "succeeded");
+    let read = report["rows_read"].as_u64().unwrap();
+    let rejected = report["rows_rejected"].as_u64().unwrap();
+    let duplicate = report["rows_duplicate"].as_u64().unwrap();
+    let events = report["events"].as_u64().unwrap();
+    assert!(read > 10_000 && rejected > 0 && duplicate > 0, "{report}");
+    assert_eq!(
+        read,
+        rejected + duplicate + events,
+        "every row is accounted for"
+    );
+    assert!(p.path().join("out/rejected_events/_delta_log").is_dir());
+    assert!(p.path().join("out/runs/_delta_log").is_dir());
+
+    let by_type = p.query("SELECT type, count(*) AS n FROM events GROUP BY type ORDER BY type");
+    let total: u64 = by_type.iter().map(|r| r["n"].as_u64().unwrap()).sum();
+    assert_eq!(total, events);
+    let rejected_rows = p.query("SELECT count(*) AS n FROM rejected_events");
+    assert_eq!(rejected_rows[0]["n"].as_u64().unwrap(), rejected);
+
+    // A second run appends to `runs` and replaces `rejected_events`.
+    let again = p.run_json();
+    assert_eq!(again["events"], report["events"]);
+    let runs = p.query("SELECT status, events FROM runs ORDER BY started_at");
+    assert_eq!(runs.len(), 2);
+    assert_eq!(
+        p.query("SELECT count(*) AS n FROM rejected_events")[0]["n"]
+            .as_u64()
+            .unwrap(),
+        rejected
+    );
+    assert_eq!(again["tables"]["rejected_events"]["version"], 1);
+}
+
+#[test]
+fn human_output_summarises_the_run() {
+    let p = bundled();
+    let text = ok(run(&mut p.cmd(&["run", "--quiet"])));
+    assert!(text.contains("succeeded"), "{text}");
+    assert!(
+        text.contains("rejected_events") && text.contains("rows written"),
+        "{text}"
+    );
+}
+
+#[test]
+fn query_prints_table_csv_and_json() {
+    let p = bundled();
+    p.run_json();
+    let sql = "SELECT type, count(*) AS n FROM events WHERE type = 'identify' GROUP BY type";
+    let table = ok(run(&mut p.cmd(&["query", sql])));
+    assert!(
+        table.contains("| type ") && table.contains("| identify |"),
+        "{table}"
+    );
+    let csv = ok(run(&mut p.cmd(&["query", sql, "--format", "csv"])));
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("type,n"));
+    assert!(lines.next().unwrap().starts_with("identify,"));
+    let json = p.query(sql);
+    assert_eq!(json[0]["type"], "identify");
+}
+
+#[test]
+fn queries_that_write_are_refused_with_the_statement_named() {
+    let p = bundled();
+    for sql in [
+        "DROP TABLE events",
+        "CREATE TABLE x AS SELECT 1",
+        "INSERT INTO runs SELECT * FROM runs",
+        "COPY (SELECT 1) TO '/tmp/tessera-copy.parquet'",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let out = run(&mut p.cmd(&["query", sql, "--quiet"]));
+        assert_eq!(out.status.code(), Some(2), "{sql}");
+        let err = stderr(&out);
+        let word = sql.split_whitespace().next().unwrap();
+        assert!(
+            err.contains("not allowed") && err.contains(word),
+            "{sql}: {err}"
+        );
+    }
+    assert!(!Path::new("/tmp/tessera-copy.parquet").exists());
+}
+
+#[test]
+fn bad_config_errors_name_the_file_and_key_and_exit_2() {
+    let p = TempProject::new("[storage]\nevents = \"data/events\"\n\n[[identity.identifiers]]\nname = \"email\"\nlimt = 3\n");
+    let out = run(&mut p.cmd(&["run"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("tessera.toml"), "{err}");
+    assert!(err.contains("identity.identifiers[0].limt"), "{err}");
+
+    let missing = tempfile::tempdir().unwrap();
+    let out = run(tessera().arg("--project").arg(missing.path()).arg("run"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("tessera init"), "{}", stderr(&out));
+
+    let p = TempProject::new("[storage]\nevents = \"gs://bucket/x\"\n");
+    let out = run(&mut p.cmd(&["run"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("storage.events"), "{}", stderr(&out));
+}
+
+#[test]
+fn json_mode_reports_errors_as_json() {
+    let p = TempProject::new("[storage]\nevents = 3\n");
+    let out = run(&mut p.cmd(&["run", "--json"]));
+    assert_eq!(out.status.code(), Some(2));
+    let body: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(body["exit_code"], 2);
+    assert!(body["error"].as_str().unwrap().contains("storage.events"));
+}
+
+#[test]
+fn validate_checks_config_sql_and_files_without_writing() {
+    let p = bundled();
+    let out = ok(run(&mut p.cmd(&["validate"])));
+    assert!(out.starts_with("ok:"), "{out}");
+    assert!(!p.path().join("out").exists(), "validate writes nothing");
+
+    std::fs::write(p.events().join("zz-broken.parquet"), b"nope").unwrap();
+    let out = run(&mut p.cmd(&["validate"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("zz-broken.parquet"),
+        "{}",
+        stdout(&out)
+    );
+
+    std::fs::write(
+        p.path().join("queries/identity/bad.sql"),
+        "SELECT no_such_column AS email FROM events",
+    )
+    .unwrap();
+    std::fs::write(
+        p.path().join("queries/identity/write.sql"),
+        "DELETE FROM events",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["validate", "--json"]));
+    assert_eq!(out.status.code(), Some(2));
+    let findings: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let errors: Vec<&str> = findings["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("queries/identity/bad.sql") && errors[0].contains("no_such_column"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("queries/identity/write.sql") && errors[1].contains("DELETE"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn init_makes_a_project_that_runs() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("shop");
+    ok(run(tessera().args([
+        "init",
+        dir.to_str().unwrap(),
+        "--people",
+        "100",
+        "--quiet",
+    ])));
+    assert!(dir.join("tessera.toml").is_file());
+    assert!(dir.join("queries/identity/events.sql").is_file());
+    let out = ok(run(tessera()
+        .arg("--project")
+        .arg(&dir)
+        .args(["run", "--json", "--quiet"])));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(report["events"].as_u64().unwrap() > 100, "{report}");
+    // A second init into the same folder refuses rather than overwrite.
+    let again = run(tessera().args(["init", dir.to_str().unwrap(), "--quiet"]));
+    assert_eq!(again.status.code(), Some(2));
+}
