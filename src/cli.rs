@@ -243,6 +243,11 @@ fn print_report(report: &RunReport, json: bool) {
         "  rows    {} read, {} rejected, {} duplicates, {} events",
         report.rows_read, report.rows_rejected, report.rows_duplicate, report.events
     );
+    let id = &report.identity;
+    println!(
+        "  people  {} profiles from {} identifiers; {} links applied, {} refused, {} profiles merged; {} events without a profile",
+        id.profiles, id.identifiers, id.links_accepted, id.links_refused, id.profiles_merged, report.events_without_profile
+    );
     for (name, committed) in &report.tables {
         println!(
             "  table   {name:<18} version {:<4} {} rows written",

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod identity;
 pub mod ingest;
 pub mod output;
 pub mod pipeline;

@@ -3,7 +3,9 @@
 //! ```text
 //! event files ─► ingest: footer + schema checks, row checks, dedupe ─► rejected_events
 //!                          │
-//!                       events ─► (identity, profiles, segments: coming stages)
+//!                       events ─► identity: queries/identity/*.sql → links → union-find
+//!                          │          ─► identity_graph, identity_links, identity_conflicts, profile_merges
+//!                 events + profile_id ─► (profiles, segments: coming stages)
 //!                          │
 //!                        runs  (one row per run, appended last)
 //! ```
@@ -15,6 +17,7 @@ use chrono::Utc;
 use crate::config::Project;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::identity;
 use crate::output::WriteMode;
 use crate::progress::Progress;
 use crate::runs::{RunReport, RunStatus};
@@ -128,6 +131,55 @@ async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> 
             "row counts do not add up"
         );
     }
+
+    // Identity: links from SQL, rules, union-find, stable profile ids.
+    let started = Instant::now();
+    let spinner = progress.spinner("resolving identities");
+    let identity = identity::resolve(engine, &report.run_id, report.started_at).await?;
+    report
+        .timings_ms
+        .push(("identity".into(), elapsed_ms(started)));
+    let started = Instant::now();
+    spinner.set_message("writing identity tables");
+    for (name, batch, mode) in [
+        (tables::IDENTITY_GRAPH, identity.graph, WriteMode::Replace),
+        (tables::IDENTITY_LINKS, identity.links, WriteMode::Replace),
+        (
+            tables::IDENTITY_CONFLICTS,
+            identity.conflicts,
+            WriteMode::Replace,
+        ),
+        (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
+    ] {
+        let df = engine.ctx.read_batch(batch)?;
+        let committed = engine.outputs.write(&engine.ctx, name, df, mode).await?;
+        report.tables.insert(name.to_string(), committed);
+    }
+    spinner.finish_and_clear();
+    report
+        .timings_ms
+        .push(("identity_tables".into(), elapsed_ms(started)));
+    let resolved = identity::resolved_events(
+        engine,
+        ingested.events.clone(),
+        identity.event_profiles,
+        identity.event_sources,
+    )?;
+    engine.ctx.deregister_table(tables::EVENTS)?;
+    engine
+        .ctx
+        .register_table(tables::EVENTS, resolved.into_view())?;
+    report.events_without_profile = report
+        .events
+        .saturating_sub(identity.stats.events_with_profile);
+    report.identity = identity.stats;
+    tracing::info!(
+        identifiers = report.identity.identifiers,
+        profiles = report.identity.profiles,
+        refused = report.identity.links_refused,
+        merged = report.identity.profiles_merged,
+        "identities resolved"
+    );
     Ok(())
 }
 

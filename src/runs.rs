@@ -60,6 +60,10 @@ pub struct RunReport {
     pub rows_duplicate: u64,
     /// Rows in `events` after checks and deduplication.
     pub events: u64,
+    /// Identity resolution counts.
+    pub identity: crate::identity::IdentityStats,
+    /// Events no identifier tied to a profile (their `profile_id` is NULL).
+    pub events_without_profile: u64,
     /// Each table committed by this run.
     pub tables: BTreeMap<String, Committed>,
     /// Wall time of each stage in milliseconds, in run order.
@@ -84,6 +88,8 @@ impl RunReport {
             rows_rejected: 0,
             rows_duplicate: 0,
             events: 0,
+            identity: Default::default(),
+            events_without_profile: 0,
             tables: BTreeMap::new(),
             timings_ms: Vec::new(),
         }
@@ -106,6 +112,12 @@ impl RunReport {
             int("rows_rejected"),
             int("rows_duplicate"),
             int("events"),
+            int("events_without_profile"),
+            int("identifiers"),
+            int("profiles"),
+            int("links_accepted"),
+            int("links_refused"),
+            int("profiles_merged"),
             text("input_file_list", false),
             text("skipped_file_list", false),
             text("tables", false),
@@ -141,6 +153,12 @@ impl RunReport {
             i(self.rows_rejected),
             i(self.rows_duplicate),
             i(self.events),
+            i(self.events_without_profile),
+            i(self.identity.identifiers),
+            i(self.identity.profiles),
+            i(self.identity.links_accepted),
+            i(self.identity.links_refused),
+            i(self.identity.profiles_merged),
             json(&self.input_files),
             json(&self.skipped_files),
             json(&self.tables),

@@ -7,21 +7,38 @@ pub const REJECTED_EVENTS: &str = "rejected_events";
 /// One row per run.
 pub const RUNS: &str = "runs";
 
+/// One row per identifier: its profile.
+pub const IDENTITY_GRAPH: &str = "identity_graph";
+/// One row per link that joined two identifiers.
+pub const IDENTITY_LINKS: &str = "identity_links";
+/// One row per refused link, with the reason.
+pub const IDENTITY_CONFLICTS: &str = "identity_conflicts";
+/// One row per profile merged into an older one.
+pub const PROFILE_MERGES: &str = "profile_merges";
+
 /// Table names a `[[sources]]` entry may not take.
 pub const RESERVED: &[&str] = &[
     EVENTS,
     REJECTED_EVENTS,
     RUNS,
-    "identity_graph",
-    "identity_conflicts",
-    "profile_merges",
+    IDENTITY_GRAPH,
+    IDENTITY_LINKS,
+    IDENTITY_CONFLICTS,
+    PROFILE_MERGES,
     "profiles",
     "segments",
     "segment_changes",
 ];
 
 /// Output tables that `tessera query` registers when they exist.
-pub const OUTPUT_TABLES: &[&str] = &[REJECTED_EVENTS, RUNS];
+pub const OUTPUT_TABLES: &[&str] = &[
+    REJECTED_EVENTS,
+    IDENTITY_GRAPH,
+    IDENTITY_LINKS,
+    IDENTITY_CONFLICTS,
+    PROFILE_MERGES,
+    RUNS,
+];
 
 /// Event columns (DESIGN.md §3).
 pub mod event {

@@ -1,0 +1,1 @@
+//! Pairwise precision and recall of `identity_graph` against a generated truth.

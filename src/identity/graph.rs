@@ -1,0 +1,764 @@
+//! The identity graph in memory: identifiers interned to dense ids, links deduplicated and
+//! applied in time order by a union-find that enforces the merge rules in O(1) per link.
+//!
+//! Pure Rust, no DataFusion: the stage in `identity/mod.rs` feeds it rows and reads back
+//! components, accepted links and refusals. Grouping never depends on the order rows arrive in:
+//! links are sorted by (seen_at, then the identifiers' types and values) before they are applied.
+
+use std::cmp::Ordering;
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use super::normalize::{normalize, Dropped};
+use crate::config::{IdentityConfig, Normalize};
+
+/// A dense identifier id.
+pub type Node = u32;
+
+/// `seen_at` of a row that has none: sorted after every real time.
+pub const NO_TIME: i64 = i64::MAX;
+
+/// One identifier type's rules.
+#[derive(Debug, Clone)]
+pub struct TypeRule {
+    /// The type's name (an identity query column).
+    pub name: String,
+    /// Its normaliser.
+    pub normalize: Normalize,
+    /// At most this many values of the type in one profile.
+    pub limit: Option<u32>,
+    /// Normalised, lowercased values that never link.
+    pub blocklist: HashSet<String>,
+    /// More distinct links than this makes a value shared junk.
+    pub max_links: Option<u32>,
+}
+
+/// All identifier rules, highest priority first.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Types in priority order; a type's index is its priority (0 = highest).
+    pub types: Vec<TypeRule>,
+    /// Calling code for phone numbers without one.
+    pub country: String,
+}
+
+impl Rules {
+    /// Rules from `[identity]`.
+    pub fn from_config(config: &IdentityConfig) -> Rules {
+        let country = config.default_country_code.clone();
+        let types = config
+            .identifiers
+            .iter()
+            .map(|id| TypeRule {
+                name: id.name.clone(),
+                normalize: id.normalize,
+                limit: id.limit.map(|l| l.min(u32::MAX as u64) as u32),
+                blocklist: id
+                    .blocklist
+                    .iter()
+                    .map(|v| {
+                        normalize(id.normalize, v, &country)
+                            .unwrap_or_else(|_| v.clone())
+                            .to_lowercase()
+                    })
+                    .collect(),
+                max_links: id.max_links.map(|l| l.min(u32::MAX as u64) as u32),
+            })
+            .collect();
+        Rules { types, country }
+    }
+
+    /// The priority index of type `name`.
+    pub fn type_index(&self, name: &str) -> Option<u8> {
+        self.types
+            .iter()
+            .position(|t| t.name == name)
+            .map(|i| i as u8)
+    }
+
+    /// Normalises a value of type `t`, or says why it is dropped (blocklisted included).
+    pub fn clean(&self, t: u8, raw: &str) -> Result<String, Reason> {
+        let rule = &self.types[t as usize];
+        let value = normalize(rule.normalize, raw, &self.country).map_err(|d| match d {
+            Dropped::Empty => Reason::Empty,
+            Dropped::Invalid => Reason::Invalid,
+        })?;
+        if !rule.blocklist.is_empty() && rule.blocklist.contains(&value.to_lowercase()) {
+            return Err(Reason::Blocklisted);
+        }
+        Ok(value)
+    }
+}
+
+/// Why a link was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The value is on its type's blocklist.
+    Blocklisted,
+    /// The value is empty after normalising.
+    Empty,
+    /// The value is not a valid value of its type.
+    Invalid,
+    /// The value is linked to more identifiers than its type's `max_links`.
+    MaxLinks,
+    /// The link would put more values of this type (index) into one profile than its `limit`.
+    Limit(u8),
+}
+
+impl Reason {
+    /// The reason as stored in `identity_conflicts.reason`.
+    pub fn describe(self, rules: &Rules) -> String {
+        match self {
+            Reason::Blocklisted => "blocklisted".into(),
+            Reason::Empty => "empty value".into(),
+            Reason::Invalid => "invalid value".into(),
+            Reason::MaxLinks => "max_links exceeded".into(),
+            Reason::Limit(t) => {
+                let rule = &rules.types[t as usize];
+                format!("limit: {} ({})", rule.name, rule.limit.unwrap_or(0))
+            }
+        }
+    }
+}
+
+/// One side of a refused link: an identifier in the graph, or a value that never entered it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Side {
+    /// An interned identifier.
+    Node(Node),
+    /// A dropped value (blocklisted, empty or invalid), as its type and text.
+    Value(u8, String),
+}
+
+/// A refused link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The identifier that was refused (the lower-priority side, or the shared one).
+    pub refused: Side,
+    /// The identifier it would have linked to.
+    pub other: Side,
+    /// Why.
+    pub reason: Reason,
+    /// When the link was first seen.
+    pub seen_at: i64,
+    /// Which identity query produced it (index into the query list).
+    pub query: u16,
+}
+
+/// A link: `low` (a lower-priority identifier) joins `top` (the highest-priority one of its row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    /// The lower-priority identifier.
+    pub low: Node,
+    /// The highest-priority identifier of the row.
+    pub top: Node,
+    /// When first seen.
+    pub seen_at: i64,
+    /// Which identity query produced it.
+    pub query: u16,
+}
+
+/// Identifiers interned into one byte arena: about 45 bytes each beyond the text itself.
+struct Interner {
+    table: HashTable<Node>,
+    bytes: Vec<u8>,
+    ends: Vec<u64>,
+    types: Vec<u8>,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl Interner {
+    fn new() -> Self {
+        Interner {
+            table: HashTable::new(),
+            bytes: Vec::new(),
+            ends: Vec::new(),
+            types: Vec::new(),
+            hasher: foldhash::fast::FixedState::with_seed(0x7e55e7a),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.types.len()
+    }
+
+    fn hash(&self, t: u8, v: &str) -> u64 {
+        self.hasher.hash_one((t, v))
+    }
+
+    fn value(&self, n: Node) -> &str {
+        let n = n as usize;
+        let start = if n == 0 { 0 } else { self.ends[n - 1] as usize };
+        let end = self.ends[n] as usize;
+        // Only whole &str values are ever appended, so every slice is valid UTF-8.
+        std::str::from_utf8(&self.bytes[start..end]).expect("arena holds UTF-8")
+    }
+
+    fn get(&self, t: u8, v: &str) -> Option<Node> {
+        let h = self.hash(t, v);
+        self.table
+            .find(h, |&n| self.types[n as usize] == t && self.value(n) == v)
+            .copied()
+    }
+
+    fn intern(&mut self, t: u8, v: &str) -> Node {
+        let h = self.hash(t, v);
+        if let Some(&n) = self
+            .table
+            .find(h, |&n| self.types[n as usize] == t && self.value(n) == v)
+        {
+            return n;
+        }
+        let n = self.types.len() as Node;
+        self.bytes.extend_from_slice(v.as_bytes());
+        self.ends.push(self.bytes.len() as u64);
+        self.types.push(t);
+        let Interner {
+            table,
+            types,
+            bytes,
+            ends,
+            hasher,
+        } = self;
+        table.insert_unique(h, n, |&m| {
+            let m = m as usize;
+            let start = if m == 0 { 0 } else { ends[m - 1] as usize };
+            let text = std::str::from_utf8(&bytes[start..ends[m] as usize]).expect("UTF-8");
+            hasher.hash_one((types[m], text))
+        });
+        n
+    }
+}
+
+/// Collects rows of identifiers seen together, then resolves them.
+pub struct Resolver {
+    rules: Rules,
+    ids: Interner,
+    first_seen: Vec<i64>,
+    last_seen: Vec<i64>,
+    links: Vec<Link>,
+    dropped: Vec<Refusal>,
+}
+
+impl Resolver {
+    /// An empty graph under `rules`.
+    pub fn new(rules: Rules) -> Self {
+        Resolver {
+            rules,
+            ids: Interner::new(),
+            first_seen: Vec::new(),
+            last_seen: Vec::new(),
+            links: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Adds one row: identifiers (type index, raw value) seen together at `seen_at`.
+    ///
+    /// Every kept identifier links to the row's highest-priority one. The row's kept
+    /// identifiers go to `nodes`, highest priority first.
+    pub fn add_row(&mut self, row: &[(u8, &str)], seen_at: i64, query: u16, nodes: &mut Vec<Node>) {
+        nodes.clear();
+        let mut order: Vec<(u8, &str)> = row.to_vec();
+        order.sort_by_key(|(t, _)| *t);
+        let mut dropped: Vec<(u8, String, Reason)> = Vec::new();
+        for (t, raw) in order {
+            match self.rules.clean(t, raw) {
+                Ok(value) => {
+                    let n = self.ids.intern(t, &value);
+                    if n as usize == self.first_seen.len() {
+                        self.first_seen.push(seen_at);
+                        self.last_seen.push(seen_at);
+                    } else {
+                        let i = n as usize;
+                        self.first_seen[i] = self.first_seen[i].min(seen_at);
+                        self.last_seen[i] = if self.last_seen[i] == NO_TIME {
+                            seen_at
+                        } else if seen_at == NO_TIME {
+                            self.last_seen[i]
+                        } else {
+                            self.last_seen[i].max(seen_at)
+                        };
+                    }
+                    if !nodes.contains(&n) {
+                        nodes.push(n);
+                    }
+                }
+                Err(reason) => {
+                    let shown = if reason == Reason::Blocklisted {
+                        self.rules.clean_for_display(t, raw)
+                    } else {
+                        raw.to_string()
+                    };
+                    dropped.push((t, shown, reason));
+                }
+            }
+        }
+        let Some(&top) = nodes.first() else { return };
+        for &low in &nodes[1..] {
+            self.links.push(Link {
+                low,
+                top,
+                seen_at,
+                query,
+            });
+        }
+        for (t, value, reason) in dropped {
+            self.dropped.push(Refusal {
+                refused: Side::Value(t, value),
+                other: Side::Node(top),
+                reason,
+                seen_at,
+                query,
+            });
+        }
+    }
+
+    /// Applies the rules to every link and returns the resolved graph.
+    pub fn resolve(self) -> Resolution {
+        let Resolver {
+            rules,
+            ids,
+            first_seen,
+            last_seen,
+            mut links,
+            dropped,
+        } = self;
+        let n = ids.len();
+
+        // One link per pair, as first seen.
+        links.sort_unstable_by(|a, b| {
+            (a.low, a.top, a.seen_at, a.query).cmp(&(b.low, b.top, b.seen_at, b.query))
+        });
+        links.dedup_by(|later, first| later.low == first.low && later.top == first.top);
+
+        // Shared values: linked to more distinct identifiers than their type allows.
+        let mut shared = vec![false; n];
+        if rules.types.iter().any(|t| t.max_links.is_some()) {
+            let mut degree = vec![0u32; n];
+            for l in &links {
+                degree[l.low as usize] += 1;
+                degree[l.top as usize] += 1;
+            }
+            for (i, d) in degree.iter().enumerate() {
+                if let Some(max) = rules.types[ids.types[i] as usize].max_links {
+                    shared[i] = *d > max;
+                }
+            }
+        }
+
+        // Time order; ties broken by the identifiers themselves, so arrival order never matters.
+        let key = |n: Node| (ids.types[n as usize], ids.value(n));
+        links.sort_unstable_by(|a, b| {
+            a.seen_at
+                .cmp(&b.seen_at)
+                .then_with(|| key(a.top).cmp(&key(b.top)))
+                .then_with(|| key(a.low).cmp(&key(b.low)))
+        });
+
+        let limited: Vec<(u8, u32)> = rules
+            .types
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.limit.map(|l| (i as u8, l)))
+            .collect();
+        let mut uf = UnionFind::new(n, limited.len());
+        for i in 0..n {
+            if let Some(slot) = limited.iter().position(|(t, _)| *t == ids.types[i]) {
+                uf.counts[i * limited.len() + slot] = 1;
+            }
+        }
+
+        let mut accepted = Vec::with_capacity(links.len());
+        let mut refused = dropped;
+        for link in links {
+            let (low, top) = (link.low as usize, link.top as usize);
+            if shared[low] || shared[top] {
+                let (bad, other) = if shared[low] {
+                    (link.low, link.top)
+                } else {
+                    (link.top, link.low)
+                };
+                refused.push(Refusal {
+                    refused: Side::Node(bad),
+                    other: Side::Node(other),
+                    reason: Reason::MaxLinks,
+                    seen_at: link.seen_at,
+                    query: link.query,
+                });
+                continue;
+            }
+            match uf.union_within(link.low, link.top, &limited) {
+                Ok(()) => accepted.push(link),
+                Err(t) => refused.push(Refusal {
+                    refused: Side::Node(link.low),
+                    other: Side::Node(link.top),
+                    reason: Reason::Limit(t),
+                    seen_at: link.seen_at,
+                    query: link.query,
+                }),
+            }
+        }
+
+        // One refusal per (refused, other, reason), as first seen.
+        refused.sort_by(|a, b| {
+            (&a.refused, &a.other, a.reason, a.seen_at, a.query)
+                .cmp(&(&b.refused, &b.other, b.reason, b.seen_at, b.query))
+        });
+        refused.dedup_by(|later, first| {
+            later.refused == first.refused
+                && later.other == first.other
+                && later.reason == first.reason
+        });
+
+        let component: Vec<Node> = (0..n as Node).map(|i| uf.find(i)).collect();
+        Resolution {
+            rules,
+            ids,
+            first_seen,
+            last_seen,
+            shared,
+            component,
+            accepted,
+            refused,
+        }
+    }
+}
+
+impl Rules {
+    fn clean_for_display(&self, t: u8, raw: &str) -> String {
+        normalize(self.types[t as usize].normalize, raw, &self.country)
+            .unwrap_or_else(|_| raw.to_string())
+    }
+}
+
+/// Union-find with union by size, path halving, and per-component counts of limited types.
+struct UnionFind {
+    parent: Vec<Node>,
+    size: Vec<u32>,
+    counts: Vec<u32>,
+    width: usize,
+}
+
+impl UnionFind {
+    fn new(n: usize, width: usize) -> Self {
+        UnionFind {
+            parent: (0..n as Node).collect(),
+            size: vec![1; n],
+            counts: vec![0; n * width],
+            width,
+        }
+    }
+
+    fn find(&mut self, mut x: Node) -> Node {
+        while self.parent[x as usize] != x {
+            let grand = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = grand;
+            x = grand;
+        }
+        x
+    }
+
+    /// Joins the components of `a` and `b` unless a limit would be broken (then the type).
+    fn union_within(&mut self, a: Node, b: Node, limited: &[(u8, u32)]) -> Result<(), u8> {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return Ok(());
+        }
+        let w = self.width;
+        for (slot, (t, limit)) in limited.iter().enumerate() {
+            if self.counts[ra as usize * w + slot] + self.counts[rb as usize * w + slot] > *limit {
+                return Err(*t);
+            }
+        }
+        let (big, small) = if self.size[ra as usize] >= self.size[rb as usize] {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        self.parent[small as usize] = big;
+        self.size[big as usize] += self.size[small as usize];
+        for slot in 0..w {
+            self.counts[big as usize * w + slot] += self.counts[small as usize * w + slot];
+        }
+        Ok(())
+    }
+}
+
+/// The resolved graph.
+pub struct Resolution {
+    rules: Rules,
+    ids: Interner,
+    first_seen: Vec<i64>,
+    last_seen: Vec<i64>,
+    shared: Vec<bool>,
+    component: Vec<Node>,
+    /// Links applied, in the order they were applied.
+    pub accepted: Vec<Link>,
+    /// Links refused, one per (refused, other, reason).
+    pub refused: Vec<Refusal>,
+}
+
+impl Resolution {
+    /// The rules it was resolved under.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// How many identifiers were interned (shared ones included).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when no identifier was seen.
+    pub fn is_empty(&self) -> bool {
+        self.ids.len() == 0
+    }
+
+    /// An identifier's type index.
+    pub fn kind(&self, n: Node) -> u8 {
+        self.ids.types[n as usize]
+    }
+
+    /// An identifier's normalised value.
+    pub fn value(&self, n: Node) -> &str {
+        self.ids.value(n)
+    }
+
+    /// When an identifier was first and last seen (`NO_TIME` when never with a time).
+    pub fn seen(&self, n: Node) -> (i64, i64) {
+        (self.first_seen[n as usize], self.last_seen[n as usize])
+    }
+
+    /// The component (profile) an identifier belongs to; `None` for shared values, which link nothing.
+    pub fn component(&self, n: Node) -> Option<Node> {
+        (!self.shared[n as usize]).then(|| self.component[n as usize])
+    }
+
+    /// True when the identifier is shared junk (over `max_links`).
+    pub fn is_shared(&self, n: Node) -> bool {
+        self.shared[n as usize]
+    }
+
+    /// The node of an already normalised value, if it is in the graph.
+    pub fn lookup(&self, t: u8, value: &str) -> Option<Node> {
+        self.ids.get(t, value)
+    }
+
+    /// Type name and value of a side of a refusal.
+    pub fn side(&self, side: &Side) -> (&str, String) {
+        match side {
+            Side::Node(n) => (
+                &self.rules.types[self.kind(*n) as usize].name,
+                self.value(*n).to_string(),
+            ),
+            Side::Value(t, v) => (&self.rules.types[*t as usize].name, v.clone()),
+        }
+    }
+
+    /// Orders identifiers by first seen, then type priority, then value: a profile's "oldest" member.
+    pub fn age_order(&self, a: Node, b: Node) -> Ordering {
+        self.first_seen[a as usize]
+            .cmp(&self.first_seen[b as usize])
+            .then_with(|| self.kind(a).cmp(&self.kind(b)))
+            .then_with(|| self.value(a).cmp(self.value(b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentifierConfig;
+
+    pub(crate) fn rules(spec: &[(&str, Normalize, Option<u64>, &[&str], Option<u64>)]) -> Rules {
+        let identifiers = spec
+            .iter()
+            .map(|(name, normalize, limit, block, max)| IdentifierConfig {
+                name: name.to_string(),
+                normalize: *normalize,
+                limit: *limit,
+                blocklist: block.iter().map(|s| s.to_string()).collect(),
+                max_links: *max,
+            })
+            .collect();
+        Rules::from_config(&IdentityConfig {
+            identifiers,
+            default_country_code: "1".into(),
+        })
+    }
+
+    fn segment_rules() -> Rules {
+        rules(&[
+            ("user_id", Normalize::Trim, Some(1), &[], None),
+            ("email", Normalize::Email, Some(2), &["test@test.com"], None),
+            ("anonymous_id", Normalize::Trim, None, &[], Some(3)),
+        ])
+    }
+
+    fn groups(r: &Resolution) -> Vec<Vec<String>> {
+        let mut by: std::collections::BTreeMap<Node, Vec<String>> = Default::default();
+        for n in 0..r.len() as Node {
+            if let Some(c) = r.component(n) {
+                by.entry(c).or_default().push(format!(
+                    "{}:{}",
+                    r.rules.types[r.kind(n) as usize].name,
+                    r.value(n)
+                ));
+            }
+        }
+        let mut out: Vec<Vec<String>> = by
+            .into_values()
+            .map(|mut g| {
+                g.sort();
+                g
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn add(res: &mut Resolver, row: &[(u8, &str)], t: i64) {
+        let mut nodes = Vec::new();
+        res.add_row(row, t, 0, &mut nodes);
+    }
+
+    #[test]
+    fn a_row_links_everything_to_its_highest_priority_identifier() {
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(2, "a1"), (1, " Ann@X.com "), (0, "u1")], 1);
+        let res = r.resolve();
+        assert_eq!(
+            groups(&res),
+            vec![vec!["anonymous_id:a1", "email:ann@x.com", "user_id:u1"]]
+        );
+        let tops: Vec<&str> = res.accepted.iter().map(|l| res.value(l.top)).collect();
+        assert_eq!(tops, ["u1", "u1"]);
+    }
+
+    #[test]
+    fn limit_refuses_a_second_user_id_and_records_why() {
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(2, "a1"), (0, "u1")], 1);
+        add(&mut r, &[(2, "a1"), (0, "u2")], 2);
+        let res = r.resolve();
+        assert_eq!(
+            groups(&res),
+            vec![vec!["anonymous_id:a1", "user_id:u1"], vec!["user_id:u2"]]
+        );
+        assert_eq!(res.refused.len(), 1);
+        let refusal = &res.refused[0];
+        assert_eq!(refusal.reason, Reason::Limit(0));
+        assert_eq!(refusal.reason.describe(res.rules()), "limit: user_id (1)");
+        assert_eq!(
+            res.side(&refusal.refused),
+            ("anonymous_id", "a1".to_string())
+        );
+        assert_eq!(refusal.seen_at, 2);
+    }
+
+    #[test]
+    fn links_apply_in_time_order_not_arrival_order() {
+        // The later link (u2) arrives first but the earlier one (u1) wins the limit.
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(2, "a1"), (0, "u2")], 20);
+        add(&mut r, &[(2, "a1"), (0, "u1")], 10);
+        let res = r.resolve();
+        assert_eq!(
+            groups(&res),
+            vec![vec!["anonymous_id:a1", "user_id:u1"], vec!["user_id:u2"]]
+        );
+    }
+
+    #[test]
+    fn blocklisted_and_empty_values_link_nothing_and_are_recorded() {
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(1, " TEST@test.com"), (2, "a1")], 1);
+        add(&mut r, &[(1, " TEST@test.com"), (2, "a2")], 2);
+        add(&mut r, &[(0, "  "), (2, "a3")], 3);
+        add(&mut r, &[(1, "not an email"), (2, "a3")], 4);
+        let res = r.resolve();
+        assert_eq!(
+            groups(&res),
+            vec![
+                vec!["anonymous_id:a1"],
+                vec!["anonymous_id:a2"],
+                vec!["anonymous_id:a3"]
+            ]
+        );
+        let reasons: Vec<(String, Reason)> = res
+            .refused
+            .iter()
+            .map(|f| (res.side(&f.refused).1, f.reason))
+            .collect();
+        assert!(reasons.contains(&("test@test.com".into(), Reason::Blocklisted)));
+        assert!(reasons.contains(&("  ".into(), Reason::Empty)));
+        assert!(reasons.contains(&("not an email".into(), Reason::Invalid)));
+        assert_eq!(res.refused.len(), 4);
+    }
+
+    #[test]
+    fn a_value_over_max_links_is_shared_and_links_nothing() {
+        let mut r = Resolver::new(segment_rules());
+        for (i, u) in ["u1", "u2", "u3", "u4"].iter().enumerate() {
+            add(&mut r, &[(2, "kiosk"), (0, u)], i as i64);
+        }
+        add(&mut r, &[(2, "phone-1"), (0, "u1")], 9);
+        let res = r.resolve();
+        let kiosk = res.lookup(2, "kiosk").unwrap();
+        assert!(res.is_shared(kiosk));
+        assert_eq!(res.component(kiosk), None);
+        assert_eq!(
+            groups(&res),
+            vec![
+                vec!["anonymous_id:phone-1", "user_id:u1"],
+                vec!["user_id:u2"],
+                vec!["user_id:u3"],
+                vec!["user_id:u4"]
+            ]
+        );
+        assert_eq!(
+            res.refused
+                .iter()
+                .filter(|f| f.reason == Reason::MaxLinks)
+                .count(),
+            4
+        );
+    }
+
+    #[test]
+    fn limit_counts_are_per_component_not_per_link() {
+        // Two emails join via two anonymous ids; a third email would make three.
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(1, "e1@x"), (2, "a1")], 1);
+        add(&mut r, &[(1, "e2@x"), (2, "a1")], 2);
+        add(&mut r, &[(1, "e3@x"), (2, "a1")], 3);
+        let res = r.resolve();
+        assert_eq!(
+            groups(&res),
+            vec![
+                vec!["anonymous_id:a1", "email:e1@x", "email:e2@x"],
+                vec!["email:e3@x"]
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_links_keep_their_first_time() {
+        let mut r = Resolver::new(segment_rules());
+        add(&mut r, &[(2, "a1"), (0, "u1")], 50);
+        add(&mut r, &[(2, "a1"), (0, "u1")], 5);
+        add(&mut r, &[(2, "a1"), (0, "u1")], 70);
+        let res = r.resolve();
+        assert_eq!(res.accepted.len(), 1);
+        assert_eq!(res.accepted[0].seen_at, 5);
+        let a1 = res.lookup(2, "a1").unwrap();
+        assert_eq!(res.seen(a1), (5, 70));
+    }
+}

@@ -1,0 +1,736 @@
+//! Identity resolution: identity SQL → links → rules and union-find → profiles with stable ids.
+//!
+//! ```text
+//! queries/identity/*.sql ──► rows of identifiers seen together (+ seen_at, message_id)
+//!        │  normalise, blocklist, intern            (graph::Resolver::add_row)
+//!        ▼
+//! distinct links in seen_at order ──► max_links, limits, union-find   (graph::Resolver::resolve)
+//!        ▼
+//! components ──► profile ids: kept from the previous identity_graph, the oldest surviving a merge
+//!        ▼
+//! identity_graph, identity_links, identity_conflicts, profile_merges; events gain profile_id
+//! ```
+//!
+//! Every run resolves all links again: the union-find over tens of millions of links takes
+//! seconds, and re-resolving is what makes late data and limits give the same grouping as a
+//! from-scratch run. Only the profile ids come from history.
+
+pub mod accuracy;
+pub mod explain;
+pub mod graph;
+pub mod normalize;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayBuilder, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondArray, UInt8Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use chrono::{DateTime, Utc};
+use datafusion::common::{Column, JoinType};
+use datafusion::dataframe::DataFrame;
+use datafusion::logical_expr::{cast, col, Expr};
+use futures::StreamExt;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::ingest::timestamp_type;
+use crate::tables::{self, event};
+use graph::{Node, Resolution, Resolver, Rules, NO_TIME};
+
+/// The column an identity query may return to order its links.
+pub const SEEN_AT: &str = "seen_at";
+/// The column an identity query may return to tie its identifiers to one event.
+pub const MESSAGE_ID: &str = "message_id";
+/// Name shown for the built-in link query used when `queries/identity/` is empty.
+pub const DEFAULT_QUERY: &str = "<default identity query>";
+
+/// One identity query file.
+#[derive(Debug, Clone)]
+pub struct IdentityQuery {
+    /// The file, relative to the project (or [`DEFAULT_QUERY`]).
+    pub file: String,
+    /// Its SQL.
+    pub sql: String,
+}
+
+/// The project's identity queries in file-name order, or the default one.
+pub fn load_queries(engine: &Engine) -> Result<Vec<IdentityQuery>> {
+    let dir = engine.project.queries_dir("identity");
+    let mut queries = Vec::new();
+    for path in crate::cli::sql_files(&dir)? {
+        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let file = path
+            .strip_prefix(&engine.project.dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        queries.push(IdentityQuery { file, sql });
+    }
+    if queries.is_empty() {
+        queries.push(IdentityQuery {
+            file: DEFAULT_QUERY.to_string(),
+            sql: default_query(&Rules::from_config(&engine.project.config.identity)),
+        });
+    }
+    Ok(queries)
+}
+
+/// DESIGN.md §2: without identity queries, links come from each event's anonymous_id,
+/// user_id and traits.email (those of them that are configured identifier types).
+fn default_query(rules: &Rules) -> String {
+    let mut columns = vec![MESSAGE_ID.to_string()];
+    for (name, expr) in [
+        (event::ANONYMOUS_ID, "anonymous_id"),
+        (event::USER_ID, "user_id"),
+        ("email", "json_get_str(traits, 'email')"),
+    ] {
+        if rules.type_index(name).is_some() {
+            columns.push(format!("{expr} AS {name}"));
+        }
+    }
+    columns.push(format!("\"timestamp\" AS {SEEN_AT}"));
+    format!("SELECT {} FROM events", columns.join(", "))
+}
+
+/// What the identity stage produced.
+pub struct IdentityTables {
+    /// `identity_graph`
+    pub graph: RecordBatch,
+    /// `identity_links` (accepted links)
+    pub links: RecordBatch,
+    /// `identity_conflicts`
+    pub conflicts: RecordBatch,
+    /// `profile_merges` rows of this run
+    pub merges: RecordBatch,
+    /// message_id → profile_id for events
+    pub event_profiles: Vec<RecordBatch>,
+    /// How many identity queries returned message_id (more than one needs a tie-break per event).
+    pub event_sources: usize,
+    /// Counts for the run log.
+    pub stats: IdentityStats,
+}
+
+/// Counts for `runs` and the summary.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct IdentityStats {
+    /// Identifiers in `identity_graph`.
+    pub identifiers: u64,
+    /// Distinct profiles.
+    pub profiles: u64,
+    /// Links applied.
+    pub links_accepted: u64,
+    /// Links refused (rows of `identity_conflicts`).
+    pub links_refused: u64,
+    /// Profiles merged into older ones this run.
+    pub profiles_merged: u64,
+    /// Events given a profile.
+    pub events_with_profile: u64,
+}
+
+/// Per-event identifiers collected while reading rows that carry a message_id.
+#[derive(Default)]
+struct EventIds {
+    message_ids: Vec<StringArray>,
+    builder: Option<StringBuilder>,
+    nodes: Vec<Node>,
+    ends: Vec<u32>,
+}
+
+impl EventIds {
+    const CHUNK: usize = 65_536;
+
+    fn push(&mut self, message_id: &str, nodes: &[Node]) {
+        let b = self.builder.get_or_insert_with(StringBuilder::new);
+        b.append_value(message_id);
+        self.nodes.extend_from_slice(nodes);
+        self.ends.push(self.nodes.len() as u32);
+        if b.len() >= Self::CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(mut b) = self.builder.take() {
+            if b.len() > 0 {
+                self.message_ids.push(b.finish());
+            }
+        }
+    }
+}
+
+/// Runs the identity queries, resolves, and builds the identity tables.
+pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Result<IdentityTables> {
+    let rules = Rules::from_config(&engine.project.config.identity);
+    let queries = load_queries(engine)?;
+    let mut resolver = Resolver::new(rules.clone());
+    let mut events = EventIds::default();
+    let mut event_sources = 0;
+    for (q, query) in queries.iter().enumerate() {
+        let df = link_frame(engine, query, &rules).await?;
+        let has_message_id = df.schema().has_column_with_unqualified_name(MESSAGE_ID);
+        event_sources += usize::from(has_message_id);
+        read_rows(
+            df,
+            &query.file,
+            &rules,
+            |row, seen_at, message_id, nodes_out| {
+                resolver.add_row(row, seen_at, q as u16, nodes_out);
+                if let Some(m) = message_id {
+                    events.push(m, nodes_out);
+                }
+            },
+        )
+        .await?;
+    }
+    let resolution = resolver.resolve();
+
+    if event_sources == 0 {
+        // No identity query ties identifiers to events: use the events' own identifier columns.
+        let own = own_identifier_frame(engine, &rules).await?;
+        if let Some(df) = own {
+            let mut nodes = Vec::new();
+            read_rows(df, "events", &rules, |row, _, message_id, _| {
+                nodes.clear();
+                let mut sorted = row.to_vec();
+                sorted.sort_by_key(|(t, _)| *t);
+                for (t, raw) in sorted {
+                    if let Ok(v) = rules.clean(t, raw) {
+                        if let Some(n) = resolution.lookup(t, &v) {
+                            nodes.push(n);
+                        }
+                    }
+                }
+                if let Some(m) = message_id {
+                    events.push(m, &nodes);
+                }
+            })
+            .await?;
+        }
+    }
+    events.flush();
+
+    let previous = previous_graph(engine, &resolution).await?;
+    let ids = assign_profile_ids(&resolution, &previous);
+    let mut tables = build_tables(&resolution, &ids, &queries, events, run_id, now)?;
+    tables.event_sources = event_sources.max(1);
+    Ok(tables)
+}
+
+/// Plans one identity query and checks its columns against `[identity]`.
+async fn link_frame(engine: &Engine, query: &IdentityQuery, rules: &Rules) -> Result<DataFrame> {
+    let df = engine.query(&query.sql, &query.file).await?;
+    let mut exprs = Vec::new();
+    let mut identifiers = 0;
+    for field in df.schema().fields() {
+        let name = field.name();
+        let column = Expr::Column(Column::new_unqualified(name));
+        if rules.type_index(name).is_some() || name == MESSAGE_ID {
+            identifiers += usize::from(name != MESSAGE_ID);
+            exprs.push(cast(column, DataType::Utf8).alias(name));
+        } else if name == SEEN_AT {
+            exprs.push(cast(column, timestamp_type()).alias(name));
+        } else {
+            let known: Vec<&str> = rules.types.iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::query(
+                &query.file,
+                format!(
+                    "column `{name}` is not an identifier type in [identity] (configured: {}); rename it, drop it, or add [[identity.identifiers]] name = \"{name}\" to tessera.toml",
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+    if identifiers == 0 {
+        return Err(Error::query(
+            &query.file,
+            "returns no identifier columns; name at least one column after an identifier type in [identity]",
+        ));
+    }
+    df.select(exprs).map_err(|e| Error::query(&query.file, e))
+}
+
+/// Events' own identifier-typed columns, for linking events to profiles without identity queries.
+async fn own_identifier_frame(engine: &Engine, rules: &Rules) -> Result<Option<DataFrame>> {
+    let events = engine.ctx.table(tables::EVENTS).await?;
+    let mut exprs = vec![cast(col(MESSAGE_ID), DataType::Utf8).alias(MESSAGE_ID)];
+    for t in &rules.types {
+        if events.schema().has_column_with_unqualified_name(&t.name) {
+            let c = Expr::Column(Column::new_unqualified(&t.name));
+            exprs.push(cast(c, DataType::Utf8).alias(&t.name));
+        }
+    }
+    if exprs.len() == 1 {
+        return Ok(None);
+    }
+    Ok(Some(events.select(exprs)?))
+}
+
+/// Streams a link frame, calling `each(row, seen_at, message_id, scratch)` per row.
+async fn read_rows<F>(df: DataFrame, file: &str, rules: &Rules, mut each: F) -> Result<()>
+where
+    F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
+{
+    let schema = df.schema().as_arrow().clone();
+    let id_columns: Vec<(usize, u8)> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| rules.type_index(f.name()).map(|t| (i, t)))
+        .collect();
+    let seen_col = schema.index_of(SEEN_AT).ok();
+    let message_col = schema.index_of(MESSAGE_ID).ok();
+    let mut stream = df
+        .execute_stream()
+        .await
+        .map_err(|e| Error::query(file, e))?;
+    let mut scratch = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| Error::query(file, e))?;
+        let ids: Vec<(&StringArray, u8)> = id_columns
+            .iter()
+            .map(|(i, t)| (batch.column(*i).as_string::<i32>(), *t))
+            .collect();
+        let seen = seen_col.map(|i| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .expect("seen_at was cast to µs")
+                .clone()
+        });
+        let messages = message_col.map(|i| batch.column(i).as_string::<i32>().clone());
+        let mut row: Vec<(u8, &str)> = Vec::with_capacity(id_columns.len());
+        for r in 0..batch.num_rows() {
+            row.clear();
+            for (array, t) in &ids {
+                if array.is_valid(r) {
+                    row.push((*t, array.value(r)));
+                }
+            }
+            let seen_at = match &seen {
+                Some(a) if a.is_valid(r) => a.value(r),
+                _ => NO_TIME,
+            };
+            let message = messages
+                .as_ref()
+                .filter(|m| m.is_valid(r))
+                .map(|m| m.value(r));
+            each(&row, seen_at, message, &mut scratch);
+        }
+    }
+    Ok(())
+}
+
+/// The previous run's profile of each identifier still in the graph.
+struct Previous {
+    /// Profile ids, indexed by `of_node` values.
+    ids: Vec<String>,
+    /// First seen of each previous profile (over all its identifiers then).
+    first_seen: Vec<i64>,
+    /// For each node, the index of its previous profile (`u32::MAX`: none).
+    of_node: Vec<u32>,
+    /// For each previous profile, its oldest identifier still in the graph.
+    anchor: Vec<Option<(i64, Node)>>,
+}
+
+async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
+    let mut prev = Previous {
+        ids: Vec::new(),
+        first_seen: Vec::new(),
+        of_node: vec![u32::MAX; res.len()],
+        anchor: Vec::new(),
+    };
+    let Some(table) = engine.outputs.open(tables::IDENTITY_GRAPH).await? else {
+        return Ok(prev);
+    };
+    let provider = table.table_provider().await?;
+    let df = engine.ctx.read_table(provider)?.select(vec![
+        cast(col("identifier_type"), DataType::Utf8).alias("t"),
+        cast(col("identifier_value"), DataType::Utf8).alias("v"),
+        cast(col("profile_id"), DataType::Utf8).alias("p"),
+        cast(col("first_seen"), timestamp_type()).alias("f"),
+    ])?;
+    let mut index: HashMap<String, u32> = HashMap::new();
+    let mut stream = df.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let (t, v, p) = (
+            batch.column(0).as_string::<i32>(),
+            batch.column(1).as_string::<i32>(),
+            batch.column(2).as_string::<i32>(),
+        );
+        let f = batch
+            .column(3)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .expect("cast to µs");
+        for r in 0..batch.num_rows() {
+            if p.is_null(r) || t.is_null(r) || v.is_null(r) {
+                continue;
+            }
+            let seen = if f.is_valid(r) { f.value(r) } else { NO_TIME };
+            let k = *index.entry(p.value(r).to_string()).or_insert_with(|| {
+                prev.ids.push(p.value(r).to_string());
+                prev.first_seen.push(NO_TIME);
+                prev.anchor.push(None);
+                (prev.ids.len() - 1) as u32
+            });
+            prev.first_seen[k as usize] = prev.first_seen[k as usize].min(seen);
+            let Some(ty) = res.rules().type_index(t.value(r)) else {
+                continue;
+            };
+            if let Some(n) = res.lookup(ty, v.value(r)) {
+                prev.of_node[n as usize] = k;
+                let a = &mut prev.anchor[k as usize];
+                if a.is_none_or(|(s, m)| (seen, n) < (s, m)) {
+                    *a = Some((seen, n));
+                }
+            }
+        }
+    }
+    Ok(prev)
+}
+
+/// Profile ids for each component, and the merges since the previous run.
+struct ProfileIds {
+    /// Profile id per component root.
+    of_root: HashMap<Node, usize>,
+    /// The ids.
+    ids: Vec<String>,
+    /// (merged, into) pairs.
+    merges: Vec<(String, String)>,
+}
+
+/// A deterministic id for a new profile, from its oldest identifier.
+fn new_profile_id(kind: &str, value: &str) -> String {
+    // FNV-1a: stable across platforms and releases, unlike std's hashers.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in kind.bytes().chain([0u8]).chain(value.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("p_{h:016x}")
+}
+
+fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
+    // Members of each component, oldest first.
+    let mut members: BTreeMap<Node, Vec<Node>> = BTreeMap::new();
+    for n in 0..res.len() as Node {
+        if let Some(c) = res.component(n) {
+            members.entry(c).or_default().push(n);
+        }
+    }
+    let mut comps: Vec<(Node, Vec<Node>)> = members.into_iter().collect();
+    for (_, m) in comps.iter_mut() {
+        m.sort_by(|a, b| res.age_order(*a, *b));
+    }
+    comps.sort_by(|a, b| res.age_order(a.1[0], b.1[0]));
+
+    let mut out = ProfileIds {
+        of_root: HashMap::with_capacity(comps.len()),
+        ids: Vec::with_capacity(comps.len()),
+        merges: Vec::new(),
+    };
+    let mut claimed = vec![false; prev.ids.len()];
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Previous profiles keep their ids; where several meet, the oldest keeps its id.
+    for (root, m) in &comps {
+        let mut candidates: Vec<u32> = m
+            .iter()
+            .map(|n| prev.of_node[*n as usize])
+            .filter(|k| *k != u32::MAX)
+            .collect();
+        candidates.sort_by(|a, b| {
+            (prev.first_seen[*a as usize], &prev.ids[*a as usize])
+                .cmp(&(prev.first_seen[*b as usize], &prev.ids[*b as usize]))
+        });
+        candidates.dedup();
+        let id = match candidates.into_iter().find(|k| !claimed[*k as usize]) {
+            Some(k) => {
+                claimed[k as usize] = true;
+                prev.ids[k as usize].clone()
+            }
+            None => {
+                let oldest = m[0];
+                let kind = &res.rules().types[res.kind(oldest) as usize].name;
+                let mut id = new_profile_id(kind, res.value(oldest));
+                let mut salt = 1;
+                while used.contains(&id) || prev.ids.contains(&id) {
+                    salt += 1;
+                    id = new_profile_id(kind, &format!("{}#{salt}", res.value(oldest)));
+                }
+                id
+            }
+        };
+        used.insert(id.clone());
+        out.of_root.insert(*root, out.ids.len());
+        out.ids.push(id);
+    }
+    // A previous profile that no component kept was merged into the one holding its oldest identifier.
+    for (k, was) in prev.ids.iter().enumerate() {
+        if claimed[k] {
+            continue;
+        }
+        if let Some((_, n)) = prev.anchor[k] {
+            if let Some(c) = res.component(n) {
+                let into = &out.ids[out.of_root[&c]];
+                out.merges.push((was.clone(), into.clone()));
+            }
+        }
+    }
+    out.merges.sort();
+    out
+}
+
+fn time_array(values: impl Iterator<Item = i64>) -> ArrayRef {
+    let v: Vec<Option<i64>> = values.map(|t| (t != NO_TIME).then_some(t)).collect();
+    Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
+}
+
+fn text(values: Vec<String>) -> ArrayRef {
+    Arc::new(StringArray::from(values))
+}
+
+/// The schema of `identity_graph`.
+pub fn graph_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("identifier_type", DataType::Utf8, false),
+        Field::new("identifier_value", DataType::Utf8, false),
+        Field::new("profile_id", DataType::Utf8, false),
+        Field::new("first_seen", timestamp_type(), true),
+        Field::new("last_seen", timestamp_type(), true),
+    ]))
+}
+
+fn build_tables(
+    res: &Resolution,
+    ids: &ProfileIds,
+    queries: &[IdentityQuery],
+    events: EventIds,
+    run_id: &str,
+    now: DateTime<Utc>,
+) -> Result<IdentityTables> {
+    let rules = res.rules();
+    let name = |n: Node| rules.types[res.kind(n) as usize].name.clone();
+    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of_root[&c]]);
+
+    // identity_graph, ordered by profile then type priority then value.
+    let mut nodes: Vec<Node> = (0..res.len() as Node)
+        .filter(|n| res.component(*n).is_some())
+        .collect();
+    nodes.sort_by(|a, b| {
+        (profile_of(*a), res.kind(*a), res.value(*a)).cmp(&(
+            profile_of(*b),
+            res.kind(*b),
+            res.value(*b),
+        ))
+    });
+    let graph = RecordBatch::try_new(
+        graph_schema(),
+        vec![
+            text(nodes.iter().map(|n| name(*n)).collect()),
+            text(nodes.iter().map(|n| res.value(*n).to_string()).collect()),
+            text(
+                nodes
+                    .iter()
+                    .map(|n| profile_of(*n).cloned().unwrap_or_default())
+                    .collect(),
+            ),
+            time_array(nodes.iter().map(|n| res.seen(*n).0)),
+            time_array(nodes.iter().map(|n| res.seen(*n).1)),
+        ],
+    )?;
+
+    // identity_links: accepted links, in the order applied.
+    let l = &res.accepted;
+    let links = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("identifier_type", DataType::Utf8, false),
+            Field::new("identifier_value", DataType::Utf8, false),
+            Field::new("linked_type", DataType::Utf8, false),
+            Field::new("linked_value", DataType::Utf8, false),
+            Field::new("profile_id", DataType::Utf8, false),
+            Field::new("seen_at", timestamp_type(), true),
+            Field::new("query", DataType::Utf8, false),
+        ])),
+        vec![
+            text(l.iter().map(|x| name(x.low)).collect()),
+            text(l.iter().map(|x| res.value(x.low).to_string()).collect()),
+            text(l.iter().map(|x| name(x.top)).collect()),
+            text(l.iter().map(|x| res.value(x.top).to_string()).collect()),
+            text(
+                l.iter()
+                    .map(|x| profile_of(x.top).cloned().unwrap_or_default())
+                    .collect(),
+            ),
+            time_array(l.iter().map(|x| x.seen_at)),
+            text(
+                l.iter()
+                    .map(|x| queries[x.query as usize].file.clone())
+                    .collect(),
+            ),
+        ],
+    )?;
+
+    // identity_conflicts
+    let f = &res.refused;
+    let sides: Vec<((&str, String), (&str, String))> = f
+        .iter()
+        .map(|x| (res.side(&x.refused), res.side(&x.other)))
+        .collect();
+    let conflicts = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("identifier_type", DataType::Utf8, false),
+            Field::new("identifier_value", DataType::Utf8, false),
+            Field::new("other_type", DataType::Utf8, false),
+            Field::new("other_value", DataType::Utf8, false),
+            Field::new("reason", DataType::Utf8, false),
+            Field::new("seen_at", timestamp_type(), true),
+            Field::new("query", DataType::Utf8, false),
+        ])),
+        vec![
+            text(sides.iter().map(|s| s.0 .0.to_string()).collect()),
+            text(sides.iter().map(|s| s.0 .1.clone()).collect()),
+            text(sides.iter().map(|s| s.1 .0.to_string()).collect()),
+            text(sides.iter().map(|s| s.1 .1.clone()).collect()),
+            text(f.iter().map(|x| x.reason.describe(rules)).collect()),
+            time_array(f.iter().map(|x| x.seen_at)),
+            text(
+                f.iter()
+                    .map(|x| queries[x.query as usize].file.clone())
+                    .collect(),
+            ),
+        ],
+    )?;
+
+    let m = &ids.merges;
+    let merges = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("merged_profile_id", DataType::Utf8, false),
+            Field::new("into_profile_id", DataType::Utf8, false),
+            Field::new("run_id", DataType::Utf8, false),
+            Field::new("merged_at", timestamp_type(), false),
+        ])),
+        vec![
+            text(m.iter().map(|x| x.0.clone()).collect()),
+            text(m.iter().map(|x| x.1.clone()).collect()),
+            text(vec![run_id.to_string(); m.len()]),
+            time_array(std::iter::repeat_n(now.timestamp_micros(), m.len())),
+        ],
+    )?;
+
+    // message_id → profile of the event's highest-priority identifier that has one.
+    let schema = event_profile_schema();
+    let mut event_profiles = Vec::with_capacity(events.message_ids.len());
+    let mut row = 0usize;
+    let mut with_profile = 0u64;
+    for chunk in &events.message_ids {
+        let mut profile = StringBuilder::with_capacity(chunk.len(), chunk.len() * 18);
+        let mut rank = Vec::with_capacity(chunk.len());
+        for _ in 0..chunk.len() {
+            let start = if row == 0 {
+                0
+            } else {
+                events.ends[row - 1] as usize
+            };
+            let end = events.ends[row] as usize;
+            let best = events.nodes[start..end]
+                .iter()
+                .find_map(|n| profile_of(*n).map(|p| (p, res.kind(*n))));
+            match best {
+                Some((p, k)) => {
+                    profile.append_value(p);
+                    rank.push(Some(k));
+                    with_profile += 1;
+                }
+                None => {
+                    profile.append_null();
+                    rank.push(None);
+                }
+            }
+            row += 1;
+        }
+        event_profiles.push(RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(chunk.clone()),
+                Arc::new(profile.finish()),
+                Arc::new(UInt8Array::from(rank)),
+            ],
+        )?);
+    }
+
+    let stats = IdentityStats {
+        identifiers: nodes.len() as u64,
+        profiles: ids.ids.len() as u64,
+        links_accepted: res.accepted.len() as u64,
+        links_refused: res.refused.len() as u64,
+        profiles_merged: ids.merges.len() as u64,
+        events_with_profile: with_profile,
+    };
+    Ok(IdentityTables {
+        graph,
+        links,
+        conflicts,
+        merges,
+        event_profiles,
+        event_sources: 1,
+        stats,
+    })
+}
+
+/// Internal column names of the event → profile mapping.
+const EP_MESSAGE: &str = "__tessera_ep_message_id";
+const EP_PROFILE: &str = "profile_id";
+const EP_RANK: &str = "__tessera_ep_rank";
+
+fn event_profile_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(EP_MESSAGE, DataType::Utf8, false),
+        Field::new(EP_PROFILE, DataType::Utf8, true),
+        Field::new(EP_RANK, DataType::UInt8, true),
+    ]))
+}
+
+/// `events` with `profile_id`: each event joined to its profile through its message_id.
+pub fn resolved_events(
+    engine: &Engine,
+    events: DataFrame,
+    mapping: Vec<RecordBatch>,
+    sources: usize,
+) -> Result<DataFrame> {
+    let mapping = if mapping.is_empty() {
+        engine
+            .ctx
+            .read_batch(RecordBatch::new_empty(event_profile_schema()))?
+    } else {
+        engine.ctx.read_batches(mapping)?
+    };
+    // Several identity queries may return one message_id: the highest-priority identifier wins.
+    // With one, message_ids are already unique (events are deduplicated).
+    let mapping = if sources <= 1 {
+        mapping.select(vec![col(EP_MESSAGE), col(EP_PROFILE)])?
+    } else {
+        mapping.aggregate(
+            vec![col(EP_MESSAGE)],
+            vec![datafusion::functions_aggregate::expr_fn::first_value(
+                col(EP_PROFILE),
+                vec![col(EP_RANK).sort(true, false)],
+            )
+            .alias(EP_PROFILE)],
+        )?
+    };
+    let columns: Vec<Expr> = events
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| Expr::Column(Column::new_unqualified(f.name())))
+        .chain([col(EP_PROFILE)])
+        .collect();
+    Ok(events
+        .join(mapping, JoinType::Left, &[MESSAGE_ID], &[EP_MESSAGE], None)?
+        .select(columns)?)
+}
