@@ -58,6 +58,17 @@ pub enum Command {
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
+    /// Explain an identifier's profile: its identifiers, the links that joined them, refused links.
+    Explain {
+        /// The identifier as TYPE:VALUE, e.g. email:alice@example.com (normalised like the data).
+        identifier: String,
+    },
+    /// Pairwise precision and recall of identity_graph against a truth file.
+    Accuracy {
+        /// The truth: Parquet with identifier_type, identifier_value, person.
+        #[arg(long, default_value = "data/truth.parquet")]
+        truth: String,
+    },
     /// Create a new project with a config, example queries and a small generated sample.
     Init {
         /// The folder to create (must be empty or absent).
@@ -169,6 +180,29 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
+        Command::Explain { identifier } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let explanation = crate::identity::explain::explain(&engine, &identifier).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&explanation).unwrap_or_default()
+                );
+            } else {
+                print!("{}", explanation.render());
+            }
+            Ok(0)
+        }
+        Command::Accuracy { truth } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let accuracy = crate::identity::accuracy::measure(&engine, &truth).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&accuracy).unwrap_or_default());
+            } else {
+                print!("{}", accuracy.render(&truth));
+            }
+            Ok(0)
+        }
         Command::Init { dir, people } => {
             init(&dir, people, progress).await?;
             if !cli.quiet {

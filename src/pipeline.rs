@@ -36,10 +36,20 @@ pub struct RunOptions {
 /// A run that fails still appends a `failed` row to `runs` (when the output can be written),
 /// then returns the error.
 pub async fn run(project: Project, options: &RunOptions, progress: Progress) -> Result<RunReport> {
-    let mut report = RunReport::start(&project.config.project.name);
-    tracing::info!(run_id = %report.run_id, full = options.full, "run started");
     let engine = Engine::open(project).await?;
-    let outcome = stages(&engine, &mut report, progress).await;
+    run_on(&engine, options, progress).await
+}
+
+/// Runs the pipeline on an engine the caller opened; afterwards its context holds every table
+/// of the run (`events` with `profile_id` included), for embedding and tests.
+pub async fn run_on(
+    engine: &Engine,
+    options: &RunOptions,
+    progress: Progress,
+) -> Result<RunReport> {
+    let mut report = RunReport::start(&engine.project.config.project.name);
+    tracing::info!(run_id = %report.run_id, full = options.full, "run started");
+    let outcome = stages(engine, &mut report, progress).await;
     report.finished_at = Utc::now();
     report.status = match &outcome {
         Ok(()) => RunStatus::Succeeded,

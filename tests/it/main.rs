@@ -4,6 +4,8 @@
 mod cli;
 mod common;
 mod generator;
+mod identity;
+mod identity_props;
 mod ingest;
 mod readers;
 mod s3;
