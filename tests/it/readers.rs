@@ -51,7 +51,11 @@ fn outputs_read_back_in_python_with_the_promised_types() {
     p.run_json();
     let report = p.run_json();
     let out = p.path().join("out");
-    let seen = read_with_python(&python, out.to_str().unwrap(), &["rejected_events", "runs"]);
+    let seen = read_with_python(
+        &python,
+        out.to_str().unwrap(),
+        &["rejected_events", "runs", "identity_graph", "identity_links", "identity_conflicts", "profile_merges"],
+    );
 
     assert_plain_types(
         &seen,
@@ -65,6 +69,12 @@ fn outputs_read_back_in_python_with_the_promised_types() {
         &["run_id", "status", "tables"],
         &["started_at", "finished_at"],
     );
+    assert_plain_types(&seen, "identity_graph", &["identifier_type", "identifier_value", "profile_id"], &["first_seen", "last_seen"]);
+    assert_plain_types(&seen, "identity_links", &["identifier_type", "identifier_value", "linked_type", "linked_value", "profile_id", "query"], &["seen_at"]);
+    assert_plain_types(&seen, "identity_conflicts", &["identifier_type", "identifier_value", "other_type", "other_value", "reason"], &["seen_at"]);
+    assert_eq!(seen["identity_graph"]["rows"], report["identity"]["identifiers"]);
+    assert_eq!(seen["identity_links"]["rows"], report["identity"]["links_accepted"]);
+    assert_eq!(seen["profile_merges"]["rows"], 0);
     assert_eq!(seen["runs"]["rows"], 2);
     assert_eq!(seen["runs"]["arrow_types"]["events"], "int64");
     assert_eq!(seen["rejected_events"]["rows"], report["rows_rejected"]);
@@ -91,7 +101,10 @@ async fn outputs_read_back_in_datafusion_with_the_promised_types() {
     let project = tessera::config::Project::load(p.path()).unwrap();
     let engine = tessera::engine::Engine::open(project).await.unwrap();
     let found = engine.register_outputs().await.unwrap();
-    assert_eq!(found, ["rejected_events", "runs"]);
+    assert_eq!(
+        found,
+        ["rejected_events", "identity_graph", "identity_links", "identity_conflicts", "profile_merges", "runs"]
+    );
     let df = engine
         .ctx
         .sql("SELECT * FROM rejected_events")

@@ -10,6 +10,7 @@ import os
 import sys
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from pyarrow import fs
@@ -39,12 +40,16 @@ def main():
         uri = f"{root}/{name}"
         table = DeltaTable(uri, storage_options=options)
         files = table.file_uris()
-        if remote:
+        paths = []
+        if not files:
+            # A table committed with no rows has no data files; its schema lives in the log.
+            arrow = pa.schema(table.schema().to_arrow()).empty_table()
+        elif remote:
             arrow = pq.read_table([f.split("://", 1)[1] for f in files], filesystem=s3)
         else:
             paths = [f.split("://", 1)[1] if f.startswith("file://") else f for f in files]
             arrow = pq.read_table(paths)
-        if remote:
+        if remote or not paths:
             # DuckDB's S3 support is an extension it downloads; query the Arrow table instead.
             con.register("t", arrow)
             relation = con.sql("SELECT * FROM t")
@@ -59,7 +64,7 @@ def main():
             "duckdb_types": duck_types,
             "duckdb_rows": duck_rows,
         }
-        if remote:
+        if remote or not paths:
             con.unregister("t")
     print(json.dumps(seen))
 
