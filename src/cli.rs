@@ -16,7 +16,6 @@ use crate::pipeline::{self, RunOptions};
 use crate::progress::Progress;
 use crate::runs::RunReport;
 use crate::storage::Place;
-use crate::tables;
 
 /// Tessera: an embedded customer data platform engine.
 #[derive(Debug, Parser)]
@@ -448,6 +447,5 @@ async fn init(dir: &Path, people: u64, progress: Progress) -> Result<()> {
         ..GenerateOptions::default()
     };
     generate::generate(&place, &options, progress).await?;
-    let _ = tables::EVENTS;
     Ok(())
 }

@@ -85,6 +85,13 @@ fn text_col(batch: &RecordBatch, i: usize, r: usize) -> Option<String> {
     a.is_valid(r).then(|| a.value(r).to_string())
 }
 
+fn ident_at(batch: &RecordBatch, kind: usize, value: usize, r: usize) -> Identifier {
+    Identifier {
+        kind: text_col(batch, kind, r).unwrap_or_default(),
+        value: text_col(batch, value, r).unwrap_or_default(),
+    }
+}
+
 fn time_col(batch: &RecordBatch, i: usize, r: usize) -> Option<String> {
     let a = batch
         .column(i)
@@ -184,10 +191,7 @@ pub async fn explain(engine: &Engine, spec: &str) -> Result<Explanation> {
         {
             for r in 0..b.num_rows() {
                 identifiers.push(Member {
-                    id: Identifier {
-                        kind: text_col(&b, 0, r).unwrap_or_default(),
-                        value: text_col(&b, 1, r).unwrap_or_default(),
-                    },
+                    id: ident_at(&b, 0, 1, r),
                     first_seen: time_col(&b, 3, r),
                     last_seen: time_col(&b, 4, r),
                 });
@@ -231,14 +235,8 @@ pub async fn explain(engine: &Engine, spec: &str) -> Result<Explanation> {
         {
             for r in 0..b.num_rows() {
                 links.push(Link {
-                    from: Identifier {
-                        kind: text_col(&b, 0, r).unwrap_or_default(),
-                        value: text_col(&b, 1, r).unwrap_or_default(),
-                    },
-                    to: Identifier {
-                        kind: text_col(&b, 2, r).unwrap_or_default(),
-                        value: text_col(&b, 3, r).unwrap_or_default(),
-                    },
+                    from: ident_at(&b, 0, 1, r),
+                    to: ident_at(&b, 2, 3, r),
                     seen_at: time_col(&b, 6, r),
                     query: text_col(&b, 5, r).unwrap_or_default(),
                     reason: None,
@@ -270,14 +268,8 @@ pub async fn explain(engine: &Engine, spec: &str) -> Result<Explanation> {
             .or(col("other_value").in_list(values, false));
         for b in df.filter(filter)?.collect().await? {
             for r in 0..b.num_rows() {
-                let from = Identifier {
-                    kind: text_col(&b, 0, r).unwrap_or_default(),
-                    value: text_col(&b, 1, r).unwrap_or_default(),
-                };
-                let to = Identifier {
-                    kind: text_col(&b, 2, r).unwrap_or_default(),
-                    value: text_col(&b, 3, r).unwrap_or_default(),
-                };
+                let from = ident_at(&b, 0, 1, r);
+                let to = ident_at(&b, 2, 3, r);
                 if around.contains(&from) || around.contains(&to) {
                     refused.push(Link {
                         from,
