@@ -4,16 +4,20 @@
 //! TESSERA_BENCH_LINK_ROWS (comma-separated, default 1000000) sets roughly how many identity
 //! query rows (link rows) to resolve; events are generated to match and cached under
 //! target/bench-data/. Memory per identifier is the peak RSS growth while resolving, divided by
-//! the identifiers interned. The SQL side gets integer node ids for free (no interning), which
-//! favours it; its grouping is checked against the union-find's.
+//! the identifiers interned. The SQL side starts from the same link rows, normalises them in SQL
+//! (trim, lowercase, E.164 for the generator's phone formats), builds the distinct links, and
+//! runs rounds until nothing changes; its grouping is checked against the union-find's (rules
+//! switched off, since the rounds compute plain connected components).
+//! TESSERA_BENCH_PHASES=1 also prints how long the rules and union-find take apart from reading
+//! rows (normalising and interning).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, AsArray, Int64Array, RecordBatch, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::{Array, AsArray, RecordBatch, TimestampMicrosecondArray};
+use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use tessera::config::Config;
 use tessera::generate::{generate, GenerateOptions};
@@ -44,32 +48,69 @@ async fn link_rows(root: &Path, target_rows: u64) -> Vec<RecordBatch> {
     if !dir.join("truth.parquet").exists() {
         let place = Place::open(dir.to_str().unwrap(), Path::new("/"), "bench").unwrap();
         let started = Instant::now();
-        let s = generate(&place, &GenerateOptions { people, days: 30, ..Default::default() }, Progress::new(true)).await.unwrap();
-        eprintln!("generated {} events in {:.1}s", s.rows, started.elapsed().as_secs_f64());
-    }
-    let ctx = tessera::engine::new_context().unwrap();
-    ctx.register_parquet("events", dir.join("events").to_str().unwrap(), ParquetReadOptions::default())
+        let s = generate(
+            &place,
+            &GenerateOptions {
+                people,
+                days: 30,
+                ..Default::default()
+            },
+            Progress::new(true),
+        )
         .await
         .unwrap();
+        eprintln!(
+            "generated {} events in {:.1}s",
+            s.rows,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let ctx = tessera::engine::new_context().unwrap();
+    ctx.register_parquet(
+        "events",
+        dir.join("events").to_str().unwrap(),
+        ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
     ctx.sql(LINK_SQL).await.unwrap().collect().await.unwrap()
 }
 
 fn bundled_rules() -> Rules {
-    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tessera.toml")).unwrap();
-    Rules::from_config(&Config::parse(&text, Path::new("tessera.toml")).unwrap().identity)
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tessera.toml"))
+            .unwrap();
+    Rules::from_config(
+        &Config::parse(&text, Path::new("tessera.toml"))
+            .unwrap()
+            .identity,
+    )
 }
 
 fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::identity::graph::Resolution {
-    let types: Vec<u8> = ["anonymous_id", "user_id", "email", "phone"].iter().map(|n| rules.type_index(n).unwrap()).collect();
+    // Columns in priority order, as the identity stage hands them over.
+    let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, rules.type_index(n).unwrap()))
+        .collect();
+    columns.sort_by_key(|(_, t)| *t);
     let mut r = Resolver::new(rules.clone());
     let mut nodes = Vec::new();
     let mut row: Vec<(u8, &str)> = Vec::with_capacity(4);
     for b in batches {
-        let cols: Vec<_> = (0..4).map(|i| b.column(i).as_string::<i32>()).collect();
-        let seen = b.column(4).as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap();
+        let cols: Vec<_> = columns
+            .iter()
+            .map(|(i, t)| (b.column(*i).as_string::<i32>(), *t))
+            .collect();
+        let seen = b
+            .column(4)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap();
         for i in 0..b.num_rows() {
             row.clear();
-            for (c, t) in cols.iter().zip(&types) {
+            for (c, t) in &cols {
                 if c.is_valid(i) {
                     row.push((*t, c.value(i)));
                 }
@@ -77,13 +118,37 @@ fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::identity::graph::
             r.add_row(&row, seen.value(i), 0, &mut nodes);
         }
     }
-    r.resolve()
+    let added = Instant::now();
+    let res = r.resolve();
+    if std::env::var_os("TESSERA_BENCH_PHASES").is_some() {
+        eprintln!("resolve phase {:.2}s", added.elapsed().as_secs_f64());
+    }
+    res
 }
 
-/// Connected components by large-star/small-star rounds (Kiveris et al. 2014) in SQL.
-async fn sql_components(edges: RecordBatch) -> (HashMap<i64, i64>, usize) {
+/// Connected components by large-star/small-star rounds (Kiveris et al. 2014) in SQL, from
+/// link rows: each row's identifiers link to its highest-priority one, as in the resolver.
+async fn sql_components(rows: Vec<RecordBatch>) -> (HashMap<String, String>, usize) {
     let ctx = SessionContext::new();
-    ctx.register_batch("e0", edges).unwrap();
+    let table = datafusion::datasource::MemTable::try_new(rows[0].schema(), vec![rows]).unwrap();
+    ctx.register_table("link_rows", Arc::new(table)).unwrap();
+    let edges = "WITH d AS (SELECT *, regexp_replace(phone, '[^0-9]', '', 'g') AS digits FROM link_rows), \
+                      r AS (SELECT 'u:' || nullif(trim(user_id), '') AS u, 'e:' || nullif(lower(trim(email)), '') AS e, \
+                                   'p:' || CASE WHEN digits = '' THEN NULL WHEN starts_with(trim(phone), '+') THEN '+' || digits \
+                                                WHEN length(digits) = 11 AND left(digits, 1) = '1' THEN '+' || digits ELSE '+1' || digits END AS p, \
+                                   'a:' || nullif(trim(anonymous_id), '') AS a FROM d), \
+                      t AS (SELECT coalesce(u, e, p, a) AS hub, e, p, a FROM r) \
+                 SELECT e AS u, hub AS v FROM t WHERE e IS NOT NULL AND e <> hub \
+                 UNION SELECT p AS u, hub AS v FROM t WHERE p IS NOT NULL AND p <> hub \
+                 UNION SELECT a AS u, hub AS v FROM t WHERE a IS NOT NULL AND a <> hub";
+    let batches = ctx.sql(edges).await.unwrap().collect().await.unwrap();
+    ctx.register_table(
+        "e0",
+        Arc::new(
+            datafusion::datasource::MemTable::try_new(batches[0].schema(), vec![batches]).unwrap(),
+        ),
+    )
+    .unwrap();
     let mut current = "e0".to_string();
     let mut rounds = 0;
     loop {
@@ -95,7 +160,14 @@ async fn sql_components(edges: RecordBatch) -> (HashMap<i64, i64>, usize) {
         );
         let batches = ctx.sql(&large).await.unwrap().collect().await.unwrap();
         ctx.deregister_table("large").unwrap();
-        ctx.register_table("large", Arc::new(datafusion::datasource::MemTable::try_new(batches[0].schema(), vec![batches]).unwrap())).unwrap();
+        ctx.register_table(
+            "large",
+            Arc::new(
+                datafusion::datasource::MemTable::try_new(batches[0].schema(), vec![batches])
+                    .unwrap(),
+            ),
+        )
+        .unwrap();
         let small = "WITH n AS (SELECT u, v FROM large UNION SELECT v AS u, u AS v FROM large), \
                           s AS (SELECT u, v FROM n WHERE v <= u), \
                           m AS (SELECT u, least(u, min(v)) AS m FROM s GROUP BY u) \
@@ -103,37 +175,87 @@ async fn sql_components(edges: RecordBatch) -> (HashMap<i64, i64>, usize) {
                      UNION SELECT m.u AS u, m.m AS v FROM m WHERE m.u <> m.m";
         let batches = ctx.sql(small).await.unwrap().collect().await.unwrap();
         let next = format!("r{rounds}");
-        ctx.register_table(&next, Arc::new(datafusion::datasource::MemTable::try_new(batches[0].schema(), vec![batches]).unwrap())).unwrap();
+        ctx.register_table(
+            &next,
+            Arc::new(
+                datafusion::datasource::MemTable::try_new(batches[0].schema(), vec![batches])
+                    .unwrap(),
+            ),
+        )
+        .unwrap();
         // Converged when a round changes no edge.
         let diff = ctx
             .sql(&format!("SELECT count(*) FROM ((SELECT u, v FROM {next} EXCEPT SELECT u, v FROM {current}) UNION ALL (SELECT u, v FROM {current} EXCEPT SELECT u, v FROM {next}))"))
             .await.unwrap().collect().await.unwrap();
-        let changed = diff[0].column(0).as_primitive::<arrow::datatypes::Int64Type>().value(0);
+        let changed = diff[0]
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0);
         current = next;
         if changed == 0 || rounds > 64 {
             break;
         }
     }
-    let out = ctx.sql(&format!("SELECT u, v FROM {current}")).await.unwrap().collect().await.unwrap();
+    let out = ctx
+        .sql(&format!("SELECT u, v FROM {current}"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     let mut label = HashMap::new();
     for b in out {
-        let (u, v) = (b.column(0).as_primitive::<arrow::datatypes::Int64Type>(), b.column(1).as_primitive::<arrow::datatypes::Int64Type>());
+        let u = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+        let v = arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+        let (u, v) = (u.as_string::<i32>(), v.as_string::<i32>());
         for i in 0..b.num_rows() {
-            label.insert(u.value(i), v.value(i));
+            label.insert(u.value(i).to_string(), v.value(i).to_string());
         }
     }
     (label, rounds)
 }
 
 fn main() {
+    // Each size runs in a fresh process, so its peak memory is its own.
+    if let Ok(one) = std::env::var("TESSERA_BENCH_ONE") {
+        run_one(one.parse().expect("a whole number"));
+        return;
+    }
     let sizes: Vec<u64> = std::env::var("TESSERA_BENCH_LINK_ROWS")
         .unwrap_or_else(|_| "1000000".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("TESSERA_BENCH_LINK_ROWS holds whole numbers"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("TESSERA_BENCH_LINK_ROWS holds whole numbers")
+        })
         .collect();
+    println!("| link rows | distinct links | identifiers | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut csv = vec!["link_rows,distinct_links,identifiers,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
+    for size in sizes {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("TESSERA_BENCH_ONE", size.to_string())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the run for {size} failed");
+        let line = String::from_utf8(out.stdout).unwrap();
+        let fields: Vec<&str> = line.trim().split(',').collect();
+        println!("| {} |", fields.join(" | "));
+        csv.push(line.trim().to_string());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::write(root.join("identity.csv"), csv.join("\n") + "\n").unwrap();
+}
+
+fn run_one(target: u64) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
     std::fs::create_dir_all(&root).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rules = bundled_rules();
     let mut free = rules.clone();
     for t in &mut free.types {
@@ -141,48 +263,51 @@ fn main() {
         t.max_links = None;
         t.blocklist.clear();
     }
+    let batches = rt.block_on(link_rows(&root, target));
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
 
-    println!("| link rows | distinct links | identifiers | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut csv = vec!["link_rows,distinct_links,identifiers,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
-    for target in sizes {
-        let batches = rt.block_on(link_rows(&root, target));
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    reset_peak();
+    let before = rss_kib("VmRSS:");
+    let started = Instant::now();
+    let res = resolve(&rules, &batches);
+    let secs = started.elapsed().as_secs_f64();
+    let peak = rss_kib("VmHWM:");
+    let identifiers = res.len();
+    let per_id = (peak.saturating_sub(before) * 1024) as f64 / identifiers.max(1) as f64;
+    drop(res);
 
-        reset_peak();
-        let before = rss_kib("VmRSS:");
-        let started = Instant::now();
-        let res = resolve(&rules, &batches);
-        let secs = started.elapsed().as_secs_f64();
-        let peak = rss_kib("VmHWM:");
-        let identifiers = res.len();
-        let per_id = (peak.saturating_sub(before) * 1024) as f64 / identifiers.max(1) as f64;
-        drop(res);
+    // The same links without rules: plain connected components, for the SQL comparison.
+    let plain = resolve(&free, &batches);
+    let distinct = plain.accepted.len();
+    let started = Instant::now();
+    let (label, rounds) = rt.block_on(sql_components(batches.clone()));
+    let sql_secs = started.elapsed().as_secs_f64();
 
-        // The same links without rules: plain connected components, for the SQL comparison.
-        let plain = resolve(&free, &batches);
-        let (u, v): (Vec<i64>, Vec<i64>) = plain.accepted.iter().map(|l| (l.low as i64, l.top as i64)).unzip();
-        let distinct = u.len();
-        let schema = Arc::new(Schema::new(vec![Field::new("u", DataType::Int64, false), Field::new("v", DataType::Int64, false)]));
-        let edges = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(u)), Arc::new(Int64Array::from(v))]).unwrap();
-        let started = Instant::now();
-        let (label, rounds) = rt.block_on(sql_components(edges));
-        let sql_secs = started.elapsed().as_secs_f64();
-
-        // Same grouping: a node's SQL label (or itself) maps one-to-one onto its component.
-        let mut forward: HashMap<i64, Node> = HashMap::new();
-        let mut backward: HashMap<Node, i64> = HashMap::new();
-        for n in 0..plain.len() as Node {
-            let l = *label.get(&(n as i64)).unwrap_or(&(n as i64));
-            let c = plain.component(n).unwrap();
-            assert_eq!(*forward.entry(l).or_insert(c), c, "SQL and union-find disagree");
-            assert_eq!(*backward.entry(c).or_insert(l), l, "SQL and union-find disagree");
-        }
-
-        let rate = rows as f64 / secs;
-        let speedup = sql_secs / secs;
-        println!("| {rows} | {distinct} | {identifiers} | {secs:.2} | {rate:.0} | {per_id:.0} | {sql_secs:.2} | {rounds} | {speedup:.1}x |");
-        csv.push(format!("{rows},{distinct},{identifiers},{secs:.3},{rate:.0},{per_id:.0},{sql_secs:.3},{rounds},{speedup:.2}"));
+    // Same grouping: a node's SQL label (or itself) maps one-to-one onto its component.
+    let prefix = |n: Node| match free.types[plain.kind(n) as usize].name.as_str() {
+        "user_id" => "u",
+        "email" => "e",
+        "phone" => "p",
+        _ => "a",
+    };
+    let mut forward: HashMap<String, Node> = HashMap::new();
+    let mut backward: HashMap<Node, String> = HashMap::new();
+    for n in 0..plain.len() as Node {
+        let key = format!("{}:{}", prefix(n), plain.value(n));
+        let l = label.get(&key).cloned().unwrap_or(key);
+        let c = plain.component(n).unwrap();
+        assert_eq!(
+            *forward.entry(l.clone()).or_insert(c),
+            c,
+            "SQL and union-find disagree"
+        );
+        assert_eq!(
+            *backward.entry(c).or_insert(l.clone()),
+            l,
+            "SQL and union-find disagree"
+        );
     }
-    std::fs::write(root.join("identity.csv"), csv.join("\n") + "\n").unwrap();
+    let rate = rows as f64 / secs;
+    let speedup = sql_secs / secs;
+    println!("{rows},{distinct},{identifiers},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
 }

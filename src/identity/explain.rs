@@ -141,7 +141,7 @@ pub fn parse_spec(rules: &Rules, spec: &str) -> Result<(Identifier, Option<Reaso
         )));
     };
     let (value, dropped) = match rules.clean(t, raw) {
-        Ok(v) => (v, None),
+        Ok(v) => (v.into_owned(), None),
         Err(reason) => (raw.trim().to_lowercase(), Some(reason)),
     };
     Ok((

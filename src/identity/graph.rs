@@ -5,6 +5,7 @@
 //! components, accepted links and refusals. Grouping never depends on the order rows arrive in:
 //! links are sorted by (seen_at, then the identifiers' types and values) before they are applied.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::hash::BuildHasher;
@@ -60,8 +61,8 @@ impl Rules {
                     .iter()
                     .map(|v| {
                         normalize(id.normalize, v, &country)
-                            .unwrap_or_else(|_| v.clone())
-                            .to_lowercase()
+                            .map(|n| n.to_lowercase())
+                            .unwrap_or_else(|_| v.to_lowercase())
                     })
                     .collect(),
                 max_links: id.max_links.map(|l| l.min(u32::MAX as u64) as u32),
@@ -79,14 +80,21 @@ impl Rules {
     }
 
     /// Normalises a value of type `t`, or says why it is dropped (blocklisted included).
-    pub fn clean(&self, t: u8, raw: &str) -> Result<String, Reason> {
+    pub fn clean<'a>(&self, t: u8, raw: &'a str) -> Result<Cow<'a, str>, Reason> {
         let rule = &self.types[t as usize];
         let value = normalize(rule.normalize, raw, &self.country).map_err(|d| match d {
             Dropped::Empty => Reason::Empty,
             Dropped::Invalid => Reason::Invalid,
         })?;
-        if !rule.blocklist.is_empty() && rule.blocklist.contains(&value.to_lowercase()) {
-            return Err(Reason::Blocklisted);
+        if !rule.blocklist.is_empty() {
+            let blocked = if value.chars().any(char::is_uppercase) {
+                rule.blocklist.contains(&value.to_lowercase())
+            } else {
+                rule.blocklist.contains(value.as_ref())
+            };
+            if blocked {
+                return Err(Reason::Blocklisted);
+            }
         }
         Ok(value)
     }
@@ -240,6 +248,59 @@ pub struct Resolver {
     last_seen: Vec<i64>,
     links: Vec<Link>,
     dropped: Vec<Refusal>,
+    repeat: LastRow,
+}
+
+/// The previous row, kept to recognise a repeat without normalising or hashing.
+#[derive(Default)]
+struct LastRow {
+    values: Vec<(u8, String)>,
+    query: u16,
+    nodes: Vec<Node>,
+    seen_at: i64,
+    dropped: bool,
+    valid: bool,
+}
+
+impl LastRow {
+    fn matches(&self, row: &[(u8, &str)], query: u16) -> bool {
+        self.valid
+            && self.query == query
+            && self.values.len() == row.len()
+            && self
+                .values
+                .iter()
+                .zip(row)
+                .all(|((a, x), (b, y))| a == b && x == y)
+    }
+
+    fn remember(
+        &mut self,
+        row: &[(u8, &str)],
+        query: u16,
+        nodes: &[Node],
+        seen_at: i64,
+        dropped: bool,
+    ) {
+        // Reuse the buffers: no allocation once they have grown to a row's size.
+        self.values.truncate(row.len());
+        for (i, (t, v)) in row.iter().enumerate() {
+            match self.values.get_mut(i) {
+                Some(slot) => {
+                    slot.0 = *t;
+                    slot.1.clear();
+                    slot.1.push_str(v);
+                }
+                None => self.values.push((*t, v.to_string())),
+            }
+        }
+        self.query = query;
+        self.nodes.clear();
+        self.nodes.extend_from_slice(nodes);
+        self.seen_at = seen_at;
+        self.dropped = dropped;
+        self.valid = true;
+    }
 }
 
 impl Resolver {
@@ -252,6 +313,7 @@ impl Resolver {
             last_seen: Vec::new(),
             links: Vec::new(),
             dropped: Vec::new(),
+            repeat: LastRow::default(),
         }
     }
 
@@ -266,10 +328,29 @@ impl Resolver {
     /// identifiers go to `nodes`, highest priority first.
     pub fn add_row(&mut self, row: &[(u8, &str)], seen_at: i64, query: u16, nodes: &mut Vec<Node>) {
         nodes.clear();
-        let mut order: Vec<(u8, &str)> = row.to_vec();
-        order.sort_by_key(|(t, _)| *t);
+        // Rows of one session often repeat the same identifiers (every page view carries the
+        // device id): reuse the last row's nodes instead of normalising and hashing again.
+        if self.repeat.matches(row, query) {
+            nodes.extend_from_slice(&self.repeat.nodes);
+            for &n in nodes.iter() {
+                self.touch(n, seen_at);
+            }
+            if seen_at >= self.repeat.seen_at && !self.repeat.dropped {
+                // Its links and refusals are already recorded with an earlier or equal time.
+                return;
+            }
+        }
+        let sorted = row.windows(2).all(|w| w[0].0 < w[1].0);
+        let mut order: Vec<(u8, &str)>;
+        let row = if sorted {
+            row
+        } else {
+            order = row.to_vec();
+            order.sort_by_key(|(t, _)| *t);
+            &order
+        };
         let mut dropped: Vec<(u8, String, Reason)> = Vec::new();
-        for (t, raw) in order {
+        for &(t, raw) in row {
             match self.rules.clean(t, raw) {
                 Ok(value) => {
                     let n = self.ids.intern(t, &value);
@@ -277,15 +358,7 @@ impl Resolver {
                         self.first_seen.push(seen_at);
                         self.last_seen.push(seen_at);
                     } else {
-                        let i = n as usize;
-                        self.first_seen[i] = self.first_seen[i].min(seen_at);
-                        self.last_seen[i] = if self.last_seen[i] == NO_TIME {
-                            seen_at
-                        } else if seen_at == NO_TIME {
-                            self.last_seen[i]
-                        } else {
-                            self.last_seen[i].max(seen_at)
-                        };
+                        self.touch(n, seen_at);
                     }
                     if !nodes.contains(&n) {
                         nodes.push(n);
@@ -301,6 +374,8 @@ impl Resolver {
                 }
             }
         }
+        self.repeat
+            .remember(row, query, nodes, seen_at, !dropped.is_empty());
         let Some(&top) = nodes.first() else { return };
         for &low in &nodes[1..] {
             self.links.push(Link {
@@ -321,6 +396,15 @@ impl Resolver {
         }
     }
 
+    /// Widens an identifier's first/last seen to include `seen_at`.
+    fn touch(&mut self, n: Node, seen_at: i64) {
+        let i = n as usize;
+        self.first_seen[i] = self.first_seen[i].min(seen_at);
+        if seen_at != NO_TIME && (self.last_seen[i] == NO_TIME || seen_at > self.last_seen[i]) {
+            self.last_seen[i] = seen_at;
+        }
+    }
+
     /// Applies the rules to every link and returns the resolved graph.
     pub fn resolve(self) -> Resolution {
         let Resolver {
@@ -330,6 +414,7 @@ impl Resolver {
             last_seen,
             mut links,
             dropped,
+            ..
         } = self;
         let n = ids.len();
 
@@ -435,6 +520,7 @@ impl Resolver {
 impl Rules {
     fn clean_for_display(&self, t: u8, raw: &str) -> String {
         normalize(self.types[t as usize].normalize, raw, &self.country)
+            .map(Cow::into_owned)
             .unwrap_or_else(|_| raw.to_string())
     }
 }

@@ -274,12 +274,14 @@ where
     F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
 {
     let schema = df.schema().as_arrow().clone();
-    let id_columns: Vec<(usize, u8)> = schema
+    // In priority order, so every row reaches the resolver already sorted.
+    let mut id_columns: Vec<(usize, u8)> = schema
         .fields()
         .iter()
         .enumerate()
         .filter_map(|(i, f)| rules.type_index(f.name()).map(|t| (i, t)))
         .collect();
+    id_columns.sort_by_key(|(_, t)| *t);
     let seen_col = schema.index_of(SEEN_AT).ok();
     let message_col = schema.index_of(MESSAGE_ID).ok();
     let mut stream = df

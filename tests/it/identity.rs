@@ -288,7 +288,10 @@ async fn events_seen_by_later_sql_carry_profile_id() {
     assert!(text.contains(&format!("| m1         | {ann} |")), "{text}");
     assert!(text.contains(&format!("| m2         | {ann} |")), "{text}");
     assert!(text.contains(&format!("| m3         | {zero} |")), "{text}");
-    assert!(text.contains("| m4         |                    |"), "{text}");
+    assert!(
+        text.contains("| m4         |                    |"),
+        "{text}"
+    );
 }
 
 #[test]

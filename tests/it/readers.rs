@@ -54,7 +54,14 @@ fn outputs_read_back_in_python_with_the_promised_types() {
     let seen = read_with_python(
         &python,
         out.to_str().unwrap(),
-        &["rejected_events", "runs", "identity_graph", "identity_links", "identity_conflicts", "profile_merges"],
+        &[
+            "rejected_events",
+            "runs",
+            "identity_graph",
+            "identity_links",
+            "identity_conflicts",
+            "profile_merges",
+        ],
     );
 
     assert_plain_types(
@@ -69,11 +76,45 @@ fn outputs_read_back_in_python_with_the_promised_types() {
         &["run_id", "status", "tables"],
         &["started_at", "finished_at"],
     );
-    assert_plain_types(&seen, "identity_graph", &["identifier_type", "identifier_value", "profile_id"], &["first_seen", "last_seen"]);
-    assert_plain_types(&seen, "identity_links", &["identifier_type", "identifier_value", "linked_type", "linked_value", "profile_id", "query"], &["seen_at"]);
-    assert_plain_types(&seen, "identity_conflicts", &["identifier_type", "identifier_value", "other_type", "other_value", "reason"], &["seen_at"]);
-    assert_eq!(seen["identity_graph"]["rows"], report["identity"]["identifiers"]);
-    assert_eq!(seen["identity_links"]["rows"], report["identity"]["links_accepted"]);
+    assert_plain_types(
+        &seen,
+        "identity_graph",
+        &["identifier_type", "identifier_value", "profile_id"],
+        &["first_seen", "last_seen"],
+    );
+    assert_plain_types(
+        &seen,
+        "identity_links",
+        &[
+            "identifier_type",
+            "identifier_value",
+            "linked_type",
+            "linked_value",
+            "profile_id",
+            "query",
+        ],
+        &["seen_at"],
+    );
+    assert_plain_types(
+        &seen,
+        "identity_conflicts",
+        &[
+            "identifier_type",
+            "identifier_value",
+            "other_type",
+            "other_value",
+            "reason",
+        ],
+        &["seen_at"],
+    );
+    assert_eq!(
+        seen["identity_graph"]["rows"],
+        report["identity"]["identifiers"]
+    );
+    assert_eq!(
+        seen["identity_links"]["rows"],
+        report["identity"]["links_accepted"]
+    );
     assert_eq!(seen["profile_merges"]["rows"], 0);
     assert_eq!(seen["runs"]["rows"], 2);
     assert_eq!(seen["runs"]["arrow_types"]["events"], "int64");
@@ -103,7 +144,14 @@ async fn outputs_read_back_in_datafusion_with_the_promised_types() {
     let found = engine.register_outputs().await.unwrap();
     assert_eq!(
         found,
-        ["rejected_events", "identity_graph", "identity_links", "identity_conflicts", "profile_merges", "runs"]
+        [
+            "rejected_events",
+            "identity_graph",
+            "identity_links",
+            "identity_conflicts",
+            "profile_merges",
+            "runs"
+        ]
     );
     let df = engine
         .ctx
