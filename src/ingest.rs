@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::functions::string::expr_fn::btrim;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{cast, lit, not, when, Expr, ExprFunctionExt, LogicalPlan, Union};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
@@ -451,7 +451,7 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
                 .map(|f| f.as_ref().clone())
                 .collect();
             fields.push(Field::new(SOURCE, DataType::Utf8, false));
-            let empty = arrow::record_batch::RecordBatch::new_empty(Arc::new(Schema::new(fields)));
+            let empty = RecordBatch::new_empty(Arc::new(Schema::new(fields)));
             return Ok(ctx.read_batch(empty)?);
         }
         1 => Arc::unwrap_or_clone(plans.pop().expect("one plan")),
@@ -487,20 +487,36 @@ fn reject_reason() -> Result<Expr> {
     Ok(reason.otherwise(lit(ScalarValue::Utf8(None)))?)
 }
 
-/// The plans of one ingest: what to keep and what to quarantine.
+/// One ingest: what to keep and what to quarantine.
 pub struct Ingested {
     /// The files read and skipped.
     pub inventory: Inventory,
     /// `events`: rows that passed, one per message_id.
     pub events: DataFrame,
-    /// Rows that passed, before deduplication.
-    pub valid: DataFrame,
     /// `rejected_events`: the event's columns, `reason`, `source_file`.
     pub rejected: DataFrame,
+    /// Rows that passed the checks, copies included.
+    pub valid_rows: u64,
+    /// Rows of `events` (distinct message_ids among the rows that passed).
+    pub event_rows: u64,
 }
 
-/// Builds the ingest plans over the files in `inventory` (nothing runs yet).
+/// The 64-bit hash used to find message_ids that may repeat.
+fn id_hash() -> foldhash::fast::FixedState {
+    foldhash::fast::FixedState::with_seed(0x5eed_d0d0)
+}
+
+/// Checks rows and removes copies of a message_id; runs two passes, the second over copies only.
+///
+/// Pass one streams every passing row's message_id into a set of 64-bit hashes; an id whose
+/// hash was seen before is a candidate copy. Pass two collects the candidates' rows (a small
+/// share of real data: redeliveries) and keeps one per message_id exactly, by comparing ids
+/// themselves, so a hash collision costs a little work and never an event. `events` is then
+/// the rows that are surely unique, plus that small deduplicated remainder, without sorting or
+/// windowing the whole table on every read.
 pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested> {
+    use std::hash::BuildHasher;
+
     let all = scan_all(ctx, &inventory).await?;
     let checked = all.with_column(REASON, reject_reason()?)?;
     let event_columns: Vec<Expr> = inventory
@@ -517,10 +533,77 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         .clone()
         .filter(ident(REASON).is_not_null())?
         .select(rejected_columns)?;
-
     let valid = checked.filter(ident(REASON).is_null())?;
-    // Copies of one message_id: keep the one received first (as Segment and Snowplow do);
-    // exact redeliveries are identical, so any tie-break among them gives the same row.
+
+    // Pass one: which message_ids may occur more than once.
+    let hasher = id_hash();
+    let mut seen: hashbrown::HashSet<u64, foldhash::fast::FixedState> =
+        hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
+    let mut repeated: hashbrown::HashSet<u64, foldhash::fast::FixedState> =
+        hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
+    let mut valid_rows = 0u64;
+    let mut stream = valid
+        .clone()
+        .select(vec![ident(event::MESSAGE_ID)])?
+        .execute_stream()
+        .await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let ids = batch.column(0).as_string::<i32>();
+        valid_rows += batch.num_rows() as u64;
+        for id in ids.iter().flatten() {
+            let h = hasher.hash_one(id);
+            if !seen.insert(h) {
+                repeated.insert(h);
+            }
+        }
+    }
+    drop(seen);
+
+    let unique = valid.clone().select(event_columns.clone())?;
+    if repeated.is_empty() {
+        return Ok(Ingested {
+            inventory,
+            events: unique,
+            rejected,
+            valid_rows,
+            event_rows: valid_rows,
+        });
+    }
+
+    // Pass two: the candidates' rows, deduplicated exactly. Copies of one message_id keep the
+    // one received first (as Segment and Snowplow do); exact redeliveries are identical, so any
+    // tie-break among them gives the same row.
+    let repeated = Arc::new(repeated);
+    let candidate = {
+        let repeated = repeated.clone();
+        datafusion::logical_expr::create_udf(
+            "__tessera_repeated_id",
+            vec![DataType::Utf8],
+            DataType::Boolean,
+            datafusion::logical_expr::Volatility::Immutable,
+            Arc::new(move |args: &[datafusion::logical_expr::ColumnarValue]| {
+                let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
+                let ids = arrays[0].as_string::<i32>();
+                let hasher = id_hash();
+                let out: arrow::array::BooleanArray = ids
+                    .iter()
+                    .map(|v| Some(v.is_some_and(|id| repeated.contains(&hasher.hash_one(id)))))
+                    .collect();
+                Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+                    out,
+                )))
+            }),
+        )
+    };
+    let is_candidate = candidate.call(vec![ident(event::MESSAGE_ID)]);
+    let copies = valid
+        .clone()
+        .filter(is_candidate.clone())?
+        .collect()
+        .await?;
+    let candidate_rows: u64 = copies.iter().map(|b| b.num_rows() as u64).sum();
+    let copies = ctx.read_batches(copies)?;
     let copy_number = row_number()
         .partition_by(vec![ident(event::MESSAGE_ID)])
         .order_by(vec![
@@ -530,45 +613,30 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         ])
         .build()?
         .alias(COPY);
-    let events = valid
-        .clone()
+    let kept = copies
         .window(vec![copy_number])?
         .filter(ident(COPY).eq(lit(1u64)))?
-        .select(event_columns.clone())?;
-    let valid = valid.select(event_columns)?;
+        .select(event_columns.clone())?
+        .collect()
+        .await?;
+    let kept_rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
+    let schema = unique.schema().as_arrow().clone();
+    let kept = ctx.read_batches(if kept.is_empty() {
+        vec![RecordBatch::new_empty(Arc::new(schema))]
+    } else {
+        kept
+    })?;
+    let events = valid
+        .filter(not(is_candidate))?
+        .select(event_columns)?
+        .union(kept)?;
     Ok(Ingested {
         inventory,
         events,
-        valid,
         rejected,
+        valid_rows,
+        event_rows: valid_rows - candidate_rows + kept_rows,
     })
-}
-
-/// Counts of rows that passed the checks and of distinct message_ids among them.
-pub async fn count_valid(valid: &DataFrame) -> Result<(u64, u64)> {
-    let batches = valid
-        .clone()
-        .aggregate(
-            vec![],
-            vec![
-                count(lit(1)).alias("rows"),
-                count_distinct(ident(event::MESSAGE_ID)).alias("ids"),
-            ],
-        )?
-        .collect()
-        .await?;
-    let get = |i: usize| -> u64 {
-        batches
-            .first()
-            .and_then(|b| {
-                b.column(i)
-                    .as_any()
-                    .downcast_ref::<arrow::array::Int64Array>()
-                    .map(|a| a.value(0) as u64)
-            })
-            .unwrap_or(0)
-    };
-    Ok((get(0), get(1)))
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub async fn run_on(
 async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> Result<()> {
     // Ingest: find files, check them, plan the events table.
     let started = Instant::now();
-    let bar = progress.bar("reading event file footers", 0);
+    let bar = progress.bar("checking event files", 0);
     let on_file = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
@@ -102,7 +102,7 @@ async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> 
     );
     report
         .timings_ms
-        .push(("discover".into(), elapsed_ms(started)));
+        .push(("ingest".into(), elapsed_ms(started)));
 
     let started = Instant::now();
     let spinner = progress.spinner("quarantining rejected events");
@@ -124,15 +124,9 @@ async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> 
         .timings_ms
         .push(("rejected_events".into(), elapsed_ms(started)));
 
-    let started = Instant::now();
-    let spinner = progress.spinner("checking and deduplicating events");
-    let (valid, distinct) = crate::ingest::count_valid(&ingested.valid).await?;
-    spinner.finish_and_clear();
-    report.events = distinct;
-    report.rows_duplicate = valid - distinct;
-    report
-        .timings_ms
-        .push(("events".into(), elapsed_ms(started)));
+    let valid = ingested.valid_rows;
+    report.events = ingested.event_rows;
+    report.rows_duplicate = valid - ingested.event_rows;
     if report.rows_read != valid + report.rows_rejected {
         tracing::warn!(
             read = report.rows_read,
