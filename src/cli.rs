@@ -170,7 +170,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         }
         Command::Query { sql, format } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            engine.ingest(&|_, _| {}).await?;
+            engine.ingest_skipping_corrupt().await?;
             engine.register_outputs().await?;
             let df = engine.query(&sql, "<query>").await?;
             let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
@@ -331,7 +331,11 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
     let project = Project::load(project_dir)?;
     let engine = Engine::open(project).await?;
     let mut findings = Findings::default();
-    match engine.ingest(&|_, _| {}).await {
+    // A full read of every file: validate is where a file with corrupt rows should show up.
+    let corrupt = crate::ingest::find_corrupt(&engine.events)
+        .await
+        .unwrap_or_default();
+    match engine.ingest(&corrupt, &|_, _| {}).await {
         Ok(ingested) => {
             findings.event_files = ingested.inventory.files.len();
             for skipped in &ingested.inventory.skipped {

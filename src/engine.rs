@@ -80,12 +80,33 @@ impl Engine {
     }
 
     /// Finds and checks event files, plans ingest and registers `events`.
-    pub async fn ingest(&self, on_file: &(dyn Fn(u64, u64) + Sync)) -> Result<Ingested> {
-        let inventory = ingest::discover(&self.events, on_file).await?;
+    ///
+    /// Files in `known_bad` are skipped with their reason (see [`ingest::find_corrupt`]).
+    pub async fn ingest(
+        &self,
+        known_bad: &[ingest::SkippedFile],
+        on_file: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Ingested> {
+        let inventory = ingest::discover(&self.events, known_bad, on_file).await?;
         let ingested = ingest::plan(&self.ctx, inventory).await?;
+        self.ctx.deregister_table(tables::EVENTS)?;
         self.ctx
             .register_table(tables::EVENTS, ingested.events.clone().into_view())?;
         Ok(ingested)
+    }
+
+    /// [`Engine::ingest`], and when it fails, once more without the files whose rows are corrupt.
+    pub async fn ingest_skipping_corrupt(&self) -> Result<Ingested> {
+        match self.ingest(&[], &|_, _| {}).await {
+            Ok(ingested) => Ok(ingested),
+            Err(e) => {
+                let corrupt = ingest::find_corrupt(&self.events).await.unwrap_or_default();
+                if corrupt.is_empty() {
+                    return Err(e);
+                }
+                self.ingest(&corrupt, &|_, _| {}).await
+            }
+        }
     }
 
     /// Registers the output tables that exist, so SQL can read them.

@@ -118,7 +118,13 @@ impl Inventory {
 /// Lists the Parquet files under `place`, reads each footer and checks each schema.
 ///
 /// `on_file` is called once per file examined (for progress).
-pub async fn discover(place: &Place, on_file: &(dyn Fn(u64, u64) + Sync)) -> Result<Inventory> {
+///
+/// Files listed in `known_bad` (found corrupt by [`find_corrupt`]) are skipped with their reason.
+pub async fn discover(
+    place: &Place,
+    known_bad: &[SkippedFile],
+    on_file: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Inventory> {
     if let Location::Local(dir) = &place.location {
         if !dir.exists() {
             return Err(Error::Location {
@@ -162,6 +168,10 @@ pub async fn discover(place: &Place, on_file: &(dyn Fn(u64, u64) + Sync)) -> Res
 
     for (meta, footer) in footers {
         let url = object_url(place, &meta.location);
+        if let Some(bad) = known_bad.iter().find(|b| b.file == url) {
+            skipped.push(bad.clone());
+            continue;
+        }
         let (schema, rows) = match footer {
             Ok(found) => found,
             Err(reason) => {
@@ -223,6 +233,49 @@ pub async fn discover(place: &Place, on_file: &(dyn Fn(u64, u64) + Sync)) -> Res
         skipped,
         schema: Arc::new(Schema::new(fields)),
     })
+}
+
+/// Decodes every row of every event file and returns the files that fail.
+///
+/// A file can have a sound footer and corrupt pages; that only shows when a scan reads them,
+/// and it fails the whole scan. A run that fails calls this, skips what it finds, and tries
+/// once more, so one bad file never takes a run down.
+pub async fn find_corrupt(place: &Place) -> Result<Vec<SkippedFile>> {
+    use parquet::arrow::ParquetRecordBatchStreamBuilder;
+    let inventory = discover(place, &[], &|_, _| {}).await?;
+    let checks = inventory.files.iter().map(|file| {
+        let store = place.store.clone();
+        async move {
+            #[allow(deprecated)]
+            let reader =
+                ParquetObjectReader::new(store, file.path.clone()).with_file_size(file.size);
+            let decode = async move {
+                let mut stream = ParquetRecordBatchStreamBuilder::new(reader)
+                    .await?
+                    .build()?;
+                while let Some(batch) = stream.next().await {
+                    batch?;
+                }
+                Ok::<(), parquet::errors::ParquetError>(())
+            };
+            let reason = match AssertUnwindSafe(decode).catch_unwind().await {
+                Ok(Ok(())) => return None,
+                Ok(Err(e)) => format!(
+                    "corrupt data ({e}): the footer reads but the rows do not; land the file again"
+                ),
+                Err(_) => {
+                    "corrupt data: the Parquet reader crashed on its rows; land the file again"
+                        .to_string()
+                }
+            };
+            Some(SkippedFile {
+                file: file.url.clone(),
+                reason,
+            })
+        }
+    });
+    let found: Vec<Option<SkippedFile>> = futures::stream::iter(checks).buffered(4).collect().await;
+    Ok(found.into_iter().flatten().collect())
 }
 
 /// Event files are `*.parquet`; names starting with `_` or `.` (markers, temp files) are not.

@@ -49,7 +49,22 @@ pub async fn run_on(
 ) -> Result<RunReport> {
     let mut report = RunReport::start(&engine.project.config.project.name);
     tracing::info!(run_id = %report.run_id, full = options.full, "run started");
-    let outcome = stages(engine, &mut report, progress).await;
+    let mut outcome = stages(engine, &mut report, progress, &[]).await;
+    if outcome.is_err() {
+        // A file with a sound footer and corrupt pages fails the scan that reads it: find such
+        // files, skip them, and run once more. With none found, the first error stands.
+        let corrupt = crate::ingest::find_corrupt(&engine.events)
+            .await
+            .unwrap_or_default();
+        if !corrupt.is_empty() {
+            for bad in &corrupt {
+                tracing::warn!(file = %bad.file, reason = %bad.reason, "skipping corrupt event file");
+            }
+            report.tables.clear();
+            report.timings_ms.clear();
+            outcome = stages(engine, &mut report, progress, &corrupt).await;
+        }
+    }
     report.finished_at = Utc::now();
     report.status = match &outcome {
         Ok(()) => RunStatus::Succeeded,
@@ -79,7 +94,12 @@ pub async fn run_on(
     }
 }
 
-async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> Result<()> {
+async fn stages(
+    engine: &Engine,
+    report: &mut RunReport,
+    progress: Progress,
+    known_bad: &[crate::ingest::SkippedFile],
+) -> Result<()> {
     // Ingest: find files, check them, plan the events table.
     let started = Instant::now();
     let bar = progress.bar("checking event files", 0);
@@ -87,7 +107,7 @@ async fn stages(engine: &Engine, report: &mut RunReport, progress: Progress) -> 
         bar.set_length(total);
         bar.set_position(done);
     };
-    let ingested = engine.ingest(&on_file).await?;
+    let ingested = engine.ingest(known_bad, &on_file).await?;
     bar.finish_and_clear();
     let inventory = &ingested.inventory;
     report.input_files = inventory.files.iter().map(|f| f.url.clone()).collect();

@@ -334,3 +334,47 @@ fn a_missing_events_folder_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_file_with_a_sound_footer_and_corrupt_pages_is_skipped_not_fatal() {
+    let p = TempProject::local();
+    write_parquet(
+        &p.events().join("a.parquet"),
+        &[events_batch(&[Ev::track("a-1", T0)])],
+    );
+    // Many distinct rows so data pages, not the footer, make up most of the file.
+    let ids: Vec<&'static str> = (0..3000)
+        .map(|i| &*Box::leak(format!("b-{i:05}-{}", "x".repeat(40)).into_boxed_str()))
+        .collect();
+    let rows: Vec<Ev> = ids.iter().map(|id| Ev::track(id, T0)).collect();
+    let path = p.events().join("b.parquet");
+    write_parquet(&path, &[events_batch(&rows)]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 8000, "{}", bytes.len());
+    for b in &mut bytes[64..4064] {
+        *b = b.wrapping_mul(7).wrapping_add(13);
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let report = p.run_json();
+    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["events"], 1);
+    let skipped = report["skipped_files"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert!(skipped[0]["file"].as_str().unwrap().ends_with("/b.parquet"));
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt data"),
+        "{report}"
+    );
+    // `query` and `validate` get past it too.
+    assert_eq!(
+        p.query("SELECT count(*) AS n FROM events"),
+        vec![serde_json::json!({"n": 1})]
+    );
+    let out = run(&mut p.cmd(&["validate"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("b.parquet") && stdout(&out).contains("corrupt data"));
+}
