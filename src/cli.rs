@@ -170,8 +170,20 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         }
         Command::Query { sql, format } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            engine.ingest_skipping_corrupt().await?;
+            let ingested = engine.ingest_skipping_corrupt().await?;
             engine.register_outputs().await?;
+            // Looking up every event's profile costs a pass over events: only when asked for.
+            if sql.to_lowercase().contains("profile_id") {
+                let events = ingested.events.clone();
+                if let Some(resolved) =
+                    crate::identity::events_with_published_profiles(&engine, events).await?
+                {
+                    engine.ctx.deregister_table(crate::tables::EVENTS)?;
+                    engine
+                        .ctx
+                        .register_table(crate::tables::EVENTS, resolved.into_view())?;
+                }
+            }
             let df = engine.query(&sql, "<query>").await?;
             let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
             let format = if cli.json { Format::Json } else { format };

@@ -162,15 +162,34 @@ impl Outputs {
         Ok(Committed { version, rows })
     }
 
+    /// The current version of table `name` as a provider `ctx` can scan; `None` when absent.
+    pub async fn provider(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        let Some(table) = self.open(name).await? else {
+            return Ok(None);
+        };
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| Error::delta(name, e))?;
+        Ok(Some(table.table_provider().await?))
+    }
+
+    /// The current version of table `name` as a DataFrame; `None` when absent.
+    pub async fn read(&self, ctx: &SessionContext, name: &str) -> Result<Option<DataFrame>> {
+        match self.provider(ctx, name).await? {
+            Some(provider) => Ok(Some(ctx.read_table(provider)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Registers every table in `names` that exists with `ctx`; returns those registered.
     pub async fn register(&self, ctx: &SessionContext, names: &[&str]) -> Result<Vec<String>> {
         let mut found = Vec::new();
         for name in names {
-            if let Some(table) = self.open(name).await? {
-                let provider = table.table_provider().await?;
-                table
-                    .update_datafusion_session(&ctx.state())
-                    .map_err(|e| Error::delta(*name, e))?;
+            if let Some(provider) = self.provider(ctx, name).await? {
                 ctx.register_table(*name, provider)?;
                 found.push(name.to_string());
             }

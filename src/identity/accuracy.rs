@@ -107,8 +107,8 @@ pub async fn measure(engine: &Engine, truth: &str) -> Result<Accuracy> {
         .await
         .map_err(|e| Error::Usage(format!("cannot read the truth at {truth}: {e}")))?;
     let open = |name: &'static str| async move {
-        match engine.outputs.open(name).await? {
-            Some(t) => Ok(engine.ctx.read_table(t.table_provider().await?)?),
+        match engine.outputs.read(&engine.ctx, name).await? {
+            Some(df) => Ok(df),
             None => Err(Error::Usage(format!(
                 "no {name} in {} yet; run `tessera run` first",
                 engine.outputs.place()

@@ -105,10 +105,7 @@ fn time_col(batch: &RecordBatch, i: usize, r: usize) -> Option<String> {
 }
 
 async fn table(engine: &Engine, name: &str) -> Result<Option<DataFrame>> {
-    let Some(t) = engine.outputs.open(name).await? else {
-        return Ok(None);
-    };
-    Ok(Some(engine.ctx.read_table(t.table_provider().await?)?))
+    engine.outputs.read(&engine.ctx, name).await
 }
 
 /// Casts named columns to plain types so rows can be read the same way from any version.

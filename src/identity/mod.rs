@@ -345,11 +345,14 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
         of_node: vec![u32::MAX; res.len()],
         anchor: Vec::new(),
     };
-    let Some(table) = engine.outputs.open(tables::IDENTITY_GRAPH).await? else {
+    let Some(graph) = engine
+        .outputs
+        .read(&engine.ctx, tables::IDENTITY_GRAPH)
+        .await?
+    else {
         return Ok(prev);
     };
-    let provider = table.table_provider().await?;
-    let df = engine.ctx.read_table(provider)?.select(vec![
+    let df = graph.select(vec![
         cast(col("identifier_type"), DataType::Utf8).alias("t"),
         cast(col("identifier_value"), DataType::Utf8).alias("v"),
         cast(col("profile_id"), DataType::Utf8).alias("p"),
@@ -735,4 +738,145 @@ pub fn resolved_events(
     Ok(events
         .join(mapping, JoinType::Left, &[MESSAGE_ID], &[EP_MESSAGE], None)?
         .select(columns)?)
+}
+
+/// `events` with `profile_id` looked up in the published `identity_graph`, for SQL run outside
+/// a run (`tessera query`). Each event's identifiers come from the identity queries exactly as
+/// in a run, so an event gets the profile a run would give it. `None` before the first run.
+pub async fn events_with_published_profiles(
+    engine: &Engine,
+    events: DataFrame,
+) -> Result<Option<DataFrame>> {
+    let Some(graph) = engine
+        .outputs
+        .read(&engine.ctx, tables::IDENTITY_GRAPH)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let rules = Rules::from_config(&engine.project.config.identity);
+    let graph = graph.select(vec![
+        cast(col("identifier_type"), DataType::Utf8).alias("t"),
+        cast(col("identifier_value"), DataType::Utf8).alias("v"),
+        cast(col("profile_id"), DataType::Utf8).alias("p"),
+    ])?;
+    let mut profiles: Vec<String> = Vec::new();
+    let mut profile_index: HashMap<String, u32> = HashMap::new();
+    let mut of_identifier: HashMap<(u8, String), u32> = HashMap::new();
+    let mut stream = graph.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let (t, v, p) = (
+            batch.column(0).as_string::<i32>(),
+            batch.column(1).as_string::<i32>(),
+            batch.column(2).as_string::<i32>(),
+        );
+        for r in 0..batch.num_rows() {
+            let Some(ty) = (t.is_valid(r))
+                .then(|| rules.type_index(t.value(r)))
+                .flatten()
+            else {
+                continue;
+            };
+            if v.is_null(r) || p.is_null(r) {
+                continue;
+            }
+            let k = *profile_index
+                .entry(p.value(r).to_string())
+                .or_insert_with(|| {
+                    profiles.push(p.value(r).to_string());
+                    (profiles.len() - 1) as u32
+                });
+            of_identifier.insert((ty, v.value(r).to_string()), k);
+        }
+    }
+
+    let mut out = MappingBuilder::default();
+    let mut sources = 0;
+    let queries = load_queries(engine)?;
+    let lookup = |row: &[(u8, &str)]| -> Option<(u32, u8)> {
+        let mut sorted = row.to_vec();
+        sorted.sort_by_key(|(t, _)| *t);
+        sorted.into_iter().find_map(|(t, raw)| {
+            let v = rules.clean(t, raw).ok()?;
+            of_identifier.get(&(t, v.into_owned())).map(|k| (*k, t))
+        })
+    };
+    for query in &queries {
+        let df = link_frame(engine, query, &rules).await?;
+        if !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
+            continue;
+        }
+        sources += 1;
+        read_rows(df, &query.file, &rules, |row, _, message_id, _| {
+            if let Some(m) = message_id {
+                out.push(
+                    m,
+                    lookup(row).map(|(k, t)| (profiles[k as usize].as_str(), t)),
+                );
+            }
+        })
+        .await?;
+    }
+    if sources == 0 {
+        if let Some(df) = own_identifier_frame(engine, &rules).await? {
+            sources = 1;
+            read_rows(df, "events", &rules, |row, _, message_id, _| {
+                if let Some(m) = message_id {
+                    out.push(
+                        m,
+                        lookup(row).map(|(k, t)| (profiles[k as usize].as_str(), t)),
+                    );
+                }
+            })
+            .await?;
+        }
+    }
+    Ok(Some(resolved_events(
+        engine,
+        events,
+        out.finish()?,
+        sources,
+    )?))
+}
+
+/// Builds message_id → profile_id batches.
+#[derive(Default)]
+struct MappingBuilder {
+    message: Option<StringBuilder>,
+    profile: Option<StringBuilder>,
+    rank: Vec<Option<u8>>,
+    batches: Vec<RecordBatch>,
+}
+
+impl MappingBuilder {
+    fn push(&mut self, message_id: &str, profile: Option<(&str, u8)>) {
+        self.message
+            .get_or_insert_with(StringBuilder::new)
+            .append_value(message_id);
+        self.profile
+            .get_or_insert_with(StringBuilder::new)
+            .append_option(profile.map(|p| p.0));
+        self.rank.push(profile.map(|p| p.1));
+        if self.rank.len() >= EventIds::CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if let (Some(mut m), Some(mut p)) = (self.message.take(), self.profile.take()) {
+            let rank = UInt8Array::from(std::mem::take(&mut self.rank));
+            let batch = RecordBatch::try_new(
+                event_profile_schema(),
+                vec![Arc::new(m.finish()), Arc::new(p.finish()), Arc::new(rank)],
+            )
+            .expect("the three columns get one value per push");
+            self.batches.push(batch);
+        }
+    }
+
+    fn finish(mut self) -> Result<Vec<RecordBatch>> {
+        self.flush();
+        Ok(self.batches)
+    }
 }

@@ -292,6 +292,18 @@ async fn events_seen_by_later_sql_carry_profile_id() {
         text.contains("| m4         |                    |"),
         "{text}"
     );
+
+    // `tessera query` after the run sees the same profile_id on events.
+    let rows = p.query("SELECT message_id, profile_id FROM events ORDER BY message_id");
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"message_id": "m1", "profile_id": ann}),
+            serde_json::json!({"message_id": "m2", "profile_id": ann}),
+            serde_json::json!({"message_id": "m3", "profile_id": zero}),
+            serde_json::json!({"message_id": "m4"}),
+        ]
+    );
 }
 
 #[test]
