@@ -190,10 +190,10 @@ pub fn is_json(text: &str) -> bool {
 /// DataFusion's `SQLOptions` refuse DDL, DML and `SET` while planning; this check runs first so
 /// the message names the file and the kind of statement, and also refuses `COPY`.
 pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<Statement> {
-    let dialect = ctx.state().config().options().sql_parser.dialect.clone();
+    let dialect = ctx.state().config().options().sql_parser.dialect;
     let mut statements = datafusion::sql::parser::DFParser::parse_sql_with_dialect(
         sql,
-        datafusion::sql::sqlparser::dialect::dialect_from_str(dialect.to_string())
+        datafusion::sql::sqlparser::dialect::dialect_from_str(dialect)
             .unwrap_or_else(|| Box::new(datafusion::sql::sqlparser::dialect::GenericDialect {}))
             .as_ref(),
     )

@@ -144,21 +144,20 @@ pub async fn discover(
     let total = metas.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
 
-    let footers: Vec<(ObjectMeta, std::result::Result<(SchemaRef, u64), String>)> =
-        futures::stream::iter(metas)
-            .map(|meta| {
-                let store = place.store.clone();
-                let done = &done;
-                async move {
-                    let footer = read_footer(store, &meta).await;
-                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    on_file(n, total);
-                    (meta, footer)
-                }
-            })
-            .buffered(FOOTER_CONCURRENCY)
-            .collect()
-            .await;
+    let footers: Vec<(ObjectMeta, Footer)> = futures::stream::iter(metas)
+        .map(|meta| {
+            let store = place.store.clone();
+            let done = &done;
+            async move {
+                let footer = read_footer(store, &meta).await;
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                on_file(n, total);
+                (meta, footer)
+            }
+        })
+        .buffered(FOOTER_CONCURRENCY)
+        .collect()
+        .await;
 
     let mut files = Vec::new();
     let mut skipped = Vec::new();
@@ -328,11 +327,11 @@ pub fn object_url(place: &Place, path: &ObjectPath) -> String {
     format!("{}{}", root.as_str(), path.as_ref())
 }
 
+/// A file's Arrow schema and row count, or why its footer cannot be read.
+type Footer = std::result::Result<(SchemaRef, u64), String>;
+
 /// Reads a file's footer: its Arrow schema and row count, or why it cannot be read.
-async fn read_footer(
-    store: Arc<dyn object_store::ObjectStore>,
-    meta: &ObjectMeta,
-) -> std::result::Result<(SchemaRef, u64), String> {
+async fn read_footer(store: Arc<dyn object_store::ObjectStore>, meta: &ObjectMeta) -> Footer {
     if meta.size == 0 {
         return Err("the file is empty (0 bytes); remove it or land it again".into());
     }

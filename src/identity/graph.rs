@@ -663,7 +663,10 @@ mod tests {
     use super::*;
     use crate::config::IdentifierConfig;
 
-    pub(crate) fn rules(spec: &[(&str, Normalize, Option<u64>, &[&str], Option<u64>)]) -> Rules {
+    /// (name, normaliser, limit, blocklist, max_links)
+    type Spec<'a> = (&'a str, Normalize, Option<u64>, &'a [&'a str], Option<u64>);
+
+    pub(crate) fn rules(spec: &[Spec]) -> Rules {
         let identifiers = spec
             .iter()
             .map(|(name, normalize, limit, block, max)| IdentifierConfig {

@@ -582,7 +582,8 @@ fn build_tables(
 
     // identity_conflicts
     let f = &res.refused;
-    let sides: Vec<((&str, String), (&str, String))> = f
+    type Named<'a> = (&'a str, String);
+    let sides: Vec<(Named, Named)> = f
         .iter()
         .map(|x| (res.side(&x.refused), res.side(&x.other)))
         .collect();

@@ -22,8 +22,7 @@ pub fn tessera() -> Command {
 
 /// Runs the binary and returns its output; panics with stderr when `expect_ok` and it failed.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("the tessera binary runs");
-    out
+    cmd.output().expect("the tessera binary runs")
 }
 
 /// stdout as text.

@@ -105,7 +105,7 @@ fn corrupt_truncated_and_conflicting_files_are_skipped_and_reported() {
     let p = TempProject::local();
     let good = events_batch(&[Ev::track("g-1", T0), Ev::track("g-2", T0 + 1)]);
     let good_path = p.events().join("a-good.parquet");
-    write_parquet(&good_path, &[good.clone()]);
+    write_parquet(&good_path, std::slice::from_ref(&good));
     let bytes = std::fs::read(&good_path).unwrap();
 
     std::fs::write(p.events().join("b-empty.parquet"), b"").unwrap();
