@@ -46,6 +46,10 @@ pub enum Command {
         /// Rebuild everything from all input.
         #[arg(long)]
         full: bool,
+        /// The time relative windows are measured from, as `as_of()` in SQL (RFC 3339 or
+        /// YYYY-MM-DD, UTC); default: now. Fix it to make a run reproducible.
+        #[arg(long, value_name = "TIME")]
+        as_of: Option<String>,
     },
     /// Run one SQL query over events, sources and the output tables.
     Query {
@@ -162,9 +166,10 @@ async fn main_inner(cli: Cli) -> Result<i32> {
     let progress = Progress::new(!cli.quiet && !cli.json);
     let project_dir = cli.project.clone();
     match cli.command {
-        Command::Run { full } => {
+        Command::Run { full, as_of } => {
             let project = Project::load(&project_dir)?;
-            let report = pipeline::run(project, &RunOptions { full }, progress).await?;
+            let as_of = as_of.as_deref().map(parse_as_of).transpose()?;
+            let report = pipeline::run(project, &RunOptions { full, as_of }, progress).await?;
             print_report(&report, cli.json);
             Ok(0)
         }
@@ -407,6 +412,19 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
         );
     }
     Ok(code)
+}
+
+/// `--as-of`: RFC 3339 (`2026-11-01T00:00:00Z`) or a date (midnight UTC).
+fn parse_as_of(text: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    Err(Error::Usage(format!(
+        "--as-of {text}: use RFC 3339 (2026-11-01T00:00:00Z) or a date (2026-11-01)"
+    )))
 }
 
 fn current_dir() -> Result<PathBuf> {

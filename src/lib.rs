@@ -8,13 +8,16 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod functions;
 pub mod generate;
 pub mod identity;
 pub mod ingest;
 pub mod output;
 pub mod pipeline;
+pub mod profiles;
 pub mod progress;
 pub mod runs;
+pub mod segments;
 pub mod storage;
 pub mod tables;
 

@@ -93,7 +93,9 @@ impl Outputs {
     /// The folder of table `name` when the output is local.
     fn local_dir(&self, name: &str) -> Option<std::path::PathBuf> {
         match &self.place.location {
-            crate::storage::Location::Local(dir) => Some(dir.join(name)),
+            crate::storage::Location::Local(dir) => {
+                Some(name.split('/').fold(dir.clone(), |d, p| d.join(p)))
+            }
             _ => None,
         }
     }
@@ -183,6 +185,24 @@ impl Outputs {
             Some(provider) => Ok(Some(ctx.read_table(provider)?)),
             None => Ok(None),
         }
+    }
+
+    /// The names of the segment tables under `<output>/segments/`.
+    pub async fn segment_names(&self) -> Result<Vec<String>> {
+        let folder = self.place.child(crate::tables::SEGMENTS);
+        let listing = match self.place.store.list_with_delimiter(Some(&folder)).await {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|n| crate::config::is_sql_name(n))
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     /// Registers every table in `names` that exists with `ctx`; returns those registered.

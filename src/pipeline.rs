@@ -29,6 +29,8 @@ pub struct RunOptions {
     /// Rebuild everything from all input. Every run is a full run until incremental input lands,
     /// so this is accepted now and changes nothing yet.
     pub full: bool,
+    /// The time relative windows in SQL are measured from (`as_of()`); default: the run's start.
+    pub as_of: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Runs the project's pipeline once and records the run in `runs`.
@@ -48,6 +50,9 @@ pub async fn run_on(
     progress: Progress,
 ) -> Result<RunReport> {
     let mut report = RunReport::start(&engine.project.config.project.name);
+    engine.ctx.register_udf(crate::functions::as_of(
+        options.as_of.unwrap_or(report.started_at),
+    ));
     tracing::info!(run_id = %report.run_id, full = options.full, "run started");
     let mut outcome = stages(engine, &mut report, progress, &[]).await;
     if outcome.is_err() {
@@ -163,10 +168,15 @@ async fn stages(
     report
         .timings_ms
         .push(("identity".into(), elapsed_ms(started)));
+    let graph_for_sql = identity.graph.clone();
     let started = Instant::now();
     spinner.set_message("writing identity tables");
     for (name, batch, mode) in [
-        (tables::IDENTITY_GRAPH, identity.graph, WriteMode::Replace),
+        (
+            tables::IDENTITY_GRAPH,
+            identity.graph.clone(),
+            WriteMode::Replace,
+        ),
         (tables::IDENTITY_LINKS, identity.links, WriteMode::Replace),
         (
             tables::IDENTITY_CONFLICTS,
@@ -193,6 +203,10 @@ async fn stages(
     engine
         .ctx
         .register_table(tables::EVENTS, resolved.into_view())?;
+    engine.ctx.deregister_table(tables::IDENTITY_GRAPH)?;
+    engine
+        .ctx
+        .register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
     report.events_without_profile = report
         .events
         .saturating_sub(identity.stats.events_with_profile);
@@ -204,7 +218,49 @@ async fn stages(
         merged = report.identity.profiles_merged,
         "identities resolved"
     );
+
+    // Profiles: identifiers, last-known traits, computed traits.
+    let started = Instant::now();
+    let spinner = progress.spinner("building profiles");
+    let profiles = crate::profiles::build(engine).await?;
+    let committed = write_batches(engine, tables::PROFILES, profiles).await?;
+    report.profiles_written = committed.rows;
+    report
+        .tables
+        .insert(tables::PROFILES.to_string(), committed);
+    spinner.finish_and_clear();
+    report
+        .timings_ms
+        .push(("profiles".into(), elapsed_ms(started)));
+
+    // Segments, each after the segments it reads.
+    let started = Instant::now();
+    crate::segments::ensure_schema(engine)?;
+    for segment in crate::segments::ordered(engine)? {
+        let spinner = progress.spinner(&format!("segment {}", segment.name));
+        let members = crate::segments::materialise(engine, &segment).await?;
+        let table = format!("{}/{}", tables::SEGMENTS, segment.name);
+        let committed = write_batches(engine, &table, members).await?;
+        report.tables.insert(table, committed);
+        spinner.finish_and_clear();
+    }
+    report
+        .timings_ms
+        .push(("segments".into(), elapsed_ms(started)));
     Ok(())
+}
+
+/// Replaces table `name` with `batches`.
+async fn write_batches(
+    engine: &Engine,
+    name: &str,
+    batches: Vec<arrow::array::RecordBatch>,
+) -> Result<crate::output::Committed> {
+    let df = engine.ctx.read_batches(batches)?;
+    engine
+        .outputs
+        .write(&engine.ctx, name, df, WriteMode::Replace)
+        .await
 }
 
 fn elapsed_ms(since: Instant) -> u64 {

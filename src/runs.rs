@@ -64,6 +64,8 @@ pub struct RunReport {
     pub identity: crate::identity::IdentityStats,
     /// Events no identifier tied to a profile (their `profile_id` is NULL).
     pub events_without_profile: u64,
+    /// Rows written to `profiles`.
+    pub profiles_written: u64,
     /// Each table committed by this run.
     pub tables: BTreeMap<String, Committed>,
     /// Wall time of each stage in milliseconds, in run order.
@@ -90,6 +92,7 @@ impl RunReport {
             events: 0,
             identity: Default::default(),
             events_without_profile: 0,
+            profiles_written: 0,
             tables: BTreeMap::new(),
             timings_ms: Vec::new(),
         }

@@ -194,9 +194,11 @@ impl Place {
         url
     }
 
-    /// The object path of a child (e.g. a table folder) of this place.
+    /// The object path of a child (e.g. a table folder, or `segments/high_value`) of this place.
     pub fn child(&self, name: &str) -> ObjectPath {
-        self.prefix.clone().join(name)
+        name.split('/')
+            .filter(|part| !part.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
     /// Registers the store with a DataFusion context so SQL and scans can read it.

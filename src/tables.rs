@@ -16,6 +16,13 @@ pub const IDENTITY_CONFLICTS: &str = "identity_conflicts";
 /// One row per profile merged into an older one.
 pub const PROFILE_MERGES: &str = "profile_merges";
 
+/// One row per profile.
+pub const PROFILES: &str = "profiles";
+/// Who entered and left each segment, run by run.
+pub const SEGMENT_CHANGES: &str = "segment_changes";
+/// The schema (and output folder) segments live in: `segments.<name>`.
+pub const SEGMENTS: &str = "segments";
+
 /// Table names a `[[sources]]` entry may not take.
 pub const RESERVED: &[&str] = &[
     EVENTS,
@@ -25,9 +32,9 @@ pub const RESERVED: &[&str] = &[
     IDENTITY_LINKS,
     IDENTITY_CONFLICTS,
     PROFILE_MERGES,
-    "profiles",
-    "segments",
-    "segment_changes",
+    PROFILES,
+    SEGMENTS,
+    SEGMENT_CHANGES,
 ];
 
 /// Output tables that `tessera query` registers when they exist.
@@ -37,6 +44,7 @@ pub const OUTPUT_TABLES: &[&str] = &[
     IDENTITY_LINKS,
     IDENTITY_CONFLICTS,
     PROFILE_MERGES,
+    PROFILES,
     RUNS,
 ];
 

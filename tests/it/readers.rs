@@ -61,8 +61,12 @@ fn outputs_read_back_in_python_with_the_promised_types() {
             "identity_links",
             "identity_conflicts",
             "profile_merges",
+            "profiles",
         ],
     );
+    assert_plain_types(&seen, "profiles", &["profile_id"], &["first_seen", "last_seen"]);
+    assert_eq!(seen["profiles"]["arrow_types"]["event_count"], "int64");
+    assert_eq!(seen["profiles"]["arrow_types"]["emails"], "list<item: string>");
 
     assert_plain_types(
         &seen,
@@ -150,6 +154,7 @@ async fn outputs_read_back_in_datafusion_with_the_promised_types() {
             "identity_links",
             "identity_conflicts",
             "profile_merges",
+            "profiles",
             "runs"
         ]
     );

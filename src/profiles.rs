@@ -1,0 +1,310 @@
+//! `profiles`: one row per profile — when it was first and last seen, how many events, every
+//! identifier it holds, its last-known identify traits, and the computed traits that
+//! `queries/traits/*.sql` add.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use datafusion::common::{Column, JoinType};
+use datafusion::dataframe::DataFrame;
+use datafusion::logical_expr::{cast, col, Expr};
+use futures::StreamExt;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::identity::graph::Rules;
+use crate::ingest::timestamp_type;
+use crate::tables;
+
+/// The column of `profiles` holding every last-known trait as a JSON object.
+pub const TRAITS: &str = "traits";
+/// Internal name for a computed trait file's key while it is joined.
+const TRAIT_KEY: &str = "__tessera_trait_profile_id";
+
+/// One computed-trait file.
+#[derive(Debug, Clone)]
+pub struct TraitQuery {
+    /// The file, relative to the project.
+    pub file: String,
+    /// Its SQL.
+    pub sql: String,
+}
+
+/// The project's `queries/traits/*.sql`, in file-name order.
+pub fn trait_queries(engine: &Engine) -> Result<Vec<TraitQuery>> {
+    let dir = engine.project.queries_dir("traits");
+    let mut out = Vec::new();
+    for path in crate::cli::sql_files(&dir)? {
+        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let file = path
+            .strip_prefix(&engine.project.dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        out.push(TraitQuery { file, sql });
+    }
+    Ok(out)
+}
+
+/// The name of a profile's list column for an identifier type (`email` → `emails`).
+pub fn list_column(identifier_type: &str) -> String {
+    format!("{identifier_type}s")
+}
+
+/// Builds `profiles` (collected in memory) and registers it as `profiles` for later SQL.
+pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
+    let rules = Rules::from_config(&engine.project.config.identity);
+    let lists: Vec<String> = rules
+        .types
+        .iter()
+        .map(|t| {
+            format!(
+                "array_agg(identifier_value ORDER BY identifier_value) FILTER (WHERE identifier_type = '{}') AS {}",
+                t.name,
+                list_column(&t.name)
+            )
+        })
+        .collect();
+    let list_names: Vec<String> = rules
+        .types
+        .iter()
+        .map(|t| format!("g.{}", list_column(&t.name)))
+        .collect();
+    let base = format!(
+        "WITH g AS (SELECT profile_id, {lists} FROM {graph} GROUP BY profile_id), \
+              e AS (SELECT profile_id, min(\"timestamp\") AS first_seen, max(\"timestamp\") AS last_seen, count(*) AS event_count \
+                    FROM {events} WHERE profile_id IS NOT NULL GROUP BY profile_id) \
+         SELECT g.profile_id, e.first_seen, e.last_seen, coalesce(e.event_count, 0) AS event_count, {list_names} \
+         FROM g LEFT JOIN e ON g.profile_id = e.profile_id",
+        lists = lists.join(", "),
+        graph = tables::IDENTITY_GRAPH,
+        events = tables::EVENTS,
+        list_names = list_names.join(", "),
+    );
+    let mut profiles = engine.ctx.sql(&base).await?;
+
+    // Last-known identify traits: the latest non-null value of each trait wins.
+    let traits = last_known_traits(engine).await?;
+    let base: HashSet<String> = profiles
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    if let Some(clash) = engine
+        .project
+        .config
+        .profiles
+        .traits
+        .iter()
+        .find(|t| base.contains(*t) || *t == TRAITS)
+    {
+        return Err(Error::Config {
+            file: engine.project.config_file.clone(),
+            key: Some("profiles.traits".into()),
+            message: format!("key `profiles.traits`: trait \"{clash}\" has the name of a built-in profiles column; lift it under another name with a trait query"),
+        });
+    }
+    let traits = engine.ctx.read_batch(traits)?;
+    profiles = join_on_profile(profiles, traits, TRAIT_KEY)?;
+
+    // Register the base so computed traits can read `profiles`, then add them file by file.
+    let schema = profiles.schema().as_arrow().clone();
+    let mut collected = profiles.collect().await?;
+    if collected.is_empty() {
+        collected.push(RecordBatch::new_empty(Arc::new(schema)));
+    }
+    register(engine, &collected)?;
+    let mut profiles = engine.ctx.read_batches(collected)?;
+    let mut columns: HashSet<String> = profiles
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for query in trait_queries(engine)? {
+        let df = engine.query(&query.sql, &query.file).await?;
+        let schema = df.schema().as_arrow().clone();
+        if schema.index_of("profile_id").is_err() {
+            return Err(Error::query(&query.file, "returns no `profile_id` column; a trait query returns profile_id plus trait columns"));
+        }
+        for f in schema.fields() {
+            if f.name() != "profile_id" && !columns.insert(f.name().clone()) {
+                return Err(Error::query(
+                    &query.file,
+                    format!("column `{}` is already a column of profiles (built in, a configured trait, or another trait file); rename it", f.name()),
+                ));
+            }
+        }
+        let batches = df
+            .collect()
+            .await
+            .map_err(|e| Error::query(&query.file, e))?;
+        let mut seen = HashSet::new();
+        for b in &batches {
+            let ids = arrow::compute::cast(
+                b.column(schema.index_of("profile_id").expect("checked")),
+                &DataType::Utf8,
+            )?;
+            for id in ids.as_string::<i32>().iter() {
+                let Some(id) = id else { continue };
+                if !seen.insert(id.to_string()) {
+                    return Err(Error::query(
+                        &query.file,
+                        format!("returns profile_id {id} more than once; a trait query returns one row per profile (GROUP BY profile_id)"),
+                    ));
+                }
+            }
+        }
+        let traits = if batches.is_empty() {
+            engine
+                .ctx
+                .read_batch(RecordBatch::new_empty(Arc::new(schema)))?
+        } else {
+            engine.ctx.read_batches(batches)?
+        };
+        profiles = join_on_profile(profiles, traits, TRAIT_KEY)
+            .map_err(|e| Error::query(&query.file, e))?;
+    }
+    let profiles = crate::output::plain_columns(profiles)?;
+    let schema = profiles.schema().as_arrow().clone();
+    let mut collected = profiles.collect().await?;
+    if collected.is_empty() {
+        collected.push(RecordBatch::new_empty(Arc::new(schema)));
+    }
+    register(engine, &collected)?;
+    Ok(collected)
+}
+
+fn register(engine: &Engine, batches: &[RecordBatch]) -> Result<()> {
+    engine.ctx.deregister_table(tables::PROFILES)?;
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(Schema::empty()));
+    let table = datafusion::datasource::MemTable::try_new(schema, vec![batches.to_vec()])?;
+    engine
+        .ctx
+        .register_table(tables::PROFILES, Arc::new(table))?;
+    Ok(())
+}
+
+/// `left` LEFT JOIN `right` on profile_id, keeping one profile_id column.
+fn join_on_profile(left: DataFrame, right: DataFrame, key: &str) -> Result<DataFrame> {
+    let right_cols: Vec<Expr> = right
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            let c = Expr::Column(Column::new_unqualified(f.name()));
+            if f.name() == "profile_id" {
+                cast(c, DataType::Utf8).alias(key)
+            } else {
+                c
+            }
+        })
+        .collect();
+    let right = right.select(right_cols)?;
+    let keep: Vec<Expr> = left
+        .schema()
+        .fields()
+        .iter()
+        .chain(right.schema().fields().iter())
+        .filter(|f| f.name() != key)
+        .map(|f| Expr::Column(Column::new_unqualified(f.name())))
+        .collect();
+    Ok(left
+        .join(right, JoinType::Left, &["profile_id"], &[key], None)?
+        .select(keep)?)
+}
+
+/// One row per profile with identify traits: `traits` (JSON) and each `[profiles] traits` column.
+async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
+    let lifted = &engine.project.config.profiles.traits;
+    let df = engine.ctx.table(tables::EVENTS).await?.filter(
+        col("type")
+            .eq(datafusion::logical_expr::lit("identify"))
+            .and(col("profile_id").is_not_null())
+            .and(col("traits").is_not_null()),
+    )?;
+    let df = df.select(vec![
+        cast(col("profile_id"), DataType::Utf8).alias("p"),
+        cast(col("timestamp"), timestamp_type()).alias("t"),
+        cast(col("traits"), DataType::Utf8).alias("j"),
+    ])?;
+    // profile → trait → (time, value)
+    let mut latest: BTreeMap<String, BTreeMap<String, (i64, serde_json::Value)>> = BTreeMap::new();
+    let mut stream = df.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let (p, t, j) = (
+            batch.column(0).as_string::<i32>(),
+            batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .expect("cast to µs"),
+            batch.column(2).as_string::<i32>(),
+        );
+        for r in 0..batch.num_rows() {
+            let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_str::<serde_json::Value>(j.value(r))
+            else {
+                continue;
+            };
+            let at = if t.is_valid(r) { t.value(r) } else { i64::MIN };
+            let slot = latest.entry(p.value(r).to_string()).or_default();
+            for (k, v) in map {
+                if v.is_null() {
+                    continue;
+                }
+                match slot.get(&k) {
+                    // Ties go to the greater JSON text, so the result never depends on row order.
+                    Some((when, old)) if (*when, old.to_string()) >= (at, v.to_string()) => {}
+                    _ => {
+                        slot.insert(k, (at, v));
+                    }
+                }
+            }
+        }
+    }
+    let mut fields = vec![
+        Field::new("profile_id", DataType::Utf8, false),
+        Field::new(TRAITS, DataType::Utf8, true),
+    ];
+    fields.extend(
+        lifted
+            .iter()
+            .map(|name| Field::new(name, DataType::Utf8, true)),
+    );
+    let ids: Vec<&str> = latest.keys().map(String::as_str).collect();
+    let json: Vec<String> = latest
+        .values()
+        .map(|m| {
+            serde_json::Value::Object(m.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect())
+                .to_string()
+        })
+        .collect();
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(ids)),
+        Arc::new(StringArray::from(json)),
+    ];
+    for name in lifted {
+        let values: Vec<Option<String>> = latest
+            .values()
+            .map(|m| {
+                m.get(name).map(|(_, v)| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            })
+            .collect();
+        columns.push(Arc::new(StringArray::from(values)));
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}

@@ -1,0 +1,148 @@
+//! Segments: `queries/segments/<name>.sql` → `segments.<name>` for later SQL and
+//! `<output>/segments/<name>` for campaigns. Run order comes from the tables each query names.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use datafusion::catalog::MemorySchemaProvider;
+use datafusion::common::TableReference;
+use datafusion::datasource::MemTable;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::tables;
+
+/// One segment file.
+#[derive(Debug, Clone)]
+pub struct SegmentQuery {
+    /// The segment's name: the file name without `.sql`.
+    pub name: String,
+    /// The file, relative to the project.
+    pub file: String,
+    /// Its SQL.
+    pub sql: String,
+    /// Segments it reads.
+    pub needs: BTreeSet<String>,
+}
+
+/// The project's segments, in an order where each comes after the segments it reads.
+pub fn ordered(engine: &Engine) -> Result<Vec<SegmentQuery>> {
+    let dir = engine.project.queries_dir("segments");
+    let mut all: BTreeMap<String, SegmentQuery> = BTreeMap::new();
+    for path in crate::cli::sql_files(&dir)? {
+        let file = path
+            .strip_prefix(&engine.project.dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !crate::config::is_sql_name(&name) {
+            return Err(Error::query(&file, format!("`{name}` is not a usable segment name: name the file with lowercase letters, digits and _ (e.g. high_value.sql)")));
+        }
+        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let statement = crate::engine::check_read_only(&engine.ctx, &sql, &file)?;
+        let references = engine
+            .ctx
+            .state()
+            .resolve_table_references(&statement)
+            .map_err(|e| Error::query(&file, e))?;
+        let needs = references
+            .iter()
+            .filter(|r| r.schema() == Some(tables::SEGMENTS))
+            .map(|r| r.table().to_string())
+            .collect();
+        all.insert(
+            name.clone(),
+            SegmentQuery {
+                name,
+                file,
+                sql,
+                needs,
+            },
+        );
+    }
+    for s in all.values() {
+        if let Some(missing) = s.needs.iter().find(|n| !all.contains_key(*n)) {
+            return Err(Error::query(
+                &s.file,
+                format!("reads segments.{missing}, but there is no queries/segments/{missing}.sql"),
+            ));
+        }
+    }
+    // Kahn's algorithm, smallest name first, so the order is stable.
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut out = Vec::with_capacity(all.len());
+    while out.len() < all.len() {
+        let next = all
+            .values()
+            .find(|s| !done.contains(&s.name) && s.needs.iter().all(|n| done.contains(n)));
+        match next {
+            Some(s) => {
+                done.insert(s.name.clone());
+                out.push(s.clone());
+            }
+            None => {
+                let stuck: Vec<&str> = all
+                    .values()
+                    .filter(|s| !done.contains(&s.name))
+                    .map(|s| s.file.as_str())
+                    .collect();
+                return Err(Error::query(
+                    stuck.join(", "),
+                    "these segments read each other in a cycle; break it so each segment builds only on segments that do not read it back",
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Makes sure the `segments` schema exists in the context.
+pub fn ensure_schema(engine: &Engine) -> Result<()> {
+    let catalog = engine
+        .ctx
+        .catalog("datafusion")
+        .ok_or_else(|| Error::Usage("the default catalog is missing".into()))?;
+    if catalog.schema(tables::SEGMENTS).is_none() {
+        catalog.register_schema(tables::SEGMENTS, Arc::new(MemorySchemaProvider::new()))?;
+    }
+    Ok(())
+}
+
+/// Runs one segment and registers it as `segments.<name>`; returns its members' rows.
+pub async fn materialise(engine: &Engine, segment: &SegmentQuery) -> Result<Vec<RecordBatch>> {
+    let df = engine.query(&segment.sql, &segment.file).await?;
+    let schema = df.schema().as_arrow().clone();
+    let Ok(key) = schema.index_of("profile_id") else {
+        return Err(Error::query(&segment.file, "returns no `profile_id` column; a segment query returns one row per member with its profile_id"));
+    };
+    let df = crate::output::plain_columns(df)?;
+    let batches = df
+        .collect()
+        .await
+        .map_err(|e| Error::query(&segment.file, e))?;
+    let mut seen = std::collections::HashSet::new();
+    for b in &batches {
+        let ids = arrow::compute::cast(b.column(key), &DataType::Utf8)?;
+        for id in ids.as_string::<i32>().iter().flatten() {
+            if !seen.insert(id.to_string()) {
+                return Err(Error::query(&segment.file, format!("returns profile_id {id} more than once; a segment has one row per member (use DISTINCT or GROUP BY)")));
+            }
+        }
+    }
+    let mut batches = batches;
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(Arc::new(schema)));
+    }
+    let table = MemTable::try_new(batches[0].schema(), vec![batches.clone()])?;
+    let reference = TableReference::partial(tables::SEGMENTS, segment.name.as_str());
+    engine.ctx.deregister_table(reference.clone())?;
+    engine.ctx.register_table(reference, Arc::new(table))?;
+    Ok(batches)
+}
