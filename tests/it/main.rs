@@ -7,5 +7,6 @@ mod generator;
 mod identity;
 mod identity_props;
 mod ingest;
+mod profiles;
 mod readers;
 mod s3;

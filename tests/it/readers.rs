@@ -64,9 +64,17 @@ fn outputs_read_back_in_python_with_the_promised_types() {
             "profiles",
         ],
     );
-    assert_plain_types(&seen, "profiles", &["profile_id"], &["first_seen", "last_seen"]);
+    assert_plain_types(
+        &seen,
+        "profiles",
+        &["profile_id"],
+        &["first_seen", "last_seen"],
+    );
     assert_eq!(seen["profiles"]["arrow_types"]["event_count"], "int64");
-    assert_eq!(seen["profiles"]["arrow_types"]["emails"], "list<item: string>");
+    assert_eq!(
+        seen["profiles"]["arrow_types"]["emails"],
+        "list<item: string>"
+    );
 
     assert_plain_types(
         &seen,

@@ -1,0 +1,304 @@
+//! Profiles, computed traits and segments, on a fixture small enough to compute by hand.
+
+use std::path::Path;
+
+use crate::common::*;
+
+const DAY: i64 = 86_400_000_000;
+/// 2026-10-01T00:00:00Z in µs.
+const T0: i64 = 1_790_812_800_000_000;
+const AS_OF: &str = "2026-10-11T00:00:00Z"; // T0 + 10 days
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(path.file_name().unwrap()));
+        } else {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// The bundled config and queries over `rows`.
+fn bundled_with(rows: &[Ev]) -> TempProject {
+    let p = TempProject::local();
+    std::fs::copy(repo().join("tessera.toml"), p.path().join("tessera.toml")).unwrap();
+    copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    write_parquet(&p.events().join("events.parquet"), &[events_batch(rows)]);
+    p
+}
+
+fn ev(id: &'static str, user: &'static str, ts: i64) -> Ev {
+    Ev {
+        anonymous_id: Some("dev"),
+        user_id: Some(user),
+        ..Ev::track(id, ts)
+    }
+}
+
+fn fixture() -> Vec<Ev> {
+    let view = |id, user, ts, props| Ev {
+        event: Some("Product Viewed"),
+        properties: Some(props),
+        ..ev(id, user, ts)
+    };
+    let order = |id, user, ts, props| Ev {
+        event: Some("Order Completed"),
+        properties: Some(props),
+        ..ev(id, user, ts)
+    };
+    vec![
+        // Ann: two identifies (plan changes), views with a tie between hats and shoes, two orders.
+        Ev {
+            kind: Some("identify"),
+            event: None,
+            anonymous_id: Some("ann-laptop"),
+            traits: Some(r#"{"email": "ann@x.com", "first_name": "Ann", "plan": "free"}"#),
+            context: Some(r#"{"campaign": {"source": "google"}}"#),
+            ..ev("a1", "u-ann", T0)
+        },
+        Ev {
+            kind: Some("identify"),
+            event: None,
+            anonymous_id: Some("ann-laptop"),
+            traits: Some(r#"{"plan": "pro", "first_name": null}"#),
+            ..ev("a2", "u-ann", T0 + DAY)
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..view(
+                "a3",
+                "u-ann",
+                T0 + DAY,
+                r#"{"category": "shoes", "product_id": "p2"}"#,
+            )
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..view(
+                "a4",
+                "u-ann",
+                T0 + DAY + 1,
+                r#"{"category": "hats", "product_id": "p1"}"#,
+            )
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..view(
+                "a5",
+                "u-ann",
+                T0 + DAY + 2,
+                r#"{"category": "shoes", "product_id": "p2"}"#,
+            )
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..view(
+                "a6",
+                "u-ann",
+                T0 + DAY + 3,
+                r#"{"category": "hats", "product_id": "p3"}"#,
+            )
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..view(
+                "a7",
+                "u-ann",
+                T0 + DAY + 4,
+                r#"{"category": "bags", "product_id": "p1"}"#,
+            )
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            ..order("a8", "u-ann", T0 + 2 * DAY, r#"{"revenue": 100}"#)
+        },
+        Ev {
+            anonymous_id: Some("ann-laptop"),
+            context: Some(r#"{"campaign": {"source": "newsletter"}}"#),
+            ..order("a9", "u-ann", T0 + 3 * DAY, r#"{"revenue": 50.5}"#)
+        },
+        // Bob: one big old order, then a view three days ago and nothing bought since.
+        Ev {
+            anonymous_id: Some("bob-phone"),
+            ..order("b1", "u-bob", T0, r#"{"revenue": 300}"#)
+        },
+        Ev {
+            anonymous_id: Some("bob-phone"),
+            ..view(
+                "b2",
+                "u-bob",
+                T0 + 9 * DAY,
+                r#"{"category": "bags", "product_id": "p9"}"#,
+            )
+        },
+    ]
+}
+
+#[test]
+fn each_computed_trait_kind_matches_a_hand_computed_value() {
+    let p = bundled_with(&fixture());
+    let report = ok(run(
+        &mut p.cmd(&["run", "--json", "--quiet", "--as-of", AS_OF])
+    ));
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["profiles_written"], 2, "{report}");
+    let rows = p.query(
+        "SELECT user_ids, event_count, first_name, plan, traits, orders_90d, revenue_total, order_value_avg, order_value_min, \
+                order_value_max, favourite_category, first_source, last_source, viewed_products_30d, viewed_product_count_30d \
+         FROM profiles ORDER BY user_ids",
+    );
+    let ann = &rows[0];
+    assert_eq!(ann["user_ids"], serde_json::json!(["u-ann"]));
+    assert_eq!(ann["event_count"], 9);
+    // Last-known traits: the later identify changed the plan; a null does not erase a value.
+    assert_eq!(ann["plan"], "pro");
+    assert_eq!(ann["first_name"], "Ann");
+    let traits: serde_json::Value = serde_json::from_str(ann["traits"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        traits,
+        serde_json::json!({"email": "ann@x.com", "first_name": "Ann", "plan": "pro"})
+    );
+    // Event counter, sum/avg/min/max.
+    assert_eq!(ann["orders_90d"], 2);
+    assert_eq!(ann["revenue_total"], 150.5);
+    assert_eq!(ann["order_value_avg"], 75.25);
+    assert_eq!(ann["order_value_min"], 50.5);
+    assert_eq!(ann["order_value_max"], 100.0);
+    // Most frequent: hats and shoes both twice; the tie goes to the first alphabetically.
+    assert_eq!(ann["favourite_category"], "hats");
+    // First and last value.
+    assert_eq!(ann["first_source"], "google");
+    assert_eq!(ann["last_source"], "newsletter");
+    // Unique list and count in a window.
+    assert_eq!(
+        ann["viewed_products_30d"],
+        serde_json::json!(["p1", "p2", "p3"])
+    );
+    assert_eq!(ann["viewed_product_count_30d"], 3);
+
+    let bob = &rows[1];
+    assert_eq!(bob["user_ids"], serde_json::json!(["u-bob"]));
+    assert_eq!(bob["revenue_total"], 300.0);
+    assert_eq!(bob["favourite_category"], "bags");
+    assert!(
+        bob.get("first_source").is_none(),
+        "no campaign, no source: {bob}"
+    );
+}
+
+#[test]
+fn windows_follow_the_as_of_time() {
+    let p = bundled_with(&fixture());
+    // 100 days later, no order is within 90 days and no product view within 30.
+    ok(run(&mut p.cmd(&[
+        "run",
+        "--quiet",
+        "--as-of",
+        "2027-01-09",
+    ])));
+    let rows = p.query("SELECT orders_90d, viewed_product_count_30d FROM profiles");
+    assert!(
+        rows.iter()
+            .all(|r| r.get("orders_90d").is_none() && r.get("viewed_product_count_30d").is_none()),
+        "{rows:?}"
+    );
+    let bad = run(&mut p.cmd(&["run", "--quiet", "--as-of", "yesterday"]));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("--as-of"), "{}", stderr(&bad));
+}
+
+#[test]
+fn shipped_segments_select_the_expected_members() {
+    let p = bundled_with(&fixture());
+    ok(run(&mut p.cmd(&["run", "--quiet", "--as-of", AS_OF])));
+    let members = |segment: &str| -> Vec<String> {
+        p.query(&format!(
+            "SELECT p.user_ids[1] AS u FROM segments.{segment} s JOIN profiles p ON p.profile_id = s.profile_id ORDER BY u"
+        ))
+        .iter()
+        .map(|r| r["u"].as_str().unwrap().to_string())
+        .collect()
+    };
+    assert_eq!(members("high_value"), ["u-bob"]);
+    assert_eq!(members("active_30d"), ["u-ann", "u-bob"]);
+    assert_eq!(members("high_value_active"), ["u-bob"]);
+    assert_eq!(members("cart_abandoners"), ["u-bob"]);
+    assert!(members("lapsed_buyers").is_empty());
+    assert!(p.path().join("out/segments/high_value/_delta_log").is_dir());
+}
+
+#[test]
+fn segment_cycles_and_unknown_segments_are_errors_naming_the_files() {
+    let p = bundled_with(&fixture());
+    let dir = p.path().join("queries/segments");
+    std::fs::write(
+        dir.join("loop_a.sql"),
+        "SELECT profile_id FROM segments.loop_b",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("loop_b.sql"),
+        "SELECT profile_id FROM segments.loop_a",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("queries/segments/loop_a.sql")
+            && err.contains("queries/segments/loop_b.sql")
+            && err.contains("cycle"),
+        "{err}"
+    );
+
+    std::fs::remove_file(dir.join("loop_a.sql")).unwrap();
+    std::fs::write(
+        dir.join("loop_b.sql"),
+        "SELECT profile_id FROM segments.nowhere",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("queries/segments/loop_b.sql")
+            && stderr(&out).contains("segments.nowhere"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn trait_files_with_repeated_profiles_or_clashing_columns_are_errors() {
+    let p = bundled_with(&fixture());
+    let dir = p.path().join("queries/traits");
+    std::fs::write(
+        dir.join("zz_per_event.sql"),
+        "SELECT profile_id, event FROM events",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("queries/traits/zz_per_event.sql")
+            && stderr(&out).contains("more than once"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(
+        dir.join("zz_per_event.sql"),
+        "SELECT profile_id, count(*) AS event_count FROM events GROUP BY profile_id",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("queries/traits/zz_per_event.sql")
+            && stderr(&out).contains("`event_count`"),
+        "{}",
+        stderr(&out)
+    );
+}
