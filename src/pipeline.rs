@@ -236,14 +236,36 @@ async fn stages(
     // Segments, each after the segments it reads.
     let started = Instant::now();
     crate::segments::ensure_schema(engine)?;
+    let mut changes = crate::segments::Changes::default();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let members = crate::segments::materialise(engine, &segment).await?;
+        // Compared with the version published by the previous run: a profile merged away is
+        // gone from the new members, so it exits; its survivor enters only if it qualifies.
+        let before = crate::segments::published_members(engine, &segment.name).await?;
+        changes.add(
+            &segment.name,
+            &before,
+            &crate::segments::member_ids(&members)?,
+        );
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
         let committed = write_batches(engine, &table, members).await?;
         report.tables.insert(table, committed);
         spinner.finish_and_clear();
     }
+    let batch = changes.to_batch(&report.run_id, report.started_at)?;
+    let committed = engine
+        .outputs
+        .write(
+            &engine.ctx,
+            tables::SEGMENT_CHANGES,
+            engine.ctx.read_batch(batch)?,
+            WriteMode::Append,
+        )
+        .await?;
+    report
+        .tables
+        .insert(tables::SEGMENT_CHANGES.to_string(), committed);
     report
         .timings_ms
         .push(("segments".into(), elapsed_ms(started)));

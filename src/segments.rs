@@ -103,6 +103,103 @@ pub fn ordered(engine: &Engine) -> Result<Vec<SegmentQuery>> {
     Ok(out)
 }
 
+/// The members of a segment's current published version (empty before its first run).
+pub async fn published_members(engine: &Engine, name: &str) -> Result<BTreeSet<String>> {
+    let table = format!("{}/{name}", tables::SEGMENTS);
+    let mut members = BTreeSet::new();
+    let Some(df) = engine.outputs.read(&engine.ctx, &table).await? else {
+        return Ok(members);
+    };
+    let df = df.select(vec![datafusion::logical_expr::cast(
+        datafusion::logical_expr::col("profile_id"),
+        DataType::Utf8,
+    )])?;
+    for b in df.collect().await? {
+        members.extend(
+            b.column(0)
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .map(str::to_string),
+        );
+    }
+    Ok(members)
+}
+
+/// Profile ids in a segment's new members.
+pub fn member_ids(batches: &[RecordBatch]) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for b in batches {
+        let ids = arrow::compute::cast(
+            b.column(b.schema().index_of("profile_id")?),
+            &DataType::Utf8,
+        )?;
+        out.extend(ids.as_string::<i32>().iter().flatten().map(str::to_string));
+    }
+    Ok(out)
+}
+
+/// `segment_changes` rows: who entered and who left each segment since its last version.
+#[derive(Debug, Default)]
+pub struct Changes {
+    segment: Vec<String>,
+    profile: Vec<String>,
+    change: Vec<&'static str>,
+}
+
+impl Changes {
+    /// Records the difference between a segment's previous and new members.
+    pub fn add(&mut self, segment: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) {
+        for p in after.difference(before) {
+            self.push(segment, p, "entered");
+        }
+        for p in before.difference(after) {
+            self.push(segment, p, "exited");
+        }
+    }
+
+    fn push(&mut self, segment: &str, profile: &str, change: &'static str) {
+        self.segment.push(segment.to_string());
+        self.profile.push(profile.to_string());
+        self.change.push(change);
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.change.len()
+    }
+
+    /// True when no one entered or left any segment.
+    pub fn is_empty(&self) -> bool {
+        self.change.is_empty()
+    }
+
+    /// The rows as a batch of `segment_changes`.
+    pub fn to_batch(&self, run_id: &str, at: chrono::DateTime<chrono::Utc>) -> Result<RecordBatch> {
+        use arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
+        use arrow::datatypes::{Field, Schema};
+        let n = self.len();
+        let schema = Schema::new(vec![
+            Field::new("segment", DataType::Utf8, false),
+            Field::new("profile_id", DataType::Utf8, false),
+            Field::new("change", DataType::Utf8, false),
+            Field::new("run_id", DataType::Utf8, false),
+            Field::new("changed_at", crate::ingest::timestamp_type(), false),
+        ]);
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(self.segment.clone())),
+            Arc::new(StringArray::from(self.profile.clone())),
+            Arc::new(StringArray::from(self.change.clone())),
+            Arc::new(StringArray::from(vec![run_id; n])),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![at.timestamp_micros(); n])
+                    .with_timezone("UTC"),
+            ),
+        ];
+        Ok(RecordBatch::try_new(Arc::new(schema), columns)?)
+    }
+}
+
 /// Makes sure the `segments` schema exists in the context.
 pub fn ensure_schema(engine: &Engine) -> Result<()> {
     let catalog = engine

@@ -45,6 +45,7 @@ pub const OUTPUT_TABLES: &[&str] = &[
     IDENTITY_CONFLICTS,
     PROFILE_MERGES,
     PROFILES,
+    SEGMENT_CHANGES,
     RUNS,
 ];
 

@@ -115,6 +115,14 @@ pub struct Ev {
 }
 
 impl Ev {
+    /// The same event with a user_id.
+    pub fn with_user(self, user: &'static str) -> Ev {
+        Ev {
+            user_id: Some(user),
+            ..self
+        }
+    }
+
     /// A valid track event.
     pub fn track(id: &'static str, ts: i64) -> Ev {
         Ev {

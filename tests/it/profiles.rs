@@ -302,3 +302,91 @@ fn trait_files_with_repeated_profiles_or_clashing_columns_are_errors() {
         stderr(&out)
     );
 }
+
+#[test]
+fn segment_changes_over_three_runs_with_a_merge() {
+    let p = TempProject::local();
+    std::fs::create_dir_all(p.path().join("queries/segments")).unwrap();
+    std::fs::write(
+        p.path().join("queries/segments/buyers.sql"),
+        "SELECT DISTINCT profile_id FROM events WHERE event = 'Order Completed' AND profile_id IS NOT NULL",
+    )
+    .unwrap();
+    let order = |id, anon, user, ts| Ev {
+        event: Some("Order Completed"),
+        anonymous_id: Some(anon),
+        user_id: user,
+        ..Ev::track(id, ts)
+    };
+    let view = |id, anon, ts| Ev {
+        anonymous_id: Some(anon),
+        ..Ev::track(id, ts)
+    };
+    let profile = |kind: &str, value: &str| {
+        p.query(&format!("SELECT profile_id FROM identity_graph WHERE identifier_type = '{kind}' AND identifier_value = '{value}'"))[0]
+            ["profile_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let changes = |run_id: &serde_json::Value| -> Vec<(String, String)> {
+        p.query(&format!("SELECT profile_id, change FROM segment_changes WHERE run_id = '{}' ORDER BY change, profile_id", run_id.as_str().unwrap()))
+            .iter()
+            .map(|r| (r["profile_id"].as_str().unwrap().to_string(), r["change"].as_str().unwrap().to_string()))
+            .collect()
+    };
+
+    // Run 1: Ann buys on her laptop; a phone only browses.
+    write_parquet(
+        &p.events().join("1.parquet"),
+        &[events_batch(&[
+            order("o1", "laptop", Some("u-ann"), T0),
+            view("v1", "phone", T0 + 1),
+        ])],
+    );
+    let r1 = p.run_json();
+    let ann = profile("user_id", "u-ann");
+    let phone = profile("anonymous_id", "phone");
+    assert_eq!(
+        changes(&r1["run_id"]),
+        [(ann.clone(), "entered".to_string())]
+    );
+
+    // Run 2: the phone's (anonymous) profile buys too.
+    write_parquet(
+        &p.events().join("2.parquet"),
+        &[events_batch(&[order("o2", "phone", None, T0 + DAY)])],
+    );
+    let r2 = p.run_json();
+    assert_eq!(
+        changes(&r2["run_id"]),
+        [(phone.clone(), "entered".to_string())]
+    );
+
+    // Run 3: Ann logs in on the phone. The phone's profile merges into Ann's (older) and leaves;
+    // Ann was already a member, so she does not enter again.
+    write_parquet(
+        &p.events().join("3.parquet"),
+        &[events_batch(&[Ev {
+            kind: Some("identify"),
+            ..view("i1", "phone", T0 + 2 * DAY)
+        }
+        .with_user("u-ann")])],
+    );
+    let r3 = p.run_json();
+    assert_eq!(r3["identity"]["profiles_merged"], 1, "{r3}");
+    assert_eq!(profile("anonymous_id", "phone"), ann);
+    assert_eq!(
+        changes(&r3["run_id"]),
+        [(phone.clone(), "exited".to_string())]
+    );
+    let merges = p.query("SELECT merged_profile_id, into_profile_id FROM profile_merges");
+    assert_eq!(
+        merges,
+        vec![serde_json::json!({"merged_profile_id": phone, "into_profile_id": ann})]
+    );
+
+    // A run with nothing new changes nobody.
+    let r4 = p.run_json();
+    assert!(changes(&r4["run_id"]).is_empty());
+}
