@@ -66,6 +66,12 @@ pub enum Command {
         /// The identifier as TYPE:VALUE, e.g. email:alice@example.com (normalised like the data).
         identifier: String,
     },
+    /// Export a segment's members for a campaign: CSV or Parquet.
+    Export {
+        /// What to export.
+        #[command(subcommand)]
+        what: ExportWhat,
+    },
     /// Pairwise precision and recall of identity_graph against a truth file.
     Accuracy {
         /// The truth: Parquet with identifier_type, identifier_value, person.
@@ -100,6 +106,28 @@ pub enum Command {
         /// Rows per Parquet file at most.
         #[arg(long, default_value_t = 250_000)]
         rows_per_file: usize,
+    },
+}
+
+/// What `tessera export` exports.
+#[derive(Debug, Subcommand)]
+pub enum ExportWhat {
+    /// A published segment, with its members' profile columns.
+    Segment {
+        /// The segment's name (its file name in queries/segments/).
+        name: String,
+        /// The file format.
+        #[arg(long, value_enum, default_value_t = crate::export::ExportFormat::Csv)]
+        format: crate::export::ExportFormat,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Columns to keep, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+        /// Normalise emails (trim, lowercase) and phones (E.164) and replace them by their SHA-256.
+        #[arg(long)]
+        hash_pii: bool,
     },
 }
 
@@ -206,6 +234,35 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 );
             } else {
                 print!("{}", explanation.render());
+            }
+            Ok(0)
+        }
+        Command::Export {
+            what:
+                ExportWhat::Segment {
+                    name,
+                    format,
+                    out,
+                    columns,
+                    hash_pii,
+                },
+        } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let options = crate::export::ExportOptions {
+                segment: name,
+                format,
+                columns,
+                hash_pii,
+            };
+            let rows = crate::export::export_segment(&engine, &options, &out).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({"rows": rows, "out": out}));
+            } else if !cli.quiet {
+                println!(
+                    "wrote {rows} members of {} to {}",
+                    options.segment,
+                    out.display()
+                );
             }
             Ok(0)
         }

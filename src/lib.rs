@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod functions;
 pub mod generate;
 pub mod identity;

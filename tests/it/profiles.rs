@@ -390,3 +390,75 @@ fn segment_changes_over_three_runs_with_a_merge() {
     let r4 = p.run_json();
     assert!(changes(&r4["run_id"]).is_empty());
 }
+
+#[test]
+fn export_hashes_normalised_emails_and_phones_for_customer_match() {
+    let mut rows = fixture();
+    // Bob identifies with a messy email and a phone written the US way.
+    rows.push(Ev {
+        kind: Some("identify"),
+        event: None,
+        anonymous_id: Some("bob-phone"),
+        traits: Some(r#"{"email": "  BOB@X.com ", "phone": "(415) 555-0123"}"#),
+        ..ev("b3", "u-bob", T0 + DAY)
+    });
+    let p = bundled_with(&rows);
+    ok(run(&mut p.cmd(&["run", "--quiet", "--as-of", AS_OF])));
+    let out = p.path().join("exports/high_value.csv");
+    let args = [
+        "export",
+        "segment",
+        "high_value",
+        "--out",
+        out.to_str().unwrap(),
+        "--columns",
+        "emails,phones,revenue_total",
+        "--hash-pii",
+        "--quiet",
+    ];
+    ok(run(&mut p.cmd(&args)));
+    let text = std::fs::read_to_string(&out).unwrap();
+    // Expected digests computed outside Tessera (Python's hashlib) of "bob@x.com" and "+14155550123".
+    assert_eq!(
+        text,
+        "emails,phones,revenue_total\n\
+         581d5f1930c81e73906dfbae2d46df90e4a1221064763a4e55ee85dab8312938,36a2cef4ff9bf7a1abd2a93359136b870393be4106e6c5d19b72ff564f9deca4,300.0\n"
+    );
+
+    // Without hashing, the normalised values; Parquet keeps the lists.
+    let plain = p.path().join("exports/active.parquet");
+    let args = [
+        "export",
+        "segment",
+        "active_30d",
+        "--format",
+        "parquet",
+        "--out",
+        plain.to_str().unwrap(),
+        "--columns",
+        "profile_id,emails",
+        "--quiet",
+    ];
+    ok(run(&mut p.cmd(&args)));
+    let file = std::fs::File::open(&plain).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+    let text = arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("[ann@x.com]") && text.contains("[bob@x.com]"),
+        "{text}"
+    );
+
+    let missing = run(&mut p.cmd(&["export", "segment", "no_such", "--out", "/tmp/never.csv"]));
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("high_value"),
+        "{}",
+        stderr(&missing)
+    );
+}
