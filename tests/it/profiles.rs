@@ -462,3 +462,36 @@ fn export_hashes_normalised_emails_and_phones_for_customer_match() {
         stderr(&missing)
     );
 }
+
+#[test]
+fn query_files_that_write_or_read_urls_are_refused_naming_file_and_statement() {
+    let p = bundled_with(&fixture());
+    let dir = p.path().join("queries/segments");
+    for (sql, word) in [
+        ("CREATE TABLE x AS SELECT 1 AS profile_id", "CREATE"),
+        ("DROP TABLE profiles", "DROP"),
+        ("INSERT INTO profiles SELECT * FROM profiles", "INSERT"),
+        ("DELETE FROM profiles", "DELETE"),
+        ("UPDATE profiles SET event_count = 0", "UPDATE"),
+        ("COPY (SELECT 1) TO '/tmp/tessera-sandbox.csv'", "COPY"),
+        ("SET datafusion.execution.batch_size = 1", "SET"),
+        (
+            "SELECT 1 AS profile_id; SELECT 2 AS profile_id",
+            "2 statements",
+        ),
+        (
+            "SELECT message_id AS profile_id FROM 'data/events/events.parquet'",
+            "data/events/events.parquet",
+        ),
+    ] {
+        std::fs::write(dir.join("zz_bad.sql"), sql).unwrap();
+        let out = run(&mut p.cmd(&["run", "--quiet"]));
+        assert_eq!(out.status.code(), Some(2), "{sql}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("queries/segments/zz_bad.sql") && err.contains(word),
+            "{sql}: {err}"
+        );
+    }
+    assert!(!Path::new("/tmp/tessera-sandbox.csv").exists());
+}
