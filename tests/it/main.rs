@@ -10,3 +10,4 @@ mod ingest;
 mod profiles;
 mod readers;
 mod s3;
+mod slt;
