@@ -495,3 +495,65 @@ fn query_files_that_write_or_read_urls_are_refused_naming_file_and_statement() {
     }
     assert!(!Path::new("/tmp/tessera-sandbox.csv").exists());
 }
+
+#[tokio::test]
+async fn shipped_segments_agree_with_duckdb_on_the_same_resolved_events() {
+    let Some(python) = python("shipped_segments_agree_with_duckdb_on_the_same_resolved_events")
+    else {
+        return;
+    };
+    let p = TempProject::local();
+    std::fs::copy(repo().join("tessera.toml"), p.path().join("tessera.toml")).unwrap();
+    copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    generate(&p.path().join("data"), 1500, 30, 77);
+    let project = tessera::config::Project::load(p.path()).unwrap();
+    let engine = tessera::engine::Engine::open(project).await.unwrap();
+    let as_of = "2026-10-31T00:00:00Z";
+    let options = tessera::pipeline::RunOptions {
+        full: false,
+        as_of: Some(
+            chrono::DateTime::parse_from_rfc3339(as_of)
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        ),
+    };
+    tessera::pipeline::run_on(&engine, &options, tessera::progress::Progress::hidden())
+        .await
+        .unwrap();
+
+    // The resolved events exactly as the run's SQL saw them, for DuckDB to read.
+    let resolved = p.path().join("resolved.parquet");
+    engine
+        .ctx
+        .sql("SELECT profile_id, event, \"timestamp\", properties FROM events WHERE profile_id IS NOT NULL")
+        .await
+        .unwrap()
+        .write_parquet(
+            resolved.to_str().unwrap(),
+            datafusion::dataframe::DataFrameWriteOptions::new().with_single_file_output(true),
+            None,
+        )
+        .await
+        .unwrap();
+    let out = std::process::Command::new(python)
+        .arg(repo().join("tests/py/segments_duckdb.py"))
+        .arg(&resolved)
+        .arg(p.path().join("out"))
+        .arg("2026-10-31 00:00:00+00")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (name, r) in report.as_object().unwrap() {
+        assert_eq!(r["same"], true, "{name}: {r}");
+        assert!(
+            r["tessera"].as_u64().unwrap() > 0,
+            "{name} is empty, so it proves nothing: {report}"
+        );
+    }
+    assert_eq!(report.as_object().unwrap().len(), 5);
+}
