@@ -422,15 +422,9 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
         Err(e) => findings.errors.push(e.to_string()),
     }
     for kind in ["identity", "traits", "segments"] {
-        let dir = engine.project.queries_dir(kind);
-        for file in sql_files(&dir)? {
+        for query in engine.project.query_files(kind)? {
             findings.sql_files += 1;
-            let name = file
-                .strip_prefix(&engine.project.dir)
-                .unwrap_or(&file)
-                .display()
-                .to_string();
-            let sql = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+            let (name, sql) = (query.file, query.sql);
             let checked = crate::engine::check_read_only(&engine.ctx, &sql, &name);
             // Identity queries read only events and sources, which exist now: plan them fully.
             let planned = match checked {
@@ -488,26 +482,52 @@ fn current_dir() -> Result<PathBuf> {
     std::env::current_dir().map_err(|e| Error::io(".", e))
 }
 
-/// The `.sql` files of a folder, sorted; none when the folder is absent.
-pub fn sql_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
 /// The files `tessera init` writes, from the bundled project itself.
 const INIT_FILES: &[(&str, &str)] = &[
     (CONFIG_FILE, include_str!("../tessera.toml")),
     (
         "queries/identity/events.sql",
         include_str!("../queries/identity/events.sql"),
+    ),
+    (
+        "queries/traits/order_count.sql",
+        include_str!("../queries/traits/order_count.sql"),
+    ),
+    (
+        "queries/traits/revenue.sql",
+        include_str!("../queries/traits/revenue.sql"),
+    ),
+    (
+        "queries/traits/favourite_category.sql",
+        include_str!("../queries/traits/favourite_category.sql"),
+    ),
+    (
+        "queries/traits/campaign_source.sql",
+        include_str!("../queries/traits/campaign_source.sql"),
+    ),
+    (
+        "queries/traits/viewed_products.sql",
+        include_str!("../queries/traits/viewed_products.sql"),
+    ),
+    (
+        "queries/segments/high_value.sql",
+        include_str!("../queries/segments/high_value.sql"),
+    ),
+    (
+        "queries/segments/active_30d.sql",
+        include_str!("../queries/segments/active_30d.sql"),
+    ),
+    (
+        "queries/segments/cart_abandoners.sql",
+        include_str!("../queries/segments/cart_abandoners.sql"),
+    ),
+    (
+        "queries/segments/lapsed_buyers.sql",
+        include_str!("../queries/segments/lapsed_buyers.sql"),
+    ),
+    (
+        "queries/segments/high_value_active.sql",
+        include_str!("../queries/segments/high_value_active.sql"),
     ),
     (".gitignore", "/out\n"),
 ];
@@ -539,4 +559,28 @@ async fn init(dir: &Path, people: u64, progress: Progress) -> Result<()> {
     };
     generate::generate(&place, &options, progress).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_ships_every_bundled_query_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let project = Project::load(root).unwrap();
+        let mut bundled: Vec<String> = ["identity", "traits", "segments"]
+            .iter()
+            .flat_map(|kind| project.query_files(kind).unwrap())
+            .map(|q| q.file)
+            .collect();
+        bundled.sort();
+        let mut shipped: Vec<String> = INIT_FILES
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .filter(|n| n.starts_with("queries/"))
+            .collect();
+        shipped.sort();
+        assert_eq!(shipped, bundled);
+    }
 }

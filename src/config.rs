@@ -190,6 +190,17 @@ pub struct ProfilesConfig {
     pub traits: Vec<String>,
 }
 
+/// One SQL file of a project.
+#[derive(Debug, Clone)]
+pub struct QueryFile {
+    /// The file relative to the project, as errors name it (e.g. `queries/traits/revenue.sql`).
+    pub file: String,
+    /// Its SQL.
+    pub sql: String,
+    /// Its full path.
+    pub path: PathBuf,
+}
+
 /// A loaded project: its folder and its config.
 #[derive(Debug, Clone)]
 pub struct Project {
@@ -229,6 +240,32 @@ impl Project {
     /// The folder holding SQL files of one kind (`identity`, `traits`, `segments`).
     pub fn queries_dir(&self, kind: &str) -> PathBuf {
         self.dir.join("queries").join(kind)
+    }
+
+    /// The `.sql` files of one kind, in file-name order, read.
+    pub fn query_files(&self, kind: &str) -> Result<Vec<QueryFile>> {
+        let dir = self.queries_dir(kind);
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|path| {
+                let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let file = path
+                    .strip_prefix(&self.dir)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                Ok(QueryFile { file, sql, path })
+            })
+            .collect()
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Engine {
     pub events: Place,
     /// Where tables are written.
     pub outputs: Outputs,
+    /// Local scratch space (resolved events written once per run); removed with the engine.
+    scratch: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
 
 impl Engine {
@@ -72,6 +74,7 @@ impl Engine {
                 })?;
         }
         Ok(Engine {
+            scratch: std::sync::Mutex::new(None),
             outputs: Outputs::new(output),
             project,
             ctx,
@@ -107,6 +110,45 @@ impl Engine {
                 self.ingest(&corrupt, &|_, _| {}).await
             }
         }
+    }
+
+    /// Writes `events` as it is now (checked, deduplicated, with profile_id) to local Parquet
+    /// once, and registers that in its place: every later stage reads it many times, and a
+    /// plain scan is far cheaper than redoing the checks and the profile join on each read.
+    pub async fn materialise_events(&self) -> Result<()> {
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-")
+            .tempdir()
+            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+        let path = dir.path().join(tables::EVENTS);
+        let url = format!("{}/", path.display());
+        let events = self.ctx.table(tables::EVENTS).await?;
+        let written = events
+            .write_parquet(
+                &url,
+                datafusion::dataframe::DataFrameWriteOptions::new(),
+                None,
+            )
+            .await?;
+        let rows: u64 = written
+            .iter()
+            .filter_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::UInt64Array>()
+            })
+            .map(|a| a.iter().flatten().sum::<u64>())
+            .sum();
+        if rows == 0 {
+            // Nothing was written, so there is no file to read a schema from: keep the view.
+            return Ok(());
+        }
+        self.ctx.deregister_table(tables::EVENTS)?;
+        self.ctx
+            .register_parquet(tables::EVENTS, &url, Default::default())
+            .await?;
+        *self.scratch.lock().expect("not poisoned") = Some(dir);
+        Ok(())
     }
 
     /// Registers the output tables that exist, so SQL can read them.

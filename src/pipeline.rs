@@ -203,6 +203,7 @@ async fn stages(
     engine
         .ctx
         .register_table(tables::EVENTS, resolved.into_view())?;
+    engine.materialise_events().await?;
     engine.ctx.deregister_table(tables::IDENTITY_GRAPH)?;
     engine
         .ctx

@@ -23,31 +23,6 @@ pub const TRAITS: &str = "traits";
 /// Internal name for a computed trait file's key while it is joined.
 const TRAIT_KEY: &str = "__tessera_trait_profile_id";
 
-/// One computed-trait file.
-#[derive(Debug, Clone)]
-pub struct TraitQuery {
-    /// The file, relative to the project.
-    pub file: String,
-    /// Its SQL.
-    pub sql: String,
-}
-
-/// The project's `queries/traits/*.sql`, in file-name order.
-pub fn trait_queries(engine: &Engine) -> Result<Vec<TraitQuery>> {
-    let dir = engine.project.queries_dir("traits");
-    let mut out = Vec::new();
-    for path in crate::cli::sql_files(&dir)? {
-        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let file = path
-            .strip_prefix(&engine.project.dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
-        out.push(TraitQuery { file, sql });
-    }
-    Ok(out)
-}
-
 /// The name of a profile's list column for an identifier type (`email` → `emails`).
 pub fn list_column(identifier_type: &str) -> String {
     format!("{identifier_type}s")
@@ -124,7 +99,7 @@ pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    for query in trait_queries(engine)? {
+    for query in engine.project.query_files("traits")? {
         let df = engine.query(&query.sql, &query.file).await?;
         let schema = df.schema().as_arrow().clone();
         if schema.index_of("profile_id").is_err() {

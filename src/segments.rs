@@ -29,14 +29,9 @@ pub struct SegmentQuery {
 
 /// The project's segments, in an order where each comes after the segments it reads.
 pub fn ordered(engine: &Engine) -> Result<Vec<SegmentQuery>> {
-    let dir = engine.project.queries_dir("segments");
     let mut all: BTreeMap<String, SegmentQuery> = BTreeMap::new();
-    for path in crate::cli::sql_files(&dir)? {
-        let file = path
-            .strip_prefix(&engine.project.dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+    for query in engine.project.query_files("segments")? {
+        let crate::config::QueryFile { file, sql, path } = query;
         let name = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -45,7 +40,6 @@ pub fn ordered(engine: &Engine) -> Result<Vec<SegmentQuery>> {
         if !crate::config::is_sql_name(&name) {
             return Err(Error::query(&file, format!("`{name}` is not a usable segment name: name the file with lowercase letters, digits and _ (e.g. high_value.sql)")));
         }
-        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let statement = crate::engine::check_read_only(&engine.ctx, &sql, &file)?;
         let references = engine
             .ctx

@@ -34,6 +34,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{cast, col, Expr};
 use futures::StreamExt;
 
+use crate::config::QueryFile;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::ingest::timestamp_type;
@@ -47,32 +48,14 @@ pub const MESSAGE_ID: &str = "message_id";
 /// Name shown for the built-in link query used when `queries/identity/` is empty.
 pub const DEFAULT_QUERY: &str = "<default identity query>";
 
-/// One identity query file.
-#[derive(Debug, Clone)]
-pub struct IdentityQuery {
-    /// The file, relative to the project (or [`DEFAULT_QUERY`]).
-    pub file: String,
-    /// Its SQL.
-    pub sql: String,
-}
-
 /// The project's identity queries in file-name order, or the default one.
-pub fn load_queries(engine: &Engine) -> Result<Vec<IdentityQuery>> {
-    let dir = engine.project.queries_dir("identity");
-    let mut queries = Vec::new();
-    for path in crate::cli::sql_files(&dir)? {
-        let sql = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let file = path
-            .strip_prefix(&engine.project.dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
-        queries.push(IdentityQuery { file, sql });
-    }
+pub fn load_queries(engine: &Engine) -> Result<Vec<QueryFile>> {
+    let mut queries = engine.project.query_files("identity")?;
     if queries.is_empty() {
-        queries.push(IdentityQuery {
+        queries.push(QueryFile {
             file: DEFAULT_QUERY.to_string(),
             sql: default_query(&Rules::from_config(&engine.project.config.identity)),
+            path: engine.project.queries_dir("identity"),
         });
     }
     Ok(queries)
@@ -220,7 +203,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
 }
 
 /// Plans one identity query and checks its columns against `[identity]`.
-async fn link_frame(engine: &Engine, query: &IdentityQuery, rules: &Rules) -> Result<DataFrame> {
+async fn link_frame(engine: &Engine, query: &QueryFile, rules: &Rules) -> Result<DataFrame> {
     let df = engine.query(&query.sql, &query.file).await?;
     let mut exprs = Vec::new();
     let mut identifiers = 0;
@@ -513,7 +496,7 @@ pub fn graph_schema() -> SchemaRef {
 fn build_tables(
     res: &Resolution,
     ids: &ProfileIds,
-    queries: &[IdentityQuery],
+    queries: &[QueryFile],
     events: EventIds,
     run_id: &str,
     now: DateTime<Utc>,

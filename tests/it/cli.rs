@@ -4,19 +4,6 @@ use std::path::Path;
 
 use crate::common::*;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
-}
-
 /// A copy of the bundled project (config, queries, sample events) in a temp folder.
 fn bundled() -> TempProject {
     let p = TempProject::local();

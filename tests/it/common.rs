@@ -239,3 +239,17 @@ pub fn python(test: &str) -> Option<PathBuf> {
 pub fn s3_prefix() -> String {
     format!("s3://tessera-test/{}", uuid::Uuid::new_v4().simple())
 }
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}

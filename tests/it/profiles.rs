@@ -9,18 +9,6 @@ const DAY: i64 = 86_400_000_000;
 const T0: i64 = 1_790_812_800_000_000;
 const AS_OF: &str = "2026-10-11T00:00:00Z"; // T0 + 10 days
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(path.file_name().unwrap()));
-        } else {
-            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 /// The bundled config and queries over `rows`.
 fn bundled_with(rows: &[Ev]) -> TempProject {
     let p = TempProject::local();

@@ -163,6 +163,7 @@ async fn outputs_read_back_in_datafusion_with_the_promised_types() {
             "identity_conflicts",
             "profile_merges",
             "profiles",
+            "segment_changes",
             "runs"
         ]
     );

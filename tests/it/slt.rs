@@ -145,18 +145,6 @@ fn fixture_batch(path: &Path) -> RecordBatch {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(path.file_name().unwrap()));
-        } else {
-            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn sqllogictest_files() {
     let slt = repo().join("tests/slt");
