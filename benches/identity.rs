@@ -19,52 +19,17 @@ use std::time::Instant;
 use arrow::array::{Array, AsArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
+mod common;
+
 use tessera::config::Config;
-use tessera::generate::{generate, GenerateOptions};
 use tessera::identity::graph::{Node, Resolver, Rules};
-use tessera::progress::Progress;
-use tessera::storage::Place;
-
-fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
 
 const LINK_SQL: &str = "SELECT anonymous_id, user_id, json_get_str(traits, 'email') AS email, \
     json_get_str(traits, 'phone') AS phone, \"timestamp\" AS seen_at FROM events";
 
-async fn link_rows(root: &Path, target_rows: u64) -> Vec<RecordBatch> {
+async fn link_rows(target_rows: u64) -> Vec<RecordBatch> {
     // The generator gives about 31 rows per person over 30 days.
-    let people = (target_rows / 31).max(100);
-    let dir = root.join(format!("people-{people}-days-30"));
-    if !dir.join("truth.parquet").exists() {
-        let place = Place::open(dir.to_str().unwrap(), Path::new("/"), "bench").unwrap();
-        let started = Instant::now();
-        let s = generate(
-            &place,
-            &GenerateOptions {
-                people,
-                days: 30,
-                ..Default::default()
-            },
-            Progress::new(true),
-        )
-        .await
-        .unwrap();
-        eprintln!(
-            "generated {} events in {:.1}s",
-            s.rows,
-            started.elapsed().as_secs_f64()
-        );
-    }
+    let dir = common::generated((target_rows / 31).max(100), 30).await;
     let ctx = tessera::engine::new_context().unwrap();
     ctx.register_parquet(
         "events",
@@ -245,13 +210,14 @@ fn main() {
         println!("| {} |", fields.join(" | "));
         csv.push(line.trim().to_string());
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
-    std::fs::write(root.join("identity.csv"), csv.join("\n") + "\n").unwrap();
+    std::fs::write(
+        common::data_root().join("identity.csv"),
+        csv.join("\n") + "\n",
+    )
+    .unwrap();
 }
 
 fn run_one(target: u64) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
-    std::fs::create_dir_all(&root).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -263,15 +229,15 @@ fn run_one(target: u64) {
         t.max_links = None;
         t.blocklist.clear();
     }
-    let batches = rt.block_on(link_rows(&root, target));
+    let batches = rt.block_on(link_rows(target));
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
 
-    reset_peak();
-    let before = rss_kib("VmRSS:");
+    common::reset_peak();
+    let before = common::status_kib("VmRSS:");
     let started = Instant::now();
     let res = resolve(&rules, &batches);
     let secs = started.elapsed().as_secs_f64();
-    let peak = rss_kib("VmHWM:");
+    let peak = common::status_kib("VmHWM:");
     let identifiers = res.len();
     let per_id = (peak.saturating_sub(before) * 1024) as f64 / identifiers.max(1) as f64;
     drop(res);

@@ -5,47 +5,13 @@
 //! target/bench-data/ so later runs measure only the pipeline. Prints a Markdown table and
 //! writes the same figures to target/bench-data/pipeline.csv.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod common;
+
 use tessera::config::Project;
-use tessera::generate::{generate, GenerateOptions};
 use tessera::pipeline::{run, RunOptions};
 use tessera::progress::Progress;
-use tessera::storage::Place;
-
-/// Peak resident memory of this process so far, in MiB (Linux).
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-async fn events_for(root: &Path, people: u64, days: u32) -> PathBuf {
-    let dir = root.join(format!("people-{people}-days-{days}"));
-    if !dir.join("truth.parquet").exists() {
-        let place = Place::open(dir.to_str().unwrap(), Path::new("/"), "bench").unwrap();
-        let options = GenerateOptions {
-            people,
-            days,
-            ..GenerateOptions::default()
-        };
-        let started = Instant::now();
-        let summary = generate(&place, &options, Progress::new(true))
-            .await
-            .unwrap();
-        eprintln!(
-            "generated {} rows in {:.1}s",
-            summary.rows,
-            started.elapsed().as_secs_f64()
-        );
-    }
-    dir
-}
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is read from the command line.
@@ -62,8 +28,7 @@ fn main() {
         .ok()
         .map(|s| s.parse().expect("TESSERA_BENCH_DAYS is a whole number"))
         .unwrap_or(30);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
-    std::fs::create_dir_all(&root).unwrap();
+    let root = common::data_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,7 +39,7 @@ fn main() {
     println!("| people | rows read | stage | seconds | rows/s | peak RSS (MiB) |");
     println!("|---:|---:|---|---:|---:|---:|");
     for &n in &people {
-        let data = rt.block_on(events_for(&root, n, days));
+        let data = rt.block_on(common::generated(n, days));
         let project_dir = tempfile::tempdir().unwrap();
         std::fs::write(
             project_dir.path().join("tessera.toml"),
@@ -90,7 +55,7 @@ fn main() {
             .block_on(run(project, &RunOptions::default(), Progress::hidden()))
             .unwrap();
         let total = started.elapsed().as_secs_f64();
-        let rss = peak_rss_mib();
+        let rss = common::peak_rss_mib();
         let mut stages: Vec<(String, f64)> = report
             .timings_ms
             .iter()

@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod common;
+
 use tessera::config::Project;
 use tessera::generate::{generate, GenerateOptions};
 use tessera::progress::Progress;
@@ -32,16 +34,6 @@ const EXTRA: &[(&str, &str)] = &[
     ("browsers_not_buyers", "SELECT profile_id FROM profiles WHERE viewed_product_count_30d >= 5 AND orders_90d IS NULL"),
     ("big_spenders_active", "SELECT h.profile_id FROM segments.high_value_300 h JOIN segments.active_14d a ON a.profile_id = h.profile_id"),
 ];
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -116,7 +108,7 @@ fn main() {
         ))
         .unwrap();
     let run_secs = started.elapsed().as_secs_f64();
-    let rss = peak_rss_mib();
+    let rss = common::peak_rss_mib();
     let stage = |name: &str| {
         report
             .timings_ms
