@@ -134,8 +134,10 @@ fn flatten_lists(batch: &RecordBatch) -> Result<RecordBatch> {
 /// Writes the export to `out`; returns the rows written.
 pub async fn export_segment(engine: &Engine, options: &ExportOptions, out: &Path) -> Result<u64> {
     engine.register_outputs().await?;
-    let table = format!("{}/{}", tables::SEGMENTS, options.segment);
-    if engine.outputs.open(&table).await?.is_none() {
+    // register_outputs has just registered every published segment.
+    let reference =
+        datafusion::common::TableReference::partial(tables::SEGMENTS, options.segment.as_str());
+    if !engine.ctx.table_exist(reference.clone())? {
         let known = engine.outputs.segment_names().await?;
         return Err(Error::Usage(format!(
             "no segment `{}` in {} (published segments: {}); add queries/segments/{}.sql and run `tessera run`",
@@ -147,10 +149,7 @@ pub async fn export_segment(engine: &Engine, options: &ExportOptions, out: &Path
     }
     let segment_cols: Vec<String> = engine
         .ctx
-        .table(datafusion::common::TableReference::partial(
-            tables::SEGMENTS,
-            options.segment.as_str(),
-        ))
+        .table(reference)
         .await?
         .schema()
         .fields()

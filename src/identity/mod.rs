@@ -177,9 +177,8 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
             let mut nodes = Vec::new();
             read_rows(df, "events", &rules, |row, _, message_id, _| {
                 nodes.clear();
-                let mut sorted = row.to_vec();
-                sorted.sort_by_key(|(t, _)| *t);
-                for (t, raw) in sorted {
+                // read_rows hands rows over in priority order.
+                for &(t, raw) in row {
                     if let Ok(v) = rules.clean(t, raw) {
                         if let Some(n) = resolution.lookup(t, &v) {
                             nodes.push(n);
@@ -779,9 +778,8 @@ pub async fn events_with_published_profiles(
     let mut sources = 0;
     let queries = load_queries(engine)?;
     let lookup = |row: &[(u8, &str)]| -> Option<(u32, u8)> {
-        let mut sorted = row.to_vec();
-        sorted.sort_by_key(|(t, _)| *t);
-        sorted.into_iter().find_map(|(t, raw)| {
+        // read_rows hands rows over in priority order: the first identifier found wins.
+        row.iter().find_map(|&(t, raw)| {
             let v = rules.clean(t, raw).ok()?;
             of_identifier.get(&(t, v.into_owned())).map(|k| (*k, t))
         })
