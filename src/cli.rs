@@ -50,6 +50,18 @@ pub enum Command {
         /// YYYY-MM-DD, UTC); default: now. Fix it to make a run reproducible.
         #[arg(long, value_name = "TIME")]
         as_of: Option<String>,
+        /// Memory the query engine may use, e.g. `4GiB` or `60%` (overrides run.memory_limit).
+        #[arg(long, value_name = "SIZE")]
+        memory_limit: Option<String>,
+        /// Folder for spill files (overrides run.spill_dir).
+        #[arg(long, value_name = "DIR")]
+        spill_dir: Option<String>,
+    },
+    /// Show the lease, unfinished publishes, new input files, table versions and the last runs.
+    Status {
+        /// How many runs to list.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
     /// Run one SQL query over events, sources and the output tables.
     Query {
@@ -194,8 +206,19 @@ async fn main_inner(cli: Cli) -> Result<i32> {
     let progress = Progress::new(!cli.quiet && !cli.json);
     let project_dir = cli.project.clone();
     match cli.command {
-        Command::Run { full, as_of } => {
-            let project = Project::load(&project_dir)?;
+        Command::Run {
+            full,
+            as_of,
+            memory_limit,
+            spill_dir,
+        } => {
+            let mut project = Project::load(&project_dir)?;
+            if let Some(limit) = memory_limit {
+                project.config.run.memory_limit = limit;
+            }
+            if let Some(dir) = spill_dir {
+                project.config.run.spill_dir = Some(dir);
+            }
             let as_of = as_of.as_deref().map(parse_as_of).transpose()?;
             let report = pipeline::run(project, &RunOptions { full, as_of }, progress).await?;
             print_report(&report, cli.json);
@@ -203,11 +226,25 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         }
         Command::Query { sql, format } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            let ingested = engine.ingest_skipping_corrupt().await?;
+            // `events` is the published event history; before any run, the event files as
+            // they are now (checked and deduplicated on the fly).
+            let events = match engine
+                .outputs
+                .read(&engine.ctx, crate::state::EVENTS)
+                .await?
+            {
+                Some(history) => {
+                    engine.ctx.deregister_table(crate::tables::EVENTS)?;
+                    engine
+                        .ctx
+                        .register_table(crate::tables::EVENTS, history.clone().into_view())?;
+                    history
+                }
+                None => engine.ingest_skipping_corrupt().await?.events,
+            };
             engine.register_outputs().await?;
             // Looking up every event's profile costs a pass over events: only when asked for.
             if sql.to_lowercase().contains("profile_id") {
-                let events = ingested.events.clone();
                 if let Some(resolved) =
                     crate::identity::events_with_published_profiles(&engine, events).await?
                 {
@@ -224,6 +261,16 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
+        Command::Status { runs } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let status = crate::status::status(&engine, runs).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&status).unwrap_or_default());
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(0)
+        }
         Command::Explain { identifier } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
             let explanation = crate::identity::explain::explain(&engine, &identifier).await?;
@@ -338,17 +385,33 @@ fn print_report(report: &RunReport, json: bool) {
         report.run_id,
         report.status.as_str()
     );
+    for run in &report.finished_publishes {
+        println!("  first finished publishing run {run}, which had stopped part way");
+    }
     println!(
-        "  files   {} read, {} skipped",
+        "  files   {} read ({} run), {} skipped, {} changed since processed",
         report.input_files.len(),
-        report.skipped_files.len()
+        report.mode,
+        report.skipped_files.len(),
+        report.changed_files.len()
     );
     for skipped in &report.skipped_files {
         println!("    skipped {}: {}", skipped.file, skipped.reason);
     }
+    for changed in &report.changed_files {
+        println!("    changed {}: {}", changed.file, changed.reason);
+    }
+    if report.status == crate::runs::RunStatus::Unchanged {
+        println!("  no new event files since the last run: nothing to do, no table changed");
+        return;
+    }
     println!(
         "  rows    {} read, {} rejected, {} duplicates, {} events",
         report.rows_read, report.rows_rejected, report.rows_duplicate, report.events
+    );
+    println!(
+        "  events  {} new, {} in the history",
+        report.new_events, report.events
     );
     let id = &report.identity;
     println!(
@@ -406,10 +469,10 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
     let engine = Engine::open(project).await?;
     let mut findings = Findings::default();
     // A full read of every file: validate is where a file with corrupt rows should show up.
-    let corrupt = crate::ingest::find_corrupt(&engine.events)
+    let corrupt = crate::ingest::find_corrupt(&engine.events, None)
         .await
         .unwrap_or_default();
-    match engine.ingest(&corrupt, &|_, _| {}).await {
+    match engine.ingest(&corrupt, None, &|_, _| {}).await {
         Ok(ingested) => {
             findings.event_files = ingested.inventory.files.len();
             for skipped in &ingested.inventory.skipped {

@@ -32,6 +32,9 @@ pub struct Config {
     /// `[profiles]`
     #[serde(default)]
     pub profiles: ProfilesConfig,
+    /// `[run]`: memory, spilling, the lease and how long old table versions are kept.
+    #[serde(default)]
+    pub run: RunConfig,
 }
 
 /// `[project]`
@@ -65,6 +68,105 @@ pub struct StorageConfig {
     /// Where output tables are written.
     #[serde(default = "default_output")]
     pub output: String,
+    /// `[storage.retry]`: how S3 requests are retried and timed out.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// `[storage.retry]`: retries with exponential backoff and jitter, and request timeouts.
+///
+/// object_store retries 5xx (503 SlowDown included), 429 and dropped connections for every
+/// request, and timeouts for reads; Tessera itself retries the writes it makes conditionally
+/// (lease, publish) after a timeout, checking whether the first attempt landed.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries per request before giving up.
+    pub max_retries: usize,
+    /// No retry starts later than this after the first attempt (keep it under 5 minutes:
+    /// retries reuse the request's signature).
+    pub retry_timeout_secs: u64,
+    /// The first backoff; each retry doubles it, up to `max_backoff_ms`.
+    pub initial_backoff_ms: u64,
+    /// The longest wait between two attempts.
+    pub max_backoff_ms: u64,
+    /// A request that has not completed after this long fails (and may be retried).
+    pub request_timeout_secs: u64,
+    /// Connecting to the server fails after this long.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_retries: 10,
+            retry_timeout_secs: 180,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 15_000,
+            request_timeout_secs: 30,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+/// `[run]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Memory the query engine may use, e.g. `"4GiB"`, `"512MiB"`, or `"60%"` of this
+    /// machine's memory (the default). `--memory-limit` overrides it.
+    pub memory_limit: String,
+    /// Where large sorts and aggregations spill; default: the system's temporary folder.
+    pub spill_dir: Option<String>,
+    /// Most disk spilling may use, e.g. `"100GiB"`.
+    pub max_spill: String,
+    /// How long a lease lasts without renewal; a run renews it every third of this.
+    pub lease_seconds: u64,
+    /// Files of old table versions (and leftovers of dead runs) are deleted once older than this.
+    pub retention_hours: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            memory_limit: "60%".into(),
+            spill_dir: None,
+            max_spill: "100GiB".into(),
+            lease_seconds: 300,
+            retention_hours: 168,
+        }
+    }
+}
+
+/// Parses a size such as `4GiB`, `512MiB`, `2GB`, `1048576`, or `60%` of `total` bytes.
+pub fn parse_size(text: &str, total: u64) -> Option<u64> {
+    let text = text.trim();
+    if let Some(share) = text.strip_suffix('%') {
+        let share: f64 = share.trim().parse().ok()?;
+        if !(share > 0.0 && share <= 100.0) {
+            return None;
+        }
+        return Some((total as f64 * share / 100.0) as u64);
+    }
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    let bytes = number * scale as f64;
+    (bytes >= 1.0).then_some(bytes as u64)
 }
 
 impl Default for StorageConfig {
@@ -72,6 +174,7 @@ impl Default for StorageConfig {
         StorageConfig {
             events: default_events(),
             output: default_output(),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -346,6 +449,33 @@ impl Config {
             return Err(fail(
                 "identity.default_country_code".into(),
                 format!("\"{cc}\" is not a country calling code: use 1 to 3 digits, e.g. \"1\" or \"44\""),
+            ));
+        }
+        for (key, value) in [
+            ("run.memory_limit", &self.run.memory_limit),
+            ("run.max_spill", &self.run.max_spill),
+        ] {
+            if parse_size(value, 1 << 30).is_none() {
+                return Err(fail(
+                    key.into(),
+                    format!(
+                        "\"{value}\" is not a size: write e.g. \"4GiB\", \"512MiB\" or \"60%\""
+                    ),
+                ));
+            }
+        }
+        if self.run.lease_seconds < 2 {
+            return Err(fail(
+                "run.lease_seconds".into(),
+                "must be at least 2 (a run renews its lease every third of it)".into(),
+            ));
+        }
+        if self.storage.retry.request_timeout_secs == 0
+            || self.storage.retry.connect_timeout_secs == 0
+        {
+            return Err(fail(
+                "storage.retry".into(),
+                "request_timeout_secs and connect_timeout_secs must be at least 1".into(),
             ));
         }
         let mut names = std::collections::HashSet::new();

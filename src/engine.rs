@@ -37,6 +37,8 @@ pub struct Engine {
     pub events: Place,
     /// Where tables are written.
     pub outputs: Outputs,
+    /// The memory and spill limits from `[run]` (for messages; the context enforces them).
+    pub limits: Limits,
     /// Local scratch space (resolved events written once per run); removed with the engine.
     scratch: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
@@ -44,19 +46,21 @@ pub struct Engine {
 impl Engine {
     /// Opens `project`: resolves its locations and registers their stores and its sources.
     pub async fn open(project: Project) -> Result<Engine> {
-        Self::open_with(project, new_context()?).await
+        let limits = Limits::from_config(&project.config.run)?;
+        Self::open_with(project, new_context_with(&limits)?).await
     }
 
     /// Like [`Engine::open`], over a context the caller made (e.g. a distributed one).
     pub async fn open_with(project: Project, ctx: SessionContext) -> Result<Engine> {
         let storage = &project.config.storage;
-        let events = Place::open(&storage.events, &project.dir, "storage.events")?;
-        let output = Place::open(&storage.output, &project.dir, "storage.output")?;
+        let retry = &storage.retry;
+        let events = Place::open_with(&storage.events, &project.dir, "storage.events", retry)?;
+        let output = Place::open_with(&storage.output, &project.dir, "storage.output", retry)?;
         events.register(&ctx);
         output.register(&ctx);
         for (i, source) in project.config.sources.iter().enumerate() {
             let key = format!("sources[{i}].location");
-            let place = Place::open(&source.location, &project.dir, &key)?;
+            let place = Place::open_with(&source.location, &project.dir, &key, retry)?;
             place.register(&ctx);
             let url = place.url();
             // A location naming a file has no trailing slash; a folder keeps its own.
@@ -74,6 +78,7 @@ impl Engine {
                 })?;
         }
         Ok(Engine {
+            limits: Limits::from_config(&project.config.run)?,
             scratch: std::sync::Mutex::new(None),
             outputs: Outputs::new(output),
             project,
@@ -88,9 +93,10 @@ impl Engine {
     pub async fn ingest(
         &self,
         known_bad: &[ingest::SkippedFile],
+        seen: Option<&crate::state::Seen>,
         on_file: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<Ingested> {
-        let inventory = ingest::discover(&self.events, known_bad, on_file).await?;
+        let inventory = ingest::discover(&self.events, known_bad, seen, on_file).await?;
         let ingested = ingest::plan(&self.ctx, inventory).await?;
         self.ctx.deregister_table(tables::EVENTS)?;
         self.ctx
@@ -100,14 +106,16 @@ impl Engine {
 
     /// [`Engine::ingest`], and when it fails, once more without the files whose rows are corrupt.
     pub async fn ingest_skipping_corrupt(&self) -> Result<Ingested> {
-        match self.ingest(&[], &|_, _| {}).await {
+        match self.ingest(&[], None, &|_, _| {}).await {
             Ok(ingested) => Ok(ingested),
             Err(e) => {
-                let corrupt = ingest::find_corrupt(&self.events).await.unwrap_or_default();
+                let corrupt = ingest::find_corrupt(&self.events, None)
+                    .await
+                    .unwrap_or_default();
                 if corrupt.is_empty() {
                     return Err(e);
                 }
-                self.ingest(&corrupt, &|_, _| {}).await
+                self.ingest(&corrupt, None, &|_, _| {}).await
             }
         }
     }
@@ -185,8 +193,82 @@ pub fn read_only() -> datafusion::execution::context::SQLOptions {
         .with_allow_statements(false)
 }
 
-/// A new context with Tessera's settings and functions.
+/// Memory and spilling limits of a context.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes the query engine's memory pool holds; sorts, aggregations and joins spill or
+    /// fail (with a clear error) beyond it.
+    pub memory: u64,
+    /// The limit as the user wrote it (or the default), for messages.
+    pub memory_text: String,
+    /// Where spill files go (default: the system's temporary folder).
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Most bytes all spill files together may take.
+    pub max_spill: u64,
+}
+
+/// This machine's memory in bytes: the smaller of physical memory and the cgroup limit.
+pub fn total_memory() -> u64 {
+    let physical = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    cgroup.map_or(physical, |c| c.min(physical))
+}
+
+impl Limits {
+    /// The limits `[run]` asks for.
+    pub fn from_config(run: &crate::config::RunConfig) -> Result<Limits> {
+        let total = total_memory();
+        let bad = |key: &str, value: &str| {
+            Error::Usage(format!(
+                "{key} = \"{value}\" is not a size: write e.g. \"4GiB\", \"512MiB\" or \"60%\""
+            ))
+        };
+        let memory = crate::config::parse_size(&run.memory_limit, total)
+            .ok_or_else(|| bad("memory limit", &run.memory_limit))?;
+        let max_spill = crate::config::parse_size(&run.max_spill, total)
+            .ok_or_else(|| bad("run.max_spill", &run.max_spill))?;
+        Ok(Limits {
+            memory,
+            memory_text: format!("{} ({} MiB)", run.memory_limit, memory >> 20),
+            spill_dir: run.spill_dir.as_ref().map(std::path::PathBuf::from),
+            max_spill,
+        })
+    }
+}
+
+/// A new context with Tessera's settings and functions and the default limits.
 pub fn new_context() -> Result<SessionContext> {
+    new_context_with(&Limits::from_config(&Default::default())?)
+}
+
+/// A new context with Tessera's settings and functions, under `limits`.
+pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
+    use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+    use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    let pool = TrackConsumersPool::new(
+        FairSpillPool::new(limits.memory as usize),
+        std::num::NonZeroUsize::new(5).expect("non-zero"),
+    );
+    let mut disk = DiskManagerBuilder::default().with_max_temp_directory_size(limits.max_spill);
+    if let Some(dir) = &limits.spill_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.clone()]));
+    }
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(pool))
+        .with_disk_manager_builder(disk)
+        .build_arc()?;
     let config = SessionConfig::new()
         .with_information_schema(true)
         // Output must be plain UTF-8 for BI tools; view types would leak into every table.
@@ -203,6 +285,7 @@ pub fn new_context() -> Result<SessionContext> {
         );
     let state = SessionStateBuilder::new()
         .with_config(config)
+        .with_runtime_env(runtime)
         .with_default_features()
         // delta-rs plans its writes with extension nodes only its planner knows.
         .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())

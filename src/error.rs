@@ -80,6 +80,29 @@ pub enum Error {
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
 
+    /// Another run holds the output's lease.
+    #[error("locked: {0}")]
+    Locked(String),
+
+    /// This run lost its lease to another run and must not publish.
+    #[error("fenced: {0}")]
+    Fenced(String),
+
+    /// Something else wrote where this run was publishing.
+    #[error("conflict: {0}")]
+    Conflict(String),
+
+    /// A stage ran out of the memory it may use.
+    #[error("{stage}: out of memory under the limit of {limit}: {message}. Raise --memory-limit (or run.memory_limit in tessera.toml), or give the machine more memory")]
+    Memory {
+        /// The pipeline stage.
+        stage: String,
+        /// The limit in force, as written.
+        limit: String,
+        /// DataFusion's message.
+        message: String,
+    },
+
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
@@ -117,6 +140,7 @@ impl Error {
             | Error::Location { .. }
             | Error::Query { .. }
             | Error::Usage(_) => 2,
+            Error::Locked(_) => 3,
             _ => 1,
         }
     }

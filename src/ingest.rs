@@ -99,6 +99,10 @@ pub struct Inventory {
     pub files: Vec<EventFile>,
     /// Files that will not be read.
     pub skipped: Vec<SkippedFile>,
+    /// Files processed by an earlier run that have changed since: reported, not re-read.
+    pub changed: Vec<SkippedFile>,
+    /// Files processed by an earlier run and unchanged: not read again.
+    pub already_processed: usize,
     /// The schema of `events`: Segment-spec columns, then other columns, then partition columns.
     pub schema: SchemaRef,
 }
@@ -120,9 +124,12 @@ impl Inventory {
 /// `on_file` is called once per file examined (for progress).
 ///
 /// Files listed in `known_bad` (found corrupt by [`find_corrupt`]) are skipped with their reason.
+/// With `seen` (the files earlier runs processed: URL → size and ETag), only other files are
+/// read; a seen file whose size or ETag differs is listed in `changed`.
 pub async fn discover(
     place: &Place,
     known_bad: &[SkippedFile],
+    seen: Option<&crate::state::Seen>,
     on_file: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Inventory> {
     if let Location::Local(dir) = &place.location {
@@ -141,6 +148,33 @@ pub async fn discover(
         .try_collect()
         .await?;
     metas.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut changed = Vec::new();
+    let mut already_processed = 0;
+    if let Some(seen) = seen {
+        metas.retain(|meta| {
+            let url = object_url(place, &meta.location);
+            let Some(before) = seen.get(&url) else {
+                return true;
+            };
+            already_processed += 1;
+            let etag_differs = matches!((&before.e_tag, &meta.e_tag), (Some(a), Some(b)) if a != b);
+            if before.size != meta.size || etag_differs {
+                tracing::warn!(file = %url, "an event file changed after it was processed; it is not read again");
+                changed.push(SkippedFile {
+                    reason: format!(
+                        "changed after run {} processed it (size {} → {}{}); its new rows are not read. \
+                         Write new events to new files; `tessera run --full` rebuilds from every file as it is now",
+                        before.run_id,
+                        before.size,
+                        meta.size,
+                        if etag_differs { ", new ETag" } else { "" }
+                    ),
+                    file: url,
+                });
+            }
+            false
+        });
+    }
     let total = metas.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
 
@@ -230,6 +264,8 @@ pub async fn discover(
     Ok(Inventory {
         files,
         skipped,
+        changed,
+        already_processed,
         schema: Arc::new(Schema::new(fields)),
     })
 }
@@ -239,9 +275,12 @@ pub async fn discover(
 /// A file can have a sound footer and corrupt pages; that only shows when a scan reads them,
 /// and it fails the whole scan. A run that fails calls this, skips what it finds, and tries
 /// once more, so one bad file never takes a run down.
-pub async fn find_corrupt(place: &Place) -> Result<Vec<SkippedFile>> {
+pub async fn find_corrupt(
+    place: &Place,
+    seen: Option<&crate::state::Seen>,
+) -> Result<Vec<SkippedFile>> {
     use parquet::arrow::ParquetRecordBatchStreamBuilder;
-    let inventory = discover(place, &[], &|_, _| {}).await?;
+    let inventory = discover(place, &[], seen, &|_, _| {}).await?;
     let checks = inventory.files.iter().map(|file| {
         let store = place.store.clone();
         async move {

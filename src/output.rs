@@ -7,6 +7,7 @@ use datafusion::common::Column;
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{cast, Expr};
 use datafusion::prelude::SessionContext;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::logstore::{
     default_logstore, logstore_factories, LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig,
 };
@@ -14,6 +15,7 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaResult, DeltaTable, DeltaTableBuilder, DeltaTableError};
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use url::Url;
 
 use crate::error::{Error, Result};
@@ -125,6 +127,19 @@ impl Outputs {
         }
     }
 
+    /// Opens table `name` at `version` (to read a set of tables a `runs` row pinned).
+    pub async fn open_version(&self, name: &str, version: u64) -> Result<DeltaTable> {
+        let mut table = self
+            .builder(name)?
+            .build()
+            .map_err(|e| Error::delta(name, e))?;
+        table
+            .load_version(version)
+            .await
+            .map_err(|e| Error::delta(name, e))?;
+        Ok(table)
+    }
+
     /// Writes `df` to table `name` in one commit (creating the table on first write).
     pub async fn write(
         &self,
@@ -156,6 +171,13 @@ impl Outputs {
             .with_save_mode(save)
             .with_schema_mode(schema)
             .with_table_name(name)
+            // Checkpoints and log clean-up are post-commit work on the real log: Tessera does
+            // them after publishing (`Outputs::tidy`), never from inside a staged run.
+            .with_commit_properties(
+                CommitProperties::default()
+                    .with_create_checkpoint(false)
+                    .with_cleanup_expired_logs(Some(false)),
+            )
             .await
             .map_err(|e| Error::delta(name, e))?;
         let version = table.version().unwrap_or(0);
@@ -170,7 +192,21 @@ impl Outputs {
         ctx: &SessionContext,
         name: &str,
     ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
-        let Some(table) = self.open(name).await? else {
+        self.provider_at(ctx, name, None).await
+    }
+
+    /// Table `name` at `version` (the latest when `None`) as a provider; `None` when absent.
+    pub async fn provider_at(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<Arc<dyn datafusion::catalog::TableProvider>>> {
+        let table = match version {
+            Some(version) => Some(self.open_version(name, version).await?),
+            None => self.open(name).await?,
+        };
+        let Some(table) = table else {
             return Ok(None);
         };
         table
@@ -215,6 +251,76 @@ impl Outputs {
             }
         }
         Ok(found)
+    }
+}
+
+/// Every Delta table under the output: the contract tables, each segment, and `_state` tables.
+pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
+    let mut names: Vec<String> = crate::tables::OUTPUT_TABLES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    names.extend(
+        outputs
+            .segment_names()
+            .await?
+            .into_iter()
+            .map(|n| format!("{}/{n}", crate::tables::SEGMENTS)),
+    );
+    names.push(crate::state::EVENTS.into());
+    names.push(crate::state::INPUT_FILES.into());
+    Ok(names)
+}
+
+/// Checkpoints written and files deleted by [`Outputs::tidy`].
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Tidied {
+    /// Tables given a new checkpoint.
+    pub checkpoints: u64,
+    /// Files deleted: those of versions older than the retention, and leftovers of dead runs.
+    pub files_deleted: u64,
+}
+
+/// A table gets a checkpoint every this many versions, so readers replay a short log.
+const CHECKPOINT_EVERY: u64 = 20;
+
+impl Outputs {
+    /// After a publish: checkpoints tables whose log grew long, and deletes data files that no
+    /// version younger than `retention` needs (files replaced long ago, and files a dead run
+    /// wrote but never published). Readers pinned to a version older than `retention` lose it.
+    pub async fn tidy(&self, names: &[String], retention: std::time::Duration) -> Result<Tidied> {
+        let mut done = Tidied::default();
+        for name in names {
+            let Some(table) = self.open(name).await? else {
+                continue;
+            };
+            let version = table.version().unwrap_or(0);
+            if version > 0 && version % CHECKPOINT_EVERY == 0 {
+                deltalake::checkpoints::create_checkpoint(&table, None)
+                    .await
+                    .map_err(|e| Error::delta(name.as_str(), e))?;
+                done.checkpoints += 1;
+            }
+            let store = table.log_store().object_store(None);
+            let (_, plan) = table
+                .vacuum()
+                .with_retention_period(chrono::Duration::from_std(retention).unwrap_or_default())
+                .with_enforce_retention_duration(false)
+                .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+                .with_dry_run(true)
+                .await
+                .map_err(|e| Error::delta(name.as_str(), e))?;
+            for file in plan.files_deleted {
+                match store
+                    .delete(&object_store::path::Path::from(file.as_str()))
+                    .await
+                {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => done.files_deleted += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(done)
     }
 }
 

@@ -1,33 +1,39 @@
 //! A run, stage by stage, as DESIGN.md §1 draws it. Read this first.
 //!
 //! ```text
-//! event files ─► ingest: footer + schema checks, row checks, dedupe ─► rejected_events
+//! lease ─► finish any half-done publish ─► which input files are new (_state/input_files)
+//!   new event files ─► ingest: footer + schema checks, row checks, dedupe ─► rejected_events
 //!                          │
-//!                       events ─► identity: queries/identity/*.sql → links → union-find
+//!   _state/events (history + new events) ─► identity: queries/identity/*.sql → union-find
 //!                          │          ─► identity_graph, identity_links, identity_conflicts, profile_merges
-//!                 events + profile_id ─► (profiles, segments: coming stages)
+//!                 events + profile_id ─► profiles ─► segments, segment_changes
 //!                          │
-//!                        runs  (one row per run, appended last)
+//!                        runs ─► publish: every table's commit, `runs` last ─► release lease
 //! ```
+//!
+//! Every table is written to a stage first ([`crate::publish`]); nothing is visible to
+//! readers until [`Stage::publish`] runs at the end.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
 use crate::config::Project;
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::identity;
-use crate::output::WriteMode;
+use crate::lease::Lease;
+use crate::output::{Outputs, WriteMode};
 use crate::progress::Progress;
+use crate::publish::Stage;
 use crate::runs::{RunReport, RunStatus};
+use crate::state;
 use crate::tables;
 
 /// Choices for one run.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Rebuild everything from all input. Every run is a full run until incremental input lands,
-    /// so this is accepted now and changes nothing yet.
+    /// Rebuild everything from every input file, ignoring what earlier runs processed.
     pub full: bool,
     /// The time relative windows in SQL are measured from (`as_of()`); default: the run's start.
     pub as_of: Option<chrono::DateTime<chrono::Utc>>,
@@ -42,8 +48,19 @@ pub async fn run(project: Project, options: &RunOptions, progress: Progress) -> 
     run_on(&engine, options, progress).await
 }
 
+/// What a run's stages did.
+enum Work {
+    /// Tables were written to the stage and wait to be published.
+    Done,
+    /// An incremental run found no new event files: nothing to write.
+    Nothing,
+}
+
 /// Runs the pipeline on an engine the caller opened; afterwards its context holds every table
 /// of the run (`events` with `profile_id` included), for embedding and tests.
+///
+/// Takes the output's lease first: while another run holds it, this returns
+/// [`Error::Locked`] having done nothing.
 pub async fn run_on(
     engine: &Engine,
     options: &RunOptions,
@@ -53,12 +70,43 @@ pub async fn run_on(
     engine.ctx.register_udf(crate::functions::as_of(
         options.as_of.unwrap_or(report.started_at),
     ));
+    let place = engine.outputs.place().clone();
+    crate::lease::check_conditional_writes(&place).await?;
+    let ttl = Duration::from_secs(engine.project.config.run.lease_seconds);
+    let lease = Lease::acquire(&place, &report.run_id, ttl).await?;
     tracing::info!(run_id = %report.run_id, full = options.full, "run started");
-    let mut outcome = stages(engine, &mut report, progress, &[]).await;
-    if outcome.is_err() {
+    let result = leased(engine, options, progress, &lease, &mut report).await;
+    lease.release().await;
+    result.map(|()| report)
+}
+
+async fn leased(
+    engine: &Engine,
+    options: &RunOptions,
+    progress: Progress,
+    lease: &Lease,
+    report: &mut RunReport,
+) -> Result<()> {
+    let place = engine.outputs.place().clone();
+    report.finished_publishes = crate::publish::roll_forward(&place).await?;
+    let seen = if options.full {
+        None
+    } else {
+        state::seen(&engine.outputs, &engine.ctx).await?
+    };
+    report.mode = if seen.is_some() {
+        "incremental"
+    } else {
+        "full"
+    }
+    .into();
+
+    let mut stage = Stage::new(&place);
+    let mut outcome = stages(engine, &stage, report, progress, &[], seen.as_ref()).await;
+    if outcome.is_err() && !lease.is_lost() {
         // A file with a sound footer and corrupt pages fails the scan that reads it: find such
         // files, skip them, and run once more. With none found, the first error stands.
-        let corrupt = crate::ingest::find_corrupt(&engine.events)
+        let corrupt = crate::ingest::find_corrupt(&engine.events, seen.as_ref())
             .await
             .unwrap_or_default();
         if !corrupt.is_empty() {
@@ -67,91 +115,208 @@ pub async fn run_on(
             }
             report.tables.clear();
             report.timings_ms.clear();
-            outcome = stages(engine, &mut report, progress, &corrupt).await;
+            stage = Stage::new(&place);
+            outcome = stages(engine, &stage, report, progress, &corrupt, seen.as_ref()).await;
         }
     }
     report.finished_at = Utc::now();
-    report.status = match &outcome {
-        Ok(()) => RunStatus::Succeeded,
-        Err(e) => {
-            report.error = Some(e.to_string());
-            RunStatus::Failed
+    match outcome {
+        Ok(Work::Nothing) => {
+            report.status = RunStatus::Unchanged;
+            tracing::info!(run_id = %report.run_id, "no new event files; nothing to do");
+            Ok(())
         }
-    };
-    let runs = engine.ctx.read_batch(report.to_batch()?)?;
-    let logged = engine
-        .outputs
-        .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
-        .await;
-    match (outcome, logged) {
-        (Err(e), logged) => {
-            if let Err(log_error) = logged {
-                tracing::error!(error = %log_error, "could not record the failed run in `runs`");
+        Ok(Work::Done) => {
+            report.status = RunStatus::Succeeded;
+            let started = Instant::now();
+            let outputs = Outputs::new(stage.place().clone());
+            let runs = engine.ctx.read_batch(report.to_batch()?)?;
+            let committed = outputs
+                .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
+                .await?;
+            let spinner = progress.spinner("publishing");
+            let entries = stage.publish(&report.run_id, lease, tables::RUNS).await?;
+            report.tables.insert(tables::RUNS.to_string(), committed);
+            spinner.set_message("tidying old versions");
+            tidy(engine).await;
+            spinner.finish_and_clear();
+            report
+                .timings_ms
+                .push(("publish".into(), elapsed_ms(started)));
+            tracing::info!(run_id = %report.run_id, events = report.events, commits = entries,
+                "run succeeded and published");
+            Ok(())
+        }
+        Err(e) => {
+            report.status = RunStatus::Failed;
+            report.error = Some(e.to_string());
+            if !matches!(e, Error::Fenced(_)) {
+                if let Err(log_error) = record_failure(engine, lease, report).await {
+                    tracing::error!(error = %log_error, "could not record the failed run in `runs`");
+                }
             }
             Err(e)
         }
-        (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(committed)) => {
-            report.tables.insert(tables::RUNS.to_string(), committed);
-            tracing::info!(run_id = %report.run_id, events = report.events, "run succeeded");
-            Ok(report)
+    }
+}
+
+/// Publishes only the failed run's `runs` row: nothing else of it becomes visible.
+async fn record_failure(engine: &Engine, lease: &Lease, report: &RunReport) -> Result<()> {
+    let stage = Stage::new(engine.outputs.place());
+    let outputs = Outputs::new(stage.place().clone());
+    let runs = engine.ctx.read_batch(report.to_batch()?)?;
+    outputs
+        .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
+        .await?;
+    stage.publish(&report.run_id, lease, tables::RUNS).await?;
+    Ok(())
+}
+
+/// Checkpoints long logs and deletes files older than `run.retention_hours` that no kept
+/// version needs; a failure here is logged and leaves the published run as it is.
+async fn tidy(engine: &Engine) {
+    let retention = Duration::from_secs(engine.project.config.run.retention_hours * 3600);
+    let result = async {
+        let names = crate::output::all_tables(&engine.outputs).await?;
+        engine.outputs.tidy(&names, retention).await
+    }
+    .await;
+    match result {
+        Ok(done) => tracing::debug!(
+            checkpoints = done.checkpoints,
+            deleted = done.files_deleted,
+            "tidied"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not tidy old table versions; the next run tries again")
+        }
+    }
+}
+
+/// Names the stage and the limit when the query engine ran out of memory.
+fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Error + 'a {
+    move |e| {
+        let text = e.to_string();
+        if text.contains("Resources exhausted") {
+            Error::Memory {
+                stage: stage.to_string(),
+                limit: engine.limits.memory_text.clone(),
+                message: text,
+            }
+        } else {
+            e
         }
     }
 }
 
 async fn stages(
     engine: &Engine,
+    stage: &Stage,
     report: &mut RunReport,
     progress: Progress,
     known_bad: &[crate::ingest::SkippedFile],
-) -> Result<()> {
-    // Ingest: find files, check them, plan the events table.
+    seen: Option<&state::Seen>,
+) -> Result<Work> {
+    let outputs = &Outputs::new(stage.place().clone());
+    let ctx = &engine.ctx;
+    // Ingest: find the files not processed before, check them, plan their events.
     let started = Instant::now();
     let bar = progress.bar("checking event files", 0);
     let on_file = |done: u64, total: u64| {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let ingested = engine.ingest(known_bad, &on_file).await?;
+    let ingested = engine.ingest(known_bad, seen, &on_file).await?;
     bar.finish_and_clear();
     let inventory = &ingested.inventory;
     report.input_files = inventory.files.iter().map(|f| f.url.clone()).collect();
     report.skipped_files = inventory.skipped.clone();
+    report.changed_files = inventory.changed.clone();
     report.rows_read = inventory.rows();
     tracing::info!(
         files = inventory.files.len(),
+        already_processed = inventory.already_processed,
+        changed = inventory.changed.len(),
         skipped = inventory.skipped.len(),
         rows = report.rows_read,
         bytes = inventory.bytes(),
         "event files checked"
     );
+    if seen.is_some() && inventory.files.is_empty() {
+        return Ok(Work::Nothing);
+    }
+    let mode = if seen.is_some() {
+        WriteMode::Append
+    } else {
+        WriteMode::Replace
+    };
     report
         .timings_ms
         .push(("ingest".into(), elapsed_ms(started)));
 
     let started = Instant::now();
     let spinner = progress.spinner("quarantining rejected events");
-    let committed = engine
-        .outputs
+    let committed = outputs
         .write(
-            &engine.ctx,
+            ctx,
             tables::REJECTED_EVENTS,
             ingested.rejected.clone(),
-            WriteMode::Replace,
+            mode,
         )
-        .await?;
-    spinner.finish_and_clear();
+        .await
+        .map_err(in_stage(engine, "rejected_events"))?;
     report.rows_rejected = committed.rows;
     report
         .tables
         .insert(tables::REJECTED_EVENTS.to_string(), committed);
+
+    // The event history: earlier runs' events plus the new ones not seen before.
+    spinner.set_message("adding new events to the history");
+    let new_events = match seen {
+        Some(_) => match engine.outputs.read(ctx, state::EVENTS).await? {
+            Some(history) => {
+                let known = history
+                    .select(vec![datafusion::prelude::col(tables::event::MESSAGE_ID)
+                        .alias("__tessera_known_id")])?;
+                ingested.events.clone().join(
+                    known,
+                    datafusion::common::JoinType::LeftAnti,
+                    &[tables::event::MESSAGE_ID],
+                    &["__tessera_known_id"],
+                    None,
+                )?
+            }
+            None => ingested.events.clone(),
+        },
+        None => ingested.events.clone(),
+    };
+    let committed = outputs
+        .write(ctx, state::EVENTS, new_events, mode)
+        .await
+        .map_err(in_stage(engine, "event history"))?;
+    report.new_events = committed.rows;
+    report.tables.insert(state::EVENTS.to_string(), committed);
+    let files = engine
+        .ctx
+        .read_batch(state::input_files_batch(&inventory.files, &report.run_id)?)?;
+    let committed = outputs.write(ctx, state::INPUT_FILES, files, mode).await?;
+    report
+        .tables
+        .insert(state::INPUT_FILES.to_string(), committed);
+    let history = outputs
+        .provider(ctx, state::EVENTS)
+        .await?
+        .ok_or_else(|| Error::Usage("the event history table was not written".into()))?;
+    ctx.deregister_table(tables::EVENTS)?;
+    ctx.register_table(tables::EVENTS, history)?;
+    report.events = ctx.table(tables::EVENTS).await?.count().await? as u64;
+    spinner.finish_and_clear();
     report
         .timings_ms
-        .push(("rejected_events".into(), elapsed_ms(started)));
+        .push(("events".into(), elapsed_ms(started)));
 
     let valid = ingested.valid_rows;
-    report.events = ingested.event_rows;
-    report.rows_duplicate = valid - ingested.event_rows;
+    report.rows_duplicate = valid.saturating_sub(report.new_events);
     if report.rows_read != valid + report.rows_rejected {
         tracing::warn!(
             read = report.rows_read,
@@ -164,7 +329,9 @@ async fn stages(
     // Identity: links from SQL, rules, union-find, stable profile ids.
     let started = Instant::now();
     let spinner = progress.spinner("resolving identities");
-    let identity = identity::resolve(engine, &report.run_id, report.started_at).await?;
+    let identity = identity::resolve(engine, &report.run_id, report.started_at)
+        .await
+        .map_err(in_stage(engine, "identity"))?;
     report
         .timings_ms
         .push(("identity".into(), elapsed_ms(started)));
@@ -185,29 +352,29 @@ async fn stages(
         ),
         (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
     ] {
-        let df = engine.ctx.read_batch(batch)?;
-        let committed = engine.outputs.write(&engine.ctx, name, df, mode).await?;
+        let df = ctx.read_batch(batch)?;
+        let committed = outputs.write(ctx, name, df, mode).await?;
         report.tables.insert(name.to_string(), committed);
     }
     spinner.finish_and_clear();
     report
         .timings_ms
         .push(("identity_tables".into(), elapsed_ms(started)));
+    let events = ctx.table(tables::EVENTS).await?;
     let resolved = identity::resolved_events(
         engine,
-        ingested.events.clone(),
+        events,
         identity.event_profiles,
         identity.event_sources,
     )?;
-    engine.ctx.deregister_table(tables::EVENTS)?;
+    ctx.deregister_table(tables::EVENTS)?;
+    ctx.register_table(tables::EVENTS, resolved.into_view())?;
     engine
-        .ctx
-        .register_table(tables::EVENTS, resolved.into_view())?;
-    engine.materialise_events().await?;
-    engine.ctx.deregister_table(tables::IDENTITY_GRAPH)?;
-    engine
-        .ctx
-        .register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
+        .materialise_events()
+        .await
+        .map_err(in_stage(engine, "resolved events"))?;
+    ctx.deregister_table(tables::IDENTITY_GRAPH)?;
+    ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
     report.events_without_profile = report
         .events
         .saturating_sub(identity.stats.events_with_profile);
@@ -223,8 +390,10 @@ async fn stages(
     // Profiles: identifiers, last-known traits, computed traits.
     let started = Instant::now();
     let spinner = progress.spinner("building profiles");
-    let profiles = crate::profiles::build(engine).await?;
-    let committed = write_batches(engine, tables::PROFILES, profiles).await?;
+    let profiles = crate::profiles::build(engine)
+        .await
+        .map_err(in_stage(engine, "profiles"))?;
+    let committed = write_batches(engine, outputs, tables::PROFILES, profiles).await?;
     report.profiles_written = committed.rows;
     report
         .tables
@@ -240,7 +409,9 @@ async fn stages(
     let mut changes = crate::segments::Changes::default();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
-        let members = crate::segments::materialise(engine, &segment).await?;
+        let members = crate::segments::materialise(engine, &segment)
+            .await
+            .map_err(in_stage(engine, "segments"))?;
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
         let before = crate::segments::published_members(engine, &segment.name).await?;
@@ -250,17 +421,16 @@ async fn stages(
             &crate::segments::member_ids(&members)?,
         );
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
-        let committed = write_batches(engine, &table, members).await?;
+        let committed = write_batches(engine, outputs, &table, members).await?;
         report.tables.insert(table, committed);
         spinner.finish_and_clear();
     }
     let batch = changes.to_batch(&report.run_id, report.started_at)?;
-    let committed = engine
-        .outputs
+    let committed = outputs
         .write(
-            &engine.ctx,
+            ctx,
             tables::SEGMENT_CHANGES,
-            engine.ctx.read_batch(batch)?,
+            ctx.read_batch(batch)?,
             WriteMode::Append,
         )
         .await?;
@@ -270,18 +440,18 @@ async fn stages(
     report
         .timings_ms
         .push(("segments".into(), elapsed_ms(started)));
-    Ok(())
+    Ok(Work::Done)
 }
 
 /// Replaces table `name` with `batches`.
 async fn write_batches(
     engine: &Engine,
+    outputs: &Outputs,
     name: &str,
     batches: Vec<arrow::array::RecordBatch>,
 ) -> Result<crate::output::Committed> {
     let df = engine.ctx.read_batches(batches)?;
-    engine
-        .outputs
+    outputs
         .write(&engine.ctx, name, df, WriteMode::Replace)
         .await
 }

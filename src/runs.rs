@@ -21,6 +21,8 @@ pub enum RunStatus {
     Succeeded,
     /// A stage failed; see `error`.
     Failed,
+    /// An incremental run found no new event files and changed nothing (not stored in `runs`).
+    Unchanged,
 }
 
 impl RunStatus {
@@ -29,6 +31,7 @@ impl RunStatus {
         match self {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
+            RunStatus::Unchanged => "unchanged",
         }
     }
 }
@@ -70,6 +73,14 @@ pub struct RunReport {
     pub tables: BTreeMap<String, Committed>,
     /// Wall time of each stage in milliseconds, in run order.
     pub timings_ms: Vec<(String, u64)>,
+    /// `full` (every input file read) or `incremental` (only files not processed before).
+    pub mode: String,
+    /// Events this run added to the event history (after checks and deduplication).
+    pub new_events: u64,
+    /// Input files that changed after an earlier run processed them: reported, not re-read.
+    pub changed_files: Vec<SkippedFile>,
+    /// Runs that had stopped part way through publishing, finished by this run.
+    pub finished_publishes: Vec<String>,
 }
 
 impl RunReport {
@@ -95,6 +106,10 @@ impl RunReport {
             profiles_written: 0,
             tables: BTreeMap::new(),
             timings_ms: Vec::new(),
+            mode: "full".into(),
+            new_events: 0,
+            changed_files: Vec::new(),
+            finished_publishes: Vec::new(),
         }
     }
 
@@ -125,6 +140,9 @@ impl RunReport {
             text("skipped_file_list", false),
             text("tables", false),
             text("timings_ms", false),
+            text("mode", true),
+            Field::new("new_events", DataType::Int64, true),
+            text("changed_file_list", true),
         ]))
     }
 
@@ -166,6 +184,9 @@ impl RunReport {
             json(&self.skipped_files),
             json(&self.tables),
             s(&serde_json::Value::Object(timings).to_string()),
+            s(&self.mode),
+            i(self.new_events),
+            json(&self.changed_files),
         ];
         Ok(RecordBatch::try_new(Self::schema(), columns)?)
     }

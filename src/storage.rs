@@ -9,13 +9,17 @@ use std::sync::{Arc, OnceLock};
 
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::SessionContext;
-use object_store::aws::AmazonS3Builder;
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
+use object_store::ClientConfigKey;
 use object_store::ObjectStore;
 use url::Url;
 
+use crate::config::RetryConfig;
 use crate::error::{Error, Result};
 
 /// Where something lives, parsed from a config value.
@@ -126,8 +130,14 @@ impl std::fmt::Display for Place {
 }
 
 impl Place {
-    /// Opens `value` (from config key `key`), resolving relative paths against `base`.
+    /// Opens `value` (from config key `key`), resolving relative paths against `base`, with
+    /// the default request retries and timeouts.
     pub fn open(value: &str, base: &Path, key: &str) -> Result<Place> {
+        Self::open_with(value, base, key, &RetryConfig::default())
+    }
+
+    /// [`Place::open`] with the project's `[storage.retry]` settings for S3.
+    pub fn open_with(value: &str, base: &Path, key: &str, retry: &RetryConfig) -> Result<Place> {
         let location = Location::parse(value, base, key)?;
         let (store, prefix): (Arc<dyn ObjectStore>, ObjectPath) = match &location {
             Location::Local(path) => {
@@ -141,6 +151,24 @@ impl Place {
             Location::S3 { bucket, prefix } => {
                 let store = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(object_store::RetryConfig {
+                        backoff: object_store::BackoffConfig {
+                            init_backoff: Duration::from_millis(retry.initial_backoff_ms),
+                            max_backoff: Duration::from_millis(retry.max_backoff_ms),
+                            base: 2.0,
+                        },
+                        max_retries: retry.max_retries,
+                        retry_timeout: Duration::from_secs(retry.retry_timeout_secs),
+                    })
+                    // Set one by one: a whole ClientOptions would drop AWS_ALLOW_HTTP & co.
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        format!("{}s", retry.request_timeout_secs),
+                    )
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        format!("{}s", retry.connect_timeout_secs),
+                    )
                     .build()
                     .map_err(|e| Error::Location {
                         key: key.to_string(),

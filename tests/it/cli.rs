@@ -37,8 +37,14 @@ fn the_bundled_project_runs_end_to_end() {
     let rejected_rows = p.query("SELECT count(*) AS n FROM rejected_events");
     assert_eq!(rejected_rows[0]["n"].as_u64().unwrap(), rejected);
 
-    // A second run appends to `runs` and replaces `rejected_events`.
-    let again = p.run_json();
+    // A second run finds no new files and changes no table.
+    let unchanged = p.run_json();
+    assert_eq!(unchanged["status"], "unchanged");
+    assert_eq!(unchanged["tables"], serde_json::json!({}));
+    // A full run appends to `runs` and replaces `rejected_events`.
+    let again: serde_json::Value =
+        serde_json::from_str(ok(run(&mut p.cmd(&["run", "--full", "--json", "--quiet"]))).trim())
+            .unwrap();
     assert_eq!(again["events"], report["events"]);
     let runs = p.query("SELECT status, events FROM runs ORDER BY started_at");
     assert_eq!(runs.len(), 2);

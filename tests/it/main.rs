@@ -9,5 +9,6 @@ mod identity_props;
 mod ingest;
 mod profiles;
 mod readers;
+mod reliability;
 mod s3;
 mod slt;

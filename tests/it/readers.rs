@@ -48,8 +48,9 @@ fn outputs_read_back_in_python_with_the_promised_types() {
     };
     let p = TempProject::local();
     generate(&p.path().join("data"), 200, 5, 3);
-    p.run_json();
     let report = p.run_json();
+    // A second run finds no new files and changes nothing.
+    assert_eq!(p.run_json()["status"], "unchanged");
     let out = p.path().join("out");
     let seen = read_with_python(
         &python,

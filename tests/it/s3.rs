@@ -43,9 +43,16 @@ fn a_run_on_s3_gives_the_same_tables_as_a_local_run() {
     );
 
     let a = local.run_json();
-    remote.run_json();
-    // A second run on S3 reads the previous graph back for stable ids: nothing merges.
     let b = remote.run_json();
+    // A second run finds no new files: nothing to do. A full one reads the previous graph
+    // back for stable ids: nothing merges.
+    assert_eq!(remote.run_json()["status"], "unchanged");
+    let c = serde_json::from_str::<serde_json::Value>(
+        ok(run(&mut remote.cmd(&["run", "--full", "--json", "--quiet"]))).trim(),
+    )
+    .unwrap();
+    assert_eq!(c["identity"]["profiles_merged"], 0);
+    assert_eq!(c["identity"], b["identity"]);
     assert_eq!(b["identity"]["profiles_merged"], 0);
     assert_eq!(b["identity"], a["identity"]);
     for key in ["rows_read", "rows_rejected", "rows_duplicate", "events"] {
@@ -88,7 +95,10 @@ fn a_run_on_s3_gives_the_same_tables_as_a_local_run() {
             &["timestamp"],
         );
         assert_eq!(seen["rejected_events"]["rows"], b["rows_rejected"]);
-        assert_eq!(seen["runs"]["rows"], 2);
+        assert_eq!(
+            seen["runs"]["rows"], 2,
+            "the full run and the one before; not the no-op"
+        );
     }
 }
 

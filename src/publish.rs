@@ -1,0 +1,350 @@
+//! All-or-nothing publishing of a run's tables.
+//!
+//! During a run, delta-rs writes table data files straight to the output store (under unique
+//! names, invisible until a log entry names them) but every `_delta_log/` entry goes to an
+//! in-memory overlay ([`StagedStore`]): delta-rs believes it committed, reads its own commits
+//! back, and nobody else sees anything. When every table is written, [`Stage::publish`]
+//! checks the lease, writes a manifest with every staged log entry to
+//! `<output>/_state/publish/<run_id>.json` in one PUT, then creates each log entry with a
+//! conditional PUT (the `runs` table's last) and deletes the manifest.
+//!
+//! A run that dies before its manifest exists published nothing. One that dies after it is
+//! finished by the next run ([`roll_forward`]): re-creating an entry that already landed finds
+//! the same bytes there and moves on, so publishing twice is harmless.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::faults;
+use crate::lease::Lease;
+use crate::storage::Place;
+
+/// The folder under the output that holds manifests of publishes in progress.
+pub const PUBLISH_DIR: &str = "_state/publish";
+
+fn is_log(path: &Path) -> bool {
+    path.parts().any(|part| part.as_ref() == "_delta_log")
+}
+
+/// An object store that keeps Delta log entries in memory and passes everything else through.
+#[derive(Debug)]
+pub struct StagedStore {
+    inner: Arc<dyn ObjectStore>,
+    staged: Arc<InMemory>,
+}
+
+impl fmt::Display for StagedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Staged({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for StagedStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if !is_log(location) {
+            let result = self.inner.put_opts(location, payload, opts).await;
+            faults::wrote(location.as_ref());
+            return result;
+        }
+        if matches!(opts.mode, PutMode::Create) {
+            match self.inner.head(location).await {
+                Ok(_) => {
+                    return Err(object_store::Error::AlreadyExists {
+                        path: location.to_string(),
+                        source: "published by another writer".into(),
+                    })
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.staged.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        if is_log(location) {
+            self.staged.put_multipart_opts(location, opts).await
+        } else {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if is_log(location) && self.staged.head(location).await.is_ok() {
+            return self.staged.get_opts(location, options).await;
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.merged(prefix, None)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.merged(prefix, Some(offset.clone()))
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let mut inner = self.inner.list_with_delimiter(prefix).await?;
+        let staged = self.staged.list_with_delimiter(prefix).await?;
+        let mut prefixes: HashSet<Path> = inner.common_prefixes.drain(..).collect();
+        prefixes.extend(staged.common_prefixes);
+        let shadowed: HashSet<Path> = staged.objects.iter().map(|m| m.location.clone()).collect();
+        inner.objects.retain(|m| !shadowed.contains(&m.location));
+        inner.objects.extend(staged.objects);
+        inner.common_prefixes = prefixes.into_iter().collect();
+        inner.common_prefixes.sort();
+        Ok(inner)
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+impl StagedStore {
+    /// The store's objects and the staged entries (which shadow same-named objects), sorted by
+    /// path as S3 lists them: the Delta kernel expects log listings in version order.
+    fn merged(
+        &self,
+        prefix: Option<&Path>,
+        offset: Option<Path>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let inner = self.inner.clone();
+        let staged = self.staged.clone();
+        let prefix = prefix.cloned();
+        stream::once(async move {
+            let staged: Vec<ObjectMeta> = staged.list(prefix.as_ref()).try_collect().await?;
+            let rest = match &offset {
+                Some(o) => inner.list_with_offset(prefix.as_ref(), o),
+                None => inner.list(prefix.as_ref()),
+            };
+            let after = move |m: &ObjectMeta| offset.as_ref().is_none_or(|o| &m.location > o);
+            if staged.is_empty() {
+                return Ok::<_, object_store::Error>(rest);
+            }
+            let shadowed: HashSet<Path> = staged.iter().map(|m| m.location.clone()).collect();
+            let mut all: Vec<ObjectMeta> = rest
+                .try_filter(|m| futures::future::ready(!shadowed.contains(&m.location)))
+                .try_collect()
+                .await?;
+            all.extend(staged.into_iter().filter(after));
+            all.sort_by(|a, b| a.location.cmp(&b.location));
+            Ok(stream::iter(all.into_iter().map(Ok)).boxed())
+        })
+        .try_flatten()
+        .boxed()
+    }
+}
+
+/// One run's staged log entries, and the way to publish them.
+pub struct Stage {
+    real: Place,
+    staged: Arc<InMemory>,
+    place: Place,
+}
+
+/// What a publish manifest holds: each log entry to create, in order.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    run_id: String,
+    created_at: chrono::DateTime<chrono::Utc>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    /// The object path inside the output store.
+    path: String,
+    /// The log entry (Delta commits are JSON text).
+    body: String,
+}
+
+impl Stage {
+    /// A stage over the output `place`.
+    pub fn new(place: &Place) -> Stage {
+        let staged = Arc::new(InMemory::new());
+        let store = Arc::new(StagedStore {
+            inner: place.store.clone(),
+            staged: staged.clone(),
+        });
+        let mut staged_place = place.clone();
+        staged_place.store = store;
+        Stage {
+            real: place.clone(),
+            staged,
+            place: staged_place,
+        }
+    }
+
+    /// The output as the run sees it: its own staged commits included.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// Publishes every staged log entry; entries of `last` (the `runs` table) go last.
+    ///
+    /// The lease is confirmed first: a run whose lease was taken over publishes nothing.
+    pub async fn publish(&self, run_id: &str, lease: &Lease, last: &str) -> Result<usize> {
+        let mut entries = Vec::new();
+        let mut listing = self.staged.list(None);
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let body = self.staged.get(&meta.location).await?.bytes().await?;
+            let body = String::from_utf8(body.to_vec()).map_err(|_| {
+                Error::Usage(format!(
+                    "staged log entry {} is not text; checkpoints are written after publishing",
+                    meta.location
+                ))
+            })?;
+            entries.push(Entry {
+                path: meta.location.to_string(),
+                body,
+            });
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let runs_log = self.real.child(last).join("_delta_log");
+        entries.sort_by_key(|e| {
+            let path = Path::from(e.path.as_str());
+            (path.prefix_matches(&runs_log), e.path.clone())
+        });
+        let manifest = Manifest {
+            run_id: run_id.to_string(),
+            created_at: chrono::Utc::now(),
+            entries,
+        };
+        let body = serde_json::to_vec(&manifest)
+            .map_err(|e| Error::Usage(format!("cannot encode the publish manifest: {e}")))?;
+        lease.confirm().await?;
+        let path = self.real.child(PUBLISH_DIR).join(format!("{run_id}.json"));
+        create_once(&self.real, &path, Bytes::from(body)).await?;
+        apply(&self.real, &manifest).await?;
+        self.real.store.delete(&path).await?;
+        faults::wrote(path.as_ref());
+        Ok(manifest.entries.len())
+    }
+}
+
+/// Creates `path` holding `body` unless it exists; a timed-out attempt is retried, and finding
+/// the same bytes already there counts as success (the earlier attempt landed).
+pub async fn create_once(place: &Place, path: &Path, body: Bytes) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = place
+            .store
+            .put_opts(path, body.clone().into(), PutMode::Create.into())
+            .await;
+        match result {
+            Ok(_) => {
+                faults::wrote(path.as_ref());
+                return Ok(());
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let there = place.store.get(path).await?.bytes().await?;
+                if there == body {
+                    return Ok(());
+                }
+                return Err(Error::Conflict(format!(
+                    "{} was written by another run; another writer is publishing to {place} \
+                     (two deployments sharing one output, or a run that outlived its lease)",
+                    place.url_of(path).as_str().trim_end_matches('/')
+                )));
+            }
+            Err(e) if attempt < 4 => {
+                tracing::warn!(path = %path, error = %e, attempt, "write failed; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn apply(place: &Place, manifest: &Manifest) -> Result<()> {
+    for entry in &manifest.entries {
+        let path = Path::from(entry.path.as_str());
+        create_once(place, &path, Bytes::from(entry.body.clone())).await?;
+    }
+    Ok(())
+}
+
+/// Finishes publishes that a dead run left half done; returns the run ids finished.
+pub async fn roll_forward(place: &Place) -> Result<Vec<String>> {
+    let folder = place.child(PUBLISH_DIR);
+    let mut manifests: Vec<ObjectMeta> = place.store.list(Some(&folder)).try_collect().await?;
+    manifests.sort_by_key(|m| m.last_modified);
+    let mut finished = Vec::new();
+    for meta in manifests {
+        let body = place.store.get(&meta.location).await?.bytes().await?;
+        let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
+            Error::Usage(format!(
+                "{}: not a publish manifest ({e}); delete it if nothing else writes to this output",
+                meta.location
+            ))
+        })?;
+        tracing::warn!(run_id = %manifest.run_id, entries = manifest.entries.len(),
+            "finishing the publish of a run that stopped part way");
+        apply(place, &manifest).await?;
+        place.store.delete(&meta.location).await?;
+        finished.push(manifest.run_id);
+    }
+    Ok(finished)
+}
+
+/// Publish manifests waiting to be finished (for `tessera status`).
+pub async fn pending(place: &Place) -> Result<Vec<String>> {
+    let folder = place.child(PUBLISH_DIR);
+    let found: Vec<ObjectMeta> = place.store.list(Some(&folder)).try_collect().await?;
+    Ok(found
+        .into_iter()
+        .filter_map(|m| {
+            m.location
+                .filename()
+                .map(|f| f.trim_end_matches(".json").to_string())
+        })
+        .collect())
+}
