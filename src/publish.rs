@@ -60,7 +60,23 @@ impl ObjectStore for StagedStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         if !is_log(location) {
-            let result = self.inner.put_opts(location, payload, opts).await;
+            // Data files have unique names, so writing one again is safe: a PUT that timed
+            // out (which object_store does not retry) gets two more tries.
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                match self
+                    .inner
+                    .put_opts(location, payload.clone(), opts.clone())
+                    .await
+                {
+                    Err(e) if attempt < 3 && matches!(opts.mode, PutMode::Overwrite) => {
+                        tracing::warn!(path = %location, error = %e, attempt, "data file write failed; writing it again");
+                        tokio::time::sleep(std::time::Duration::from_millis(250 * attempt)).await;
+                    }
+                    other => break other,
+                }
+            };
             faults::wrote(location.as_ref());
             return result;
         }
@@ -263,7 +279,11 @@ impl Stage {
         let path = self.real.child(PUBLISH_DIR).join(format!("{run_id}.json"));
         create_once(&self.real, &path, Bytes::from(body)).await?;
         apply(&self.real, &manifest).await?;
-        self.real.store.delete(&path).await?;
+        // Published. A manifest left behind is harmless: the next run re-applies it (finding
+        // every entry in place) and deletes it.
+        if let Err(e) = delete_with_retry(&self.real, &path).await {
+            tracing::warn!(manifest = %path, error = %e, "could not delete the publish manifest; the next run will");
+        }
         faults::wrote(path.as_ref());
         Ok(manifest.entries.len())
     }
@@ -304,6 +324,20 @@ pub async fn create_once(place: &Place, path: &Path, body: Bytes) -> Result<()> 
     }
 }
 
+async fn delete_with_retry(place: &Place, path: &Path) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match place.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(_) if attempt < 4 => {
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn apply(place: &Place, manifest: &Manifest) -> Result<()> {
     for entry in &manifest.entries {
         let path = Path::from(entry.path.as_str());
@@ -329,7 +363,7 @@ pub async fn roll_forward(place: &Place) -> Result<Vec<String>> {
         tracing::warn!(run_id = %manifest.run_id, entries = manifest.entries.len(),
             "finishing the publish of a run that stopped part way");
         apply(place, &manifest).await?;
-        place.store.delete(&meta.location).await?;
+        delete_with_retry(place, &meta.location).await?;
         finished.push(manifest.run_id);
     }
     Ok(finished)

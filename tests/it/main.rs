@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod faults;
 mod generator;
 mod identity;
 mod identity_props;

@@ -79,7 +79,10 @@ pub async fn table_lines(
 }
 
 /// The names of the tables whose content differs (or exists on one side only).
-fn differing(a: &BTreeMap<String, Vec<String>>, b: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+pub fn differing(
+    a: &BTreeMap<String, Vec<String>>,
+    b: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
     let mut names: Vec<String> = a.keys().chain(b.keys()).cloned().collect();
     names.sort();
     names.dedup();
@@ -165,7 +168,7 @@ fn copy_prefix(from: &str, to: &str) {
 }
 
 /// A project with events in a local folder and output at `output`, times fixed by `--as-of`.
-fn project(output: &str, extra: &str) -> TempProject {
+pub fn project(output: &str, extra: &str) -> TempProject {
     // The bundled project's rules, pointed elsewhere.
     let bundled = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
     let mut config = String::new();
@@ -190,9 +193,9 @@ fn project(output: &str, extra: &str) -> TempProject {
     p
 }
 
-const AS_OF: &str = "2026-10-06T00:00:00Z";
+pub const AS_OF: &str = "2026-10-06T00:00:00Z";
 
-fn run_args() -> Vec<&'static str> {
+pub fn run_args() -> Vec<&'static str> {
     vec!["run", "--json", "--quiet", "--as-of", AS_OF]
 }
 
