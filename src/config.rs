@@ -531,6 +531,50 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_parse_in_every_unit_and_share() {
+        assert_eq!(parse_size("4GiB", 0), Some(4 << 30));
+        assert_eq!(parse_size("512 MiB", 0), Some(512 << 20));
+        assert_eq!(parse_size("2GB", 0), Some(2_000_000_000));
+        assert_eq!(parse_size("1048576", 0), Some(1 << 20));
+        assert_eq!(parse_size("60%", 1000), Some(600));
+        assert_eq!(parse_size("1.5gib", 0), Some(3 << 29));
+        for bad in ["lots", "0", "-1GiB", "150%", "0%", "4 GiBs", ""] {
+            assert_eq!(parse_size(bad, 1000), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn run_settings_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "[run]\nmemory_limit = \"plenty\"\n",
+        )
+        .unwrap();
+        let err = Project::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("run.memory_limit") && err.contains("plenty"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "[storage.retry]\nmax_retrys = 3\n",
+        )
+        .unwrap();
+        let err = Project::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("max_retrys"), "{err}");
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            "[storage.retry]\nmax_retries = 3\n[run]\nlease_seconds = 60\nmemory_limit = \"2GiB\"\n",
+        )
+        .unwrap();
+        let project = Project::load(dir.path()).unwrap();
+        assert_eq!(project.config.storage.retry.max_retries, 3);
+        assert_eq!(project.config.storage.retry.request_timeout_secs, 30);
+        assert_eq!(project.config.run.lease_seconds, 60);
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config> {

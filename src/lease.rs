@@ -368,6 +368,20 @@ fn lock_local(place: &Place, dir: &std::path::Path) -> Result<std::fs::File> {
     }
 }
 
+/// For a local output: whether a live process holds the lock (the lease JSON of a killed
+/// run still shows its expiry, but the kernel has released its lock). `None` for other stores.
+pub fn local_lock_held(place: &Place) -> Option<bool> {
+    let Location::Local(dir) = &place.location else {
+        return None;
+    };
+    let path = dir.join("_state").join("lease.lock");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).ok()?;
+    Some(matches!(
+        file.try_lock(),
+        Err(std::fs::TryLockError::WouldBlock)
+    ))
+}
+
 /// Checks that the store refuses a second conditional create of one object. Stores that
 /// ignore the condition would let two runs both "win" the lease, so Tessera refuses them.
 pub async fn check_conditional_writes(place: &Place) -> Result<()> {

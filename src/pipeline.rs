@@ -193,11 +193,15 @@ async fn tidy(engine: &Engine) {
     }
 }
 
+fn is_memory(e: &Error) -> bool {
+    e.to_string().contains("Resources exhausted")
+}
+
 /// Names the stage and the limit when the query engine ran out of memory.
 fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Error + 'a {
     move |e| {
-        let text = e.to_string();
-        if text.contains("Resources exhausted") {
+        if is_memory(&e) {
+            let text = e.to_string();
             Error::Memory {
                 stage: stage.to_string(),
                 limit: engine.limits.memory_text.clone(),
@@ -369,10 +373,19 @@ async fn stages(
     )?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
-    engine
-        .materialise_events()
-        .await
-        .map_err(in_stage(engine, "resolved events"))?;
+    if let Err(e) = engine.materialise_events().await {
+        if !is_memory(&e) {
+            return Err(e);
+        }
+        // Both sides of this join are as long as the event history, and hash joins cannot
+        // spill: under a tight limit, join by sorting instead, which spills.
+        tracing::warn!(limit = %engine.limits.memory_text,
+            "resolving events' profiles does not fit the memory limit as a hash join; joining by sort-merge, which spills");
+        engine.set_prefer_hash_join(false);
+        let retried = engine.materialise_events().await;
+        engine.set_prefer_hash_join(true);
+        retried.map_err(in_stage(engine, "resolved events"))?;
+    }
     ctx.deregister_table(tables::IDENTITY_GRAPH)?;
     ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
     report.events_without_profile = report

@@ -382,3 +382,135 @@ pub async fn pending(place: &Place) -> Result<Vec<String>> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(name: &str) -> Place {
+        let prefix = format!("publish-{name}-{}", uuid::Uuid::new_v4().simple());
+        Place::open(
+            &format!("memory://{prefix}"),
+            std::path::Path::new("/"),
+            "storage.output",
+        )
+        .unwrap()
+    }
+
+    async fn exists(place: &Place, path: &Path) -> bool {
+        place.store.head(path).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn staged_log_entries_are_invisible_until_published_and_listed_in_order() {
+        let real = place("stage");
+        let stage = Stage::new(&real);
+        let staged = stage.place();
+        let log = real.child("t/_delta_log");
+        let data = real.child("t").join("part-1.parquet");
+        // A data file goes straight through; log entries stay in the stage.
+        staged.store.put(&data, "rows".into()).await.unwrap();
+        for v in [1u64, 0] {
+            let entry = log.clone().join(format!("{v:020}.json"));
+            staged
+                .store
+                .put_opts(&entry, format!("commit {v}").into(), PutMode::Create.into())
+                .await
+                .unwrap();
+        }
+        assert!(exists(&real, &data).await);
+        assert!(!exists(&real, &log.clone().join(format!("{:020}.json", 0))).await);
+        // The stage lists its entries with the store's objects, sorted by path.
+        let listed: Vec<ObjectMeta> = staged
+            .store
+            .list(Some(&real.child("t")))
+            .try_collect()
+            .await
+            .unwrap();
+        let names: Vec<String> = listed.iter().map(|m| m.location.to_string()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        assert_eq!(names.len(), 3);
+        // A staged create of an entry the real log already has is refused, as on S3.
+        let taken = log.clone().join(format!("{:020}.json", 7));
+        real.store.put(&taken, "theirs".into()).await.unwrap();
+        let again = staged
+            .store
+            .put_opts(&taken, "ours".into(), PutMode::Create.into())
+            .await;
+        assert!(matches!(
+            again,
+            Err(object_store::Error::AlreadyExists { .. })
+        ));
+
+        let lease = Lease::acquire(&real, "r1", std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        let published = stage.publish("r1", &lease, "runs").await.unwrap();
+        assert_eq!(published, 2);
+        for v in [0u64, 1] {
+            let entry = log.clone().join(format!("{v:020}.json"));
+            let body = real.store.get(&entry).await.unwrap().bytes().await.unwrap();
+            assert_eq!(body, format!("commit {v}").as_bytes());
+        }
+        assert!(pending(&real).await.unwrap().is_empty(), "manifest removed");
+        lease.release().await;
+    }
+
+    #[tokio::test]
+    async fn a_half_done_publish_is_finished_once_and_a_foreign_entry_is_a_conflict() {
+        let real = place("roll");
+        let entry = |table: &str, v: u64| Entry {
+            path: real
+                .child(table)
+                .join("_delta_log")
+                .join(format!("{v:020}.json"))
+                .to_string(),
+            body: format!("{table} {v}"),
+        };
+        let manifest = Manifest {
+            run_id: "dead".into(),
+            created_at: chrono::Utc::now(),
+            entries: vec![entry("profiles", 3), entry("runs", 9)],
+        };
+        // The run died after publishing its first entry.
+        let first = Path::from(manifest.entries[0].path.as_str());
+        real.store
+            .put(&first, manifest.entries[0].body.clone().into())
+            .await
+            .unwrap();
+        let path = real.child(PUBLISH_DIR).join("dead.json");
+        real.store
+            .put(&path, serde_json::to_vec(&manifest).unwrap().into())
+            .await
+            .unwrap();
+        assert_eq!(pending(&real).await.unwrap(), vec!["dead".to_string()]);
+        assert_eq!(roll_forward(&real).await.unwrap(), vec!["dead".to_string()]);
+        let runs = Path::from(manifest.entries[1].path.as_str());
+        assert!(exists(&real, &runs).await);
+        assert!(
+            roll_forward(&real).await.unwrap().is_empty(),
+            "nothing left"
+        );
+
+        // Someone else's entry where ours should go: refused, not overwritten.
+        let other = Manifest {
+            run_id: "late".into(),
+            created_at: chrono::Utc::now(),
+            entries: vec![Entry {
+                path: manifest.entries[1].path.clone(),
+                body: "different".into(),
+            }],
+        };
+        let path = real.child(PUBLISH_DIR).join("late.json");
+        real.store
+            .put(&path, serde_json::to_vec(&other).unwrap().into())
+            .await
+            .unwrap();
+        let err = roll_forward(&real).await.unwrap_err();
+        assert!(matches!(err, Error::Conflict(_)), "{err}");
+        let body = real.store.get(&runs).await.unwrap().bytes().await.unwrap();
+        assert_eq!(body, "runs 9".as_bytes());
+    }
+}

@@ -41,9 +41,12 @@ pub struct Status {
 pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
     let place = engine.outputs.place();
     let lease = crate::lease::read(place).await?.map(|(body, _)| body);
-    let locked = lease
-        .as_ref()
-        .is_some_and(|l| !l.is_free(chrono::Utc::now()));
+    let locked = match crate::lease::local_lock_held(place) {
+        Some(held) => held,
+        None => lease
+            .as_ref()
+            .is_some_and(|l| !l.is_free(chrono::Utc::now())),
+    };
     let pending_publishes = crate::publish::pending(place).await?;
     let seen = crate::state::seen(&engine.outputs, &engine.ctx)
         .await?
@@ -136,13 +139,22 @@ impl Status {
                 );
             }
             Some(l) => {
-                let how = if l.released { "released" } else { "expired" };
-                let _ = writeln!(
-                    out,
-                    "lease    free ({how} by run {} at {})",
-                    l.run_id,
-                    l.expires_at.to_rfc3339()
-                );
+                let how = if l.released {
+                    format!(
+                        "released by run {} at {}",
+                        l.run_id,
+                        l.expires_at.to_rfc3339()
+                    )
+                } else if l.expires_at > chrono::Utc::now() {
+                    format!("run {} stopped without releasing it", l.run_id)
+                } else {
+                    format!(
+                        "run {}'s lease expired at {}",
+                        l.run_id,
+                        l.expires_at.to_rfc3339()
+                    )
+                };
+                let _ = writeln!(out, "lease    free ({how})");
             }
         }
         if self.pending_publishes.is_empty() {

@@ -722,3 +722,40 @@ impl object_store::ObjectStore for IgnoresConditions {
         self.0.copy_opts(from, to, options).await
     }
 }
+
+#[test]
+fn files_a_killed_run_left_behind_are_deleted_by_a_later_run() {
+    let p = project("out", "[run]\nretention_hours = 0\n");
+    generate(&p.path().join("data"), 60, 2, 4);
+    // Killed after writing three data files: nothing published, three files orphaned.
+    let out = run(p
+        .cmd(&run_args())
+        .env("TESSERA_TEST_TRACE_WRITES", "1")
+        .env("TESSERA_TEST_KILL_AFTER_WRITE", "4"));
+    assert_eq!(out.status.signal(), Some(9), "{}", stderr(&out));
+    let orphans: Vec<std::path::PathBuf> = stderr(&out)
+        .lines()
+        .filter(|l| l.starts_with("tessera-write ") && l.ends_with(".parquet"))
+        .map(|l| Path::new("/").join(l.split_whitespace().nth(2).unwrap()))
+        .collect();
+    assert_eq!(orphans.len(), 3, "{}", stderr(&out));
+    assert!(orphans.iter().all(|f| f.exists()));
+    assert!(
+        !p.path().join("out/profiles/_delta_log").exists()
+            && !p.path().join("out/rejected_events/_delta_log").exists(),
+        "nothing published"
+    );
+    // The next run publishes, then deletes what no version needs (retention 0 here).
+    let report: serde_json::Value =
+        serde_json::from_str(ok(run(&mut p.cmd(&run_args()))).trim()).unwrap();
+    assert_eq!(report["status"], "succeeded");
+    for orphan in &orphans {
+        assert!(!orphan.exists(), "{} still there", orphan.display());
+    }
+    assert!(
+        p.query("SELECT count(*) AS n FROM profiles")[0]["n"]
+            .as_u64()
+            .unwrap()
+            > 10
+    );
+}
