@@ -373,6 +373,7 @@ async fn stages(
     )?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
+    let started = Instant::now();
     if let Err(e) = engine.materialise_events().await {
         if !is_memory(&e) {
             return Err(e);
@@ -386,6 +387,9 @@ async fn stages(
         engine.set_prefer_hash_join(true);
         retried.map_err(in_stage(engine, "resolved events"))?;
     }
+    report
+        .timings_ms
+        .push(("resolved_events".into(), elapsed_ms(started)));
     ctx.deregister_table(tables::IDENTITY_GRAPH)?;
     ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
     report.events_without_profile = report
