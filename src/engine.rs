@@ -47,11 +47,17 @@ impl Engine {
     /// Opens `project`: resolves its locations and registers their stores and its sources.
     pub async fn open(project: Project) -> Result<Engine> {
         let limits = Limits::from_config(&project.config.run)?;
-        Self::open_with(project, new_context_with(&limits)?).await
+        let ctx = new_context_with(&limits)?;
+        Self::open_limited(project, ctx, limits).await
     }
 
     /// Like [`Engine::open`], over a context the caller made (e.g. a distributed one).
     pub async fn open_with(project: Project, ctx: SessionContext) -> Result<Engine> {
+        let limits = Limits::from_config(&project.config.run)?;
+        Self::open_limited(project, ctx, limits).await
+    }
+
+    async fn open_limited(project: Project, ctx: SessionContext, limits: Limits) -> Result<Engine> {
         let storage = &project.config.storage;
         let retry = &storage.retry;
         let events = Place::open_with(&storage.events, &project.dir, "storage.events", retry)?;
@@ -78,7 +84,7 @@ impl Engine {
                 })?;
         }
         Ok(Engine {
-            limits: Limits::from_config(&project.config.run)?,
+            limits,
             scratch: std::sync::Mutex::new(None),
             outputs: Outputs::new(output),
             project,
