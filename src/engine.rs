@@ -165,17 +165,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Chooses hash joins (fast, cannot spill) or sort-merge joins (spill) for later plans.
-    pub fn set_prefer_hash_join(&self, prefer: bool) {
-        self.ctx
-            .state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .optimizer
-            .prefer_hash_join = prefer;
-    }
-
     /// Registers the output tables that exist, so SQL can read them.
     pub async fn register_outputs(&self) -> Result<Vec<String>> {
         crate::segments::ensure_schema(self)?;

@@ -365,28 +365,14 @@ async fn stages(
         .timings_ms
         .push(("identity_tables".into(), elapsed_ms(started)));
     let events = ctx.table(tables::EVENTS).await?;
-    let resolved = identity::resolved_events(
-        engine,
-        events,
-        identity.event_profiles,
-        identity.event_sources,
-    )?;
+    let resolved = identity::resolved_events(events, identity.event_profiles)?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
     let started = Instant::now();
-    if let Err(e) = engine.materialise_events().await {
-        if !is_memory(&e) {
-            return Err(e);
-        }
-        // Both sides of this join are as long as the event history, and hash joins cannot
-        // spill: under a tight limit, join by sorting instead, which spills.
-        tracing::warn!(limit = %engine.limits.memory_text,
-            "resolving events' profiles does not fit the memory limit as a hash join; joining by sort-merge, which spills");
-        engine.set_prefer_hash_join(false);
-        let retried = engine.materialise_events().await;
-        engine.set_prefer_hash_join(true);
-        retried.map_err(in_stage(engine, "resolved events"))?;
-    }
+    engine
+        .materialise_events()
+        .await
+        .map_err(in_stage(engine, "resolved events"))?;
     report
         .timings_ms
         .push(("resolved_events".into(), elapsed_ms(started)));

@@ -29,7 +29,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
-use datafusion::common::{Column, JoinType};
+use datafusion::common::Column;
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{cast, col, Expr};
 use futures::StreamExt;
@@ -90,8 +90,6 @@ pub struct IdentityTables {
     pub merges: RecordBatch,
     /// message_id → profile_id for events
     pub event_profiles: Vec<RecordBatch>,
-    /// How many identity queries returned message_id (more than one needs a tie-break per event).
-    pub event_sources: usize,
     /// Counts for the run log.
     pub stats: IdentityStats,
 }
@@ -196,9 +194,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
 
     let previous = previous_graph(engine, &resolution).await?;
     let ids = assign_profile_ids(&resolution, &previous);
-    let mut tables = build_tables(&resolution, &ids, &queries, events, run_id, now)?;
-    tables.event_sources = event_sources.max(1);
-    Ok(tables)
+    build_tables(&resolution, &ids, &queries, events, run_id, now)
 }
 
 /// Plans one identity query and checks its columns against `[identity]`.
@@ -665,7 +661,6 @@ fn build_tables(
         conflicts,
         merges,
         event_profiles,
-        event_sources: 1,
         stats,
     })
 }
@@ -683,44 +678,127 @@ fn event_profile_schema() -> SchemaRef {
     ]))
 }
 
-/// `events` with `profile_id`: each event joined to its profile through its message_id.
-pub fn resolved_events(
-    engine: &Engine,
-    events: DataFrame,
-    mapping: Vec<RecordBatch>,
-    sources: usize,
-) -> Result<DataFrame> {
-    let mapping = if mapping.is_empty() {
-        engine
-            .ctx
-            .read_batch(RecordBatch::new_empty(event_profile_schema()))?
-    } else {
-        engine.ctx.read_batches(mapping)?
-    };
-    // Several identity queries may return one message_id: the highest-priority identifier wins.
-    // With one, message_ids are already unique (events are deduplicated).
-    let mapping = if sources <= 1 {
-        mapping.select(vec![col(EP_MESSAGE), col(EP_PROFILE)])?
-    } else {
-        mapping.aggregate(
-            vec![col(EP_MESSAGE)],
-            vec![datafusion::functions_aggregate::expr_fn::first_value(
-                col(EP_PROFILE),
-                vec![col(EP_RANK).sort(true, false)],
+/// message_id → profile, for looking events' profiles up while they stream past.
+///
+/// The mapping's own arrays hold the strings; the table holds only (batch, row) positions,
+/// found by hashing the message_id and comparing the strings themselves, so the lookup is exact.
+/// Compared with a hash join of the events against the mapping (both as long as the event
+/// history), nothing is repartitioned or rebuilt, and memory is 8 bytes a row plus the mapping.
+struct ProfileLookup {
+    ids: Vec<StringArray>,
+    profiles: Vec<StringArray>,
+    table: hashbrown::HashTable<u64>,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl ProfileLookup {
+    /// Builds the lookup; with several identity queries one message_id can have several rows,
+    /// and the one whose identifier has the highest priority (lowest rank) wins.
+    fn new(mapping: &[RecordBatch]) -> Result<ProfileLookup> {
+        use std::hash::BuildHasher;
+        let hasher = foldhash::fast::FixedState::with_seed(0x070f_11e5);
+        let mut ids = Vec::with_capacity(mapping.len());
+        let mut profiles = Vec::with_capacity(mapping.len());
+        let mut ranks = Vec::with_capacity(mapping.len());
+        for batch in mapping {
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| Error::Usage(format!("event mapping lacks {name}")))
+            };
+            ids.push(column(EP_MESSAGE)?.as_string::<i32>().clone());
+            profiles.push(column(EP_PROFILE)?.as_string::<i32>().clone());
+            ranks.push(
+                column(EP_RANK)?
+                    .as_primitive::<arrow::datatypes::UInt8Type>()
+                    .clone(),
+            );
+        }
+        let rows: usize = ids.iter().map(|a| a.len()).sum();
+        let mut table = hashbrown::HashTable::with_capacity(rows);
+        // A position is batch << 32 | row.
+        let rank_of = |pos: u64| {
+            let (b, r) = ((pos >> 32) as usize, (pos & 0xffff_ffff) as usize);
+            let ranks: &UInt8Array = &ranks[b];
+            (
+                profiles[b].is_null(r),
+                ranks.is_valid(r).then(|| ranks.value(r)),
             )
-            .alias(EP_PROFILE)],
-        )?
-    };
+        };
+        for (b, array) in ids.iter().enumerate() {
+            for r in 0..array.len() {
+                let id = array.value(r);
+                let hash = hasher.hash_one(id);
+                let pos = ((b as u64) << 32) | r as u64;
+                let same =
+                    |p: &u64| ids[(*p >> 32) as usize].value((*p & 0xffff_ffff) as usize) == id;
+                match table.find_mut(hash, same) {
+                    Some(existing) => {
+                        // Prefer a row with a profile, then the lower rank.
+                        if rank_of(pos) < rank_of(*existing) {
+                            *existing = pos;
+                        }
+                    }
+                    None => {
+                        table.insert_unique(hash, pos, |p| {
+                            hasher.hash_one(
+                                ids[(*p >> 32) as usize].value((*p & 0xffff_ffff) as usize),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+        Ok(ProfileLookup {
+            ids,
+            profiles,
+            table,
+            hasher,
+        })
+    }
+
+    fn profile(&self, id: &str) -> Option<&str> {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(id);
+        let pos = self.table.find(hash, |p| {
+            self.ids[(*p >> 32) as usize].value((*p & 0xffff_ffff) as usize) == id
+        })?;
+        let (b, r) = ((*pos >> 32) as usize, (*pos & 0xffff_ffff) as usize);
+        let profiles = &self.profiles[b];
+        profiles.is_valid(r).then(|| profiles.value(r))
+    }
+}
+
+/// `events` with `profile_id`: each event's profile looked up by its message_id as it streams.
+pub fn resolved_events(events: DataFrame, mapping: Vec<RecordBatch>) -> Result<DataFrame> {
+    let lookup = Arc::new(ProfileLookup::new(&mapping)?);
+    drop(mapping);
+    let profile_of = datafusion::logical_expr::create_udf(
+        "__tessera_profile_of",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        datafusion::logical_expr::Volatility::Immutable,
+        Arc::new(move |args: &[datafusion::logical_expr::ColumnarValue]| {
+            let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
+            let ids = arrays[0].as_string::<i32>();
+            let mut out = StringBuilder::with_capacity(ids.len(), ids.len() * 18);
+            for id in ids.iter() {
+                out.append_option(id.and_then(|id| lookup.profile(id)));
+            }
+            Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+                out.finish(),
+            )))
+        }),
+    );
     let columns: Vec<Expr> = events
         .schema()
         .fields()
         .iter()
         .map(|f| Expr::Column(Column::new_unqualified(f.name())))
-        .chain([col(EP_PROFILE)])
+        .chain([profile_of.call(vec![col(MESSAGE_ID)]).alias(EP_PROFILE)])
         .collect();
-    Ok(events
-        .join(mapping, JoinType::Left, &[MESSAGE_ID], &[EP_MESSAGE], None)?
-        .select(columns)?)
+    Ok(events.select(columns)?)
 }
 
 /// `events` with `profile_id` looked up in the published `identity_graph`, for SQL run outside
@@ -802,7 +880,6 @@ pub async fn events_with_published_profiles(
     }
     if sources == 0 {
         if let Some(df) = own_identifier_frame(engine, &rules).await? {
-            sources = 1;
             read_rows(df, "events", &rules, |row, _, message_id, _| {
                 if let Some(m) = message_id {
                     out.push(
@@ -814,12 +891,7 @@ pub async fn events_with_published_profiles(
             .await?;
         }
     }
-    Ok(Some(resolved_events(
-        engine,
-        events,
-        out.finish()?,
-        sources,
-    )?))
+    Ok(Some(resolved_events(events, out.finish()?)?))
 }
 
 /// Builds message_id → profile_id batches.
