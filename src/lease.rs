@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::faults;
-use crate::storage::{Location, Place};
+use crate::storage::{retry_write, Location, Place};
 
 /// Where the lease lives under the output.
 pub const LEASE: &str = "_state/lease";
@@ -64,6 +64,13 @@ fn owner() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into());
     format!("{host}:{}", std::process::id())
+}
+
+fn version_of(done: object_store::PutResult) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: done.e_tag,
+        version: done.version,
+    }
 }
 
 fn encode(body: &LeaseBody) -> Bytes {
@@ -232,39 +239,24 @@ impl Lease {
 
     async fn swap(&self, body: &LeaseBody, version: UpdateVersion) -> Result<UpdateVersion, Swap> {
         let bytes = encode(body);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let swapped = retry_write(self.path.as_ref(), 4, |_| {
             let opts = PutOptions::from(PutMode::Update(version.clone()));
-            match self
-                .place
+            self.place
                 .store
                 .put_opts(&self.path, bytes.clone().into(), opts)
-                .await
-            {
-                Ok(done) => {
-                    return Ok(UpdateVersion {
-                        e_tag: done.e_tag,
-                        version: done.version,
-                    })
+        })
+        .await;
+        match swapped {
+            Ok(done) => Ok(version_of(done)),
+            Err(object_store::Error::Precondition { .. }) => {
+                // A timed-out attempt may have landed: then the lease says what we wrote
+                // (the body carries an expiry to the nanosecond, so no one else wrote it).
+                match read(&self.place).await {
+                    Ok(Some((there, v))) if &there == body => Ok(v),
+                    _ => Err(Swap::Lost),
                 }
-                Err(object_store::Error::Precondition { .. }) => {
-                    // A timed-out attempt may have landed: then the lease says what we wrote.
-                    if attempt > 1 {
-                        if let Ok(Some((there, v))) = read(&self.place).await {
-                            if &there == body {
-                                return Ok(v);
-                            }
-                        }
-                    }
-                    return Err(Swap::Lost);
-                }
-                Err(e) if attempt < 4 => {
-                    tracing::warn!(error = %e, attempt, "lease write failed; trying again");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-                Err(e) => return Err(Swap::Failed(e.into())),
             }
+            Err(e) => Err(Swap::Failed(e.into())),
         }
     }
 }
@@ -285,27 +277,16 @@ enum Swap {
 /// Creates the lease object, or takes over an expired one by compare-and-swap.
 async fn take(place: &Place, path: &Path, body: &LeaseBody) -> Result<UpdateVersion> {
     let bytes = encode(body);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match place
+    let created = retry_write(path.as_ref(), 4, |_| {
+        place
             .store
             .put_opts(path, bytes.clone().into(), PutMode::Create.into())
-            .await
-        {
-            Ok(done) => {
-                return Ok(UpdateVersion {
-                    e_tag: done.e_tag,
-                    version: done.version,
-                })
-            }
-            Err(object_store::Error::AlreadyExists { .. }) => break,
-            Err(e) if attempt < 4 => {
-                tracing::warn!(error = %e, attempt, "lease write failed; trying again");
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
+    })
+    .await;
+    match created {
+        Ok(done) => return Ok(version_of(done)),
+        Err(object_store::Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
     }
     let Some((held, version)) = read(place).await? else {
         return Err(Error::Locked(format!(
@@ -335,10 +316,7 @@ async fn take(place: &Place, path: &Path, body: &LeaseBody) -> Result<UpdateVers
                 tracing::warn!(previous = %held.run_id, owner = %held.owner,
                     "took over the expired lease of a run that did not finish");
             }
-            Ok(UpdateVersion {
-                e_tag: done.e_tag,
-                version: done.version,
-            })
+            Ok(version_of(done))
         }
         Err(object_store::Error::Precondition { .. }) => Err(Error::Locked(format!(
             "another run took the lease on {place} at the same moment; this run did nothing"

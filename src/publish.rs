@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::lease::Lease;
-use crate::storage::Place;
+use crate::storage::{retry_write, Place};
 
 /// The folder under the output that holds manifests of publishes in progress.
 pub const PUBLISH_DIR: &str = "_state/publish";
@@ -62,21 +62,15 @@ impl ObjectStore for StagedStore {
         if !is_log(location) {
             // Data files have unique names, so writing one again is safe: a PUT that timed
             // out (which object_store does not retry) gets two more tries.
-            let mut attempt = 0;
-            let result = loop {
-                attempt += 1;
-                match self
-                    .inner
-                    .put_opts(location, payload.clone(), opts.clone())
-                    .await
-                {
-                    Err(e) if attempt < 3 && matches!(opts.mode, PutMode::Overwrite) => {
-                        tracing::warn!(path = %location, error = %e, attempt, "data file write failed; writing it again");
-                        tokio::time::sleep(std::time::Duration::from_millis(250 * attempt)).await;
-                    }
-                    other => break other,
-                }
+            let tries = if matches!(opts.mode, PutMode::Overwrite) {
+                3
+            } else {
+                1
             };
+            let result = retry_write(location.as_ref(), tries, |_| {
+                self.inner.put_opts(location, payload.clone(), opts.clone())
+            })
+            .await;
             faults::wrote(location.as_ref());
             return result;
         }
@@ -292,49 +286,36 @@ impl Stage {
 /// Creates `path` holding `body` unless it exists; a timed-out attempt is retried, and finding
 /// the same bytes already there counts as success (the earlier attempt landed).
 pub async fn create_once(place: &Place, path: &Path, body: Bytes) -> Result<()> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = place
+    let created = retry_write(path.as_ref(), 4, |_| {
+        place
             .store
             .put_opts(path, body.clone().into(), PutMode::Create.into())
-            .await;
-        match result {
-            Ok(_) => {
-                faults::wrote(path.as_ref());
+    })
+    .await;
+    match created {
+        Ok(_) => {
+            faults::wrote(path.as_ref());
+            Ok(())
+        }
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let there = place.store.get(path).await?.bytes().await?;
+            if there == body {
                 return Ok(());
             }
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                let there = place.store.get(path).await?.bytes().await?;
-                if there == body {
-                    return Ok(());
-                }
-                return Err(Error::Conflict(format!(
-                    "{} was written by another run; another writer is publishing to {place} \
-                     (two deployments sharing one output, or a run that outlived its lease)",
-                    place.url_of(path).as_str().trim_end_matches('/')
-                )));
-            }
-            Err(e) if attempt < 4 => {
-                tracing::warn!(path = %path, error = %e, attempt, "write failed; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
+            Err(Error::Conflict(format!(
+                "{} was written by another run; another writer is publishing to {place} \
+                 (two deployments sharing one output, or a run that outlived its lease)",
+                place.url_of(path).as_str().trim_end_matches('/')
+            )))
         }
+        Err(e) => Err(e.into()),
     }
 }
 
 async fn delete_with_retry(place: &Place, path: &Path) -> Result<()> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match place.store.delete(path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => return Ok(()),
-            Err(_) if attempt < 4 => {
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
+    match retry_write(path.as_ref(), 4, |_| place.store.delete(path)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

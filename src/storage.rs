@@ -240,6 +240,40 @@ impl Place {
     }
 }
 
+/// Tries a write up to `tries` times, waiting a little longer after each failure.
+///
+/// object_store retries server errors and dropped connections itself, but not a write that
+/// timed out (it may have landed). The writes Tessera repeats this way are safe to repeat:
+/// conditional creates and updates (whose callers check what a `Precondition` or
+/// `AlreadyExists` answer means), and data files under names no one else writes. Those two
+/// answers, and `NotFound`, are results, not failures: they return at once. `attempt`
+/// (1, 2, …) lets the write know it is a repeat.
+pub async fn retry_write<T, F, Fut>(what: &str, tries: u64, mut write: F) -> object_store::Result<T>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match write(attempt).await {
+            Err(e)
+                if attempt < tries
+                    && !matches!(
+                        e,
+                        object_store::Error::AlreadyExists { .. }
+                            | object_store::Error::Precondition { .. }
+                            | object_store::Error::NotFound { .. }
+                    ) =>
+            {
+                tracing::warn!(%what, error = %e, attempt, "write failed; trying again");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The one in-memory store of this process, shared by every `memory://` location.
 fn memory_store() -> Arc<dyn ObjectStore> {
     static STORE: OnceLock<Arc<InMemory>> = OnceLock::new();
