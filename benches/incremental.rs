@@ -29,14 +29,8 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn main() {
-    let people: u64 = std::env::var("TESSERA_BENCH_PEOPLE")
-        .ok()
-        .map(|s| s.parse().expect("TESSERA_BENCH_PEOPLE is a whole number"))
-        .unwrap_or(100_000);
-    let days: u32 = std::env::var("TESSERA_BENCH_DAYS")
-        .ok()
-        .map(|s| s.parse().expect("TESSERA_BENCH_DAYS is a whole number"))
-        .unwrap_or(100);
+    let people: u64 = common::env_number("TESSERA_BENCH_PEOPLE", 100_000);
+    let days: u32 = common::env_number("TESSERA_BENCH_DAYS", 100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

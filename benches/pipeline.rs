@@ -24,10 +24,7 @@ fn main() {
                 .expect("TESSERA_BENCH_PEOPLE holds whole numbers")
         })
         .collect();
-    let days: u32 = std::env::var("TESSERA_BENCH_DAYS")
-        .ok()
-        .map(|s| s.parse().expect("TESSERA_BENCH_DAYS is a whole number"))
-        .unwrap_or(30);
+    let days: u32 = common::env_number("TESSERA_BENCH_DAYS", 30);
     let root = common::data_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -37,10 +37,7 @@ const EXTRA: &[(&str, &str)] = &[
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let people: u64 = std::env::var("TESSERA_BENCH_SEGMENT_PEOPLE")
-        .ok()
-        .map(|s| s.parse().expect("a whole number"))
-        .unwrap_or(322_000);
+    let people: u64 = common::env_number("TESSERA_BENCH_SEGMENT_PEOPLE", 322_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -28,6 +28,17 @@ pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// The whole number in environment variable `name`, or `default` when it is unset.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is a whole number, not {text:?}")),
+        Err(_) => default,
+    }
+}
+
 /// `target/bench-data/`, where generated events and the CSV results go.
 pub fn data_root() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
