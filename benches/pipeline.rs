@@ -1,75 +1,52 @@
-//! `cargo bench`: the pipeline on generated events, stage by stage.
+//! `cargo bench --bench pipeline`: the bundled project's whole pipeline on generated events,
+//! beside the scan floor and the same pipeline in DuckDB SQL — the harness `tessera bench` runs.
 //!
-//! Sizes come from TESSERA_BENCH_PEOPLE (comma-separated, default 20000) and
-//! TESSERA_BENCH_DAYS (default 30). Generated events are cached under
-//! target/bench-data/ so later runs measure only the pipeline. Prints a Markdown table and
-//! writes the same figures to target/bench-data/pipeline.csv.
+//! Settings (environment):
+//! - TESSERA_BENCH_SIZES: event counts, comma-separated (default `1M,10M`; `100M` takes
+//!   about half an hour the first time, most of it generating the events).
+//! - TESSERA_BENCH_PYTHON: Python with the duckdb package (default `.venv/bin/python`, the
+//!   one `scripts/test.sh` installs); the DuckDB baseline is skipped when it is missing.
+//! - TESSERA_BENCH_MEMORY_LIMIT: a memory limit for both engines, e.g. `4GiB`.
+//! - TESSERA_BENCH_INCREMENTAL=0 skips the incremental run.
+//!
+//! Generated events are cached under target/bench-data/; the results go to
+//! target/bench-data/bench.csv and bench.md and are printed.
 
-use std::time::Instant;
+use std::path::PathBuf;
 
 mod common;
 
-use tessera::config::Project;
-use tessera::pipeline::{run, RunOptions};
+use tessera::bench::{parse_count, run, write, BenchOptions};
 use tessera::progress::Progress;
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else is read from the command line.
-    let people: Vec<u64> = std::env::var("TESSERA_BENCH_PEOPLE")
-        .unwrap_or_else(|_| "20000".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .expect("TESSERA_BENCH_PEOPLE holds whole numbers")
-        })
-        .collect();
-    let days: u32 = common::env_number("TESSERA_BENCH_DAYS", 30);
-    let root = common::data_root();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let sizes = std::env::var("TESSERA_BENCH_SIZES").unwrap_or_else(|_| "1M,10M".into());
+    let python = std::env::var("TESSERA_BENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let options = BenchOptions {
+        sizes: sizes
+            .split(',')
+            .map(|s| parse_count(s).expect("TESSERA_BENCH_SIZES holds sizes like 1M,10M"))
+            .collect(),
+        project: root.clone(),
+        data_dir: common::data_root(),
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_tessera")),
+        python: python.exists().then_some(python),
+        memory_limit: std::env::var("TESSERA_BENCH_MEMORY_LIMIT").ok(),
+        incremental: std::env::var("TESSERA_BENCH_INCREMENTAL").map_or(true, |v| v != "0"),
+    };
+    if options.python.is_none() {
+        eprintln!("no Python with duckdb (run scripts/test.sh once, or set TESSERA_BENCH_PYTHON): skipping the DuckDB baseline");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-
-    let mut lines =
-        vec!["people,days,rows_read,stage,seconds,rows_per_second,peak_rss_mib".to_string()];
-    println!("| people | rows read | stage | seconds | rows/s | peak RSS (MiB) |");
-    println!("|---:|---:|---|---:|---:|---:|");
-    for &n in &people {
-        let data = rt.block_on(common::generated(n, days));
-        let project_dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            project_dir.path().join("tessera.toml"),
-            format!(
-                "[storage]\nevents = \"{}/events\"\noutput = \"out\"\n",
-                data.display()
-            ),
-        )
-        .unwrap();
-        let project = Project::load(project_dir.path()).unwrap();
-        let started = Instant::now();
-        let report = rt
-            .block_on(run(project, &RunOptions::default(), Progress::hidden()))
-            .unwrap();
-        let total = started.elapsed().as_secs_f64();
-        let rss = common::peak_rss_mib();
-        let mut stages: Vec<(String, f64)> = report
-            .timings_ms
-            .iter()
-            .map(|(s, ms)| (s.clone(), *ms as f64 / 1000.0))
-            .collect();
-        stages.push(("total".into(), total));
-        for (stage, secs) in stages {
-            let rate = report.rows_read as f64 / secs.max(1e-9);
-            println!(
-                "| {n} | {} | {stage} | {secs:.2} | {rate:.0} | {rss:.0} |",
-                report.rows_read
-            );
-            lines.push(format!(
-                "{n},{days},{},{stage},{secs:.3},{rate:.0},{rss:.0}",
-                report.rows_read
-            ));
-        }
+    let report = rt.block_on(run(&options, Progress::new(true))).unwrap();
+    println!("{}", report.markdown());
+    for path in write(&report, &options.data_dir).unwrap() {
+        eprintln!("wrote {path}");
     }
-    std::fs::write(root.join("pipeline.csv"), lines.join("\n") + "\n").unwrap();
 }

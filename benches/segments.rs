@@ -108,10 +108,10 @@ fn main() {
     let rss = common::peak_rss_mib();
     let stage = |name: &str| {
         report
-            .timings_ms
+            .stages
             .iter()
-            .find(|(s, _)| s == name)
-            .map(|(_, ms)| *ms as f64 / 1000.0)
+            .find(|s| s.stage == name)
+            .map(|s| s.ms as f64 / 1000.0)
             .unwrap_or(0.0)
     };
     let segments = report

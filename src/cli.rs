@@ -98,6 +98,8 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         people: u64,
     },
+    /// Benchmark the project's pipeline on generated events, beside the scan floor and DuckDB.
+    Bench(BenchArgs),
     /// Generate synthetic Segment-spec events and their identity truth.
     Generate {
         /// Where to write: events go to OUT/events/, the truth to OUT/truth.parquet.
@@ -119,6 +121,29 @@ pub enum Command {
         #[arg(long, default_value_t = 250_000)]
         rows_per_file: usize,
     },
+}
+
+/// What `tessera bench` measures.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Event counts to generate and run, comma-separated (1M, 250k, 100000).
+    #[arg(long, default_value = "1M", value_delimiter = ',')]
+    pub sizes: Vec<String>,
+    /// Where generated events are cached (and the runs write while they last).
+    #[arg(long, default_value = "bench-data", value_name = "DIR")]
+    pub data: PathBuf,
+    /// Where bench.csv and bench.md go (default: the data folder).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Python with the duckdb package: also run the DuckDB baseline.
+    #[arg(long, value_name = "PYTHON")]
+    pub duckdb: Option<PathBuf>,
+    /// Memory limit for both engines, e.g. 4GiB.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// Also time an incremental run that adds the last 1% of the event files.
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 /// What `tessera export` exports.
@@ -331,6 +356,36 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     dir.display(),
                     dir.display()
                 );
+            }
+            Ok(0)
+        }
+        Command::Bench(args) => {
+            let options = crate::bench::BenchOptions {
+                sizes: args
+                    .sizes
+                    .iter()
+                    .map(|s| crate::bench::parse_count(s))
+                    .collect::<Result<_>>()?,
+                project: std::path::absolute(&project_dir)
+                    .map_err(|e| Error::io(&project_dir, e))?,
+                data_dir: std::path::absolute(&args.data).map_err(|e| Error::io(&args.data, e))?,
+                exe: std::env::current_exe().map_err(|e| Error::io("tessera", e))?,
+                python: args.duckdb,
+                memory_limit: args.memory_limit,
+                incremental: args.incremental,
+            };
+            // Fail on a broken project before generating anything.
+            Project::load(&options.project)?;
+            let report = crate::bench::run(&options, progress).await?;
+            let out = args.out.unwrap_or(options.data_dir.clone());
+            let written = crate::bench::write(&report, &out)?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{}", report.markdown());
+                if !cli.quiet {
+                    eprintln!("wrote {}", written.join(", "));
+                }
             }
             Ok(0)
         }

@@ -165,6 +165,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Starts measuring a stage (time, memory, bytes read, spill).
+    pub fn meter(&self) -> crate::metrics::Meter {
+        crate::metrics::Meter::start(self.ctx.runtime_env().disk_manager.clone())
+    }
+
     /// Registers the output tables that exist, so SQL can read them.
     pub async fn register_outputs(&self) -> Result<Vec<String>> {
         crate::segments::ensure_schema(self)?;

@@ -4,6 +4,7 @@
 //! resolved in native Rust; results are Delta Lake tables BI tools read. Start at [`pipeline`].
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
@@ -15,6 +16,7 @@ pub mod generate;
 pub mod identity;
 pub mod ingest;
 pub mod lease;
+pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod profiles;

@@ -14,7 +14,7 @@
 //! Every table is written to a stage first ([`crate::publish`]); nothing is visible to
 //! readers until [`Stage::publish`] runs at the end.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 
@@ -114,7 +114,7 @@ async fn leased(
                 tracing::warn!(file = %bad.file, reason = %bad.reason, "skipping corrupt event file");
             }
             report.tables.clear();
-            report.timings_ms.clear();
+            report.stages.clear();
             stage = Stage::new(&place);
             outcome = stages(engine, &stage, report, progress, &corrupt, seen.as_ref()).await;
         }
@@ -128,7 +128,7 @@ async fn leased(
         }
         Ok(Work::Done) => {
             report.status = RunStatus::Succeeded;
-            let started = Instant::now();
+            let meter = engine.meter();
             let outputs = Outputs::new(stage.place().clone());
             let runs = engine.ctx.read_batch(report.to_batch()?)?;
             let committed = outputs
@@ -140,9 +140,7 @@ async fn leased(
             spinner.set_message("tidying old versions");
             tidy(engine).await;
             spinner.finish_and_clear();
-            report
-                .timings_ms
-                .push(("publish".into(), elapsed_ms(started)));
+            report.stages.push(meter.finish("publish", 0));
             tracing::info!(run_id = %report.run_id, events = report.events, commits = entries,
                 "run succeeded and published");
             Ok(())
@@ -224,7 +222,7 @@ async fn stages(
     let outputs = &Outputs::new(stage.place().clone());
     let ctx = &engine.ctx;
     // Ingest: find the files not processed before, check them, plan their events.
-    let started = Instant::now();
+    let meter = engine.meter();
     let bar = progress.bar("checking event files", 0);
     let on_file = |done: u64, total: u64| {
         bar.set_length(total);
@@ -254,11 +252,9 @@ async fn stages(
     } else {
         WriteMode::Replace
     };
-    report
-        .timings_ms
-        .push(("ingest".into(), elapsed_ms(started)));
+    report.stages.push(meter.finish("ingest", report.rows_read));
 
-    let started = Instant::now();
+    let meter = engine.meter();
     let spinner = progress.spinner("quarantining rejected events");
     let committed = outputs
         .write(
@@ -315,9 +311,7 @@ async fn stages(
     ctx.register_table(tables::EVENTS, history)?;
     report.events = ctx.table(tables::EVENTS).await?.count().await? as u64;
     spinner.finish_and_clear();
-    report
-        .timings_ms
-        .push(("events".into(), elapsed_ms(started)));
+    report.stages.push(meter.finish("events", report.rows_read));
 
     let valid = ingested.valid_rows;
     report.rows_duplicate = valid.saturating_sub(report.new_events);
@@ -331,16 +325,14 @@ async fn stages(
     }
 
     // Identity: links from SQL, rules, union-find, stable profile ids.
-    let started = Instant::now();
+    let meter = engine.meter();
     let spinner = progress.spinner("resolving identities");
     let identity = identity::resolve(engine, &report.run_id, report.started_at)
         .await
         .map_err(in_stage(engine, "identity"))?;
-    report
-        .timings_ms
-        .push(("identity".into(), elapsed_ms(started)));
+    report.stages.push(meter.finish("identity", report.events));
     let graph_for_sql = identity.graph.clone();
-    let started = Instant::now();
+    let meter = engine.meter();
     spinner.set_message("writing identity tables");
     for (name, batch, mode) in [
         (
@@ -362,22 +354,22 @@ async fn stages(
     }
     spinner.finish_and_clear();
     report
-        .timings_ms
-        .push(("identity_tables".into(), elapsed_ms(started)));
+        .stages
+        .push(meter.finish("identity_tables", identity.stats.identifiers));
     let events = ctx.table(tables::EVENTS).await?;
     let resolved = identity::resolved_events(events, identity.event_profiles)?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
-    let started = Instant::now();
+    let meter = engine.meter();
     engine
         .materialise_events()
         .await
         .map_err(in_stage(engine, "resolved events"))?;
     report
-        .timings_ms
-        .push(("resolved_events".into(), elapsed_ms(started)));
+        .stages
+        .push(meter.finish("resolved_events", report.events));
     ctx.deregister_table(tables::IDENTITY_GRAPH)?;
-    ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql)?;
+    ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql.clone())?;
     report.events_without_profile = report
         .events
         .saturating_sub(identity.stats.events_with_profile);
@@ -391,9 +383,9 @@ async fn stages(
     );
 
     // Profiles: identifiers, last-known traits, computed traits.
-    let started = Instant::now();
+    let meter = engine.meter();
     let spinner = progress.spinner("building profiles");
-    let profiles = crate::profiles::build(engine)
+    let profiles = crate::profiles::build(engine, &graph_for_sql)
         .await
         .map_err(in_stage(engine, "profiles"))?;
     let committed = write_batches(engine, outputs, tables::PROFILES, profiles).await?;
@@ -402,12 +394,10 @@ async fn stages(
         .tables
         .insert(tables::PROFILES.to_string(), committed);
     spinner.finish_and_clear();
-    report
-        .timings_ms
-        .push(("profiles".into(), elapsed_ms(started)));
+    report.stages.push(meter.finish("profiles", report.events));
 
     // Segments, each after the segments it reads.
-    let started = Instant::now();
+    let meter = engine.meter();
     crate::segments::ensure_schema(engine)?;
     let mut changes = crate::segments::Changes::default();
     for segment in crate::segments::ordered(engine)? {
@@ -440,9 +430,7 @@ async fn stages(
     report
         .tables
         .insert(tables::SEGMENT_CHANGES.to_string(), committed);
-    report
-        .timings_ms
-        .push(("segments".into(), elapsed_ms(started)));
+    report.stages.push(meter.finish("segments", report.events));
     Ok(Work::Done)
 }
 
@@ -457,8 +445,4 @@ async fn write_batches(
     outputs
         .write(&engine.ctx, name, df, WriteMode::Replace)
         .await
-}
-
-fn elapsed_ms(since: Instant) -> u64 {
-    since.elapsed().as_millis() as u64
 }

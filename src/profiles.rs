@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, ListBuilder, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::{Column, JoinType};
 use datafusion::dataframe::DataFrame;
@@ -23,42 +25,36 @@ pub const TRAITS: &str = "traits";
 /// Internal name for a computed trait file's key while it is joined.
 const TRAIT_KEY: &str = "__tessera_trait_profile_id";
 
+/// Internal table: one row per profile with its identifier lists.
+const IDENTIFIER_LISTS: &str = "__tessera_identifier_lists";
+
 /// The name of a profile's list column for an identifier type (`email` → `emails`).
 pub fn list_column(identifier_type: &str) -> String {
     format!("{identifier_type}s")
 }
 
 /// Builds `profiles` (collected in memory) and registers it as `profiles` for later SQL.
-pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
+pub async fn build(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordBatch>> {
     let rules = Rules::from_config(&engine.project.config.identity);
-    let lists: Vec<String> = rules
-        .types
+    let types: Vec<&str> = rules.types.iter().map(|t| t.name.as_str()).collect();
+    engine.ctx.deregister_table(IDENTIFIER_LISTS)?;
+    engine
+        .ctx
+        .register_batch(IDENTIFIER_LISTS, identifier_lists(graph, &types)?)?;
+    let list_names: Vec<String> = types
         .iter()
-        .map(|t| {
-            format!(
-                "array_agg(identifier_value ORDER BY identifier_value) FILTER (WHERE identifier_type = '{}') AS {}",
-                t.name,
-                list_column(&t.name)
-            )
-        })
-        .collect();
-    let list_names: Vec<String> = rules
-        .types
-        .iter()
-        .map(|t| format!("g.{}", list_column(&t.name)))
+        .map(|t| format!("g.{}", list_column(t)))
         .collect();
     let base = format!(
-        "WITH g AS (SELECT profile_id, {lists} FROM {graph} GROUP BY profile_id), \
-              e AS (SELECT profile_id, min(\"timestamp\") AS first_seen, max(\"timestamp\") AS last_seen, count(*) AS event_count \
+        "WITH e AS (SELECT profile_id, min(\"timestamp\") AS first_seen, max(\"timestamp\") AS last_seen, count(*) AS event_count \
                     FROM {events} WHERE profile_id IS NOT NULL GROUP BY profile_id) \
          SELECT g.profile_id, e.first_seen, e.last_seen, coalesce(e.event_count, 0) AS event_count, {list_names} \
-         FROM g LEFT JOIN e ON g.profile_id = e.profile_id",
-        lists = lists.join(", "),
-        graph = tables::IDENTITY_GRAPH,
+         FROM {IDENTIFIER_LISTS} g LEFT JOIN e ON g.profile_id = e.profile_id",
         events = tables::EVENTS,
         list_names = list_names.join(", "),
     );
     let mut profiles = engine.ctx.sql(&base).await?;
+    let t0 = std::time::Instant::now();
 
     // Last-known identify traits: the latest non-null value of each trait wins.
     let traits = last_known_traits(engine).await?;
@@ -82,6 +78,7 @@ pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
             message: format!("key `profiles.traits`: trait \"{clash}\" has the name of a built-in profiles column; lift it under another name with a trait query"),
         });
     }
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "last-known traits");
     let traits = engine.ctx.read_batch(traits)?;
     profiles = join_on_profile(profiles, traits, TRAIT_KEY)?;
 
@@ -92,6 +89,7 @@ pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
         collected.push(RecordBatch::new_empty(Arc::new(schema)));
     }
     register(engine, &collected)?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "base");
     let mut profiles = engine.ctx.read_batches(collected)?;
     let mut columns: HashSet<String> = profiles
         .schema()
@@ -142,15 +140,92 @@ pub async fn build(engine: &Engine) -> Result<Vec<RecordBatch>> {
         };
         profiles = join_on_profile(profiles, traits, TRAIT_KEY)
             .map_err(|e| Error::query(&query.file, e))?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, "trait");
     }
     let profiles = crate::output::plain_columns(profiles)?;
     let schema = profiles.schema().as_arrow().clone();
     let mut collected = profiles.collect().await?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "joined");
     if collected.is_empty() {
         collected.push(RecordBatch::new_empty(Arc::new(schema)));
     }
     register(engine, &collected)?;
     Ok(collected)
+}
+
+/// One row per profile of `graph` (an `identity_graph` batch ordered by profile, type priority,
+/// value) with one list column per identifier type: its values in order, NULL when it has none.
+/// One pass over the graph; an `array_agg(... ORDER BY ...)` per type took most of the stage.
+fn identifier_lists(graph: &RecordBatch, types: &[&str]) -> Result<RecordBatch> {
+    let column = |name: &str| -> Result<ArrayRef> {
+        let c = graph
+            .column_by_name(name)
+            .ok_or_else(|| Error::Usage(format!("identity graph without column {name}")))?;
+        Ok(arrow::compute::cast(c, &DataType::Utf8)?)
+    };
+    let (ty, value, profile) = (
+        column("identifier_type")?,
+        column("identifier_value")?,
+        column("profile_id")?,
+    );
+    let (ty, value, profile) = (
+        ty.as_string::<i32>(),
+        value.as_string::<i32>(),
+        profile.as_string::<i32>(),
+    );
+    let mut ids = arrow::array::StringBuilder::new();
+    let mut lists: Vec<ListBuilder<arrow::array::StringBuilder>> = types
+        .iter()
+        .map(|_| ListBuilder::new(arrow::array::StringBuilder::new()))
+        .collect();
+    // Values of the current profile, per type.
+    let mut current: Vec<Vec<&str>> = vec![Vec::new(); types.len()];
+    let flush = |current: &mut Vec<Vec<&str>>, lists: &mut Vec<ListBuilder<_>>| {
+        for (values, list) in current.iter_mut().zip(lists.iter_mut()) {
+            let list: &mut ListBuilder<arrow::array::StringBuilder> = list;
+            if values.is_empty() {
+                list.append_null();
+            } else {
+                values.sort_unstable();
+                for v in values.iter() {
+                    list.values().append_value(v);
+                }
+                list.append(true);
+                values.clear();
+            }
+        }
+    };
+    let mut last: Option<&str> = None;
+    for r in 0..graph.num_rows() {
+        if profile.is_null(r) {
+            continue;
+        }
+        let p = profile.value(r);
+        if last != Some(p) {
+            if last.is_some() {
+                flush(&mut current, &mut lists);
+            }
+            ids.append_value(p);
+            last = Some(p);
+        }
+        if let Some(i) = types.iter().position(|t| *t == ty.value(r)) {
+            current[i].push(value.value(r));
+        }
+    }
+    if last.is_some() {
+        flush(&mut current, &mut lists);
+    }
+    let mut fields = vec![Field::new("profile_id", DataType::Utf8, false)];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(ids.finish())];
+    for (t, mut list) in types.iter().zip(lists) {
+        let array = list.finish();
+        fields.push(Field::new(list_column(t), array.data_type().clone(), true));
+        columns.push(Arc::new(array));
+    }
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 fn register(engine: &Engine, batches: &[RecordBatch]) -> Result<()> {

@@ -71,8 +71,8 @@ pub struct RunReport {
     pub profiles_written: u64,
     /// Each table committed by this run.
     pub tables: BTreeMap<String, Committed>,
-    /// Wall time of each stage in milliseconds, in run order.
-    pub timings_ms: Vec<(String, u64)>,
+    /// What each stage cost (wall time, rows, memory, bytes read, spill), in run order.
+    pub stages: Vec<crate::metrics::StageStats>,
     /// `full` (every input file read) or `incremental` (only files not processed before).
     pub mode: String,
     /// Events this run added to the event history (after checks and deduplication).
@@ -105,7 +105,7 @@ impl RunReport {
             events_without_profile: 0,
             profiles_written: 0,
             tables: BTreeMap::new(),
-            timings_ms: Vec::new(),
+            stages: Vec::new(),
             mode: "full".into(),
             new_events: 0,
             changed_files: Vec::new(),
@@ -157,9 +157,9 @@ impl RunReport {
         };
         let json = |v: &dyn erased::Json| s(&v.to_json());
         let timings: serde_json::Map<String, serde_json::Value> = self
-            .timings_ms
+            .stages
             .iter()
-            .map(|(k, v)| (k.clone(), (*v).into()))
+            .map(|s| (s.stage.clone(), s.ms.into()))
             .collect();
         let columns = vec![
             s(&self.run_id),
@@ -218,7 +218,14 @@ mod tests {
                 rows: 7,
             },
         );
-        r.timings_ms.push(("ingest".into(), 12));
+        r.stages.push(crate::metrics::StageStats {
+            stage: "ingest".into(),
+            ms: 12,
+            rows: 5,
+            peak_rss_bytes: 0,
+            bytes_read: 0,
+            spill_bytes: 0,
+        });
         let b = r.to_batch().unwrap();
         assert_eq!(b.num_rows(), 1);
         assert_eq!(b.schema(), RunReport::schema());
@@ -229,6 +236,9 @@ mod tests {
             .unwrap()
             .value(0);
         assert_eq!(tables, r#"{"rejected_events":{"version":3,"rows":7}}"#);
+        let timings = b.column_by_name("timings_ms").unwrap();
+        let timings = timings.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(timings.value(0), r#"{"ingest":12}"#);
         assert!(
             r.run_id.len() > 17 && r.run_id.starts_with(&r.started_at.format("%Y").to_string())
         );
