@@ -137,11 +137,15 @@ impl Engine {
         let path = dir.path().join(tables::EVENTS);
         let url = format!("{}/", path.display());
         let events = self.ctx.table(tables::EVENTS).await?;
+        // A scratch file read back a few times: LZ4 compresses and decompresses several times
+        // faster than the default zstd, and its larger size only lives in the page cache.
+        let mut options = datafusion::config::TableParquetOptions::default();
+        options.global.compression = Some("lz4_raw".into());
         let written = events
             .write_parquet(
                 &url,
                 datafusion::dataframe::DataFrameWriteOptions::new(),
-                None,
+                Some(options),
             )
             .await?;
         let rows: u64 = written
@@ -327,10 +331,7 @@ fn is_json_impl(args: &[ColumnarValue]) -> DfResult<ColumnarValue> {
     Ok(ColumnarValue::Array(Arc::new(result) as ArrayRef))
 }
 
-/// True when `text` is one complete JSON value.
-pub fn is_json(text: &str) -> bool {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
-}
+pub use crate::json_check::is_json;
 
 /// Checks that `sql` holds exactly one read-only statement (a query); `file` names it in errors.
 ///
@@ -391,6 +392,11 @@ mod tests {
         assert!(!is_json("{a: 1}"));
         assert!(!is_json(""));
         assert!(!is_json("{} {}"));
+        assert!(!is_json("[1,]"));
+        assert!(!is_json("NaN"));
+        assert!(!is_json(r#""\x""#));
+        assert!(!is_json("{\"a\": tru}"));
+        assert!(is_json(r#"{"emoji": "\ud83d\ude00", "n": -1.5e3}"#));
     }
 
     #[tokio::test]

@@ -586,10 +586,6 @@ pub struct Ingested {
     pub events: DataFrame,
     /// `rejected_events`: the event's columns, `reason`, `source_file`.
     pub rejected: DataFrame,
-    /// Rows that passed the checks, copies included.
-    pub valid_rows: u64,
-    /// Rows of `events` (distinct message_ids among the rows that passed).
-    pub event_rows: u64,
 }
 
 /// The 64-bit hash used to find message_ids that may repeat.
@@ -609,7 +605,7 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
     use std::hash::BuildHasher;
 
     let all = scan_all(ctx, &inventory).await?;
-    let checked = all.with_column(REASON, reject_reason()?)?;
+    let checked = all.clone().with_column(REASON, reject_reason()?)?;
     let event_columns: Vec<Expr> = inventory
         .schema
         .fields()
@@ -632,16 +628,16 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
     let mut repeated: hashbrown::HashSet<u64, foldhash::fast::FixedState> =
         hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
-    let mut valid_rows = 0u64;
-    let mut stream = valid
+    // Only the message_id column is read: rows that the checks reject later may make a few
+    // extra candidates, which pass two handles exactly like any other.
+    let mut stream = all
         .clone()
-        .select(vec![ident(event::MESSAGE_ID)])?
+        .select(vec![cast(ident(event::MESSAGE_ID), DataType::Utf8)])?
         .execute_stream()
         .await?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         let ids = batch.column(0).as_string::<i32>();
-        valid_rows += batch.num_rows() as u64;
         for id in ids.iter().flatten() {
             let h = hasher.hash_one(id);
             if !seen.insert(h) {
@@ -657,8 +653,6 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
             inventory,
             events: unique,
             rejected,
-            valid_rows,
-            event_rows: valid_rows,
         });
     }
 
@@ -693,7 +687,6 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         .filter(is_candidate.clone())?
         .collect()
         .await?;
-    let candidate_rows: u64 = copies.iter().map(|b| b.num_rows() as u64).sum();
     let copies = ctx.read_batches(copies)?;
     let copy_number = row_number()
         .partition_by(vec![ident(event::MESSAGE_ID)])
@@ -710,7 +703,6 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         .select(event_columns.clone())?
         .collect()
         .await?;
-    let kept_rows: u64 = kept.iter().map(|b| b.num_rows() as u64).sum();
     let schema = unique.schema().as_arrow().clone();
     let kept = ctx.read_batches(if kept.is_empty() {
         vec![RecordBatch::new_empty(Arc::new(schema))]
@@ -725,8 +717,6 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         inventory,
         events,
         rejected,
-        valid_rows,
-        event_rows: valid_rows - candidate_rows + kept_rows,
     })
 }
 

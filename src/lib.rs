@@ -15,6 +15,7 @@ pub mod functions;
 pub mod generate;
 pub mod identity;
 pub mod ingest;
+pub mod json_check;
 pub mod lease;
 pub mod metrics;
 pub mod output;

@@ -313,16 +313,9 @@ async fn stages(
     spinner.finish_and_clear();
     report.stages.push(meter.finish("events", report.rows_read));
 
-    let valid = ingested.valid_rows;
+    // Every row read is either rejected or valid; copies are the valid rows not kept.
+    let valid = report.rows_read.saturating_sub(report.rows_rejected);
     report.rows_duplicate = valid.saturating_sub(report.new_events);
-    if report.rows_read != valid + report.rows_rejected {
-        tracing::warn!(
-            read = report.rows_read,
-            valid,
-            rejected = report.rows_rejected,
-            "row counts do not add up"
-        );
-    }
 
     // Identity: links from SQL, rules, union-find, stable profile ids.
     let meter = engine.meter();
@@ -357,7 +350,9 @@ async fn stages(
         .stages
         .push(meter.finish("identity_tables", identity.stats.identifiers));
     let events = ctx.table(tables::EVENTS).await?;
-    let resolved = identity::resolved_events(events, identity.event_profiles)?;
+    let rules = identity::graph::Rules::from_config(&engine.project.config.identity);
+    let resolved =
+        identity::resolve_events(events, identity.event_profiles, &graph_for_sql, &rules)?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
     let meter = engine.meter();
@@ -370,10 +365,14 @@ async fn stages(
         .push(meter.finish("resolved_events", report.events));
     ctx.deregister_table(tables::IDENTITY_GRAPH)?;
     ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql.clone())?;
-    report.events_without_profile = report
-        .events
-        .saturating_sub(identity.stats.events_with_profile);
+    report.events_without_profile = ctx
+        .table(tables::EVENTS)
+        .await?
+        .filter(datafusion::prelude::col(tables::event::PROFILE_ID).is_null())?
+        .count()
+        .await? as u64;
     report.identity = identity.stats;
+    report.identity.events_with_profile = report.events - report.events_without_profile;
     tracing::info!(
         identifiers = report.identity.identifiers,
         profiles = report.identity.profiles,

@@ -305,14 +305,18 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
                 continue;
             };
             let at = if t.is_valid(r) { t.value(r) } else { i64::MIN };
-            let slot = latest.entry(p.value(r).to_string()).or_default();
+            let slot = match latest.get_mut(p.value(r)) {
+                Some(slot) => slot,
+                None => latest.entry(p.value(r).to_string()).or_default(),
+            };
             for (k, v) in map {
                 if v.is_null() {
                     continue;
                 }
                 match slot.get(&k) {
+                    Some((when, _)) if *when > at => {}
                     // Ties go to the greater JSON text, so the result never depends on row order.
-                    Some((when, old)) if (*when, old.to_string()) >= (at, v.to_string()) => {}
+                    Some((when, old)) if *when == at && old.to_string() >= v.to_string() => {}
                     _ => {
                         slot.insert(k, (at, v));
                     }

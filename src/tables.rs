@@ -53,6 +53,8 @@ pub const OUTPUT_TABLES: &[&str] = &[
 pub mod event {
     /// Unique per event; duplicates are counted once.
     pub const MESSAGE_ID: &str = "message_id";
+    /// The event's profile, added by identity resolution.
+    pub const PROFILE_ID: &str = "profile_id";
     /// track, identify, page, screen, group or alias.
     pub const TYPE: &str = "type";
     /// When the event happened (UTC).

@@ -20,7 +20,7 @@ pub mod explain;
 pub mod graph;
 pub mod normalize;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -88,10 +88,20 @@ pub struct IdentityTables {
     pub conflicts: RecordBatch,
     /// `profile_merges` rows of this run
     pub merges: RecordBatch,
-    /// message_id → profile_id for events
-    pub event_profiles: Vec<RecordBatch>,
+    /// How each event finds its profile.
+    pub event_profiles: EventProfiles,
     /// Counts for the run log.
     pub stats: IdentityStats,
+}
+
+/// How events get their `profile_id` once identities are resolved.
+pub enum EventProfiles {
+    /// Rows of message_id → profile, for identity queries that are not plain projections of
+    /// `events` (filters, joins, several queries with message_id): memory grows with events.
+    Mapping(Vec<RecordBatch>),
+    /// The identity query's identifier expressions (type, expression), evaluated again on each
+    /// event as it streams and looked up in the graph: nothing is kept per event.
+    Direct(Vec<(u8, Expr)>),
 }
 
 /// Counts for `runs` and the summary.
@@ -146,29 +156,42 @@ impl EventIds {
 pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Result<IdentityTables> {
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = load_queries(engine)?;
+    let started = std::time::Instant::now();
     let mut resolver = Resolver::new(rules.clone());
     let mut events = EventIds::default();
     let mut event_sources = 0;
-    for (q, query) in queries.iter().enumerate() {
+    let mut frames = Vec::with_capacity(queries.len());
+    for query in &queries {
         let df = link_frame(engine, query, &rules).await?;
-        let has_message_id = df.schema().has_column_with_unqualified_name(MESSAGE_ID);
-        event_sources += usize::from(has_message_id);
+        event_sources += usize::from(df.schema().has_column_with_unqualified_name(MESSAGE_ID));
+        frames.push(df);
+    }
+    let direct = direct_identifiers(engine, &queries, event_sources, &rules).await?;
+    for (q, (query, df)) in queries.iter().zip(frames).enumerate() {
         read_rows(
             df,
             &query.file,
             &rules,
             |row, seen_at, message_id, nodes_out| {
                 resolver.add_row(row, seen_at, q as u16, nodes_out);
-                if let Some(m) = message_id {
+                if let (Some(m), None) = (message_id, &direct) {
                     events.push(m, nodes_out);
                 }
             },
         )
         .await?;
     }
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity: links read"
+    );
     let resolution = resolver.resolve();
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity: resolved"
+    );
 
-    if event_sources == 0 {
+    if event_sources == 0 && direct.is_none() {
         // No identity query ties identifiers to events: use the events' own identifier columns.
         let own = own_identifier_frame(engine, &rules).await?;
         if let Some(df) = own {
@@ -194,7 +217,70 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
 
     let previous = previous_graph(engine, &resolution).await?;
     let ids = assign_profile_ids(&resolution, &previous);
-    build_tables(&resolution, &ids, &queries, events, run_id, now)
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity: profile ids assigned"
+    );
+    let mut tables = build_tables(&resolution, &ids, &queries, events, run_id, now)?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity: tables built"
+    );
+    if let Some(exprs) = direct {
+        tables.event_profiles = EventProfiles::Direct(exprs);
+    }
+    Ok(tables)
+}
+
+/// The expressions that give each event its identifiers, when they can be evaluated on the
+/// event itself: the one identity query with message_id is a plain `SELECT … FROM events`
+/// (no WHERE, join, alias or aggregate), or no query has message_id and the events' own
+/// identifier columns are used. `None` otherwise (events then go through a message_id mapping).
+async fn direct_identifiers(
+    engine: &Engine,
+    queries: &[QueryFile],
+    event_sources: usize,
+    rules: &Rules,
+) -> Result<Option<Vec<(u8, Expr)>>> {
+    use datafusion::logical_expr::LogicalPlan;
+    let mut exprs: Vec<(u8, Expr)> = Vec::new();
+    if event_sources == 0 {
+        let events = engine.ctx.table(tables::EVENTS).await?;
+        for (t, rule) in rules.types.iter().enumerate() {
+            if events.schema().has_column_with_unqualified_name(&rule.name) {
+                exprs.push((t as u8, Expr::Column(Column::new_unqualified(&rule.name))));
+            }
+        }
+        return Ok(Some(exprs));
+    }
+    if event_sources > 1 {
+        return Ok(None);
+    }
+    for query in queries {
+        let df = engine.query(&query.sql, &query.file).await?;
+        if !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
+            continue;
+        }
+        let LogicalPlan::Projection(projection) = df.logical_plan() else {
+            return Ok(None);
+        };
+        let LogicalPlan::TableScan(scan) = projection.input.as_ref() else {
+            return Ok(None);
+        };
+        if scan.table_name.table() != tables::EVENTS
+            || !scan.filters.is_empty()
+            || scan.fetch.is_some()
+        {
+            return Ok(None);
+        }
+        for (expr, field) in projection.expr.iter().zip(projection.schema.fields()) {
+            if let Some(t) = rules.type_index(field.name()) {
+                exprs.push((t, expr.clone().unalias()));
+            }
+        }
+    }
+    exprs.sort_by_key(|(t, _)| *t);
+    Ok(Some(exprs))
 }
 
 /// Plans one identity query and checks its columns against `[identity]`.
@@ -399,17 +485,40 @@ fn new_profile_id(kind: &str, value: &str) -> String {
 }
 
 fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
-    // Members of each component, oldest first.
-    let mut members: BTreeMap<Node, Vec<Node>> = BTreeMap::new();
+    // Members of each component, grouped in one array (counting sort by component), each
+    // group oldest first; components in the order of their oldest members.
+    let mut group = vec![u32::MAX; res.len()];
+    let mut roots: Vec<Node> = Vec::new();
+    let mut start: Vec<usize> = vec![0];
     for n in 0..res.len() as Node {
         if let Some(c) = res.component(n) {
-            members.entry(c).or_default().push(n);
+            if group[c as usize] == u32::MAX {
+                group[c as usize] = roots.len() as u32;
+                roots.push(c);
+                start.push(0);
+            }
+            start[group[c as usize] as usize + 1] += 1;
         }
     }
-    let mut comps: Vec<(Node, Vec<Node>)> = members.into_iter().collect();
-    for (_, m) in comps.iter_mut() {
-        m.sort_by(|a, b| res.age_order(*a, *b));
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
     }
+    let mut members: Vec<Node> = vec![0; start[roots.len()]];
+    let mut fill = start.clone();
+    for n in 0..res.len() as Node {
+        if let Some(c) = res.component(n) {
+            let g = group[c as usize] as usize;
+            members[fill[g]] = n;
+            fill[g] += 1;
+        }
+    }
+    drop(fill);
+    for g in 0..roots.len() {
+        members[start[g]..start[g + 1]].sort_by(|a, b| res.age_order(*a, *b));
+    }
+    let mut comps: Vec<(Node, &[Node])> = (0..roots.len())
+        .map(|g| (roots[g], &members[start[g]..start[g + 1]]))
+        .collect();
     comps.sort_by(|a, b| res.age_order(a.1[0], b.1[0]));
 
     let mut out = ProfileIds {
@@ -418,7 +527,10 @@ fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
         merges: Vec::new(),
     };
     let mut claimed = vec![false; prev.ids.len()];
-    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let previous_ids: std::collections::HashSet<&str> =
+        prev.ids.iter().map(String::as_str).collect();
+    let mut used: std::collections::HashSet<String> =
+        std::collections::HashSet::with_capacity(comps.len());
     // Previous profiles keep their ids; where several meet, the oldest keeps its id.
     for (root, m) in &comps {
         let mut candidates: Vec<u32> = m
@@ -441,7 +553,7 @@ fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
                 let kind = &res.rules().types[res.kind(oldest) as usize].name;
                 let mut id = new_profile_id(kind, res.value(oldest));
                 let mut salt = 1;
-                while used.contains(&id) || prev.ids.contains(&id) {
+                while used.contains(&id) || previous_ids.contains(id.as_str()) {
                     salt += 1;
                     id = new_profile_id(kind, &format!("{}#{salt}", res.value(oldest)));
                 }
@@ -473,6 +585,16 @@ fn time_array(values: impl Iterator<Item = i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
 }
 
+/// A string column with one value per row, built without a String per value.
+fn string_column<'a, T>(rows: &'a [T], each: impl Fn(&'a T) -> &'a str) -> ArrayRef {
+    let bytes: usize = rows.iter().map(|r| each(r).len()).sum();
+    let mut b = StringBuilder::with_capacity(rows.len(), bytes);
+    for r in rows {
+        b.append_value(each(r));
+    }
+    Arc::new(b.finish())
+}
+
 fn text(values: Vec<String>) -> ArrayRef {
     Arc::new(StringArray::from(values))
 }
@@ -500,32 +622,38 @@ fn build_tables(
     let name = |n: Node| rules.types[res.kind(n) as usize].name.clone();
     let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of_root[&c]]);
 
-    // identity_graph, ordered by profile then type priority then value.
-    let mut nodes: Vec<Node> = (0..res.len() as Node)
-        .filter(|n| res.component(*n).is_some())
+    // identity_graph, ordered by profile then type priority then value. Each node's sort key
+    // is worked out once (the profile's place among the sorted ids), so comparisons are of
+    // integers and, within one profile and type, of values only.
+    let mut order: Vec<usize> = (0..ids.ids.len()).collect();
+    order.sort_unstable_by(|a, b| ids.ids[*a].cmp(&ids.ids[*b]));
+    let mut rank = vec![0u32; ids.ids.len()];
+    for (place, profile) in order.iter().enumerate() {
+        rank[*profile] = place as u32;
+    }
+    let mut keyed: Vec<(u32, u8, Node, usize)> = (0..res.len() as Node)
+        .filter_map(|n| {
+            let profile = ids.of_root[&res.component(n)?];
+            Some((rank[profile], res.kind(n), n, profile))
+        })
         .collect();
-    nodes.sort_by(|a, b| {
-        (profile_of(*a), res.kind(*a), res.value(*a)).cmp(&(
-            profile_of(*b),
-            res.kind(*b),
-            res.value(*b),
-        ))
+    keyed.sort_unstable_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| res.value(a.2).cmp(res.value(b.2)))
     });
     let graph = RecordBatch::try_new(
         graph_schema(),
         vec![
-            text(nodes.iter().map(|n| name(*n)).collect()),
-            text(nodes.iter().map(|n| res.value(*n).to_string()).collect()),
-            text(
-                nodes
-                    .iter()
-                    .map(|n| profile_of(*n).cloned().unwrap_or_default())
-                    .collect(),
-            ),
-            time_array(nodes.iter().map(|n| res.seen(*n).0)),
-            time_array(nodes.iter().map(|n| res.seen(*n).1)),
+            string_column(&keyed, |k| rules.types[k.1 as usize].name.as_str()),
+            string_column(&keyed, |k| res.value(k.2)),
+            string_column(&keyed, |k| ids.ids[k.3].as_str()),
+            time_array(keyed.iter().map(|k| res.seen(k.2).0)),
+            time_array(keyed.iter().map(|k| res.seen(k.2).1)),
         ],
     )?;
+    let identifiers = keyed.len();
+    drop(keyed);
 
     // identity_links: accepted links, in the order applied.
     let l = &res.accepted;
@@ -648,7 +776,7 @@ fn build_tables(
     }
 
     let stats = IdentityStats {
-        identifiers: nodes.len() as u64,
+        identifiers: identifiers as u64,
         profiles: ids.ids.len() as u64,
         links_accepted: res.accepted.len() as u64,
         links_refused: res.refused.len() as u64,
@@ -660,7 +788,7 @@ fn build_tables(
         links,
         conflicts,
         merges,
-        event_profiles,
+        event_profiles: EventProfiles::Mapping(event_profiles),
         stats,
     })
 }
@@ -767,6 +895,124 @@ impl ProfileLookup {
         let (b, r) = ((*pos >> 32) as usize, (*pos & 0xffff_ffff) as usize);
         let profiles = &self.profiles[b];
         profiles.is_valid(r).then(|| profiles.value(r))
+    }
+}
+
+/// `events` with `profile_id`, the way `how` says; `graph` is this run's `identity_graph`.
+pub fn resolve_events(
+    events: DataFrame,
+    how: EventProfiles,
+    graph: &RecordBatch,
+    rules: &Rules,
+) -> Result<DataFrame> {
+    match how {
+        EventProfiles::Mapping(mapping) => resolved_events(events, mapping),
+        EventProfiles::Direct(exprs) => {
+            let lookup = Arc::new(GraphLookup::new(graph, rules)?);
+            let rules = Arc::new(rules.clone());
+            let types: Vec<u8> = exprs.iter().map(|(t, _)| *t).collect();
+            let profile_of = datafusion::logical_expr::create_udf(
+                "__tessera_profile_of_identifiers",
+                vec![DataType::Utf8; types.len()],
+                DataType::Utf8,
+                datafusion::logical_expr::Volatility::Immutable,
+                Arc::new(move |args: &[datafusion::logical_expr::ColumnarValue]| {
+                    let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
+                    let arrays: Vec<&StringArray> =
+                        arrays.iter().map(|a| a.as_string::<i32>()).collect();
+                    let rows = arrays.first().map_or(0, |a| a.len());
+                    let mut out = StringBuilder::with_capacity(rows, rows * 18);
+                    for r in 0..rows {
+                        // The event's highest-priority identifier that has a profile.
+                        let found = types.iter().zip(&arrays).find_map(|(t, a)| {
+                            if a.is_null(r) {
+                                return None;
+                            }
+                            let value = rules.clean(*t, a.value(r)).ok()?;
+                            lookup.profile(*t, &value)
+                        });
+                        out.append_option(found);
+                    }
+                    Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+                        out.finish(),
+                    )))
+                }),
+            );
+            let profile = if exprs.is_empty() {
+                datafusion::logical_expr::lit(datafusion::common::ScalarValue::Utf8(None))
+            } else {
+                profile_of.call(
+                    exprs
+                        .into_iter()
+                        .map(|(_, e)| cast(e, DataType::Utf8))
+                        .collect(),
+                )
+            };
+            let columns: Vec<Expr> = events
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| Expr::Column(Column::new_unqualified(f.name())))
+                .chain([profile.alias(EP_PROFILE)])
+                .collect();
+            Ok(events.select(columns)?)
+        }
+    }
+}
+
+/// (identifier type, value) → profile, over the rows of an `identity_graph` batch: the table
+/// holds row numbers only, the batch holds the strings.
+struct GraphLookup {
+    kind: Vec<u8>,
+    value: StringArray,
+    profile: StringArray,
+    table: hashbrown::HashTable<u32>,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl GraphLookup {
+    fn new(graph: &RecordBatch, rules: &Rules) -> Result<GraphLookup> {
+        use std::hash::BuildHasher;
+        let column = |name: &str| -> Result<StringArray> {
+            let c = graph
+                .column_by_name(name)
+                .ok_or_else(|| Error::Usage(format!("identity graph lacks {name}")))?;
+            Ok(arrow::compute::cast(c, &DataType::Utf8)?
+                .as_string::<i32>()
+                .clone())
+        };
+        let (kind_names, value, profile) = (
+            column("identifier_type")?,
+            column("identifier_value")?,
+            column("profile_id")?,
+        );
+        let hasher = foldhash::fast::FixedState::with_seed(0x6a09_e667);
+        let kind: Vec<u8> = (0..kind_names.len())
+            .map(|r| rules.type_index(kind_names.value(r)).unwrap_or(u8::MAX))
+            .collect();
+        let mut table = hashbrown::HashTable::with_capacity(value.len());
+        for r in 0..value.len() {
+            let hash = hasher.hash_one((kind[r], value.value(r)));
+            table.insert_unique(hash, r as u32, |&p| {
+                hasher.hash_one((kind[p as usize], value.value(p as usize)))
+            });
+        }
+        Ok(GraphLookup {
+            kind,
+            value,
+            profile,
+            table,
+            hasher,
+        })
+    }
+
+    fn profile(&self, t: u8, value: &str) -> Option<&str> {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one((t, value));
+        let r = *self.table.find(hash, |&p| {
+            self.kind[p as usize] == t && self.value.value(p as usize) == value
+        })? as usize;
+        self.profile.is_valid(r).then(|| self.profile.value(r))
     }
 }
 
