@@ -292,6 +292,10 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
             false,
         )
         .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false)
+        // Tables are written by one delta-rs writer task per table, with these options:
+        // snappy encodes several times faster than the default zstd(3) and every BI tool
+        // reads it (it is Spark's default).
+        .set_str("datafusion.execution.parquet.compression", "snappy")
         // On by default in 55: moves json_get_* below filters so it parses every row
         // (measured 8x more parses), and breaks some nested string expressions.
         .set_bool(

@@ -285,7 +285,12 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
         cast(col("traits"), DataType::Utf8).alias("j"),
     ])?;
     // profile → trait → (time, value)
-    let mut latest: BTreeMap<String, BTreeMap<String, (i64, serde_json::Value)>> = BTreeMap::new();
+    // A hash map: the rows are joined onto profiles by id, so their order does not matter.
+    let mut latest: std::collections::HashMap<
+        String,
+        BTreeMap<String, (i64, serde_json::Value)>,
+        foldhash::fast::RandomState,
+    > = Default::default();
     let mut stream = df.execute_stream().await?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
