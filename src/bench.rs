@@ -68,6 +68,8 @@ pub struct Row {
 pub struct BenchReport {
     /// One row per engine and stage.
     pub rows: Vec<Row>,
+    /// Engines that failed at a size (size, engine, error): the others' figures still count.
+    pub failures: Vec<(u64, String, String)>,
 }
 
 /// Parses `1M`, `250k`, `1.5M`, `2G` or a plain number of events.
@@ -138,7 +140,7 @@ pub async fn run(options: &BenchOptions, progress: Progress) -> Result<BenchRepo
         let files = event_files(&events)?;
         let rows = footer_rows(&files)?;
         let work = options.data_dir.join(format!("work-{}", label(size)));
-        let mut add = |engine: &str, stages: Vec<StageStats>| {
+        let add = |report: &mut BenchReport, engine: &str, stages: Vec<StageStats>| {
             for stats in stages {
                 report.rows.push(Row {
                     size,
@@ -150,17 +152,28 @@ pub async fn run(options: &BenchOptions, progress: Progress) -> Result<BenchRepo
         };
 
         let spinner = progress.spinner(&format!("{}: scan floor", label(size)));
-        add("floor", vec![scan_floor(&events, rows).await?]);
+        add(&mut report, "floor", vec![scan_floor(&events, rows).await?]);
         spinner.set_message(format!("{}: tessera run", label(size)));
         let project = project_copy(options, &work.join("tessera"), &events)?;
-        add("tessera", tessera_run(options, &project)?);
+        add(&mut report, "tessera", tessera_run(options, &project)?);
         if options.incremental {
             spinner.set_message(format!("{}: tessera incremental run", label(size)));
-            add("tessera incremental", incremental(options, &work, &files)?);
+            add(
+                &mut report,
+                "tessera incremental",
+                incremental(options, &work, &files)?,
+            );
         }
         if let Some(python) = &options.python {
             spinner.set_message(format!("{}: duckdb baseline", label(size)));
-            add("duckdb", duckdb_run(options, python, &work, &events)?);
+            match duckdb_run(options, python, &work, &events) {
+                Ok(stages) => add(&mut report, "duckdb", stages),
+                Err(e) => {
+                    tracing::warn!(size = %label(size), error = %e, "the DuckDB baseline failed");
+                    let last = e.to_string().lines().last().unwrap_or_default().to_string();
+                    report.failures.push((size, "duckdb".into(), last));
+                }
+            }
         }
         spinner.finish_and_clear();
         std::fs::remove_dir_all(&work).ok();
@@ -479,6 +492,9 @@ impl BenchReport {
                 ratio(id_d, id_t),
                 secs(inc),
             ));
+        }
+        for (size, engine, error) in &self.failures {
+            out.push_str(&format!("\n{} {engine} failed: {error}\n", label(*size)));
         }
         out.push_str(
             "\n| events | engine | stage | seconds | rows/s | peak RSS (MiB) | read (MiB) | spill (MiB) |\n\

@@ -619,7 +619,7 @@ fn build_tables(
     now: DateTime<Utc>,
 ) -> Result<IdentityTables> {
     let rules = res.rules();
-    let name = |n: Node| rules.types[res.kind(n) as usize].name.clone();
+    let type_name = |n: Node| rules.types[res.kind(n) as usize].name.as_str();
     let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of_root[&c]]);
 
     // identity_graph, ordered by profile then type priority then value. Each node's sort key
@@ -668,21 +668,13 @@ fn build_tables(
             Field::new("query", DataType::Utf8, false),
         ])),
         vec![
-            text(l.iter().map(|x| name(x.low)).collect()),
-            text(l.iter().map(|x| res.value(x.low).to_string()).collect()),
-            text(l.iter().map(|x| name(x.top)).collect()),
-            text(l.iter().map(|x| res.value(x.top).to_string()).collect()),
-            text(
-                l.iter()
-                    .map(|x| profile_of(x.top).cloned().unwrap_or_default())
-                    .collect(),
-            ),
+            string_column(l, |x| type_name(x.low)),
+            string_column(l, |x| res.value(x.low)),
+            string_column(l, |x| type_name(x.top)),
+            string_column(l, |x| res.value(x.top)),
+            string_column(l, |x| profile_of(x.top).map_or("", String::as_str)),
             time_array(l.iter().map(|x| x.seen_at)),
-            text(
-                l.iter()
-                    .map(|x| queries[x.query as usize].file.clone())
-                    .collect(),
-            ),
+            string_column(l, |x| queries[x.query as usize].file.as_str()),
         ],
     )?;
 
