@@ -330,8 +330,18 @@ fn child(command: &mut Command, what: &str) -> Result<(Vec<u8>, f64)> {
         })?;
     let seconds = started.elapsed().as_secs_f64();
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        // With --json a failure is a JSON object on stdout; anything else is on stderr.
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let tail: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .rev()
+            .take(20)
+            .collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(Error::Usage(format!(
             "{what} failed ({}):\n{}",

@@ -35,6 +35,31 @@ pub fn list_column(identifier_type: &str) -> String {
 
 /// Builds `profiles` (collected in memory) and registers it as `profiles` for later SQL.
 pub async fn build(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordBatch>> {
+    // Every trait is joined onto the profiles by profile_id. A hash join holds its whole build
+    // side in memory and cannot spill: at 100M events (3.8M profiles) those joins alone needed
+    // over 4 GiB. Under a smaller limit, sort-merge joins, which spill, are planned instead.
+    let spillable = engine.limits.memory < SPILLABLE_JOINS_BELOW;
+    set_prefer_hash_join(engine, !spillable);
+    let built = build_inner(engine, graph).await;
+    set_prefer_hash_join(engine, true);
+    built
+}
+
+/// Memory limits under which the profile joins are sort-merge joins.
+const SPILLABLE_JOINS_BELOW: u64 = 8 << 30;
+
+fn set_prefer_hash_join(engine: &Engine, hash: bool) {
+    engine
+        .ctx
+        .state_ref()
+        .write()
+        .config_mut()
+        .options_mut()
+        .optimizer
+        .prefer_hash_join = hash;
+}
+
+async fn build_inner(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordBatch>> {
     let rules = Rules::from_config(&engine.project.config.identity);
     let types: Vec<&str> = rules.types.iter().map(|t| t.name.as_str()).collect();
     engine.ctx.deregister_table(IDENTIFIER_LISTS)?;
@@ -228,6 +253,11 @@ fn identifier_lists(graph: &RecordBatch, types: &[&str]) -> Result<RecordBatch> 
     )?)
 }
 
+/// A JSON value as text, for breaking ties between values seen at the same time.
+fn json_text(v: &serde_json::Value) -> String {
+    v.to_string()
+}
+
 fn register(engine: &Engine, batches: &[RecordBatch]) -> Result<()> {
     engine.ctx.deregister_table(tables::PROFILES)?;
     let schema = batches
@@ -321,7 +351,7 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
                 match slot.get(&k) {
                     Some((when, _)) if *when > at => {}
                     // Ties go to the greater JSON text, so the result never depends on row order.
-                    Some((when, old)) if *when == at && old.to_string() >= v.to_string() => {}
+                    Some((when, old)) if *when == at && json_text(old) >= json_text(&v) => {}
                     _ => {
                         slot.insert(k, (at, v));
                     }

@@ -207,3 +207,111 @@ fn init_makes_a_project_that_runs() {
     let again = run(tessera().args(["init", dir.to_str().unwrap(), "--quiet"]));
     assert_eq!(again.status.code(), Some(2));
 }
+
+#[test]
+fn bench_measures_every_stage_of_both_engines_and_writes_csv_and_markdown() {
+    let Some(python) = python("bench") else {
+        return;
+    };
+    let p = bundled();
+    let data = p.path().join("bench-data");
+    let out = p.path().join("results");
+    let text = ok(run(&mut p.cmd(&[
+        "bench",
+        "--sizes",
+        "3k",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--duckdb",
+        python.to_str().unwrap(),
+        "--incremental",
+        "--json",
+        "--quiet",
+    ])));
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let stages = |engine: &str| -> Vec<String> {
+        rows.iter()
+            .filter(|r| r["engine"] == engine)
+            .map(|r| r["stats"]["stage"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(stages("floor"), ["scan"]);
+    for engine in ["tessera", "tessera incremental"] {
+        let s = stages(engine);
+        for stage in [
+            "ingest",
+            "events",
+            "identity",
+            "resolved_events",
+            "profiles",
+            "segments",
+            "total",
+        ] {
+            assert!(
+                s.iter().any(|x| x == stage),
+                "{engine} lacks {stage}: {s:?}"
+            );
+        }
+    }
+    assert_eq!(
+        stages("duckdb"),
+        [
+            "events",
+            "identity",
+            "resolved_events",
+            "profiles",
+            "segments",
+            "total"
+        ]
+    );
+    assert!(
+        report["failures"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    for r in rows {
+        let s = &r["stats"];
+        assert!(s["peak_rss_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+    // Both engines found about the same people in the same generated files.
+    let events_of = |engine: &str| {
+        rows.iter()
+            .find(|r| r["engine"] == engine && r["stats"]["stage"] == "total")
+            .map(|r| r["stats"]["rows"].as_u64().unwrap())
+            .unwrap()
+    };
+    let (t, d) = (events_of("tessera"), events_of("duckdb"));
+    assert!(t > 2_000 && t == d, "events: tessera {t}, duckdb {d}");
+    // The incremental run added files: its ingest read fewer rows than the full run's.
+    let ingest = |engine: &str| {
+        rows.iter()
+            .find(|r| r["engine"] == engine && r["stats"]["stage"] == "ingest")
+            .map(|r| r["stats"]["rows"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert!(ingest("tessera incremental") < ingest("tessera"));
+    let csv = std::fs::read_to_string(out.join("bench.csv")).unwrap();
+    assert_eq!(csv.lines().count(), rows.len() + 1, "{csv}");
+    let md = std::fs::read_to_string(out.join("bench.md")).unwrap();
+    assert!(
+        md.contains("| 3k (") && md.contains("DuckDB ÷ Tessera"),
+        "{md}"
+    );
+    // The cache: a second bench finds the generated events and does not make them again.
+    let cached = data.join("people-96-days-30/truth.parquet");
+    let made = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    ok(run(&mut p.cmd(&[
+        "bench",
+        "--sizes",
+        "3k",
+        "--data",
+        data.to_str().unwrap(),
+        "--quiet",
+    ])));
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().modified().unwrap(),
+        made
+    );
+}
