@@ -315,3 +315,30 @@ fn bench_measures_every_stage_of_both_engines_and_writes_csv_and_markdown() {
         made
     );
 }
+
+#[test]
+fn events_get_the_same_profiles_whether_the_identity_query_is_plain_or_not() {
+    let plain = bundled();
+    let filtered = bundled();
+    let file = filtered.path().join("queries/identity/events.sql");
+    let sql = std::fs::read_to_string(&file).unwrap();
+    // A WHERE that keeps every row makes the query more than a plain SELECT over events, so the
+    // run matches events to profiles through the message_id mapping instead of re-evaluating
+    // the identifier expressions on each event.
+    std::fs::write(
+        &file,
+        format!("{}\nWHERE message_id IS NOT NULL\n", sql.trim_end()),
+    )
+    .unwrap();
+    let (a, b) = (plain.run_json(), filtered.run_json());
+    assert_eq!(
+        a["events_without_profile"], b["events_without_profile"],
+        "{a}\n{b}"
+    );
+    assert_eq!(a["identity"]["profiles"], b["identity"]["profiles"]);
+    let q =
+        "SELECT profile_id, event_count, first_seen, last_seen FROM profiles ORDER BY profile_id";
+    let (pa, pb) = (plain.query(q), filtered.query(q));
+    assert!(pa.len() > 1000, "{}", pa.len());
+    assert_eq!(pa, pb);
+}
