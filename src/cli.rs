@@ -100,6 +100,12 @@ pub enum Command {
     },
     /// Benchmark the project's pipeline on generated events, beside the scan floor and DuckDB.
     Bench(BenchArgs),
+    /// Purchase models outside a run.
+    Predict {
+        /// What to do.
+        #[command(subcommand)]
+        what: PredictWhat,
+    },
     /// Generate synthetic Segment-spec events and their identity truth.
     Generate {
         /// Where to write: events go to OUT/events/, the truth to OUT/truth.parquet.
@@ -144,6 +150,19 @@ pub struct BenchArgs {
     /// Also time an incremental run that adds the last 1% of the event files.
     #[arg(long)]
     pub incremental: bool,
+}
+
+/// `tessera predict` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PredictWhat {
+    /// Fit BG/NBD (and Gamma-Gamma, with zbar) to per-customer summaries and print the parameters.
+    Fit {
+        /// CSV (with a header) or Parquet with columns x (repeat purchases), t_x (time of the
+        /// last purchase), T (age), all in one time unit, and optionally zbar (mean spend of the
+        /// repeat purchases).
+        #[arg(long, value_name = "FILE")]
+        summary: PathBuf,
+    },
 }
 
 /// What `tessera export` exports.
@@ -359,6 +378,17 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Predict {
+            what: PredictWhat::Fit { summary },
+        } => {
+            let models = crate::predict::fit_summary_file(&summary).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&models).unwrap_or_default());
+            } else {
+                print_models(&models);
+            }
+            Ok(0)
+        }
         Command::Bench(args) => {
             let options = crate::bench::BenchOptions {
                 sizes: args
@@ -426,6 +456,45 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+fn print_models(models: &crate::predict::Models) {
+    let diagnostics = |ll: f64, customers: usize, what: &str, iterations: u32, converged: bool| {
+        println!(
+            "             log-likelihood {ll:.4}, {customers} {what}, {iterations} iterations{}",
+            if converged { "" } else { " (did not converge)" }
+        );
+    };
+    if let Some(m) = &models.bgnbd {
+        println!(
+            "BG/NBD       r = {:.4}  alpha = {:.4}  a = {:.4}  b = {:.4}",
+            m.params.r, m.params.alpha, m.params.a, m.params.b
+        );
+        diagnostics(
+            m.log_likelihood,
+            m.customers,
+            "customers",
+            m.iterations,
+            m.converged,
+        );
+    }
+    match (&models.gamma_gamma, &models.gamma_gamma_error) {
+        (Some(m), _) => {
+            println!(
+                "Gamma-Gamma  p = {:.4}  q = {:.4}  gamma = {:.4}",
+                m.params.p, m.params.q, m.params.gamma
+            );
+            diagnostics(
+                m.log_likelihood,
+                m.customers,
+                "repeat customers",
+                m.iterations,
+                m.converged,
+            );
+        }
+        (None, Some(e)) => println!("Gamma-Gamma  not fitted: {e}"),
+        (None, None) => {}
     }
 }
 
@@ -539,7 +608,7 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
         }
         Err(e) => findings.errors.push(e.to_string()),
     }
-    for kind in ["identity", "traits", "segments"] {
+    for kind in ["identity", "traits", "segments", "reports"] {
         for query in engine.project.query_files(kind)? {
             findings.sql_files += 1;
             let (name, sql) = (query.file, query.sql);
@@ -647,6 +716,30 @@ const INIT_FILES: &[(&str, &str)] = &[
         "queries/segments/high_value_active.sql",
         include_str!("../queries/segments/high_value_active.sql"),
     ),
+    (
+        "queries/segments/abandoned_checkout.sql",
+        include_str!("../queries/segments/abandoned_checkout.sql"),
+    ),
+    (
+        "queries/segments/valuable_at_risk.sql",
+        include_str!("../queries/segments/valuable_at_risk.sql"),
+    ),
+    (
+        "queries/segments/champions.sql",
+        include_str!("../queries/segments/champions.sql"),
+    ),
+    (
+        "queries/reports/checkout_funnel.sql",
+        include_str!("../queries/reports/checkout_funnel.sql"),
+    ),
+    (
+        "queries/reports/after_add_to_cart.sql",
+        include_str!("../queries/reports/after_add_to_cart.sql"),
+    ),
+    (
+        "queries/reports/rfm_overview.sql",
+        include_str!("../queries/reports/rfm_overview.sql"),
+    ),
     (".gitignore", "/out\n"),
 ];
 
@@ -687,7 +780,7 @@ mod tests {
     fn init_ships_every_bundled_query_file() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let project = Project::load(root).unwrap();
-        let mut bundled: Vec<String> = ["identity", "traits", "segments"]
+        let mut bundled: Vec<String> = ["identity", "traits", "segments", "reports"]
             .iter()
             .flat_map(|kind| project.query_files(kind).unwrap())
             .map(|q| q.file)

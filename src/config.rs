@@ -35,6 +35,82 @@ pub struct Config {
     /// `[run]`: memory, spilling, the lease and how long old table versions are kept.
     #[serde(default)]
     pub run: RunConfig,
+    /// `[sessions]`: how events are cut into visits.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    /// `[predictions]`: purchases, RFM and the lifetime-value models.
+    #[serde(default)]
+    pub predictions: PredictionsConfig,
+}
+
+/// `[sessions]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// A new session starts when a profile has been inactive for longer than this.
+    pub gap_minutes: u32,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig { gap_minutes: 30 }
+    }
+}
+
+/// `[predictions]`: which events are purchases and how the models measure time and value.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictionsConfig {
+    /// The track event name of a purchase (`event` column).
+    pub purchase_event: String,
+    /// The purchase property holding its value (a number in `properties`).
+    pub revenue: String,
+    /// The time unit the models are fitted in: `days` or `weeks`.
+    pub time_unit: TimeUnit,
+    /// Lifetime value is predicted over this many months (of 30 days).
+    pub clv_months: u32,
+    /// Monthly discount rate of future value in the lifetime value (0.01 = 1% a month).
+    pub discount_rate: f64,
+}
+
+impl Default for PredictionsConfig {
+    fn default() -> Self {
+        PredictionsConfig {
+            purchase_event: "Order Completed".into(),
+            revenue: "revenue".into(),
+            time_unit: TimeUnit::Weeks,
+            clv_months: 12,
+            discount_rate: 0.01,
+        }
+    }
+}
+
+/// The unit of `recency`, `age` and the models' rate parameters.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    /// Days.
+    Days,
+    /// Weeks (7 days), as in the BG/NBD literature.
+    Weeks,
+}
+
+impl TimeUnit {
+    /// Days in one unit.
+    pub fn days(self) -> f64 {
+        match self {
+            TimeUnit::Days => 1.0,
+            TimeUnit::Weeks => 7.0,
+        }
+    }
+
+    /// The unit's name as written in `tessera.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TimeUnit::Days => "days",
+            TimeUnit::Weeks => "weeks",
+        }
+    }
 }
 
 /// `[project]`
@@ -476,6 +552,40 @@ impl Config {
             return Err(fail(
                 "storage.retry".into(),
                 "request_timeout_secs and connect_timeout_secs must be at least 1".into(),
+            ));
+        }
+        if self.sessions.gap_minutes == 0 {
+            return Err(fail(
+                "sessions.gap_minutes".into(),
+                "must be at least 1 (minutes of inactivity that end a session)".into(),
+            ));
+        }
+        let p = &self.predictions;
+        if p.purchase_event.trim().is_empty() {
+            return Err(fail(
+                "predictions.purchase_event".into(),
+                "must name the track event of a purchase, e.g. \"Order Completed\"".into(),
+            ));
+        }
+        if p.revenue.trim().is_empty() {
+            return Err(fail(
+                "predictions.revenue".into(),
+                "must name the purchase property holding its value, e.g. \"revenue\"".into(),
+            ));
+        }
+        if p.clv_months == 0 || p.clv_months > 1200 {
+            return Err(fail(
+                "predictions.clv_months".into(),
+                format!("{} is out of range: use 1 to 1200 months", p.clv_months),
+            ));
+        }
+        if !(p.discount_rate.is_finite() && (0.0..1.0).contains(&p.discount_rate)) {
+            return Err(fail(
+                "predictions.discount_rate".into(),
+                format!(
+                    "{} is not a monthly rate: use a number from 0 up to (not including) 1, e.g. 0.01",
+                    p.discount_rate
+                ),
             ));
         }
         let mut names = std::collections::HashSet::new();

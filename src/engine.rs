@@ -176,13 +176,15 @@ impl Engine {
 
     /// Registers the output tables that exist, so SQL can read them.
     pub async fn register_outputs(&self) -> Result<Vec<String>> {
-        crate::segments::ensure_schema(self)?;
-        for name in self.outputs.segment_names().await? {
-            let table = format!("{}/{name}", tables::SEGMENTS);
-            if let Some(provider) = self.outputs.provider(&self.ctx, &table).await? {
-                let reference =
-                    datafusion::common::TableReference::partial(tables::SEGMENTS, name.as_str());
-                self.ctx.register_table(reference, provider)?;
+        for folder in [tables::SEGMENTS, tables::REPORTS] {
+            crate::segments::ensure_schema(self, folder)?;
+            for name in self.outputs.folder_tables(folder).await? {
+                let table = format!("{folder}/{name}");
+                if let Some(provider) = self.outputs.provider(&self.ctx, &table).await? {
+                    let reference =
+                        datafusion::common::TableReference::partial(folder, name.as_str());
+                    self.ctx.register_table(reference, provider)?;
+                }
             }
         }
         self.outputs
@@ -313,6 +315,7 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
     datafusion_functions_json::register_all(&mut ctx)?;
     ctx.register_udf(is_json_udf());
     ctx.register_udaf(crate::functions::most_frequent());
+    ctx.register_udaf(crate::funnel::funnel());
     ctx.register_udf(crate::functions::as_of(chrono::Utc::now()));
     Ok(ctx)
 }

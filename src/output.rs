@@ -225,7 +225,12 @@ impl Outputs {
 
     /// The names of the segment tables under `<output>/segments/`.
     pub async fn segment_names(&self) -> Result<Vec<String>> {
-        let folder = self.place.child(crate::tables::SEGMENTS);
+        self.folder_tables(crate::tables::SEGMENTS).await
+    }
+
+    /// The names of the tables in one folder of the output (`segments`, `reports`).
+    pub async fn folder_tables(&self, folder: &str) -> Result<Vec<String>> {
+        let folder = self.place.child(folder);
         let listing = match self.place.store.list_with_delimiter(Some(&folder)).await {
             Ok(listing) => listing,
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
@@ -260,13 +265,15 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    names.extend(
-        outputs
-            .segment_names()
-            .await?
-            .into_iter()
-            .map(|n| format!("{}/{n}", crate::tables::SEGMENTS)),
-    );
+    for folder in [crate::tables::SEGMENTS, crate::tables::REPORTS] {
+        names.extend(
+            outputs
+                .folder_tables(folder)
+                .await?
+                .into_iter()
+                .map(|n| format!("{folder}/{n}")),
+        );
+    }
     names.push(crate::state::EVENTS.into());
     names.push(crate::state::INPUT_FILES.into());
     Ok(names)

@@ -67,9 +67,10 @@ pub async fn run_on(
     progress: Progress,
 ) -> Result<RunReport> {
     let mut report = RunReport::start(&engine.project.config.project.name);
-    engine.ctx.register_udf(crate::functions::as_of(
-        options.as_of.unwrap_or(report.started_at),
-    ));
+    report.as_of = options.as_of.unwrap_or(report.started_at);
+    engine
+        .ctx
+        .register_udf(crate::functions::as_of(report.as_of));
     let place = engine.outputs.place().clone();
     crate::lease::check_conditional_writes(&place).await?;
     let ttl = Duration::from_secs(engine.project.config.run.lease_seconds);
@@ -381,6 +382,20 @@ async fn stages(
         "identities resolved"
     );
 
+    // Journeys and predictions, before profiles so traits and segments can read them.
+    let meter = engine.meter();
+    let spinner = progress.spinner("sessions, RFM and predictions");
+    let (built, predictions) =
+        crate::journeys::build(engine, outputs, &report.run_id, report.as_of)
+            .await
+            .map_err(in_stage(engine, "journeys"))?;
+    for (name, committed) in built {
+        report.tables.insert(name, committed);
+    }
+    report.predictions = Some(predictions);
+    spinner.finish_and_clear();
+    report.stages.push(meter.finish("journeys", report.events));
+
     // Profiles: identifiers, last-known traits, computed traits.
     let meter = engine.meter();
     let spinner = progress.spinner("building profiles");
@@ -397,7 +412,7 @@ async fn stages(
 
     // Segments, each after the segments it reads.
     let meter = engine.meter();
-    crate::segments::ensure_schema(engine)?;
+    crate::segments::ensure_schema(engine, tables::SEGMENTS)?;
     let mut changes = crate::segments::Changes::default();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
@@ -430,6 +445,19 @@ async fn stages(
         .tables
         .insert(tables::SEGMENT_CHANGES.to_string(), committed);
     report.stages.push(meter.finish("segments", report.events));
+
+    // Reports: any read-only query over the run's tables, written for BI tools.
+    let meter = engine.meter();
+    crate::segments::ensure_schema(engine, tables::REPORTS)?;
+    for query in crate::reports::list(engine)? {
+        let spinner = progress.spinner(&format!("report {}", query.name));
+        let (table, committed) = crate::reports::materialise(engine, outputs, &query)
+            .await
+            .map_err(in_stage(engine, "reports"))?;
+        report.tables.insert(table, committed);
+        spinner.finish_and_clear();
+    }
+    report.stages.push(meter.finish("reports", report.events));
     Ok(Work::Done)
 }
 

@@ -51,6 +51,8 @@ pub struct RunReport {
     pub started_at: DateTime<Utc>,
     /// When it finished.
     pub finished_at: DateTime<Utc>,
+    /// The time relative windows and predictions were measured from (`as_of()`).
+    pub as_of: DateTime<Utc>,
     /// Event files read.
     pub input_files: Vec<String>,
     /// Event files recorded and skipped, with the reason.
@@ -81,6 +83,8 @@ pub struct RunReport {
     pub changed_files: Vec<SkippedFile>,
     /// Runs that had stopped part way through publishing, finished by this run.
     pub finished_publishes: Vec<String>,
+    /// Buyers, the fitted models and what fitting and predicting took.
+    pub predictions: Option<crate::predict::PredictionRun>,
 }
 
 impl RunReport {
@@ -95,6 +99,7 @@ impl RunReport {
             error: None,
             started_at: now,
             finished_at: now,
+            as_of: now,
             input_files: Vec::new(),
             skipped_files: Vec::new(),
             rows_read: 0,
@@ -110,6 +115,7 @@ impl RunReport {
             new_events: 0,
             changed_files: Vec::new(),
             finished_publishes: Vec::new(),
+            predictions: None,
         }
     }
 

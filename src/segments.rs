@@ -194,14 +194,14 @@ impl Changes {
     }
 }
 
-/// Makes sure the `segments` schema exists in the context.
-pub fn ensure_schema(engine: &Engine) -> Result<()> {
+/// Makes sure a schema of folder tables (`segments`, `reports`) exists in the context.
+pub fn ensure_schema(engine: &Engine, schema: &str) -> Result<()> {
     let catalog = engine
         .ctx
         .catalog("datafusion")
         .ok_or_else(|| Error::Usage("the default catalog is missing".into()))?;
-    if catalog.schema(tables::SEGMENTS).is_none() {
-        catalog.register_schema(tables::SEGMENTS, Arc::new(MemorySchemaProvider::new()))?;
+    if catalog.schema(schema).is_none() {
+        catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
     }
     Ok(())
 }

@@ -23,6 +23,17 @@ pub const SEGMENT_CHANGES: &str = "segment_changes";
 /// The schema (and output folder) segments live in: `segments.<name>`.
 pub const SEGMENTS: &str = "segments";
 
+/// One row per visit: a profile's events without a gap longer than `[sessions] gap_minutes`.
+pub const SESSIONS: &str = "sessions";
+/// Recency, frequency and monetary value per buyer, with quintile scores and a named segment.
+pub const RFM: &str = "rfm";
+/// Per buyer: expected purchases, probability alive, churn risk, expected spend and lifetime value.
+pub const PREDICTIONS: &str = "predictions";
+/// The fitted models' parameters and diagnostics, in long form.
+pub const PREDICTION_MODELS: &str = "prediction_models";
+/// The schema (and output folder) of `queries/reports/<name>.sql` results: `reports.<name>`.
+pub const REPORTS: &str = "reports";
+
 /// Table names a `[[sources]]` entry may not take.
 pub const RESERVED: &[&str] = &[
     EVENTS,
@@ -35,6 +46,11 @@ pub const RESERVED: &[&str] = &[
     PROFILES,
     SEGMENTS,
     SEGMENT_CHANGES,
+    SESSIONS,
+    RFM,
+    PREDICTIONS,
+    PREDICTION_MODELS,
+    REPORTS,
 ];
 
 /// Output tables that `tessera query` registers when they exist.
@@ -46,6 +62,10 @@ pub const OUTPUT_TABLES: &[&str] = &[
     PROFILE_MERGES,
     PROFILES,
     SEGMENT_CHANGES,
+    SESSIONS,
+    RFM,
+    PREDICTIONS,
+    PREDICTION_MODELS,
     RUNS,
 ];
 

@@ -8,6 +8,7 @@ mod generator;
 mod identity;
 mod identity_props;
 mod ingest;
+mod journeys;
 mod profiles;
 mod readers;
 mod reliability;

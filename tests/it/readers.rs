@@ -165,6 +165,10 @@ async fn outputs_read_back_in_datafusion_with_the_promised_types() {
             "profile_merges",
             "profiles",
             "segment_changes",
+            "sessions",
+            "rfm",
+            "predictions",
+            "prediction_models",
             "runs"
         ]
     );

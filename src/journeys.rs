@@ -1,0 +1,322 @@
+//! Journeys: `sessions` (visits cut from each profile's events by inactivity) and `rfm`
+//! (recency, frequency and monetary value of each buyer, scored in fifths and named).
+//!
+//! Both are SQL over the resolved `events`, built here rather than shipped as `queries/` files
+//! because their shape is part of Tessera's table contract: segments, traits and reports can
+//! rely on them. The SQL adapts to the columns the project's events actually have (a project
+//! without `context` gets sessions without a landing page, not an error).
+
+use datafusion::arrow::datatypes::Schema;
+use datafusion::dataframe::DataFrame;
+
+use crate::config::{PredictionsConfig, SessionsConfig};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::output::{Committed, Outputs, WriteMode};
+use crate::tables::{self, event};
+
+/// Quotes text as a SQL string literal.
+pub fn sql_text(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn has(schema: &Schema, column: &str) -> bool {
+    schema.column_with_name(column).is_some()
+}
+
+/// `json_get_str(column, path…)` when the column exists, else a typed NULL.
+fn json_text(schema: &Schema, column: &str, path: &[&str]) -> String {
+    if !has(schema, column) {
+        return "CAST(NULL AS VARCHAR)".into();
+    }
+    let path: Vec<String> = path.iter().map(|p| sql_text(p)).collect();
+    format!("json_get_str({column}, {})", path.join(", "))
+}
+
+/// One UTM parameter of a URL expression (`utm_source=…`), or NULL.
+fn utm(url: &str, name: &str) -> String {
+    format!("regexp_match({url}, '[?&]utm_{name}=([^&#]*)')[1]")
+}
+
+/// The `sessions` query: a profile's events, in time order, start a new session after more
+/// than `gap_minutes` without an event. Sessions do not break at midnight.
+///
+/// The landing page, referrer and traffic source are those of the session's first event (as
+/// web analytics attribute a visit to the hit that opened it): source, medium and campaign
+/// come from `context.campaign` (what Segment's libraries send), else from the event's
+/// `utm_*` properties, else from the page URL's `utm_*` parameters.
+///
+/// The sessions are cut on narrow rows (profile, time, id) with one sort shared by both
+/// window functions; JSON is read only for each session's first event, found by its
+/// message_id, so the cost of parsing does not grow with the events in a session.
+pub fn sessions_sql(schema: &Schema, config: &SessionsConfig) -> String {
+    let gap = config.gap_minutes;
+    let url = format!(
+        "coalesce({}, {})",
+        json_text(schema, event::CONTEXT, &["page", "url"]),
+        json_text(schema, event::PROPERTIES, &["url"])
+    );
+    let referrer = format!(
+        "coalesce({}, {})",
+        json_text(schema, event::CONTEXT, &["page", "referrer"]),
+        json_text(schema, event::PROPERTIES, &["referrer"])
+    );
+    let campaign = |name: &str| {
+        format!(
+            "coalesce({}, {}, {})",
+            json_text(schema, event::CONTEXT, &["campaign", name]),
+            json_text(schema, event::PROPERTIES, &[&format!("utm_{name}")]),
+            utm("landing_page", name)
+        )
+    };
+    let page = if has(schema, event::TYPE) {
+        "CASE WHEN type = 'page' THEN 1 ELSE 0 END"
+    } else {
+        "0"
+    };
+    format!(
+        r#"
+WITH marked AS (
+    SELECT profile_id, "timestamp" AS ts, message_id, {page} AS page,
+           CASE WHEN lag("timestamp") OVER (PARTITION BY profile_id ORDER BY "timestamp", message_id) IS NULL
+                  OR "timestamp" - lag("timestamp") OVER (PARTITION BY profile_id ORDER BY "timestamp", message_id)
+                     > INTERVAL '{gap} minutes'
+                THEN 1 ELSE 0 END AS starts
+    FROM events WHERE profile_id IS NOT NULL
+), numbered AS (
+    SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts, message_id
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS session_index
+    FROM marked
+), cut AS (
+    SELECT profile_id,
+           CAST(session_index AS BIGINT) AS session_index,
+           min(ts) AS started_at,
+           max(ts) AS ended_at,
+           count(*) AS event_count,
+           CAST(sum(page) AS BIGINT) AS page_views,
+           min(CASE WHEN starts = 1 THEN message_id END) AS first_message_id
+    FROM numbered
+    GROUP BY profile_id, session_index
+), landed AS (
+    SELECT c.*, {url} AS landing_page, {referrer} AS referrer, e.context, e.properties
+    FROM cut c LEFT JOIN (SELECT message_id, {context}, {properties} FROM events WHERE profile_id IS NOT NULL) e
+      ON e.message_id = c.first_message_id
+)
+SELECT left(md5(concat(profile_id, '|', CAST(started_at AS VARCHAR))), 20) AS session_id,
+       profile_id, session_index, started_at, ended_at,
+       CAST(date_part('epoch', ended_at) - date_part('epoch', started_at) AS DOUBLE) AS duration_seconds,
+       event_count, page_views, landing_page, referrer,
+       {source} AS source, {medium} AS medium, {name} AS campaign
+FROM landed
+"#,
+        context = if has(schema, event::CONTEXT) {
+            "context"
+        } else {
+            "CAST(NULL AS VARCHAR) AS context"
+        },
+        properties = if has(schema, event::PROPERTIES) {
+            "properties"
+        } else {
+            "CAST(NULL AS VARCHAR) AS properties"
+        },
+        source = campaign("source"),
+        medium = campaign("medium"),
+        name = campaign("name"),
+    )
+}
+
+/// The purchase rows of `events`: the configured event, with a profile, up to `as_of()`,
+/// and their value (`revenue` property, NULL when absent or not a number).
+pub fn purchases_sql(schema: &Schema, config: &PredictionsConfig) -> Option<String> {
+    if !has(schema, event::EVENT) {
+        return None;
+    }
+    let value = if has(schema, event::PROPERTIES) {
+        format!("json_get_float(properties, {})", sql_text(&config.revenue))
+    } else {
+        "CAST(NULL AS DOUBLE)".into()
+    };
+    Some(format!(
+        r#"SELECT profile_id, "timestamp", {value} AS value FROM events
+           WHERE event = {event} AND profile_id IS NOT NULL AND "timestamp" <= as_of()"#,
+        event = sql_text(&config.purchase_event)
+    ))
+}
+
+/// The `rfm` query: per buyer, days since the last purchase, purchases, total value; each
+/// scored 1–5 by the fifth of buyers it beats (`1 + floor(5 × percent_rank)`, so ties share
+/// a score and one-time buyers all score 1 on frequency), and a named segment from R and F.
+pub fn rfm_sql(purchases: &str) -> String {
+    format!(
+        r#"
+WITH bought AS (
+    SELECT profile_id,
+           min("timestamp") AS first_purchase_at,
+           max("timestamp") AS last_purchase_at,
+           count(*) AS frequency,
+           coalesce(sum(value), 0.0) AS monetary
+    FROM ({purchases}) p
+    GROUP BY profile_id
+), measured AS (
+    SELECT *, (date_part('epoch', as_of()) - date_part('epoch', last_purchase_at)) / 86400.0 AS recency_days
+    FROM bought
+), scored AS (
+    SELECT *,
+           CAST(least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY recency_days DESC))) AS INT) AS r_score,
+           CAST(least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY frequency))) AS INT) AS f_score,
+           CAST(least(5, 1 + floor(5 * percent_rank() OVER (ORDER BY monetary))) AS INT) AS m_score
+    FROM measured
+)
+SELECT profile_id, first_purchase_at, last_purchase_at,
+       CAST(recency_days AS DOUBLE) AS recency_days, frequency, CAST(monetary AS DOUBLE) AS monetary,
+       CAST(monetary AS DOUBLE) / frequency AS average_order_value,
+       r_score, f_score, m_score,
+       concat(CAST(r_score AS VARCHAR), CAST(f_score AS VARCHAR), CAST(m_score AS VARCHAR)) AS rfm_score,
+       CASE
+           WHEN r_score = 5 AND f_score >= 4 THEN 'Champions'
+           WHEN r_score >= 3 AND f_score >= 4 THEN 'Loyal Customers'
+           WHEN r_score <= 2 AND f_score = 5 THEN 'Cannot Lose Them'
+           WHEN r_score <= 2 AND f_score >= 3 THEN 'At Risk'
+           WHEN r_score <= 2 THEN 'Hibernating'
+           WHEN r_score = 3 AND f_score = 3 THEN 'Need Attention'
+           WHEN r_score = 3 THEN 'About to Sleep'
+           WHEN r_score = 5 AND f_score = 1 THEN 'New Customers'
+           WHEN r_score = 4 AND f_score = 1 THEN 'Promising'
+           ELSE 'Potential Loyalists'
+       END AS rfm_segment
+FROM scored
+"#
+    )
+}
+
+/// The `events` schema as SQL sees it now.
+pub async fn events_schema(engine: &Engine) -> Result<Schema> {
+    Ok(engine
+        .ctx
+        .table(tables::EVENTS)
+        .await?
+        .schema()
+        .as_arrow()
+        .clone())
+}
+
+/// Plans `sql` (Tessera's own, so an error is a bug or an unusual events schema: say which).
+pub async fn plan(engine: &Engine, table: &str, sql: &str) -> Result<DataFrame> {
+    engine.ctx.sql(sql).await.map_err(|e| Error::Query {
+        file: format!("the built-in query of table `{table}`"),
+        message: format!("{e}. The events table lacks a column this table needs or has it with another type; check `tessera query \"DESCRIBE events\"`"),
+    })
+}
+
+/// Writes `df` to output table `name` and registers the written table under that name.
+async fn write_and_register(
+    engine: &Engine,
+    outputs: &Outputs,
+    name: &str,
+    df: DataFrame,
+    built: &mut Vec<(String, Committed)>,
+) -> Result<()> {
+    let committed = outputs
+        .write(&engine.ctx, name, df, WriteMode::Replace)
+        .await?;
+    let provider = outputs
+        .provider(&engine.ctx, name)
+        .await?
+        .ok_or_else(|| Error::Usage(format!("table {name} was not written")))?;
+    engine.ctx.deregister_table(name)?;
+    engine.ctx.register_table(name, provider)?;
+    built.push((name.to_string(), committed));
+    Ok(())
+}
+
+/// Builds `sessions`, `rfm`, `predictions` and `prediction_models` from the resolved events,
+/// writes them and registers them for traits, segments and reports.
+pub async fn build(
+    engine: &Engine,
+    outputs: &Outputs,
+    run_id: &str,
+    as_of: chrono::DateTime<chrono::Utc>,
+) -> Result<(Vec<(String, Committed)>, crate::predict::PredictionRun)> {
+    let config = &engine.project.config;
+    let schema = events_schema(engine).await?;
+    let mut built = Vec::new();
+
+    let started = std::time::Instant::now();
+    let sessions = plan(
+        engine,
+        tables::SESSIONS,
+        &sessions_sql(&schema, &config.sessions),
+    )
+    .await?;
+    write_and_register(engine, outputs, tables::SESSIONS, sessions, &mut built).await?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "sessions");
+
+    // Without an `event` column nothing is a purchase: the tables are written empty.
+    let purchases = purchases_sql(&schema, &config.predictions).unwrap_or_else(|| {
+        r#"SELECT profile_id, "timestamp", CAST(NULL AS DOUBLE) AS value FROM events WHERE false"#
+            .to_string()
+    });
+    let started = std::time::Instant::now();
+    let rfm = plan(engine, tables::RFM, &rfm_sql(&purchases)).await?;
+    write_and_register(engine, outputs, tables::RFM, rfm, &mut built).await?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "rfm");
+
+    let started = std::time::Instant::now();
+    let summary = plan(
+        engine,
+        tables::PREDICTIONS,
+        &crate::predict::summary_sql(&purchases),
+    )
+    .await?
+    .collect()
+    .await?;
+    let unit = config.predictions.time_unit.days();
+    let buyers = crate::predict::buyers_from(&summary, as_of, unit);
+    drop(summary);
+    let fitting = std::time::Instant::now();
+    // A buyer whose first purchase is at the as-of time itself has no age yet: nothing to
+    // learn from, and the likelihood needs T > 0. They still get predictions.
+    let (aged, aged_spend): (Vec<_>, Vec<_>) = buyers
+        .customers
+        .iter()
+        .zip(&buyers.mean_spend)
+        .filter(|(c, _)| c.t > 0.0)
+        .unzip();
+    let (bg, gg, models) = crate::predict::fit(&aged, &aged_spend);
+    let fit_ms = fitting.elapsed().as_millis() as u64;
+    for (model, error) in [
+        ("BG/NBD", &models.bgnbd_error),
+        ("Gamma-Gamma", &models.gamma_gamma_error),
+    ] {
+        if let Some(e) = error {
+            tracing::warn!(
+                model,
+                buyers = buyers.customers.len(),
+                "{model} not fitted: {e}"
+            );
+        }
+    }
+    let predicting = std::time::Instant::now();
+    let predictions =
+        crate::predict::predictions(&buyers, bg.as_ref(), gg.as_ref(), &config.predictions)?;
+    let predict_ms = predicting.elapsed().as_millis() as u64;
+    tracing::info!(
+        buyers = buyers.customers.len(),
+        fit_ms,
+        predict_ms,
+        ms = started.elapsed().as_millis() as u64,
+        "predictions"
+    );
+    let df = engine.ctx.read_batch(predictions)?;
+    write_and_register(engine, outputs, tables::PREDICTIONS, df, &mut built).await?;
+    let batch = crate::predict::models_batch(&models, unit, buyers.customers.len(), run_id)?;
+    let df = engine.ctx.read_batch(batch)?;
+    write_and_register(engine, outputs, tables::PREDICTION_MODELS, df, &mut built).await?;
+    let run = crate::predict::PredictionRun {
+        buyers: buyers.customers.len(),
+        fit_ms,
+        predict_ms,
+        models,
+    };
+    Ok((built, run))
+}
