@@ -542,6 +542,27 @@ fn print_report(report: &RunReport, json: bool) {
         "  people  {} profiles from {} identifiers; {} links applied, {} refused, {} profiles merged; {} events without a profile",
         id.profiles, id.identifiers, id.links_accepted, id.links_refused, id.profiles_merged, report.events_without_profile
     );
+    if let Some(p) = &report.predictions {
+        let fitted = |ok: bool, converged: bool| match (ok, converged) {
+            (false, _) => "not fitted",
+            (true, false) => "fitted, did not converge",
+            (true, true) => "fitted",
+        };
+        println!(
+            "  buyers  {}: BG/NBD {}, Gamma-Gamma {} ({} ms fitting, {} ms predicting)",
+            p.buyers,
+            fitted(
+                p.models.bgnbd.is_some(),
+                p.models.bgnbd.as_ref().is_some_and(|m| m.converged)
+            ),
+            fitted(
+                p.models.gamma_gamma.is_some(),
+                p.models.gamma_gamma.as_ref().is_some_and(|m| m.converged)
+            ),
+            p.fit_ms,
+            p.predict_ms
+        );
+    }
     for (name, committed) in &report.tables {
         println!(
             "  table   {name:<18} version {:<4} {} rows written",
