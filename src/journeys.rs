@@ -271,7 +271,7 @@ pub async fn build(
     .collect()
     .await?;
     let unit = config.predictions.time_unit.days();
-    let buyers = crate::predict::buyers_from(&summary, as_of, unit);
+    let buyers = crate::predict::buyers_from(&summary, as_of, unit)?;
     drop(summary);
     let fitting = std::time::Instant::now();
     // A buyer whose first purchase is at the as-of time itself has no age yet: nothing to

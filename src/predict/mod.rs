@@ -61,12 +61,18 @@ ORDER BY profile_id
 }
 
 /// Reads the summary rows into [`Buyers`]; `as_of` ends the observation period.
-pub fn buyers_from(batches: &[RecordBatch], as_of: DateTime<Utc>, unit_days: f64) -> Buyers {
+pub fn buyers_from(
+    batches: &[RecordBatch],
+    as_of: DateTime<Utc>,
+    unit_days: f64,
+) -> Result<Buyers> {
     let end = as_of.timestamp_micros() as f64 / 1e6;
     let unit = 86_400.0 * unit_days;
     let mut out = Buyers::default();
     for b in batches {
-        let ids = b.column(0).as_string::<i32>();
+        // profile_id may come back as a view type, depending on how events were scanned.
+        let ids = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let ids = ids.as_string::<i32>();
         let days = b.column(1).as_primitive::<Int64Type>();
         let first = b.column(2).as_primitive::<Float64Type>();
         let last = b.column(3).as_primitive::<Float64Type>();
@@ -96,7 +102,7 @@ pub fn buyers_from(batches: &[RecordBatch], as_of: DateTime<Utc>, unit_days: f64
             out.mean_spend.push(mean);
         }
     }
-    out
+    Ok(out)
 }
 
 /// What a run's prediction step did, for the run report.
