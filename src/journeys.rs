@@ -12,7 +12,7 @@ use datafusion::dataframe::DataFrame;
 use crate::config::{PredictionsConfig, SessionsConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::output::{Committed, Outputs, WriteMode};
+use crate::output::{Committed, Outputs};
 use crate::tables::{self, event};
 
 /// Quotes text as a SQL string literal.
@@ -217,14 +217,8 @@ async fn write_and_register(
     built: &mut Vec<(String, Committed)>,
 ) -> Result<()> {
     let committed = outputs
-        .write(&engine.ctx, name, df, WriteMode::Replace)
+        .write_registered(&engine.ctx, name, name.into(), df)
         .await?;
-    let provider = outputs
-        .provider(&engine.ctx, name)
-        .await?
-        .ok_or_else(|| Error::Usage(format!("table {name} was not written")))?;
-    engine.ctx.deregister_table(name)?;
-    engine.ctx.register_table(name, provider)?;
     built.push((name.to_string(), committed));
     Ok(())
 }

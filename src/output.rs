@@ -186,6 +186,25 @@ impl Outputs {
         Ok(Committed { version, rows })
     }
 
+    /// Replaces table `name` with `df`, then registers the version just written as
+    /// `reference`, so later SQL in the run reads the table as published.
+    pub async fn write_registered(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        reference: datafusion::common::TableReference,
+        df: DataFrame,
+    ) -> Result<Committed> {
+        let committed = self.write(ctx, name, df, WriteMode::Replace).await?;
+        let provider = self
+            .provider(ctx, name)
+            .await?
+            .ok_or_else(|| Error::Usage(format!("table {name} was not written")))?;
+        ctx.deregister_table(reference.clone())?;
+        ctx.register_table(reference, provider)?;
+        Ok(committed)
+    }
+
     /// The current version of table `name` as a provider `ctx` can scan; `None` when absent.
     pub async fn provider(
         &self,

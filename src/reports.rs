@@ -5,11 +5,9 @@
 //! revenue by RFM segment. Reports run after segments, in file-name order, so a report can
 //! read every table of the run and the reports before it.
 
-use std::sync::Arc;
-
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::output::{Committed, Outputs, WriteMode};
+use crate::output::{Committed, Outputs};
 use crate::tables;
 
 /// One report file.
@@ -57,19 +55,11 @@ pub async fn materialise(
 ) -> Result<(String, Committed)> {
     let table = format!("{}/{}", tables::REPORTS, report.name);
     let df = engine.query(&report.sql, &report.file).await?;
-    let committed = outputs
-        .write(&engine.ctx, &table, df, WriteMode::Replace)
-        .await
-        .map_err(|e| Error::query(&report.file, e))?;
-    let provider = outputs
-        .provider(&engine.ctx, &table)
-        .await?
-        .ok_or_else(|| Error::Usage(format!("report table {table} was not written")))?;
     let reference =
         datafusion::common::TableReference::partial(tables::REPORTS, report.name.as_str());
-    engine.ctx.deregister_table(reference.clone())?;
-    engine
-        .ctx
-        .register_table(reference, Arc::clone(&provider))?;
+    let committed = outputs
+        .write_registered(&engine.ctx, &table, reference, df)
+        .await
+        .map_err(|e| Error::query(&report.file, e))?;
     Ok((table, committed))
 }

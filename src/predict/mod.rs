@@ -470,20 +470,17 @@ pub async fn fit_summary_file(path: &std::path::Path) -> Result<Models> {
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    let find = |wanted: &str, exact_case: bool| -> Option<String> {
+    // An exact name first, else the same name in another case (`t` for `T`).
+    let find = |wanted: &str| -> Option<String> {
         names
             .iter()
             .find(|n| n.as_str() == wanted)
-            .or_else(|| {
-                (!exact_case)
-                    .then(|| names.iter().find(|n| n.eq_ignore_ascii_case(wanted)))
-                    .flatten()
-            })
+            .or_else(|| names.iter().find(|n| n.eq_ignore_ascii_case(wanted)))
             .cloned()
     };
     let mut columns = Vec::new();
     for wanted in ["x", "t_x", "T"] {
-        let Some(name) = find(wanted, false) else {
+        let Some(name) = find(wanted) else {
             return Err(Error::Usage(format!(
                 "{shown}: no column `{wanted}` (found: {}); the file needs x (repeat purchases), t_x (time of the last purchase) and T (age), in one time unit",
                 names.join(", ")
@@ -491,7 +488,7 @@ pub async fn fit_summary_file(path: &std::path::Path) -> Result<Models> {
         };
         columns.push(name);
     }
-    let zbar = find("zbar", false);
+    let zbar = find("zbar");
     let mut select = columns.clone();
     select.extend(zbar.clone());
     let exprs: Vec<datafusion::prelude::Expr> = select
