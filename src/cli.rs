@@ -70,6 +70,10 @@ pub enum Command {
         /// How to print the result.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Run the query and print its physical plan with what each operator did (rows, time,
+        /// memory, spill) instead of its result: for finding what makes a trait slow.
+        #[arg(long)]
+        explain: bool,
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
@@ -268,7 +272,11 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             print_report(&report, cli.json);
             Ok(0)
         }
-        Command::Query { sql, format } => {
+        Command::Query {
+            sql,
+            format,
+            explain,
+        } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
             // `events` is the published event history; before any run, the event files as
             // they are now (checked and deduplicated on the fly).
@@ -298,8 +306,17 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                         .register_table(crate::tables::EVENTS, resolved.into_view())?;
                 }
             }
-            let df = engine.query(&sql, "<query>").await?;
+            let mut df = engine.query(&sql, "<query>").await?;
+            if explain {
+                df = df
+                    .explain(false, true)
+                    .map_err(|e| Error::query("<query>", e))?;
+            }
             let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
+            if explain && !cli.json {
+                print_plan(&batches);
+                return Ok(0);
+            }
             let format = if cli.json { Format::Json } else { format };
             print_batches(&batches, format)?;
             Ok(0)
@@ -568,6 +585,20 @@ fn print_report(report: &RunReport, json: bool) {
             "  table   {name:<18} version {:<4} {} rows written",
             committed.version, committed.rows
         );
+    }
+}
+
+/// Prints the text of an `EXPLAIN ANALYZE` result (its `plan` column) as it is.
+fn print_plan(batches: &[arrow::array::RecordBatch]) {
+    for batch in batches {
+        if let Some(plans) = batch
+            .column_by_name("plan")
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+        {
+            for plan in plans.iter().flatten() {
+                println!("{plan}");
+            }
+        }
     }
 }
 

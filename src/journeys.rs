@@ -49,7 +49,7 @@ fn utm(url: &str, name: &str) -> String {
 /// The sessions are cut on narrow rows (profile, time, id) with one sort shared by both
 /// window functions; JSON is read only for each session's first event, found by its
 /// message_id, so the cost of parsing does not grow with the events in a session.
-pub fn sessions_sql(schema: &Schema, config: &SessionsConfig) -> String {
+pub fn sessions_sql(schema: &Schema, config: &SessionsConfig, source: &str) -> String {
     let gap = config.gap_minutes;
     let url = format!(
         "coalesce({}, {})",
@@ -82,7 +82,7 @@ WITH marked AS (
                   OR "timestamp" - lag("timestamp") OVER (PARTITION BY profile_id ORDER BY "timestamp", message_id)
                      > INTERVAL '{gap} minutes'
                 THEN 1 ELSE 0 END AS starts
-    FROM events WHERE profile_id IS NOT NULL
+    FROM {source} WHERE profile_id IS NOT NULL
 ), numbered AS (
     SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts, message_id
                                 ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS session_index
@@ -99,14 +99,15 @@ WITH marked AS (
     GROUP BY profile_id, session_index
 ), landed AS (
     SELECT c.*, {url} AS landing_page, {referrer} AS referrer, e.context, e.properties
-    FROM cut c LEFT JOIN (SELECT message_id, {context}, {properties} FROM events WHERE profile_id IS NOT NULL) e
+    FROM cut c LEFT JOIN (SELECT message_id, {context}, {properties} FROM {source} WHERE profile_id IS NOT NULL) e
       ON e.message_id = c.first_message_id
 )
 SELECT left(md5(concat(profile_id, '|', CAST(started_at AS VARCHAR))), 20) AS session_id,
        profile_id, session_index, started_at, ended_at,
        CAST(date_part('epoch', ended_at) - date_part('epoch', started_at) AS DOUBLE) AS duration_seconds,
        event_count, page_views, landing_page, referrer,
-       {source} AS source, {medium} AS medium, {name} AS campaign
+       {utm_source} AS source, {medium} AS medium, {name} AS campaign,
+       CAST({gap} AS BIGINT) AS gap_minutes
 FROM landed
 "#,
         context = if has(schema, event::CONTEXT) {
@@ -119,7 +120,7 @@ FROM landed
         } else {
             "CAST(NULL AS VARCHAR) AS properties"
         },
-        source = campaign("source"),
+        utm_source = campaign("source"),
         medium = campaign("medium"),
         name = campaign("name"),
     )
@@ -189,6 +190,159 @@ FROM scored
     )
 }
 
+/// Tables registered while sessions are rebuilt for changed profiles only.
+const PREVIOUS_SESSIONS: &str = "__tessera_previous_sessions";
+const PREVIOUS_GRAPH: &str = "__tessera_previous_graph";
+const NEW_EVENTS: &str = "__tessera_new_events";
+const CHANGED_PROFILES: &str = "__tessera_changed_profiles";
+const CHANGED_EVENTS: &str = "__tessera_changed_events";
+
+/// Sessions built from the published ones: the sessions of every profile this run could have
+/// changed are cut again from its events, the others are kept as they were. `None` when they
+/// must be rebuilt for every profile (no published sessions or identity graph, or sessions
+/// cut with another `gap_minutes`).
+///
+/// Sessions depend only on a profile's events, never on the run's time, so a profile's
+/// sessions change only when its events do: when a new event belongs to it, or when identity
+/// resolution moved an identifier into or out of it (a merge, or a late event that changed
+/// which links the limits refuse). Both are found by comparing with the published output:
+/// the new events' profiles, and every profile, old or new, of an identifier whose profile
+/// changed. The result equals a rebuild of every profile (tested).
+pub async fn incremental_sessions(
+    engine: &Engine,
+    schema: &Schema,
+    new_events: DataFrame,
+) -> Result<Option<DataFrame>> {
+    let ctx = &engine.ctx;
+    let gap = engine.project.config.sessions.gap_minutes;
+    let Some(previous) = engine.outputs.read(ctx, tables::SESSIONS).await? else {
+        return Ok(None);
+    };
+    if previous
+        .schema()
+        .field_with_unqualified_name("gap_minutes")
+        .is_err()
+    {
+        tracing::info!(
+            "sessions rebuilt for every profile: the published ones predate gap_minutes"
+        );
+        return Ok(None);
+    }
+    let gaps = previous
+        .clone()
+        .select_columns(&["gap_minutes"])?
+        .distinct()?
+        .collect()
+        .await?;
+    let mut published_gaps = Vec::new();
+    for batch in &gaps {
+        let column = datafusion::arrow::compute::cast(
+            batch.column(0),
+            &datafusion::arrow::datatypes::DataType::Int64,
+        )?;
+        let column = column
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>()
+            .expect("cast to Int64");
+        published_gaps.extend(column.iter().flatten());
+    }
+    if published_gaps.iter().any(|g| *g != gap as i64) {
+        tracing::info!(
+            was = ?published_gaps,
+            now = gap,
+            "sessions rebuilt for every profile: [sessions] gap_minutes changed"
+        );
+        return Ok(None);
+    }
+    let Some(previous_graph) = engine.outputs.read(ctx, tables::IDENTITY_GRAPH).await? else {
+        return Ok(None);
+    };
+    for (name, df) in [
+        (PREVIOUS_SESSIONS, previous),
+        (PREVIOUS_GRAPH, previous_graph),
+        (NEW_EVENTS, new_events),
+    ] {
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, df.into_view())?;
+    }
+    let changed = plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            r#"
+SELECT DISTINCT profile_id FROM (
+    SELECT e.profile_id FROM {events} e JOIN {NEW_EVENTS} n ON e.message_id = n.message_id
+    UNION ALL
+    SELECT g.profile_id FROM {graph} g LEFT JOIN {PREVIOUS_GRAPH} p
+      ON p.identifier_type = g.identifier_type AND p.identifier_value = g.identifier_value
+    WHERE p.profile_id IS NULL OR p.profile_id <> g.profile_id
+    UNION ALL
+    SELECT p.profile_id FROM {PREVIOUS_GRAPH} p LEFT JOIN {graph} g
+      ON p.identifier_type = g.identifier_type AND p.identifier_value = g.identifier_value
+    WHERE g.profile_id IS NULL OR p.profile_id <> g.profile_id
+) WHERE profile_id IS NOT NULL
+"#,
+            events = tables::EVENTS,
+            graph = tables::IDENTITY_GRAPH,
+        ),
+    )
+    .await?;
+    // Collected once: both the cut and the kept rows are filtered by it. (The batches' own
+    // schema: the plan's may differ from them in nullability.)
+    let planned_schema = std::sync::Arc::new(changed.schema().as_arrow().clone());
+    let changed = changed.collect().await?;
+    let changed_schema = changed
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or(planned_schema);
+    let count: usize = changed.iter().map(|b| b.num_rows()).sum();
+    tracing::info!(profiles = count, "sessions: profiles whose events changed");
+    ctx.deregister_table(CHANGED_PROFILES)?;
+    ctx.register_table(
+        CHANGED_PROFILES,
+        std::sync::Arc::new(datafusion::datasource::MemTable::try_new(
+            changed_schema,
+            vec![changed],
+        )?),
+    )?;
+    ctx.deregister_table(CHANGED_EVENTS)?;
+    let changed_events = plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            "SELECT * FROM {events} WHERE profile_id IN (SELECT profile_id FROM {CHANGED_PROFILES})",
+            events = tables::EVENTS
+        ),
+    )
+    .await?;
+    ctx.register_table(CHANGED_EVENTS, changed_events.into_view())?;
+    let fresh = plan(
+        engine,
+        tables::SESSIONS,
+        &sessions_sql(schema, &engine.project.config.sessions, CHANGED_EVENTS),
+    )
+    .await?;
+    // The kept rows take the types the new ones have (the published table has plain types).
+    let kept = plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            "SELECT s.* FROM {PREVIOUS_SESSIONS} s LEFT ANTI JOIN {CHANGED_PROFILES} c ON s.profile_id = c.profile_id"
+        ),
+    )
+    .await?;
+    let columns: Vec<_> = fresh
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            datafusion::prelude::cast(datafusion::prelude::col(f.name()), f.data_type().clone())
+                .alias(f.name())
+        })
+        .collect();
+    Ok(Some(kept.select(columns)?.union(fresh)?))
+}
+
 /// The `events` schema as SQL sees it now.
 pub async fn events_schema(engine: &Engine) -> Result<Schema> {
     Ok(engine
@@ -225,25 +379,43 @@ async fn write_and_register(
 
 /// Builds `sessions`, `rfm`, `predictions` and `prediction_models` from the resolved events,
 /// writes them and registers them for traits, segments and reports.
+///
+/// On an incremental run `new_events` holds the `message_id`s the run added; sessions are then
+/// cut again only for the profiles they could have changed (see [`incremental_sessions`]).
 pub async fn build(
     engine: &Engine,
     outputs: &Outputs,
     run_id: &str,
     as_of: chrono::DateTime<chrono::Utc>,
+    new_events: Option<DataFrame>,
 ) -> Result<(Vec<(String, Committed)>, crate::predict::PredictionRun)> {
     let config = &engine.project.config;
     let schema = events_schema(engine).await?;
     let mut built = Vec::new();
 
     let started = std::time::Instant::now();
-    let sessions = plan(
-        engine,
-        tables::SESSIONS,
-        &sessions_sql(&schema, &config.sessions),
-    )
-    .await?;
+    let sessions = match new_events {
+        Some(new_events) => incremental_sessions(engine, &schema, new_events).await?,
+        None => None,
+    };
+    let (sessions, rebuilt) = match sessions {
+        Some(sessions) => (sessions, "changed profiles"),
+        None => (
+            plan(
+                engine,
+                tables::SESSIONS,
+                &sessions_sql(&schema, &config.sessions, tables::EVENTS),
+            )
+            .await?,
+            "every profile",
+        ),
+    };
     write_and_register(engine, outputs, tables::SESSIONS, sessions, &mut built).await?;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "sessions");
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        rebuilt,
+        "sessions"
+    );
 
     // Without an `event` column nothing is a purchase: the tables are written empty.
     let purchases = purchases_sql(&schema, &config.predictions).unwrap_or_else(|| {

@@ -33,5 +33,6 @@ pub mod state;
 pub mod status;
 pub mod storage;
 pub mod tables;
+pub mod window_args;
 
 pub use error::{Error, Result};

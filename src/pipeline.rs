@@ -385,8 +385,19 @@ async fn stages(
     // Journeys and predictions, before profiles so traits and segments can read them.
     let meter = engine.meter();
     let spinner = progress.spinner("sessions, RFM and predictions");
+    // An incremental run names the events it added, so sessions are cut again only where
+    // they can have changed.
+    let added = match seen {
+        Some(_) => Some(
+            ingested
+                .events
+                .clone()
+                .select_columns(&[tables::event::MESSAGE_ID])?,
+        ),
+        None => None,
+    };
     let (built, predictions) =
-        crate::journeys::build(engine, outputs, &report.run_id, report.as_of)
+        crate::journeys::build(engine, outputs, &report.run_id, report.as_of, added)
             .await
             .map_err(in_stage(engine, "journeys"))?;
     for (name, committed) in built {

@@ -84,6 +84,17 @@ fn query_prints_table_csv_and_json() {
     assert!(lines.next().unwrap().starts_with("identify,"));
     let json = p.query(sql);
     assert_eq!(json[0]["type"], "identify");
+    // --explain runs the query and prints the plan with what each operator did.
+    let plan = ok(run(&mut p.cmd(&["query", sql, "--explain"])));
+    assert!(plan.contains("AggregateExec"), "{plan}");
+    // One group came out of the aggregation, from the events the scan read.
+    assert!(
+        plan.contains("AggregateExec: mode=FinalPartitioned")
+            && plan.contains("metrics=[output_rows=1,"),
+        "{plan}"
+    );
+    assert!(plan.contains("DeltaScanExec"), "{plan}");
+    assert!(!plan.contains("| identify |"), "{plan}");
 }
 
 #[test]

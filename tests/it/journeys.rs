@@ -174,6 +174,112 @@ fn the_session_gap_is_configurable() {
     );
 }
 
+/// Every column of every session, in a stable order.
+fn all_sessions(p: &TempProject) -> Vec<Value> {
+    p.query("SELECT * FROM sessions ORDER BY profile_id, session_index")
+}
+
+fn run_logged(p: &TempProject, extra: &[&str]) -> String {
+    let mut args = vec!["run", "-v", "--as-of", AS_OF];
+    args.extend_from_slice(extra);
+    let out = run(&mut p.cmd(&args));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stderr(&out)
+}
+
+#[test]
+fn incremental_runs_cut_sessions_again_only_where_events_changed() {
+    let at = |minutes: i64| T0 + minutes * MINUTE;
+    let guest = |id: &str, ts: i64| Ev {
+        user_id: None,
+        anonymous_id: Some("device-guest"),
+        ..track(id, "nobody", "Product Viewed", ts)
+    };
+    let first = vec![
+        track("a1", "u1", "Product Viewed", at(0)),
+        track("a2", "u1", "Product Added", at(10)),
+        track("b1", "u2", "Product Viewed", at(0)),
+        track("b2", "u2", "Product Viewed", at(100)),
+        guest("c1", at(5)),
+        guest("c2", at(20)),
+        track("d1", "u4", "Product Viewed", at(200)),
+    ];
+    let p = project(&[&first], "");
+    let log = run_logged(&p, &[]);
+    assert!(log.contains("rebuilt=\"every profile\""), "{log}");
+    let before = all_sessions(&p);
+    assert_eq!(before.len(), 5, "{before:#?}");
+    assert!(before.iter().all(|s| s["gap_minutes"] == 30), "{before:#?}");
+
+    // u1 goes on with its visit; the guest device signs in as u4, so the guest's visit joins
+    // u4's profile; u2 has nothing new.
+    let second = vec![
+        track("a3", "u1", "Checkout Started", at(30)),
+        Ev {
+            anonymous_id: Some("device-guest"),
+            ..track("d2", "u4", "Product Added", at(25))
+        },
+    ];
+    write_parquet(&p.events().join("part-9.parquet"), &[events_batch(&second)]);
+    let log = run_logged(&p, &[]);
+    assert!(log.contains("rebuilt=\"changed profiles\""), "{log}");
+    // u1's profile, u4's and the guest's (one of the last two is merged away).
+    assert!(log.contains("profiles=3"), "{log}");
+    let incremental = all_sessions(&p);
+    let by_user = |rows: &[Value], user: &str| -> Vec<i64> {
+        let users = p.query(&format!(
+            "SELECT profile_id FROM identity_graph WHERE identifier_value = '{user}'"
+        ));
+        let profile = &users[0]["profile_id"];
+        rows.iter()
+            .filter(|s| &s["profile_id"] == profile)
+            .map(|s| s["event_count"].as_i64().expect("a count"))
+            .collect()
+    };
+    assert_eq!(by_user(&incremental, "u1"), vec![3]);
+    assert_eq!(by_user(&incremental, "u4"), vec![3, 1]);
+    assert_eq!(by_user(&incremental, "u2"), vec![1, 1]);
+    assert_eq!(incremental.len(), 5, "{incremental:#?}");
+    // u2's sessions are the published ones.
+    let u2 = |rows: &[Value]| -> Vec<Value> {
+        let profile =
+            p.query("SELECT profile_id FROM identity_graph WHERE identifier_value = 'u2'");
+        rows.iter()
+            .filter(|s| s["profile_id"] == profile[0]["profile_id"])
+            .cloned()
+            .collect()
+    };
+    assert_eq!(u2(&incremental), u2(&before));
+
+    // The same as cutting every profile again from the whole history.
+    run_logged(&p, &["--full"]);
+    assert_eq!(all_sessions(&p), incremental);
+
+    // Another gap: an incremental run cuts every profile again.
+    let config = p.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}\n[sessions]\ngap_minutes = 5\n")).expect("write");
+    write_parquet(
+        &p.events().join("part-10.parquet"),
+        &[events_batch(&[track(
+            "a4",
+            "u1",
+            "Order Completed",
+            at(34),
+        )])],
+    );
+    let log = run_logged(&p, &[]);
+    assert!(log.contains("gap_minutes changed"), "{log}");
+    assert!(log.contains("rebuilt=\"every profile\""), "{log}");
+    let sessions = all_sessions(&p);
+    assert!(
+        sessions.iter().all(|s| s["gap_minutes"] == 5),
+        "{sessions:#?}"
+    );
+    // 0, 10, 30 and 34 minutes: only the last gap is 5 minutes or less.
+    assert_eq!(by_user(&sessions, "u1"), vec![1, 1, 2]);
+}
+
 #[test]
 fn funnel_counts_steps_in_order_each_within_the_window() {
     let p = TempProject::local();
