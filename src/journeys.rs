@@ -228,27 +228,20 @@ pub async fn incremental_sessions(
         );
         return Ok(None);
     }
-    let gaps = previous
+    let gap_column = datafusion::prelude::col("gap_minutes");
+    let cut_otherwise = previous
         .clone()
-        .select_columns(&["gap_minutes"])?
-        .distinct()?
-        .collect()
+        .filter(
+            gap_column
+                .clone()
+                .is_null()
+                .or(gap_column.not_eq(datafusion::prelude::lit(gap as i64))),
+        )?
+        .count()
         .await?;
-    let mut published_gaps = Vec::new();
-    for batch in &gaps {
-        let column = datafusion::arrow::compute::cast(
-            batch.column(0),
-            &datafusion::arrow::datatypes::DataType::Int64,
-        )?;
-        let column = column
-            .as_any()
-            .downcast_ref::<datafusion::arrow::array::Int64Array>()
-            .expect("cast to Int64");
-        published_gaps.extend(column.iter().flatten());
-    }
-    if published_gaps.iter().any(|g| *g != gap as i64) {
+    if cut_otherwise > 0 {
         tracing::info!(
-            was = ?published_gaps,
+            sessions = cut_otherwise,
             now = gap,
             "sessions rebuilt for every profile: [sessions] gap_minutes changed"
         );
