@@ -192,10 +192,19 @@ FROM scored
 
 /// Tables registered while sessions are rebuilt for changed profiles only.
 const PREVIOUS_SESSIONS: &str = "__tessera_previous_sessions";
-const PREVIOUS_GRAPH: &str = "__tessera_previous_graph";
 const NEW_EVENTS: &str = "__tessera_new_events";
+const IDENTITY_CHANGED: &str = "__tessera_identity_changed";
 const CHANGED_PROFILES: &str = "__tessera_changed_profiles";
 const CHANGED_EVENTS: &str = "__tessera_changed_events";
+
+/// What an incremental run changed, for [`incremental_sessions`].
+pub struct Changes {
+    /// The `message_id`s of the events the run added.
+    pub new_events: DataFrame,
+    /// Profiles (old and new ids) whose identifiers changed since the published identity
+    /// graph ([`crate::identity::IdentityTables::changed_profiles`]).
+    pub changed_profiles: Vec<String>,
+}
 
 /// Sessions built from the published ones: the sessions of every profile this run could have
 /// changed are cut again from its events, the others are kept as they were. `None` when they
@@ -205,13 +214,13 @@ const CHANGED_EVENTS: &str = "__tessera_changed_events";
 /// Sessions depend only on a profile's events, never on the run's time, so a profile's
 /// sessions change only when its events do: when a new event belongs to it, or when identity
 /// resolution moved an identifier into or out of it (a merge, or a late event that changed
-/// which links the limits refuse). Both are found by comparing with the published output:
-/// the new events' profiles, and every profile, old or new, of an identifier whose profile
-/// changed. The result equals a rebuild of every profile (tested).
+/// which links the limits refuse). Both are known: the new events' profiles, and the profiles
+/// identity resolution found changed against the published graph. The result equals a
+/// rebuild of every profile (tested).
 pub async fn incremental_sessions(
     engine: &Engine,
     schema: &Schema,
-    new_events: DataFrame,
+    changes: Changes,
 ) -> Result<Option<DataFrame>> {
     let ctx = &engine.ctx;
     let gap = engine.project.config.sessions.gap_minutes;
@@ -247,13 +256,21 @@ pub async fn incremental_sessions(
         );
         return Ok(None);
     }
-    let Some(previous_graph) = engine.outputs.read(ctx, tables::IDENTITY_GRAPH).await? else {
-        return Ok(None);
-    };
+    let identity_changed = datafusion::arrow::array::RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new(vec![datafusion::arrow::datatypes::Field::new(
+            "profile_id",
+            datafusion::arrow::datatypes::DataType::Utf8,
+            false,
+        )])),
+        vec![std::sync::Arc::new(
+            datafusion::arrow::array::StringArray::from(changes.changed_profiles),
+        )],
+    )?;
+    ctx.deregister_table(IDENTITY_CHANGED)?;
+    ctx.register_batch(IDENTITY_CHANGED, identity_changed)?;
     for (name, df) in [
         (PREVIOUS_SESSIONS, previous),
-        (PREVIOUS_GRAPH, previous_graph),
-        (NEW_EVENTS, new_events),
+        (NEW_EVENTS, changes.new_events),
     ] {
         ctx.deregister_table(name)?;
         ctx.register_table(name, df.into_view())?;
@@ -266,17 +283,10 @@ pub async fn incremental_sessions(
 SELECT DISTINCT profile_id FROM (
     SELECT e.profile_id FROM {events} e JOIN {NEW_EVENTS} n ON e.message_id = n.message_id
     UNION ALL
-    SELECT g.profile_id FROM {graph} g LEFT JOIN {PREVIOUS_GRAPH} p
-      ON p.identifier_type = g.identifier_type AND p.identifier_value = g.identifier_value
-    WHERE p.profile_id IS NULL OR p.profile_id <> g.profile_id
-    UNION ALL
-    SELECT p.profile_id FROM {PREVIOUS_GRAPH} p LEFT JOIN {graph} g
-      ON p.identifier_type = g.identifier_type AND p.identifier_value = g.identifier_value
-    WHERE g.profile_id IS NULL OR p.profile_id <> g.profile_id
+    SELECT profile_id FROM {IDENTITY_CHANGED}
 ) WHERE profile_id IS NOT NULL
 "#,
             events = tables::EVENTS,
-            graph = tables::IDENTITY_GRAPH,
         ),
     )
     .await?;
@@ -373,22 +383,23 @@ async fn write_and_register(
 /// Builds `sessions`, `rfm`, `predictions` and `prediction_models` from the resolved events,
 /// writes them and registers them for traits, segments and reports.
 ///
-/// On an incremental run `new_events` holds the `message_id`s the run added; sessions are then
-/// cut again only for the profiles they could have changed (see [`incremental_sessions`]).
+/// On an incremental run `changes` says what the run added and which profiles identity
+/// resolution changed; sessions are then cut again only for the profiles they could have
+/// changed (see [`incremental_sessions`]).
 pub async fn build(
     engine: &Engine,
     outputs: &Outputs,
     run_id: &str,
     as_of: chrono::DateTime<chrono::Utc>,
-    new_events: Option<DataFrame>,
+    changes: Option<Changes>,
 ) -> Result<(Vec<(String, Committed)>, crate::predict::PredictionRun)> {
     let config = &engine.project.config;
     let schema = events_schema(engine).await?;
     let mut built = Vec::new();
 
     let started = std::time::Instant::now();
-    let sessions = match new_events {
-        Some(new_events) => incremental_sessions(engine, &schema, new_events).await?,
+    let sessions = match changes {
+        Some(changes) => incremental_sessions(engine, &schema, changes).await?,
         None => None,
     };
     let (sessions, rebuilt) = match sessions {

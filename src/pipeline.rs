@@ -325,6 +325,7 @@ async fn stages(
         .await
         .map_err(in_stage(engine, "identity"))?;
     report.stages.push(meter.finish("identity", report.events));
+    let changed_identities = identity.changed_profiles;
     let graph_for_sql = identity.graph.clone();
     let meter = engine.meter();
     spinner.set_message("writing identity tables");
@@ -387,14 +388,15 @@ async fn stages(
     let spinner = progress.spinner("sessions, RFM and predictions");
     // An incremental run names the events it added, so sessions are cut again only where
     // they can have changed.
-    let added = match seen {
-        Some(_) => Some(
-            ingested
+    let added = match (seen, changed_identities) {
+        (Some(_), Some(changed_profiles)) => Some(crate::journeys::Changes {
+            new_events: ingested
                 .events
                 .clone()
                 .select_columns(&[tables::event::MESSAGE_ID])?,
-        ),
-        None => None,
+            changed_profiles,
+        }),
+        _ => None,
     };
     let (built, predictions) =
         crate::journeys::build(engine, outputs, &report.run_id, report.as_of, added)

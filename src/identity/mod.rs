@@ -92,6 +92,10 @@ pub struct IdentityTables {
     pub event_profiles: EventProfiles,
     /// Counts for the run log.
     pub stats: IdentityStats,
+    /// Profiles whose identifiers changed since the published graph: every profile, old or
+    /// new, of an identifier that is new, moved to another profile or left the graph. `None`
+    /// when there is no published graph to compare with.
+    pub changed_profiles: Option<Vec<String>>,
 }
 
 /// How events get their `profile_id` once identities are resolved.
@@ -217,6 +221,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
 
     let previous = previous_graph(engine, &resolution).await?;
     let ids = assign_profile_ids(&resolution, &previous);
+    let changed_profiles = changed_profiles(&resolution, &ids, &previous);
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: profile ids assigned"
@@ -229,6 +234,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     if let Some(exprs) = direct {
         tables.event_profiles = EventProfiles::Direct(exprs);
     }
+    tables.changed_profiles = changed_profiles;
     Ok(tables)
 }
 
@@ -400,6 +406,10 @@ struct Previous {
     of_node: Vec<u32>,
     /// For each previous profile, its oldest identifier still in the graph.
     anchor: Vec<Option<(i64, Node)>>,
+    /// For each previous profile, whether one of its identifiers is no longer in the graph.
+    lost_member: Vec<bool>,
+    /// Whether there was a published graph at all.
+    published: bool,
 }
 
 async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
@@ -408,6 +418,8 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
         first_seen: Vec::new(),
         of_node: vec![u32::MAX; res.len()],
         anchor: Vec::new(),
+        lost_member: Vec::new(),
+        published: false,
     };
     let Some(graph) = engine
         .outputs
@@ -416,6 +428,7 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
     else {
         return Ok(prev);
     };
+    prev.published = true;
     let df = graph.select(vec![
         cast(col("identifier_type"), DataType::Utf8).alias("t"),
         cast(col("identifier_value"), DataType::Utf8).alias("v"),
@@ -445,18 +458,25 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
                 prev.ids.push(p.value(r).to_string());
                 prev.first_seen.push(NO_TIME);
                 prev.anchor.push(None);
+                prev.lost_member.push(false);
                 (prev.ids.len() - 1) as u32
             });
             prev.first_seen[k as usize] = prev.first_seen[k as usize].min(seen);
-            let Some(ty) = res.rules().type_index(t.value(r)) else {
+            let node = res
+                .rules()
+                .type_index(t.value(r))
+                .and_then(|ty| res.lookup(ty, v.value(r)));
+            let Some(n) = node else {
+                prev.lost_member[k as usize] = true;
                 continue;
             };
-            if let Some(n) = res.lookup(ty, v.value(r)) {
-                prev.of_node[n as usize] = k;
-                let a = &mut prev.anchor[k as usize];
-                if a.is_none_or(|(s, m)| (seen, n) < (s, m)) {
-                    *a = Some((seen, n));
-                }
+            if res.component(n).is_none() {
+                prev.lost_member[k as usize] = true;
+            }
+            prev.of_node[n as usize] = k;
+            let a = &mut prev.anchor[k as usize];
+            if a.is_none_or(|(s, m)| (seen, n) < (s, m)) {
+                *a = Some((seen, n));
             }
         }
     }
@@ -471,6 +491,39 @@ struct ProfileIds {
     ids: Vec<String>,
     /// (merged, into) pairs.
     merges: Vec<(String, String)>,
+}
+
+/// The profiles whose identifiers differ from the published graph's (see
+/// [`IdentityTables::changed_profiles`]).
+fn changed_profiles(res: &Resolution, ids: &ProfileIds, prev: &Previous) -> Option<Vec<String>> {
+    if !prev.published {
+        return None;
+    }
+    let mut old_changed = prev.lost_member.clone();
+    let mut new_changed = vec![false; ids.ids.len()];
+    for n in 0..res.len() as Node {
+        let Some(c) = res.component(n) else { continue };
+        let now = ids.of_root[&c];
+        match prev.of_node[n as usize] {
+            u32::MAX => new_changed[now] = true,
+            k if prev.ids[k as usize] != ids.ids[now] => {
+                new_changed[now] = true;
+                old_changed[k as usize] = true;
+            }
+            _ => {}
+        }
+    }
+    let mut changed: Vec<String> = prev
+        .ids
+        .iter()
+        .zip(old_changed)
+        .chain(ids.ids.iter().zip(new_changed))
+        .filter(|(_, changed)| *changed)
+        .map(|(id, _)| id.clone())
+        .collect();
+    changed.sort_unstable();
+    changed.dedup();
+    Some(changed)
 }
 
 /// A deterministic id for a new profile, from its oldest identifier.
@@ -782,6 +835,7 @@ fn build_tables(
         merges,
         event_profiles: EventProfiles::Mapping(event_profiles),
         stats,
+        changed_profiles: None,
     })
 }
 
