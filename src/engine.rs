@@ -172,11 +172,7 @@ impl Engine {
             events_schema
                 .fields()
                 .iter()
-                .map(|f| {
-                    f.as_ref()
-                        .clone()
-                        .with_data_type(crate::ingest::plain_type(f.data_type()))
-                })
+                .map(|f| crate::ingest::plain_field(f))
                 .collect::<Vec<_>>(),
         );
         let options = datafusion::prelude::ParquetReadOptions {

@@ -426,7 +426,8 @@ pub fn plain_type(dt: &DataType) -> DataType {
     }
 }
 
-fn plain_field(f: &Field) -> Field {
+/// `f` with [`plain_type`].
+pub fn plain_field(f: &Field) -> Field {
     Field::new(f.name(), plain_type(f.data_type()), f.is_nullable())
 }
 

@@ -226,6 +226,14 @@ mod tests {
         );
     }
 
+    async fn optimized(ctx: &SessionContext, sql: &str) -> String {
+        let df = ctx.sql(sql).await.unwrap();
+        df.into_optimized_plan()
+            .unwrap()
+            .display_indent()
+            .to_string()
+    }
+
     #[tokio::test]
     async fn window_sees_only_columns() {
         let ctx = context(true);
@@ -236,14 +244,7 @@ mod tests {
             count(*) FILTER (WHERE kind = 'track') OVER (PARTITION BY profile ORDER BY t) AS tracks, \
             sum(t * 2) OVER (PARTITION BY profile) AS doubled \
             FROM events";
-        let plan = ctx
-            .sql(sql)
-            .await
-            .unwrap()
-            .into_optimized_plan()
-            .unwrap()
-            .display_indent()
-            .to_string();
+        let plan = optimized(&ctx, sql).await;
         // (coalesce is planned as CASE by then.)
         assert!(
             plan.contains("ELSE events.kind END AS __tessera_window_arg_"),
@@ -255,14 +256,7 @@ mod tests {
             plan.contains("FILTER (WHERE __tessera_window_arg_"),
             "{plan}"
         );
-        let without = context(false)
-            .sql(sql)
-            .await
-            .unwrap()
-            .into_optimized_plan()
-            .unwrap()
-            .display_indent()
-            .to_string();
+        let without = optimized(&context(false), sql).await;
         assert!(!without.contains(PREFIX), "{without}");
         // The columns added for the window do not leave it.
         let df = ctx.sql(sql).await.unwrap();
