@@ -337,6 +337,7 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
     ctx.register_udf(is_json_udf());
     ctx.register_udaf(crate::functions::most_frequent());
     ctx.register_udaf(crate::funnel::funnel());
+    ctx.register_udf(crate::journeys::first_touch_udf());
     ctx.register_udf(crate::functions::as_of(chrono::Utc::now()));
     Ok(ctx)
 }
