@@ -645,9 +645,7 @@ mod tests {
 
     /// Each row's five fields from `__tessera_first_touch`, and from the `json_get_str`,
     /// `coalesce` and `regexp_match` SQL the sessions query used before it.
-    fn both_ways(
-        rows: &[(Option<&str>, Option<&str>)],
-    ) -> (Vec<Fields>, Vec<Fields>) {
+    fn both_ways(rows: &[(Option<&str>, Option<&str>)]) -> (Vec<Fields>, Vec<Fields>) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
