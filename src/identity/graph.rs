@@ -624,6 +624,12 @@ impl Resolution {
         self.ids.value(n)
     }
 
+    /// An identifier's normalised value as bytes: what sorts compare (byte order is str
+    /// order, without checking the UTF-8 again on every comparison).
+    pub fn value_bytes(&self, n: Node) -> &[u8] {
+        self.ids.bytes(n)
+    }
+
     /// When an identifier was first and last seen (`NO_TIME` when never with a time).
     pub fn seen(&self, n: Node) -> (i64, i64) {
         (self.first_seen[n as usize], self.last_seen[n as usize])
@@ -660,8 +666,7 @@ impl Resolution {
         self.first_seen[a as usize]
             .cmp(&self.first_seen[b as usize])
             .then_with(|| self.kind(a).cmp(&self.kind(b)))
-            // Byte order is str order.
-            .then_with(|| self.ids.bytes(a).cmp(self.ids.bytes(b)))
+            .then_with(|| self.value_bytes(a).cmp(self.value_bytes(b)))
     }
 }
 

@@ -20,7 +20,9 @@ pub mod explain;
 pub mod graph;
 pub mod normalize;
 
-use std::collections::HashMap;
+// foldhash instead of SipHash: these maps hold one entry per identifier or profile (tens of
+// millions at 100M events) and are probed for each.
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -454,13 +456,20 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
                 continue;
             }
             let seen = if f.is_valid(r) { f.value(r) } else { NO_TIME };
-            let k = *index.entry(p.value(r).to_string()).or_insert_with(|| {
-                prev.ids.push(p.value(r).to_string());
-                prev.first_seen.push(NO_TIME);
-                prev.anchor.push(None);
-                prev.lost_member.push(false);
-                (prev.ids.len() - 1) as u32
-            });
+            // Looked up before inserting: most rows name a profile seen already, and `entry`
+            // would allocate its key for every row.
+            let k = match index.get(p.value(r)) {
+                Some(&k) => k,
+                None => {
+                    prev.ids.push(p.value(r).to_string());
+                    prev.first_seen.push(NO_TIME);
+                    prev.anchor.push(None);
+                    prev.lost_member.push(false);
+                    let k = (prev.ids.len() - 1) as u32;
+                    index.insert(p.value(r).to_string(), k);
+                    k
+                }
+            };
             prev.first_seen[k as usize] = prev.first_seen[k as usize].min(seen);
             let node = res
                 .rules()
@@ -693,7 +702,7 @@ fn build_tables(
     keyed.sort_unstable_by(|a, b| {
         (a.0, a.1)
             .cmp(&(b.0, b.1))
-            .then_with(|| res.value(a.2).cmp(res.value(b.2)))
+            .then_with(|| res.value_bytes(a.2).cmp(res.value_bytes(b.2)))
     });
     let graph = RecordBatch::try_new(
         graph_schema(),
