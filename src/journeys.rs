@@ -143,7 +143,12 @@ pub fn first_touch_udf() -> datafusion::logical_expr::ScalarUDF {
         DataType::Struct(fields),
         Volatility::Immutable,
         std::sync::Arc::new(move |args: &[ColumnarValue]| {
-            let arrays = ColumnarValue::values_to_arrays(args)?;
+            // Planning casts the arguments to Utf8; the cast here (free when it did) keeps a
+            // caller that got around that from reaching a panic.
+            let arrays = ColumnarValue::values_to_arrays(args)?
+                .iter()
+                .map(|a| datafusion::arrow::compute::cast(a, &DataType::Utf8))
+                .collect::<Result<Vec<_>, _>>()?;
             let context = arrays[0].as_string::<i32>();
             let properties = arrays[1].as_string::<i32>();
             let rows = context.len();
@@ -202,15 +207,14 @@ impl Touch {
 /// Sets `out[i]` to the string at `paths[i]` in `json`, as `json_get_str(json, path…)` would
 /// find it: the first occurrence of each key on the way, a string value only, else `None`.
 /// The document is read once; where it stops parsing, the paths not found by then are `None`.
-fn strings_at(json: Option<&str>, paths: &[&[&str]], out: &mut [Option<String>]) {
+fn strings_at(json: Option<&str>, paths: &[&[&str]; 5], out: &mut [Option<String>; 5]) {
     out.iter_mut().for_each(|v| *v = None);
     let Some(json) = json else { return };
     // How many keys of each path have been matched: a path follows only the first
     // occurrence of its key at each level.
-    let mut matched = vec![0usize; paths.len()];
-    let all: Vec<usize> = (0..paths.len()).collect();
+    let mut matched = [0usize; 5];
     let mut jiter = jiter::Jiter::new(json.as_bytes());
-    let _ = walk(&mut jiter, paths, 0, &all, &mut matched, out);
+    let _ = walk(&mut jiter, paths, 0, &[0, 1, 2, 3, 4], &mut matched, out);
 }
 
 /// `jiter` is at a value that the paths in `here` have reached with their first `depth` keys.
