@@ -352,8 +352,9 @@ pub struct Changes {
 
 /// Sessions built from the published ones: the sessions of every profile this run could have
 /// changed are cut again from its events, the others are kept as they were. `None` when they
-/// must be rebuilt for every profile (no published sessions or identity graph, or sessions
-/// cut with another `gap_minutes`).
+/// must be rebuilt for every profile (no published sessions, or sessions cut with another
+/// `gap_minutes` or before that column existed). Without a published identity graph the
+/// caller has no [`Changes`] to pass and rebuilds every profile itself.
 ///
 /// Sessions depend only on a profile's events, never on the run's time, so a profile's
 /// sessions change only when its events do: when a new event belongs to it, or when identity
