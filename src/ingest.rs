@@ -549,7 +549,7 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
         1 => Arc::unwrap_or_clone(plans.pop().expect("one plan")),
         _ => LogicalPlan::Union(Union::try_new(plans)?),
     };
-    Ok(DataFrame::new(ctx.state(), plan))
+    Ok(ctx.read_table(Arc::new(crate::file_chain::FileChain::new(plan)))?)
 }
 
 /// Why a row is rejected, or NULL when it passes. The first failing check wins.

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod faults;
+pub mod file_chain;
 pub mod functions;
 pub mod funnel;
 pub mod generate;
