@@ -630,6 +630,33 @@ impl Resolution {
         self.ids.bytes(n)
     }
 
+    /// Every identifier's value as one string array, row `n` holding node `n`'s value: the
+    /// interner's arena is already laid out as one (a byte buffer and end offsets), so output
+    /// columns are gathered from it with `take` instead of a string per value. `None` when the
+    /// values exceed what 32-bit offsets address (2 GiB).
+    pub fn value_array(&self) -> Option<arrow::array::StringArray> {
+        let ids = &self.ids;
+        if ids.bytes.len() > i32::MAX as usize {
+            return None;
+        }
+        let offsets: Vec<i32> = std::iter::once(0)
+            .chain(ids.ends.iter().map(|&e| e as i32))
+            .collect();
+        arrow::array::StringArray::try_new(
+            arrow::buffer::OffsetBuffer::new(offsets.into()),
+            arrow::buffer::Buffer::from_slice_ref(&ids.bytes),
+            None,
+        )
+        .ok()
+    }
+
+    /// The first eight bytes of an identifier's value, big-endian and zero-padded: ordering
+    /// by it never contradicts ordering by the whole value, so sorts compare it first and
+    /// read the values only on a tie.
+    pub fn value_prefix(&self, n: Node) -> u64 {
+        prefix_key(self.value_bytes(n))
+    }
+
     /// When an identifier was first and last seen (`NO_TIME` when never with a time).
     pub fn seen(&self, n: Node) -> (i64, i64) {
         (self.first_seen[n as usize], self.last_seen[n as usize])
@@ -668,6 +695,15 @@ impl Resolution {
             .then_with(|| self.kind(a).cmp(&self.kind(b)))
             .then_with(|| self.value_bytes(a).cmp(self.value_bytes(b)))
     }
+}
+
+/// The first eight bytes of `b` as a big-endian integer, zero-padded (see
+/// [`Resolution::value_prefix`]).
+pub fn prefix_key(b: &[u8]) -> u64 {
+    let mut head = [0u8; 8];
+    let n = b.len().min(8);
+    head[..n].copy_from_slice(&b[..n]);
+    u64::from_be_bytes(head)
 }
 
 #[cfg(test)]

@@ -494,12 +494,21 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
 
 /// Profile ids for each component, and the merges since the previous run.
 struct ProfileIds {
-    /// Profile id per component root.
-    of_root: HashMap<Node, usize>,
+    /// For each node that is a component root, the index of its profile id in `ids`
+    /// (`u32::MAX` for every other node): an array, not a map, since it is read once per
+    /// identifier and per link.
+    of_root: Vec<u32>,
     /// The ids.
     ids: Vec<String>,
     /// (merged, into) pairs.
     merges: Vec<(String, String)>,
+}
+
+impl ProfileIds {
+    /// The index in `ids` of the profile of component `root`.
+    fn of(&self, root: Node) -> usize {
+        self.of_root[root as usize] as usize
+    }
 }
 
 /// The profiles whose identifiers differ from the published graph's (see
@@ -512,7 +521,7 @@ fn changed_profiles(res: &Resolution, ids: &ProfileIds, prev: &Previous) -> Opti
     let mut new_changed = vec![false; ids.ids.len()];
     for n in 0..res.len() as Node {
         let Some(c) = res.component(n) else { continue };
-        let now = ids.of_root[&c];
+        let now = ids.of(c);
         match prev.of_node[n as usize] {
             u32::MAX => new_changed[now] = true,
             k if prev.ids[k as usize] != ids.ids[now] => {
@@ -536,14 +545,35 @@ fn changed_profiles(res: &Resolution, ids: &ProfileIds, prev: &Previous) -> Opti
 }
 
 /// A deterministic id for a new profile, from its oldest identifier.
-fn new_profile_id(kind: &str, value: &str) -> String {
-    // FNV-1a: stable across platforms and releases, unlike std's hashers.
+/// The number a new profile's id shows: FNV-1a of its oldest identifier's type and value
+/// (stable across platforms and releases, unlike std's hashers), with `salt` appended as
+/// `#<salt>` when the plain value's number was taken.
+fn new_profile_number(kind: &str, value: &[u8], salt: Option<u32>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in kind.bytes().chain([0u8]).chain(value.bytes()) {
+    let salt = salt.map(|s| format!("#{s}")).unwrap_or_default();
+    for b in kind
+        .bytes()
+        .chain([0u8])
+        .chain(value.iter().copied())
+        .chain(salt.bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("p_{h:016x}")
+    h
+}
+
+fn profile_id_text(number: u64) -> String {
+    format!("p_{number:016x}")
+}
+
+/// The number of an id [`profile_id_text`] wrote; `None` for any other text.
+fn profile_id_number(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix("p_")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
 }
 
 fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
@@ -578,52 +608,83 @@ fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
     for g in 0..roots.len() {
         members[start[g]..start[g + 1]].sort_by(|a, b| res.age_order(*a, *b));
     }
-    let mut comps: Vec<(Node, &[Node])> = (0..roots.len())
-        .map(|g| (roots[g], &members[start[g]..start[g + 1]]))
+    // Components by their oldest member (`age_order`), comparing cached keys and reading the
+    // values only on a tie.
+    let mut order: Vec<(i64, u8, u64, u32)> = (0..roots.len())
+        .map(|g| {
+            let oldest = members[start[g]];
+            (
+                res.seen(oldest).0,
+                res.kind(oldest),
+                res.value_prefix(oldest),
+                g as u32,
+            )
+        })
         .collect();
-    comps.sort_by(|a, b| res.age_order(a.1[0], b.1[0]));
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)).then_with(|| {
+            res.value_bytes(members[start[a.3 as usize]])
+                .cmp(res.value_bytes(members[start[b.3 as usize]]))
+        })
+    });
+    let comps: Vec<(Node, &[Node])> = order
+        .iter()
+        .map(|&(_, _, _, g)| {
+            let g = g as usize;
+            (roots[g], &members[start[g]..start[g + 1]])
+        })
+        .collect();
+    drop(order);
 
     let mut out = ProfileIds {
-        of_root: HashMap::with_capacity(comps.len()),
+        of_root: vec![u32::MAX; res.len()],
         ids: Vec::with_capacity(comps.len()),
         merges: Vec::new(),
     };
     let mut claimed = vec![false; prev.ids.len()];
-    let previous_ids: std::collections::HashSet<&str> =
-        prev.ids.iter().map(String::as_str).collect();
-    let mut used: std::collections::HashSet<String> =
-        std::collections::HashSet::with_capacity(comps.len());
+    // A new id must differ from every id given so far and every previous one. New ids are
+    // `p_` and sixteen hex digits, so only previous ids of that form can clash: their
+    // numbers, and those of the new ids, are kept in one set.
+    let mut taken: foldhash::HashSet<u64> = prev
+        .ids
+        .iter()
+        .filter_map(|id| profile_id_number(id))
+        .collect();
+    let mut candidates: Vec<u32> = Vec::new();
     // Previous profiles keep their ids; where several meet, the oldest keeps its id.
     for (root, m) in &comps {
-        let mut candidates: Vec<u32> = m
-            .iter()
-            .map(|n| prev.of_node[*n as usize])
-            .filter(|k| *k != u32::MAX)
-            .collect();
-        candidates.sort_by(|a, b| {
-            (prev.first_seen[*a as usize], &prev.ids[*a as usize])
-                .cmp(&(prev.first_seen[*b as usize], &prev.ids[*b as usize]))
-        });
-        candidates.dedup();
-        let id = match candidates.into_iter().find(|k| !claimed[*k as usize]) {
-            Some(k) => {
+        candidates.clear();
+        if prev.published {
+            candidates.extend(
+                m.iter()
+                    .map(|n| prev.of_node[*n as usize])
+                    .filter(|k| *k != u32::MAX),
+            );
+            candidates.sort_by(|a, b| {
+                (prev.first_seen[*a as usize], &prev.ids[*a as usize])
+                    .cmp(&(prev.first_seen[*b as usize], &prev.ids[*b as usize]))
+            });
+            candidates.dedup();
+        }
+        let id = match candidates.iter().find(|k| !claimed[**k as usize]) {
+            Some(&k) => {
                 claimed[k as usize] = true;
                 prev.ids[k as usize].clone()
             }
             None => {
                 let oldest = m[0];
                 let kind = &res.rules().types[res.kind(oldest) as usize].name;
-                let mut id = new_profile_id(kind, res.value(oldest));
+                let value = res.value_bytes(oldest);
+                let mut number = new_profile_number(kind, value, None);
                 let mut salt = 1;
-                while used.contains(&id) || previous_ids.contains(id.as_str()) {
+                while !taken.insert(number) {
                     salt += 1;
-                    id = new_profile_id(kind, &format!("{}#{salt}", res.value(oldest)));
+                    number = new_profile_number(kind, value, Some(salt));
                 }
-                id
+                profile_id_text(number)
             }
         };
-        used.insert(id.clone());
-        out.of_root.insert(*root, out.ids.len());
+        out.of_root[*root as usize] = out.ids.len() as u32;
         out.ids.push(id);
     }
     // A previous profile that no component kept was merged into the one holding its oldest identifier.
@@ -633,7 +694,7 @@ fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
         }
         if let Some((_, n)) = prev.anchor[k] {
             if let Some(c) = res.component(n) {
-                let into = &out.ids[out.of_root[&c]];
+                let into = &out.ids[out.of(c)];
                 out.merges.push((was.clone(), into.clone()));
             }
         }
@@ -682,34 +743,86 @@ fn build_tables(
 ) -> Result<IdentityTables> {
     let rules = res.rules();
     let type_name = |n: Node| rules.types[res.kind(n) as usize].name.as_str();
-    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of_root[&c]]);
+    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of(c)]);
 
-    // identity_graph, ordered by profile then type priority then value. Each node's sort key
-    // is worked out once (the profile's place among the sorted ids), so comparisons are of
-    // integers and, within one profile and type, of values only.
-    let mut order: Vec<usize> = (0..ids.ids.len()).collect();
-    order.sort_unstable_by(|a, b| ids.ids[*a].cmp(&ids.ids[*b]));
-    let mut rank = vec![0u32; ids.ids.len()];
-    for (place, profile) in order.iter().enumerate() {
-        rank[*profile] = place as u32;
-    }
-    let mut keyed: Vec<(u32, u8, Node, usize)> = (0..res.len() as Node)
-        .filter_map(|n| {
-            let profile = ids.of_root[&res.component(n)?];
-            Some((rank[profile], res.kind(n), n, profile))
+    // Every identifier's value as one array, so the value columns below are gathered with
+    // `take`; above 2 GiB of values, a string per value instead.
+    let values = res.value_array();
+    let value_column = |nodes: &mut dyn Iterator<Item = Node>| -> Result<ArrayRef> {
+        Ok(match &values {
+            Some(values) => {
+                let indices = arrow::array::UInt32Array::from_iter_values(nodes);
+                arrow::compute::take(values, &indices, None)?
+            }
+            None => {
+                let mut b = StringBuilder::new();
+                for n in nodes {
+                    b.append_value(res.value(n));
+                }
+                Arc::new(b.finish())
+            }
+        })
+    };
+
+    // identity_graph, ordered by profile then type priority then value. The profiles are
+    // ranked by id once (comparing the ids' first sixteen bytes as two integers, the rest
+    // only on a tie), the identifiers are grouped by that rank with a counting sort, and
+    // only each profile's few identifiers are sorted by type and value.
+    let mut order: Vec<(u64, u64, u32)> = ids
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let b = id.as_bytes();
+            let rest = b.get(8..).unwrap_or(&[]);
+            (graph::prefix_key(b), graph::prefix_key(rest), i as u32)
         })
         .collect();
-    keyed.sort_unstable_by(|a, b| {
+    order.sort_unstable_by(|a, b| {
         (a.0, a.1)
             .cmp(&(b.0, b.1))
-            .then_with(|| res.value_bytes(a.2).cmp(res.value_bytes(b.2)))
+            .then_with(|| ids.ids[a.2 as usize].cmp(&ids.ids[b.2 as usize]))
     });
+    let mut rank = vec![0u32; ids.ids.len()];
+    for (place, &(_, _, profile)) in order.iter().enumerate() {
+        rank[profile as usize] = place as u32;
+    }
+    drop(order);
+    let mut start = vec![0usize; ids.ids.len() + 1];
+    for n in 0..res.len() as Node {
+        if let Some(c) = res.component(n) {
+            start[rank[ids.of(c)] as usize + 1] += 1;
+        }
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut keyed: Vec<(u8, u64, Node, u32)> = vec![(0, 0, 0, 0); start[ids.ids.len()]];
+    let mut fill = start.clone();
+    for n in 0..res.len() as Node {
+        if let Some(c) = res.component(n) {
+            let profile = ids.of(c);
+            let r = rank[profile] as usize;
+            keyed[fill[r]] = (res.kind(n), res.value_prefix(n), n, profile as u32);
+            fill[r] += 1;
+        }
+    }
+    drop(fill);
+    for r in 0..ids.ids.len() {
+        keyed[start[r]..start[r + 1]].sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| res.value_bytes(a.2).cmp(res.value_bytes(b.2)))
+        });
+    }
+    drop(start);
+    drop(rank);
     let graph = RecordBatch::try_new(
         graph_schema(),
         vec![
-            string_column(&keyed, |k| rules.types[k.1 as usize].name.as_str()),
-            string_column(&keyed, |k| res.value(k.2)),
-            string_column(&keyed, |k| ids.ids[k.3].as_str()),
+            string_column(&keyed, |k| rules.types[k.0 as usize].name.as_str()),
+            value_column(&mut keyed.iter().map(|k| k.2))?,
+            string_column(&keyed, |k| ids.ids[k.3 as usize].as_str()),
             time_array(keyed.iter().map(|k| res.seen(k.2).0)),
             time_array(keyed.iter().map(|k| res.seen(k.2).1)),
         ],
@@ -731,14 +844,15 @@ fn build_tables(
         ])),
         vec![
             string_column(l, |x| type_name(x.low)),
-            string_column(l, |x| res.value(x.low)),
+            value_column(&mut l.iter().map(|x| x.low))?,
             string_column(l, |x| type_name(x.top)),
-            string_column(l, |x| res.value(x.top)),
+            value_column(&mut l.iter().map(|x| x.top))?,
             string_column(l, |x| profile_of(x.top).map_or("", String::as_str)),
             time_array(l.iter().map(|x| x.seen_at)),
             string_column(l, |x| queries[x.query as usize].file.as_str()),
         ],
     )?;
+    drop(values);
 
     // identity_conflicts
     let f = &res.refused;
