@@ -1349,3 +1349,44 @@ impl MappingBuilder {
         Ok(self.batches)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn new_profile_ids_read_back_as_their_numbers_and_nothing_else_does() {
+        for number in [0, 1, 0x00ab_cdef_0123_4567, u64::MAX] {
+            assert_eq!(profile_id_number(&profile_id_text(number)), Some(number));
+        }
+        for other in [
+            "p_00ABCDEF01234567", // upper case is not what profile_id_text writes
+            "p_0abc",
+            "p_00abcdef012345678",
+            "x_00abcdef01234567",
+            "p_00abcdef0123456g",
+            "",
+        ] {
+            assert_eq!(profile_id_number(other), None, "{other}");
+        }
+        // The salted form is the one the earlier releases used: `<value>#<salt>`.
+        assert_eq!(
+            new_profile_number("email", b"a@b.c", Some(2)),
+            new_profile_number("email", b"a@b.c#2", None)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn the_prefix_key_never_contradicts_byte_order(
+            a in proptest::collection::vec(any::<u8>(), 0..12),
+            b in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let (ka, kb) = (graph::prefix_key(&a), graph::prefix_key(&b));
+            if ka != kb {
+                prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            }
+        }
+    }
+}
