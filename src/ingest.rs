@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::dataframe::DataFrame;
@@ -587,12 +587,19 @@ pub struct Ingested {
     pub events: DataFrame,
     /// `rejected_events`: the event's columns, `reason`, `source_file`.
     pub rejected: DataFrame,
+    /// Every row read, with its rejection reason and source file: what [`split`] routes.
+    checked: DataFrame,
+    /// Hashes of the message_ids that may occur more than once (`None`: none does).
+    repeated: Option<Arc<IdSet>>,
 }
 
 /// The 64-bit hash used to find message_ids that may repeat.
 fn id_hash() -> foldhash::fast::FixedState {
     foldhash::fast::FixedState::with_seed(0x5eed_d0d0)
 }
+
+/// Hashes of message_ids, as [`id_hash`] makes them.
+type IdSet = hashbrown::HashSet<u64, foldhash::fast::FixedState>;
 
 /// Checks rows and removes copies of a message_id; runs two passes, the second over copies only.
 ///
@@ -621,14 +628,12 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         .clone()
         .filter(ident(REASON).is_not_null())?
         .select(rejected_columns)?;
-    let valid = checked.filter(ident(REASON).is_null())?;
+    let valid = checked.clone().filter(ident(REASON).is_null())?;
 
     // Pass one: which message_ids may occur more than once.
     let hasher = id_hash();
-    let mut seen: hashbrown::HashSet<u64, foldhash::fast::FixedState> =
-        hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
-    let mut repeated: hashbrown::HashSet<u64, foldhash::fast::FixedState> =
-        hashbrown::HashSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
+    let mut seen = IdSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
+    let mut repeated = IdSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
     // Only the message_id column is read: rows that the checks reject later may make a few
     // extra candidates, which pass two handles exactly like any other.
     let mut stream = all
@@ -654,6 +659,8 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
             inventory,
             events: unique,
             rejected,
+            checked,
+            repeated: None,
         });
     }
 
@@ -688,6 +695,33 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         .filter(is_candidate.clone())?
         .collect()
         .await?;
+    let schema = unique.schema().as_arrow().clone();
+    let kept = keep_first_copies(ctx, copies, event_columns.clone(), schema).await?;
+    let events = valid
+        .filter(not(is_candidate))?
+        .select(event_columns)?
+        .union(kept)?;
+    Ok(Ingested {
+        inventory,
+        events,
+        rejected,
+        checked,
+        repeated: Some(repeated),
+    })
+}
+
+/// One row per message_id of `copies` (valid rows whose id may repeat, with the internal
+/// source column): the one received first, as Segment and Snowplow keep. Exact
+/// redeliveries are identical, so any tie-break among them gives the same row.
+async fn keep_first_copies(
+    ctx: &SessionContext,
+    copies: Vec<RecordBatch>,
+    event_columns: Vec<Expr>,
+    schema: Schema,
+) -> Result<DataFrame> {
+    if copies.iter().all(|b| b.num_rows() == 0) {
+        return Ok(ctx.read_batch(RecordBatch::new_empty(Arc::new(schema)))?);
+    }
     let copies = ctx.read_batches(copies)?;
     let copy_number = row_number()
         .partition_by(vec![ident(event::MESSAGE_ID)])
@@ -701,24 +735,265 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
     let kept = copies
         .window(vec![copy_number])?
         .filter(ident(COPY).eq(lit(1u64)))?
-        .select(event_columns.clone())?
+        .select(event_columns)?
         .collect()
         .await?;
-    let schema = unique.schema().as_arrow().clone();
-    let kept = ctx.read_batches(if kept.is_empty() {
+    Ok(ctx.read_batches(if kept.is_empty() {
         vec![RecordBatch::new_empty(Arc::new(schema))]
     } else {
         kept
-    })?;
-    let events = valid
-        .filter(not(is_candidate))?
-        .select(event_columns)?
-        .union(kept)?;
-    Ok(Ingested {
-        inventory,
-        events,
+    })?)
+}
+
+/// The two tables an ingest writes, fed by one pass over the input (see [`split`]).
+pub struct Split {
+    /// `rejected_events` rows. Its plan can be executed once.
+    pub rejected: DataFrame,
+    /// `events` rows, one per message_id. Its plan can be executed once.
+    pub events: DataFrame,
+    /// Reads the input and feeds both; it must run while both are written. It resolves to
+    /// the message_ids sent to `events` when [`split`] was asked for them, else nothing.
+    pub driver: futures::future::BoxFuture<'static, Result<Vec<ArrayRef>>>,
+}
+
+/// Batches in flight to each table's writer.
+const SPLIT_CHANNEL: usize = 8;
+
+/// Reads every row once and routes it: rejected rows to `rejected_events`, valid rows to
+/// `events`, and valid rows whose message_id may repeat to a buffer that is deduplicated
+/// (as in [`plan`]) once the input is read and then sent to `events` too.
+///
+/// Writing the two tables from `Ingested`'s plans scans the input three times (the
+/// quarantine, the copies, the history), each time decoding every column and validating
+/// every JSON document. Here both writers read from channels the one scan fills.
+pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Result<Split> {
+    use tokio::sync::mpsc;
+    let rejected_schema = Arc::new(ingested.rejected.schema().as_arrow().clone());
+    let events_schema = Arc::new(ingested.events.schema().as_arrow().clone());
+    let checked_schema = ingested.checked.schema().as_arrow().clone();
+    let width = events_schema.fields().len();
+    let source = checked_schema.index_of(SOURCE)?;
+    let reason = checked_schema.index_of(REASON)?;
+    let message_id = events_schema.index_of(event::MESSAGE_ID)?;
+    let copy_schema =
+        Arc::new(checked_schema.project(&(0..width).chain([source]).collect::<Vec<_>>())?);
+    let event_columns: Vec<Expr> = events_schema
+        .fields()
+        .iter()
+        .map(|f| ident(f.name()))
+        .collect();
+
+    let (rejected_tx, rejected_rx) = mpsc::channel(SPLIT_CHANNEL);
+    let (events_tx, events_rx) = mpsc::channel(SPLIT_CHANNEL);
+    let table = |schema: &SchemaRef, rx| -> Result<DataFrame> {
+        let stream = Arc::new(OnceStream {
+            schema: schema.clone(),
+            rx: std::sync::Mutex::new(Some(rx)),
+        });
+        let table =
+            datafusion::catalog::streaming::StreamingTable::try_new(schema.clone(), vec![stream])?;
+        Ok(ctx.read_table(Arc::new(table))?)
+    };
+    let rejected = table(&rejected_schema, rejected_rx)?;
+    let events = table(&events_schema, events_rx)?;
+
+    let route = Route {
+        rejected_schema,
+        events_schema: events_schema.clone(),
+        copy_schema,
+        width,
+        source,
+        reason,
+        message_id,
+        repeated: ingested.repeated.clone(),
+        want_ids,
+    };
+    let checked = ingested.checked.clone();
+    let ctx = ctx.clone();
+    let driver = async move {
+        let outcome: Result<Vec<ArrayRef>> = async {
+            let mut tasks = Vec::new();
+            for stream in checked.execute_stream_partitioned().await? {
+                let route = route.clone();
+                let (rejected_tx, events_tx) = (rejected_tx.clone(), events_tx.clone());
+                tasks.push(tokio::spawn(async move {
+                    route.partition(stream, &rejected_tx, &events_tx).await
+                }));
+            }
+            let mut copies = Vec::new();
+            let mut ids = Vec::new();
+            for task in tasks {
+                let (c, i) = task
+                    .await
+                    .map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
+                copies.extend(c);
+                ids.extend(i);
+            }
+            if route.repeated.is_some() {
+                let kept =
+                    keep_first_copies(&ctx, copies, event_columns, events_schema.as_ref().clone())
+                        .await?
+                        .collect()
+                        .await?;
+                for batch in kept {
+                    let batch =
+                        RecordBatch::try_new(events_schema.clone(), batch.columns().to_vec())?;
+                    if want_ids {
+                        ids.push(cast_utf8(batch.column(message_id))?);
+                    }
+                    send(&events_tx, batch).await?;
+                }
+            }
+            Ok(ids)
+        }
+        .await;
+        if let Err(e) = &outcome {
+            // Both writers must fail rather than commit what they received so far.
+            for tx in [&rejected_tx, &events_tx] {
+                let _ = tx
+                    .send(Err(datafusion::error::DataFusionError::Execution(
+                        e.to_string(),
+                    )))
+                    .await;
+            }
+        }
+        outcome
+    };
+    Ok(Split {
         rejected,
+        events,
+        driver: Box::pin(driver),
     })
+}
+
+type Batches = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
+
+async fn send(tx: &Batches, batch: RecordBatch) -> Result<()> {
+    if batch.num_rows() == 0 {
+        return Ok(());
+    }
+    tx.send(Ok(batch))
+        .await
+        .map_err(|_| Error::Usage("a table writer stopped before the event files were read".into()))
+}
+
+fn cast_utf8(array: &ArrayRef) -> Result<ArrayRef> {
+    Ok(arrow::compute::cast(array, &DataType::Utf8)?)
+}
+
+/// Where [`split`] sends each row of the checked input.
+#[derive(Clone)]
+struct Route {
+    rejected_schema: SchemaRef,
+    events_schema: SchemaRef,
+    copy_schema: SchemaRef,
+    /// The event columns are the input's first `width`.
+    width: usize,
+    source: usize,
+    reason: usize,
+    /// In `events_schema`.
+    message_id: usize,
+    repeated: Option<Arc<IdSet>>,
+    want_ids: bool,
+}
+
+impl Route {
+    /// Routes one partition of the input; returns its candidate copies and, when wanted,
+    /// the message_ids it sent to `events`.
+    async fn partition(
+        &self,
+        mut stream: datafusion::execution::SendableRecordBatchStream,
+        rejected_tx: &Batches,
+        events_tx: &Batches,
+    ) -> Result<(Vec<RecordBatch>, Vec<ArrayRef>)> {
+        use arrow::compute::{and, filter_record_batch, is_not_null, is_null, not as negate};
+        use std::hash::BuildHasher;
+        let mut copies = Vec::new();
+        let mut ids = Vec::new();
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            let reason = batch.column(self.reason);
+            let event_columns = batch.columns()[..self.width].to_vec();
+
+            let rejected = is_not_null(reason)?;
+            if rejected.true_count() > 0 {
+                let mut columns = event_columns.clone();
+                columns.push(reason.clone());
+                columns.push(batch.column(self.source).clone());
+                let all = RecordBatch::try_new(self.rejected_schema.clone(), columns)?;
+                send(rejected_tx, filter_record_batch(&all, &rejected)?).await?;
+            }
+
+            let valid = is_null(reason)?;
+            let keep = match &self.repeated {
+                None => valid,
+                Some(repeated) => {
+                    let hasher = id_hash();
+                    let ids = cast_utf8(&event_columns[self.message_id])?;
+                    let candidate: arrow::array::BooleanArray = ids
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|v| Some(v.is_some_and(|id| repeated.contains(&hasher.hash_one(id)))))
+                        .collect();
+                    let copy = and(&valid, &candidate)?;
+                    if copy.true_count() > 0 {
+                        let mut columns = event_columns.clone();
+                        columns.push(batch.column(self.source).clone());
+                        let all = RecordBatch::try_new(self.copy_schema.clone(), columns)?;
+                        copies.push(filter_record_batch(&all, &copy)?);
+                    }
+                    and(&valid, &negate(&candidate)?)?
+                }
+            };
+            let all = RecordBatch::try_new(self.events_schema.clone(), event_columns)?;
+            let kept = filter_record_batch(&all, &keep)?;
+            if self.want_ids && kept.num_rows() > 0 {
+                ids.push(cast_utf8(kept.column(self.message_id))?);
+            }
+            send(events_tx, kept).await?;
+        }
+        Ok((copies, ids))
+    }
+}
+
+/// A table whose one partition is what a channel receives; it can be read once.
+#[derive(Debug)]
+struct OnceStream {
+    schema: SchemaRef,
+    rx: std::sync::Mutex<
+        Option<tokio::sync::mpsc::Receiver<datafusion::error::Result<RecordBatch>>>,
+    >,
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for OnceStream {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        let rx = self.rx.lock().map(|mut rx| rx.take()).unwrap_or(None);
+        let stream = match rx {
+            Some(rx) => futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|batch| (batch, rx))
+            })
+            .boxed(),
+            None => futures::stream::once(async {
+                Err(datafusion::error::DataFusionError::Internal(
+                    "an ingest channel was read twice".into(),
+                ))
+            })
+            .boxed(),
+        };
+        Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                self.schema.clone(),
+                stream,
+            ),
+        )
+    }
 }
 
 #[cfg(test)]

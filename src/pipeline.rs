@@ -197,6 +197,29 @@ fn is_memory(e: &Error) -> bool {
 }
 
 /// Names the stage and the limit when the query engine ran out of memory.
+/// A one-column (`message_id`) table of `ids`.
+fn message_ids(
+    ctx: &datafusion::prelude::SessionContext,
+    ids: Vec<arrow::array::ArrayRef>,
+) -> Result<datafusion::dataframe::DataFrame> {
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new(
+            tables::event::MESSAGE_ID,
+            arrow::datatypes::DataType::Utf8,
+            true,
+        ),
+    ]));
+    let batches = ids
+        .into_iter()
+        .map(|a| arrow::array::RecordBatch::try_new(schema.clone(), vec![a]))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(if batches.is_empty() {
+        ctx.read_batch(arrow::array::RecordBatch::new_empty(schema))?
+    } else {
+        ctx.read_batches(batches)?
+    })
+}
+
 fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Error + 'a {
     move |e| {
         if is_memory(&e) {
@@ -256,30 +279,19 @@ async fn stages(
     report.stages.push(meter.finish("ingest", report.rows_read));
 
     let meter = engine.meter();
-    let spinner = progress.spinner("quarantining rejected events");
-    let committed = outputs
-        .write(
-            ctx,
-            tables::REJECTED_EVENTS,
-            ingested.rejected.clone(),
-            mode,
-        )
-        .await
-        .map_err(in_stage(engine, "rejected_events"))?;
-    report.rows_rejected = committed.rows;
-    report
-        .tables
-        .insert(tables::REJECTED_EVENTS.to_string(), committed);
-
+    let spinner =
+        progress.spinner("quarantining rejected events, adding new events to the history");
+    // One pass over the input feeds both tables (see `ingest::split`). An incremental run
+    // also keeps the message_ids it read, so sessions know which profiles got events.
+    let split = crate::ingest::split(ctx, &ingested, seen.is_some())?;
     // The event history: earlier runs' events plus the new ones not seen before.
-    spinner.set_message("adding new events to the history");
     let new_events = match seen {
         Some(_) => match engine.outputs.read(ctx, state::EVENTS).await? {
             Some(history) => {
                 let known = history
                     .select(vec![datafusion::prelude::col(tables::event::MESSAGE_ID)
                         .alias("__tessera_known_id")])?;
-                ingested.events.clone().join(
+                split.events.join(
                     known,
                     datafusion::common::JoinType::LeftAnti,
                     &[tables::event::MESSAGE_ID],
@@ -287,14 +299,23 @@ async fn stages(
                     None,
                 )?
             }
-            None => ingested.events.clone(),
+            None => split.events,
         },
-        None => ingested.events.clone(),
+        None => split.events,
     };
-    let committed = outputs
-        .write(ctx, state::EVENTS, new_events, mode)
-        .await
-        .map_err(in_stage(engine, "event history"))?;
+    let (rejected, history, read_ids) = tokio::join!(
+        outputs.write(ctx, tables::REJECTED_EVENTS, split.rejected, mode),
+        outputs.write(ctx, state::EVENTS, new_events, mode),
+        split.driver,
+    );
+    // Reading the input fails both writes; its error is the one that says why.
+    let read_ids = read_ids.map_err(in_stage(engine, "event history"))?;
+    let committed = rejected.map_err(in_stage(engine, "rejected_events"))?;
+    report.rows_rejected = committed.rows;
+    report
+        .tables
+        .insert(tables::REJECTED_EVENTS.to_string(), committed);
+    let committed = history.map_err(in_stage(engine, "event history"))?;
     report.new_events = committed.rows;
     report.tables.insert(state::EVENTS.to_string(), committed);
     let files = engine
@@ -390,10 +411,7 @@ async fn stages(
     // they can have changed.
     let added = match (seen, changed_identities) {
         (Some(_), Some(changed_profiles)) => Some(crate::journeys::Changes {
-            new_events: ingested
-                .events
-                .clone()
-                .select_columns(&[tables::event::MESSAGE_ID])?,
+            new_events: message_ids(ctx, read_ids)?,
             changed_profiles,
         }),
         _ => None,
