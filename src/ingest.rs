@@ -601,6 +601,68 @@ fn id_hash() -> foldhash::fast::FixedState {
 /// Hashes of message_ids, as [`id_hash`] makes them.
 type IdSet = hashbrown::HashSet<u64, foldhash::fast::FixedState>;
 
+fn id_set(capacity: usize) -> IdSet {
+    IdSet::with_capacity_and_hasher(capacity, foldhash::fast::FixedState::with_seed(1))
+}
+
+/// Finds the id hashes seen more than once.
+///
+/// One set of every hash is as large as the input (1.1 GiB of table at 100M events), and
+/// inserting into it in input order misses the CPU caches on nearly every row: that was a
+/// fifth of the ingest stage. The hashes are split by their top byte into 256 sets, each
+/// sized from the row count the file footers give, and buffered per set so that each
+/// flush inserts a run of hashes into one small table.
+struct SeenIds {
+    sets: Vec<IdSet>,
+    pending: Vec<Vec<u64>>,
+    repeated: IdSet,
+}
+
+impl SeenIds {
+    const PARTS: usize = 256;
+    const RUN: usize = 512;
+
+    /// Footers can claim any row count: sizing up front stops at 128M rows, and the sets
+    /// grow past that as rows really arrive.
+    const PRESIZE_ROWS: u64 = 1 << 27;
+
+    fn new(rows: u64) -> Self {
+        let each = (rows.min(Self::PRESIZE_ROWS) as usize / Self::PARTS) + Self::RUN;
+        SeenIds {
+            sets: (0..Self::PARTS).map(|_| id_set(each)).collect(),
+            pending: (0..Self::PARTS)
+                .map(|_| Vec::with_capacity(Self::RUN))
+                .collect(),
+            repeated: id_set(0),
+        }
+    }
+
+    fn insert(&mut self, h: u64) {
+        let part = (h >> 56) as usize;
+        let pending = &mut self.pending[part];
+        pending.push(h);
+        if pending.len() == Self::RUN {
+            self.flush(part);
+        }
+    }
+
+    fn flush(&mut self, part: usize) {
+        let set = &mut self.sets[part];
+        for h in self.pending[part].drain(..) {
+            if !set.insert(h) {
+                self.repeated.insert(h);
+            }
+        }
+    }
+
+    fn finish(mut self) -> IdSet {
+        for part in 0..Self::PARTS {
+            self.flush(part);
+        }
+        self.repeated
+    }
+}
+
 /// Checks rows and removes copies of a message_id; runs two passes, the second over copies only.
 ///
 /// Pass one streams every passing row's message_id into a set of 64-bit hashes; an id whose
@@ -632,8 +694,7 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
 
     // Pass one: which message_ids may occur more than once.
     let hasher = id_hash();
-    let mut seen = IdSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
-    let mut repeated = IdSet::with_hasher(foldhash::fast::FixedState::with_seed(1));
+    let mut seen = SeenIds::new(inventory.rows());
     // Only the message_id column is read: rows that the checks reject later may make a few
     // extra candidates, which pass two handles exactly like any other.
     let mut stream = all
@@ -645,13 +706,10 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         let batch = batch?;
         let ids = batch.column(0).as_string::<i32>();
         for id in ids.iter().flatten() {
-            let h = hasher.hash_one(id);
-            if !seen.insert(h) {
-                repeated.insert(h);
-            }
+            seen.insert(hasher.hash_one(id));
         }
     }
-    drop(seen);
+    let repeated = seen.finish();
 
     let unique = valid.clone().select(event_columns.clone())?;
     if repeated.is_empty() {
@@ -812,19 +870,18 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
     let ctx = ctx.clone();
     let driver = async move {
         let outcome: Result<Vec<ArrayRef>> = async {
-            let mut tasks = Vec::new();
+            // One task per partition, so the partitions are decoded on every core; returning
+            // early drops the set, which stops the others.
+            let mut tasks = tokio::task::JoinSet::new();
             for stream in checked.execute_stream_partitioned().await? {
                 let route = route.clone();
                 let (rejected_tx, events_tx) = (rejected_tx.clone(), events_tx.clone());
-                tasks.push(tokio::spawn(async move {
-                    route.partition(stream, &rejected_tx, &events_tx).await
-                }));
+                tasks.spawn(async move { route.partition(stream, &rejected_tx, &events_tx).await });
             }
             let mut copies = Vec::new();
             let mut ids = Vec::new();
-            for task in tasks {
-                let (c, i) = task
-                    .await
+            while let Some(done) = tasks.join_next().await {
+                let (c, i) = done
                     .map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
                 copies.extend(c);
                 ids.extend(i);
@@ -868,13 +925,22 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
 
 type Batches = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
 
+/// The error [`split`]'s driver returns when a writer went away first.
+const WRITER_STOPPED: &str = "a table writer stopped before the event files were read";
+
+/// True when `e` is [`split`]'s driver stopping because a writer failed first (the writer's
+/// own error then says why).
+pub fn stopped_by_writer(e: &Error) -> bool {
+    matches!(e, Error::Usage(text) if text == WRITER_STOPPED)
+}
+
 async fn send(tx: &Batches, batch: RecordBatch) -> Result<()> {
     if batch.num_rows() == 0 {
         return Ok(());
     }
     tx.send(Ok(batch))
         .await
-        .map_err(|_| Error::Usage("a table writer stopped before the event files were read".into()))
+        .map_err(|_| Error::Usage(WRITER_STOPPED.into()))
 }
 
 fn cast_utf8(array: &ArrayRef) -> Result<ArrayRef> {
@@ -999,6 +1065,39 @@ impl datafusion::physical_plan::streaming::PartitionStream for OnceStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seen_ids_finds_exactly_the_hashes_inserted_more_than_once() {
+        // Hashes spread over every part, with runs long enough to flush, some repeated in
+        // the same run, some across runs, one three times.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let unique: Vec<u64> = (0..20_000).map(|_| next()).collect();
+        let mut input = unique.clone();
+        input.extend(unique.iter().step_by(97).copied());
+        input.push(unique[5]);
+        input.insert(10, unique[11]);
+        let mut want = std::collections::HashSet::new();
+        let mut once = std::collections::HashSet::new();
+        for h in &input {
+            if !once.insert(*h) {
+                want.insert(*h);
+            }
+        }
+        for rows in [0, input.len() as u64, u64::MAX] {
+            let mut seen = SeenIds::new(rows);
+            for h in &input {
+                seen.insert(*h);
+            }
+            let got: std::collections::HashSet<u64> = seen.finish().into_iter().collect();
+            assert_eq!(got, want, "sized for {rows} rows");
+        }
+    }
 
     #[test]
     fn event_files_and_partitions() {

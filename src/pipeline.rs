@@ -196,7 +196,6 @@ fn is_memory(e: &Error) -> bool {
     e.to_string().contains("Resources exhausted")
 }
 
-/// Names the stage and the limit when the query engine ran out of memory.
 /// A one-column (`message_id`) table of `ids`.
 fn message_ids(
     ctx: &datafusion::prelude::SessionContext,
@@ -220,6 +219,7 @@ fn message_ids(
     })
 }
 
+/// Names the stage and the limit when the query engine ran out of memory.
 fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Error + 'a {
     move |e| {
         if is_memory(&e) {
@@ -308,8 +308,17 @@ async fn stages(
         outputs.write(ctx, state::EVENTS, new_events, mode),
         split.driver,
     );
-    // Reading the input fails both writes; its error is the one that says why.
-    let read_ids = read_ids.map_err(in_stage(engine, "event history"))?;
+    // An error reading the input fails both writes and is the one that says why; a writer
+    // that fails first stops the reading, and then the writer's error says why.
+    let read_ids = match read_ids {
+        Ok(ids) => ids,
+        Err(e) if crate::ingest::stopped_by_writer(&e) => {
+            rejected.map_err(in_stage(engine, "rejected_events"))?;
+            history.map_err(in_stage(engine, "event history"))?;
+            return Err(e);
+        }
+        Err(e) => return Err(in_stage(engine, "event history")(e)),
+    };
     let committed = rejected.map_err(in_stage(engine, "rejected_events"))?;
     report.rows_rejected = committed.rows;
     report
