@@ -601,6 +601,15 @@ fn id_hash() -> foldhash::fast::FixedState {
 /// Hashes of message_ids, as [`id_hash`] makes them.
 type IdSet = hashbrown::HashSet<u64, foldhash::fast::FixedState>;
 
+/// For each id, whether its hash is in `repeated` (a possible copy); false for NULL.
+fn may_repeat(ids: &arrow::array::StringArray, repeated: &IdSet) -> arrow::array::BooleanArray {
+    use std::hash::BuildHasher;
+    let hasher = id_hash();
+    ids.iter()
+        .map(|v| Some(v.is_some_and(|id| repeated.contains(&hasher.hash_one(id)))))
+        .collect()
+}
+
 fn id_set(capacity: usize) -> IdSet {
     IdSet::with_capacity_and_hasher(capacity, foldhash::fast::FixedState::with_seed(1))
 }
@@ -735,12 +744,7 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
             datafusion::logical_expr::Volatility::Immutable,
             Arc::new(move |args: &[datafusion::logical_expr::ColumnarValue]| {
                 let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
-                let ids = arrays[0].as_string::<i32>();
-                let hasher = id_hash();
-                let out: arrow::array::BooleanArray = ids
-                    .iter()
-                    .map(|v| Some(v.is_some_and(|id| repeated.contains(&hasher.hash_one(id)))))
-                    .collect();
+                let out = may_repeat(arrays[0].as_string::<i32>(), &repeated);
                 Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(
                     out,
                 )))
@@ -973,7 +977,6 @@ impl Route {
         events_tx: &Batches,
     ) -> Result<(Vec<RecordBatch>, Vec<ArrayRef>)> {
         use arrow::compute::{and, filter_record_batch, is_not_null, is_null, not as negate};
-        use std::hash::BuildHasher;
         let mut copies = Vec::new();
         let mut ids = Vec::new();
         while let Some(batch) = stream.next().await {
@@ -994,13 +997,8 @@ impl Route {
             let keep = match &self.repeated {
                 None => valid,
                 Some(repeated) => {
-                    let hasher = id_hash();
                     let ids = cast_utf8(&event_columns[self.message_id])?;
-                    let candidate: arrow::array::BooleanArray = ids
-                        .as_string::<i32>()
-                        .iter()
-                        .map(|v| Some(v.is_some_and(|id| repeated.contains(&hasher.hash_one(id)))))
-                        .collect();
+                    let candidate = may_repeat(ids.as_string::<i32>(), repeated);
                     let copy = and(&valid, &candidate)?;
                     if copy.true_count() > 0 {
                         let mut columns = event_columns.clone();
