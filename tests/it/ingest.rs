@@ -336,6 +336,75 @@ fn a_missing_events_folder_is_a_clear_error() {
 }
 
 #[test]
+fn a_file_corrupt_only_in_a_column_the_first_pass_skips_is_skipped_not_fatal() {
+    // The first pass reads message_id alone; `context` is first read by the one scan that
+    // writes rejected_events and the history at once. A decoding error there must reach both
+    // writers, fail the attempt without publishing anything, and leave the retry to skip it.
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let p = TempProject::local();
+    write_parquet(
+        &p.events().join("a.parquet"),
+        &[events_batch(&[Ev::track("a-1", T0)])],
+    );
+    let rows: Vec<Ev> = (0..3000)
+        .map(|i| {
+            let id: &'static str = Box::leak(format!("b-{i:05}").into_boxed_str());
+            let context: &'static str = Box::leak(
+                format!(
+                    r#"{{"page": {{"url": "https://shop.example/p/{i}"}}, "pad": "{}"}}"#,
+                    "z".repeat(60)
+                )
+                .into_boxed_str(),
+            );
+            Ev {
+                context: Some(context),
+                ..Ev::track(id, T0)
+            }
+        })
+        .collect();
+    let path = p.events().join("b.parquet");
+    write_parquet(&path, &[events_batch(&rows)]);
+    let (start, end) = {
+        let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let group = reader.metadata().row_group(0);
+        let chunk = (0..group.num_columns())
+            .map(|i| group.column(i))
+            .find(|c| c.column_path().string() == "context")
+            .expect("a context column");
+        let start = chunk
+            .dictionary_page_offset()
+            .unwrap_or(chunk.data_page_offset()) as usize;
+        (start, start + chunk.compressed_size() as usize)
+    };
+    assert!(end - start > 1000, "{start}..{end}");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Past the page header's sizes, so the pages still claim sane lengths; their compressed
+    // contents become garbage.
+    for b in &mut bytes[start + 64..end - 8] {
+        *b = b.wrapping_mul(7).wrapping_add(13);
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let report = p.run_json();
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["events"], 1, "{report}");
+    let skipped = report["skipped_files"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert!(skipped[0]["file"].as_str().unwrap().ends_with("/b.parquet"));
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt data"),
+        "{report}"
+    );
+    assert_eq!(
+        p.query("SELECT count(*) AS n FROM rejected_events"),
+        vec![serde_json::json!({"n": 0})]
+    );
+}
+
+#[test]
 fn a_file_with_a_sound_footer_and_corrupt_pages_is_skipped_not_fatal() {
     let p = TempProject::local();
     write_parquet(
