@@ -335,6 +335,22 @@ fn a_missing_events_folder_is_a_clear_error() {
     );
 }
 
+/// The run succeeded with a.parquet's one event and skipped b.parquet as corrupt.
+fn assert_b_skipped_as_corrupt_and_a_landed(report: &serde_json::Value) {
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["events"], 1, "{report}");
+    let skipped = report["skipped_files"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert!(skipped[0]["file"].as_str().unwrap().ends_with("/b.parquet"));
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("corrupt data"),
+        "{report}"
+    );
+}
+
 #[test]
 fn a_file_corrupt_only_in_a_column_the_first_pass_skips_is_skipped_not_fatal() {
     // The first pass reads message_id alone; `context` is first read by the one scan that
@@ -385,19 +401,7 @@ fn a_file_corrupt_only_in_a_column_the_first_pass_skips_is_skipped_not_fatal() {
     }
     std::fs::write(&path, bytes).unwrap();
 
-    let report = p.run_json();
-    assert_eq!(report["status"], "succeeded", "{report}");
-    assert_eq!(report["events"], 1, "{report}");
-    let skipped = report["skipped_files"].as_array().unwrap();
-    assert_eq!(skipped.len(), 1, "{report}");
-    assert!(skipped[0]["file"].as_str().unwrap().ends_with("/b.parquet"));
-    assert!(
-        skipped[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("corrupt data"),
-        "{report}"
-    );
+    assert_b_skipped_as_corrupt_and_a_landed(&p.run_json());
     assert_eq!(
         p.query("SELECT count(*) AS n FROM rejected_events"),
         vec![serde_json::json!({"n": 0})]
@@ -425,19 +429,7 @@ fn a_file_with_a_sound_footer_and_corrupt_pages_is_skipped_not_fatal() {
     }
     std::fs::write(&path, bytes).unwrap();
 
-    let report = p.run_json();
-    assert_eq!(report["status"], "succeeded");
-    assert_eq!(report["events"], 1);
-    let skipped = report["skipped_files"].as_array().unwrap();
-    assert_eq!(skipped.len(), 1, "{report}");
-    assert!(skipped[0]["file"].as_str().unwrap().ends_with("/b.parquet"));
-    assert!(
-        skipped[0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("corrupt data"),
-        "{report}"
-    );
+    assert_b_skipped_as_corrupt_and_a_landed(&p.run_json());
     // `query` and `validate` get past it too.
     assert_eq!(
         p.query("SELECT count(*) AS n FROM events"),
