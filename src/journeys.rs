@@ -24,52 +24,56 @@ fn has(schema: &Schema, column: &str) -> bool {
     schema.column_with_name(column).is_some()
 }
 
-/// The `sessions` query: a profile's events, in time order, start a new session after more
-/// than `gap_minutes` without an event. Sessions do not break at midnight.
+/// The name the session cut being built is registered under (internal).
+const SESSION_CUT: &str = "__tessera_session_cut";
+
+/// The `sessions` table of the events in table `source`: a profile's events, in time order,
+/// start a new session after more than `gap_minutes` without an event. Sessions do not break
+/// at midnight.
 ///
 /// The landing page, referrer and traffic source are those of the session's first event (as
 /// web analytics attribute a visit to the hit that opened it): source, medium and campaign
 /// come from `context.campaign` (what Segment's libraries send), else from the event's
 /// `utm_*` properties, else from the page URL's `utm_*` parameters.
 ///
-/// The sessions are cut on narrow rows (profile, time, id) with one sort shared by both
-/// window functions; JSON is read only for each session's first event, found by its
+/// The sessions are cut on narrow rows (profile, time, id) by one sort and one pass
+/// ([`crate::session_cut`]); JSON is read only for each session's first event, found by its
 /// message_id, so the cost of parsing does not grow with the events in a session, and each
 /// event's `context` and `properties` are parsed once for all five fields
 /// ([`first_touch_udf`]).
-pub fn sessions_sql(schema: &Schema, config: &SessionsConfig, source: &str) -> String {
-    let gap = config.gap_minutes;
+pub async fn sessions(
+    engine: &Engine,
+    schema: &Schema,
+    config: &SessionsConfig,
+    source: &str,
+) -> Result<DataFrame> {
     let page = if has(schema, event::TYPE) {
         "CASE WHEN type = 'page' THEN 1 ELSE 0 END"
     } else {
         "0"
     };
-    format!(
-        r#"
-WITH marked AS (
-    SELECT profile_id, "timestamp" AS ts, message_id, {page} AS page,
-           CASE WHEN lag("timestamp") OVER (PARTITION BY profile_id ORDER BY "timestamp", message_id) IS NULL
-                  OR "timestamp" - lag("timestamp") OVER (PARTITION BY profile_id ORDER BY "timestamp", message_id)
-                     > INTERVAL '{gap} minutes'
-                THEN 1 ELSE 0 END AS starts
-    FROM {source} WHERE profile_id IS NOT NULL
-), numbered AS (
-    SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts, message_id
-                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS session_index
-    FROM marked
-), cut AS (
-    SELECT profile_id,
-           CAST(session_index AS BIGINT) AS session_index,
-           min(ts) AS started_at,
-           max(ts) AS ended_at,
-           count(*) AS event_count,
-           CAST(sum(page) AS BIGINT) AS page_views,
-           min(CASE WHEN starts = 1 THEN message_id END) AS first_message_id
-    FROM numbered
-    GROUP BY profile_id, session_index
-), landed AS (
+    let events = plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            r#"SELECT arrow_cast(profile_id, 'Utf8') AS profile_id, "timestamp" AS ts,
+                      arrow_cast(message_id, 'Utf8') AS message_id, CAST({page} AS BIGINT) AS page
+               FROM {source} WHERE profile_id IS NOT NULL"#
+        ),
+    )
+    .await?;
+    let cut = crate::session_cut::cut(events, config.gap_minutes).await?;
+    engine.ctx.deregister_table(SESSION_CUT)?;
+    engine.ctx.register_table(SESSION_CUT, cut)?;
+    let gap = config.gap_minutes;
+    plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            r#"
+WITH landed AS (
     SELECT c.*, {FIRST_TOUCH}(e.context, e.properties) AS touch
-    FROM cut c LEFT JOIN (SELECT message_id, {context}, {properties} FROM {source} WHERE profile_id IS NOT NULL) e
+    FROM {SESSION_CUT} c LEFT JOIN (SELECT message_id, {context}, {properties} FROM {source} WHERE profile_id IS NOT NULL) e
       ON e.message_id = c.first_message_id
 )
 SELECT left(md5(concat(profile_id, '|', CAST(started_at AS VARCHAR))), 20) AS session_id,
@@ -81,17 +85,19 @@ SELECT left(md5(concat(profile_id, '|', CAST(started_at AS VARCHAR))), 20) AS se
        CAST({gap} AS BIGINT) AS gap_minutes
 FROM landed
 "#,
-        context = if has(schema, event::CONTEXT) {
-            "context"
-        } else {
-            "CAST(NULL AS VARCHAR) AS context"
-        },
-        properties = if has(schema, event::PROPERTIES) {
-            "properties"
-        } else {
-            "CAST(NULL AS VARCHAR) AS properties"
-        },
+            context = if has(schema, event::CONTEXT) {
+                "context"
+            } else {
+                "CAST(NULL AS VARCHAR) AS context"
+            },
+            properties = if has(schema, event::PROPERTIES) {
+                "properties"
+            } else {
+                "CAST(NULL AS VARCHAR) AS properties"
+            },
+        ),
     )
+    .await
 }
 
 /// The name of [`first_touch_udf`] in SQL (internal: not part of the documented functions).
@@ -464,10 +470,11 @@ SELECT DISTINCT profile_id FROM (
     )
     .await?;
     ctx.register_table(CHANGED_EVENTS, changed_events.into_view())?;
-    let fresh = plan(
+    let fresh = sessions(
         engine,
-        tables::SESSIONS,
-        &sessions_sql(schema, &engine.project.config.sessions, CHANGED_EVENTS),
+        schema,
+        &engine.project.config.sessions,
+        CHANGED_EVENTS,
     )
     .await?;
     // The kept rows take the types the new ones have (the published table has plain types).
@@ -550,12 +557,7 @@ pub async fn build(
     let (sessions, rebuilt) = match sessions {
         Some(sessions) => (sessions, "changed profiles"),
         None => (
-            plan(
-                engine,
-                tables::SESSIONS,
-                &sessions_sql(&schema, &config.sessions, tables::EVENTS),
-            )
-            .await?,
+            self::sessions(engine, &schema, &config.sessions, tables::EVENTS).await?,
             "every profile",
         ),
     };

@@ -30,6 +30,7 @@ pub mod publish;
 pub mod reports;
 pub mod runs;
 pub mod segments;
+pub mod session_cut;
 pub mod state;
 pub mod status;
 pub mod storage;

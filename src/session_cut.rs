@@ -1,0 +1,447 @@
+//! Sessions cut in one pass over each profile's sorted events.
+//!
+//! The `sessions` table was cut in SQL: `lag()` to mark the events that open a session, a
+//! running `sum()` to number them, and a `GROUP BY` per session. Those two window operators
+//! and the aggregation cost more than the sort under them (10M events: 3.1 s and 1.1 s of
+//! compute against 1.7 s for the sort), though once the events are in order a session is
+//! just a run of rows. [`cut`] sorts the narrow rows the same way (profile, time, message_id;
+//! hash-partitioned by profile, sorted within each partition, spilling as any sort does) and
+//! walks them, giving exactly what the SQL gave (tested against it below).
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayBuilder, AsArray, Int64Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
+};
+use arrow::compute::SortOptions;
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::catalog::TableProvider;
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::col;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning};
+use futures::StreamExt;
+
+use crate::error::Result;
+
+/// Columns [`cut`] expects of its input, in this order.
+pub const INPUT: [&str; 4] = ["profile_id", "ts", "message_id", "page"];
+
+/// Rows per output batch.
+const BATCH_ROWS: usize = 8192;
+
+/// The sessions of `events` (columns [`INPUT`]: profile_id and message_id as UTF-8, ts a
+/// timestamp, page an Int64 that is 1 for a page view): one row per session with
+/// `profile_id, session_index, started_at, ended_at, event_count, page_views,
+/// first_message_id`, as a table that runs the sort and the cut when it is scanned.
+///
+/// A profile's events, ordered by time then message_id (events without a time last), open a
+/// session when they are its first or come more than `gap_minutes` after the one before;
+/// sessions are numbered from 1 per profile. Rows without a profile_id are not cut.
+pub async fn cut(events: DataFrame, gap_minutes: u32) -> Result<Arc<dyn TableProvider>> {
+    let partitions = events.task_ctx().session_config().target_partitions();
+    let plan = events.create_physical_plan().await?;
+    let input = plan.schema();
+    let ts_type = input.field_with_name(INPUT[1])?.data_type().clone();
+    let gap = match &ts_type {
+        DataType::Timestamp(unit, _) => {
+            let per_minute = match unit {
+                TimeUnit::Second => 60,
+                TimeUnit::Millisecond => 60_000,
+                TimeUnit::Microsecond => 60_000_000,
+                TimeUnit::Nanosecond => 60_000_000_000,
+            };
+            i64::from(gap_minutes) * per_minute
+        }
+        other => {
+            return Err(datafusion::error::DataFusionError::Plan(format!(
+                "sessions need a timestamp column `timestamp`; events have it as {other}"
+            ))
+            .into())
+        }
+    };
+    let ascending = SortOptions {
+        descending: false,
+        nulls_first: false,
+    };
+    let ordering = LexOrdering::new(
+        INPUT[..3]
+            .iter()
+            .map(|name| Ok(PhysicalSortExpr::new(col(name, &input)?, ascending)))
+            .collect::<Result<Vec<_>>>()?,
+    )
+    .expect("three sort keys");
+    let by_profile = Partitioning::Hash(vec![col(INPUT[0], &input)?], partitions.max(1));
+    let sorted: Arc<dyn ExecutionPlan> = Arc::new(
+        SortExec::new(
+            ordering,
+            Arc::new(RepartitionExec::try_new(plan, by_profile)?),
+        )
+        .with_preserve_partitioning(true),
+    );
+    let schema = output_schema(&ts_type);
+    let streams = (0..sorted.output_partitioning().partition_count())
+        .map(|partition| {
+            Arc::new(CutPartition {
+                sorted: sorted.clone(),
+                partition,
+                schema: schema.clone(),
+                gap,
+            }) as Arc<dyn PartitionStream>
+        })
+        .collect();
+    Ok(Arc::new(StreamingTable::try_new(schema, streams)?))
+}
+
+/// What [`cut`] produces; nullability as the SQL cut had it.
+fn output_schema(ts_type: &DataType) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("profile_id", DataType::Utf8, true),
+        Field::new("session_index", DataType::Int64, true),
+        Field::new("started_at", ts_type.clone(), true),
+        Field::new("ended_at", ts_type.clone(), true),
+        Field::new("event_count", DataType::Int64, false),
+        Field::new("page_views", DataType::Int64, true),
+        Field::new("first_message_id", DataType::Utf8, true),
+    ]))
+}
+
+/// One partition of the sorted events, cut when executed.
+#[derive(Debug)]
+struct CutPartition {
+    sorted: Arc<dyn ExecutionPlan>,
+    partition: usize,
+    schema: SchemaRef,
+    gap: i64,
+}
+
+impl PartitionStream for CutPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = self.schema.clone();
+        let stream = match self.sorted.execute(self.partition, ctx) {
+            Ok(input) => {
+                let cutter = Cutter::new(schema.clone(), self.gap);
+                futures::stream::unfold(Some((input, cutter)), |state| async move {
+                    let (mut input, mut cutter) = state?;
+                    loop {
+                        match input.next().await {
+                            Some(Ok(batch)) => match cutter.push(&batch) {
+                                Ok(Some(out)) => return Some((Ok(out), Some((input, cutter)))),
+                                Ok(None) => {}
+                                Err(e) => return Some((Err(e), None)),
+                            },
+                            Some(Err(e)) => return Some((Err(e), None)),
+                            None => {
+                                return match cutter.finish() {
+                                    Ok(Some(out)) => Some((Ok(out), None)),
+                                    Ok(None) => None,
+                                    Err(e) => Some((Err(e), None)),
+                                }
+                            }
+                        }
+                    }
+                })
+                .boxed()
+            }
+            Err(e) => futures::stream::once(async { Err(e) }).boxed(),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+    }
+}
+
+/// The session being read.
+struct Open {
+    profile: String,
+    index: i64,
+    started: Option<i64>,
+    ended: Option<i64>,
+    events: i64,
+    pages: i64,
+    first_message_id: Option<String>,
+    last_ts: Option<i64>,
+}
+
+impl Open {
+    fn new(
+        profile: &str,
+        index: i64,
+        ts: Option<i64>,
+        page: i64,
+        message_id: Option<&str>,
+    ) -> Self {
+        Open {
+            profile: profile.to_string(),
+            index,
+            started: ts,
+            ended: ts,
+            events: 1,
+            pages: page,
+            first_message_id: message_id.map(str::to_string),
+            last_ts: ts,
+        }
+    }
+
+    fn add(&mut self, ts: Option<i64>, page: i64) {
+        self.events += 1;
+        self.pages += page;
+        if let Some(t) = ts {
+            self.started = Some(self.started.map_or(t, |s| s.min(t)));
+            self.ended = Some(self.ended.map_or(t, |e| e.max(t)));
+        }
+        self.last_ts = ts;
+    }
+}
+
+/// Turns sorted event batches into session rows.
+struct Cutter {
+    schema: SchemaRef,
+    gap: i64,
+    open: Option<Open>,
+    profile: StringBuilder,
+    index: Int64Builder,
+    started: Int64Builder,
+    ended: Int64Builder,
+    events: Int64Builder,
+    pages: Int64Builder,
+    first_message_id: StringBuilder,
+}
+
+impl Cutter {
+    fn new(schema: SchemaRef, gap: i64) -> Self {
+        Cutter {
+            schema,
+            gap,
+            open: None,
+            profile: StringBuilder::new(),
+            index: Int64Builder::new(),
+            started: Int64Builder::new(),
+            ended: Int64Builder::new(),
+            events: Int64Builder::new(),
+            pages: Int64Builder::new(),
+            first_message_id: StringBuilder::new(),
+        }
+    }
+
+    /// Reads one batch; returns the sessions finished so far once there are enough of them.
+    fn push(&mut self, batch: &RecordBatch) -> datafusion::error::Result<Option<RecordBatch>> {
+        let profile: &StringArray = batch.column(0).as_string();
+        // A timestamp's raw values, in its unit.
+        let ts_values = arrow::compute::cast(batch.column(1), &DataType::Int64)?;
+        let ts: &Int64Array = ts_values.as_primitive::<Int64Type>();
+        let message_id: &StringArray = batch.column(2).as_string();
+        let pages = batch.column(3).as_primitive::<Int64Type>();
+        for row in 0..batch.num_rows() {
+            if profile.is_null(row) {
+                continue;
+            }
+            let p = profile.value(row);
+            let t = ts.is_valid(row).then(|| ts.value(row));
+            let page = if pages.is_valid(row) {
+                pages.value(row)
+            } else {
+                0
+            };
+            let m = message_id.is_valid(row).then(|| message_id.value(row));
+            let index = match &mut self.open {
+                Some(open) if open.profile == p => {
+                    // As `lag(ts) IS NULL OR ts - lag(ts) > gap`: an event after one without a
+                    // time opens a session, an event without a time never does otherwise.
+                    let opens = match (open.last_ts, t) {
+                        (None, _) => true,
+                        (Some(_), None) => false,
+                        (Some(last), Some(now)) => {
+                            i128::from(now) - i128::from(last) > i128::from(self.gap)
+                        }
+                    };
+                    if !opens {
+                        open.add(t, page);
+                        continue;
+                    }
+                    open.index + 1
+                }
+                _ => 1,
+            };
+            if let Some(done) = self.open.replace(Open::new(p, index, t, page, m)) {
+                self.emit(done);
+            }
+        }
+        if self.profile.len() >= BATCH_ROWS {
+            return self.flush().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Ends the input: the sessions not yet returned, if any.
+    fn finish(&mut self) -> datafusion::error::Result<Option<RecordBatch>> {
+        if let Some(done) = self.open.take() {
+            self.emit(done);
+        }
+        if self.profile.is_empty() {
+            return Ok(None);
+        }
+        self.flush().map(Some)
+    }
+
+    fn emit(&mut self, session: Open) {
+        self.profile.append_value(&session.profile);
+        self.index.append_value(session.index);
+        self.started.append_option(session.started);
+        self.ended.append_option(session.ended);
+        self.events.append_value(session.events);
+        self.pages.append_value(session.pages);
+        self.first_message_id
+            .append_option(session.first_message_id.as_deref());
+    }
+
+    fn flush(&mut self) -> datafusion::error::Result<RecordBatch> {
+        let ts_type = self.schema.field(2).data_type();
+        let started = arrow::compute::cast(&self.started.finish(), ts_type)?;
+        let ended = arrow::compute::cast(&self.ended.finish(), ts_type)?;
+        Ok(RecordBatch::try_new(
+            self.schema.clone(),
+            vec![
+                Arc::new(self.profile.finish()),
+                Arc::new(self.index.finish()),
+                started,
+                ended,
+                Arc::new(self.events.finish()),
+                Arc::new(self.pages.finish()),
+                Arc::new(self.first_message_id.finish()),
+            ],
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::TimestampMicrosecondArray;
+    use datafusion::prelude::{SessionConfig, SessionContext};
+    use rand::{Rng, SeedableRng};
+
+    /// How the SQL cut sessions before: `lag()`, a running `sum()` and a `GROUP BY`.
+    const WINDOW_SQL: &str = r#"
+WITH marked AS (
+    SELECT profile_id, ts, message_id, page,
+           CASE WHEN lag(ts) OVER (PARTITION BY profile_id ORDER BY ts, message_id) IS NULL
+                  OR ts - lag(ts) OVER (PARTITION BY profile_id ORDER BY ts, message_id)
+                     > INTERVAL '30 minutes'
+                THEN 1 ELSE 0 END AS starts
+    FROM ev WHERE profile_id IS NOT NULL
+), numbered AS (
+    SELECT *, sum(starts) OVER (PARTITION BY profile_id ORDER BY ts, message_id
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS session_index
+    FROM marked
+)
+SELECT profile_id, CAST(session_index AS BIGINT) AS session_index, min(ts) AS started_at,
+       max(ts) AS ended_at, count(*) AS event_count, CAST(sum(page) AS BIGINT) AS page_views,
+       min(CASE WHEN starts = 1 THEN message_id END) AS first_message_id
+FROM numbered GROUP BY profile_id, session_index
+ORDER BY profile_id, session_index"#;
+
+    /// Events on a ten-minute grid, so gaps of exactly 30 minutes (no new session) and ties
+    /// on time (message_id decides) are common; a few have no time or no profile.
+    fn events(seed: u64, rows: usize) -> RecordBatch {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut profile = Vec::new();
+        let mut ts = Vec::new();
+        let mut message_id = Vec::new();
+        let mut page = Vec::new();
+        for i in 0..rows {
+            profile.push((rng.gen_range(0..20) > 0).then(|| format!("p{}", rng.gen_range(0..7))));
+            ts.push(
+                (rng.gen_range(0..30) > 0)
+                    .then(|| 1_700_000_000_000_000 + rng.gen_range(0..40i64) * 600_000_000),
+            );
+            message_id.push((rng.gen_range(0..40) > 0).then(|| format!("m{:03}", (i * 37) % 1000)));
+            page.push(rng.gen_range(0..2i64));
+        }
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("profile_id", DataType::Utf8, true),
+                Field::new(
+                    "ts",
+                    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                    true,
+                ),
+                Field::new("message_id", DataType::Utf8, true),
+                Field::new("page", DataType::Int64, false),
+            ])),
+            vec![
+                Arc::new(StringArray::from(profile)),
+                Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")),
+                Arc::new(StringArray::from(message_id)),
+                Arc::new(Int64Array::from(page)),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn pretty(ctx: &SessionContext, sql: &str) -> String {
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn the_one_pass_cut_gives_what_the_window_functions_gave() {
+        for seed in 0..25 {
+            // Three partitions and small batches, so profiles cross batch boundaries.
+            let ctx = SessionContext::new_with_config(
+                SessionConfig::new()
+                    .with_target_partitions(3)
+                    .with_batch_size(7),
+            );
+            let batch = events(seed, 60 + 13 * seed as usize);
+            // Split in two inputs so the repartition has more than one stream to merge.
+            let half = batch.num_rows() / 2;
+            let table = datafusion::datasource::MemTable::try_new(
+                batch.schema(),
+                vec![
+                    vec![batch.slice(0, half)],
+                    vec![batch.slice(half, batch.num_rows() - half)],
+                ],
+            )
+            .unwrap();
+            ctx.register_table("ev", Arc::new(table)).unwrap();
+            let input = ctx
+                .sql("SELECT profile_id, ts, message_id, page FROM ev WHERE profile_id IS NOT NULL")
+                .await
+                .unwrap();
+            ctx.register_table("cut", cut(input, 30).await.unwrap())
+                .unwrap();
+            let native = pretty(&ctx, "SELECT * FROM cut ORDER BY profile_id, session_index").await;
+            let window = pretty(&ctx, WINDOW_SQL).await;
+            assert_eq!(native, window, "seed {seed}");
+            assert!(
+                native.lines().count() > 8,
+                "seed {seed} made too few sessions"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_time_column_that_is_not_a_timestamp_is_an_error_that_names_it() {
+        let ctx = SessionContext::new();
+        let input = ctx
+            .sql("SELECT 'p' AS profile_id, 'noon' AS ts, 'm' AS message_id, 0 AS page")
+            .await
+            .unwrap();
+        let error = cut(input, 30).await.err().unwrap().to_string();
+        assert!(
+            error.contains("`timestamp`") && error.contains("Utf8"),
+            "{error}"
+        );
+    }
+}
