@@ -4,9 +4,9 @@
 //! running `sum()` to number them, and a `GROUP BY` per session. Those two window operators
 //! and the aggregation cost more than the sort under them (10M events: 3.1 s and 1.1 s of
 //! compute against 1.7 s for the sort), though once the events are in order a session is
-//! just a run of rows. [`cut`] sorts the narrow rows the same way (profile, time, message_id;
-//! hash-partitioned by profile, sorted within each partition, spilling as any sort does) and
-//! walks them, giving exactly what the SQL gave (tested against it below).
+//! just a run of rows. [`cut`] sorts the narrow rows (hash-partitioned by profile, sorted by
+//! profile and time within each partition, spilling as any sort does) and walks them, giving
+//! exactly what the SQL gave (tested against it below).
 
 use std::sync::Arc;
 
@@ -70,13 +70,14 @@ pub async fn cut(events: DataFrame, gap_minutes: u32) -> Result<Arc<dyn TablePro
         descending: false,
         nulls_first: false,
     };
+    // Not by message_id: see [`Cutter`].
     let ordering = LexOrdering::new(
-        INPUT[..3]
+        INPUT[..2]
             .iter()
             .map(|name| Ok(PhysicalSortExpr::new(col(name, &input)?, ascending)))
             .collect::<Result<Vec<_>>>()?,
     )
-    .expect("three sort keys");
+    .expect("two sort keys");
     let by_profile = Partitioning::Hash(vec![col(INPUT[0], &input)?], partitions.max(1));
     let sorted: Arc<dyn ExecutionPlan> = Arc::new(
         SortExec::new(
@@ -161,52 +162,48 @@ impl PartitionStream for CutPartition {
 
 /// The session being read.
 struct Open {
-    profile: String,
     index: i64,
-    started: Option<i64>,
-    ended: Option<i64>,
+    started: i64,
+    ended: i64,
     events: i64,
     pages: i64,
     first_message_id: Option<String>,
-    last_ts: Option<i64>,
 }
 
-impl Open {
-    fn new(
-        profile: &str,
-        index: i64,
-        ts: Option<i64>,
-        page: i64,
-        message_id: Option<&str>,
-    ) -> Self {
-        Open {
-            profile: profile.to_string(),
-            index,
-            started: ts,
-            ended: ts,
-            events: 1,
-            pages: page,
-            first_message_id: message_id.map(str::to_string),
-            last_ts: ts,
-        }
-    }
-
-    fn add(&mut self, ts: Option<i64>, page: i64) {
-        self.events += 1;
-        self.pages += page;
-        if let Some(t) = ts {
-            self.started = Some(self.started.map_or(t, |s| s.min(t)));
-            self.ended = Some(self.ended.map_or(t, |e| e.max(t)));
-        }
-        self.last_ts = ts;
+/// The smaller message_id, a missing one being larger than any (as `NULLS LAST` sorts).
+fn first_of(a: &Option<String>, b: &Option<String>) -> std::cmp::Ordering {
+    match (a, b) {
+        (Some(a), Some(b)) => a.cmp(b),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
     }
 }
 
-/// Turns sorted event batches into session rows.
+/// Turns batches sorted by profile and time into session rows.
+///
+/// The input is not ordered by message_id among events of one profile at the same time: the
+/// sort key leaves it out, as it is the widest column and decides nothing but which of such
+/// events counts as a session's first. Events at one time are never apart (the gap between
+/// them is zero), so the first is found here as the smallest message_id among the events at
+/// the session's opening time. Events without a time come last; as in the SQL, where each
+/// follows one whose `lag()` is NULL, the first of them (by message_id) joins the session
+/// before it and every other one is a session of its own, so they are held until the profile
+/// ends and then put in message_id order.
 struct Cutter {
     schema: SchemaRef,
     gap: i64,
+    /// The profile being read and the last session number it gave.
+    profile_now: Option<String>,
+    index: i64,
     open: Option<Open>,
+    untimed: Vec<(Option<String>, i64)>,
+    out: Builders,
+}
+
+/// The output columns being filled.
+#[derive(Default)]
+struct Builders {
     profile: StringBuilder,
     index: Int64Builder,
     started: Int64Builder,
@@ -216,19 +213,38 @@ struct Cutter {
     first_message_id: StringBuilder,
 }
 
+impl Builders {
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        profile: &str,
+        index: i64,
+        started: Option<i64>,
+        ended: Option<i64>,
+        events: i64,
+        pages: i64,
+        first_message_id: Option<&str>,
+    ) {
+        self.profile.append_value(profile);
+        self.index.append_value(index);
+        self.started.append_option(started);
+        self.ended.append_option(ended);
+        self.events.append_value(events);
+        self.pages.append_value(pages);
+        self.first_message_id.append_option(first_message_id);
+    }
+}
+
 impl Cutter {
     fn new(schema: SchemaRef, gap: i64) -> Self {
         Cutter {
             schema,
             gap,
+            profile_now: None,
+            index: 0,
             open: None,
-            profile: StringBuilder::new(),
-            index: Int64Builder::new(),
-            started: Int64Builder::new(),
-            ended: Int64Builder::new(),
-            events: Int64Builder::new(),
-            pages: Int64Builder::new(),
-            first_message_id: StringBuilder::new(),
+            untimed: Vec::new(),
+            out: Builders::default(),
         }
     }
 
@@ -245,78 +261,122 @@ impl Cutter {
                 continue;
             }
             let p = profile.value(row);
-            let t = ts.is_valid(row).then(|| ts.value(row));
             let page = if pages.is_valid(row) {
                 pages.value(row)
             } else {
                 0
             };
             let m = message_id.is_valid(row).then(|| message_id.value(row));
-            let index = match &mut self.open {
-                Some(open) if open.profile == p => {
-                    // As `lag(ts) IS NULL OR ts - lag(ts) > gap`: an event after one without a
-                    // time opens a session, an event without a time never does otherwise.
-                    let opens = match (open.last_ts, t) {
-                        (None, _) => true,
-                        (Some(_), None) => false,
-                        (Some(last), Some(now)) => {
-                            i128::from(now) - i128::from(last) > i128::from(self.gap)
+            if self.profile_now.as_deref() != Some(p) {
+                self.end_profile();
+                self.profile_now = Some(p.to_string());
+            }
+            if ts.is_null(row) {
+                self.untimed.push((m.map(str::to_string), page));
+                continue;
+            }
+            let t = ts.value(row);
+            if let Some(open) = &mut self.open {
+                // As `ts - lag(ts) > gap`; times ascend, so the last event's is `ended`.
+                if i128::from(t) - i128::from(open.ended) <= i128::from(self.gap) {
+                    open.events += 1;
+                    open.pages += page;
+                    open.ended = t;
+                    if t == open.started {
+                        let m = m.map(str::to_string);
+                        if first_of(&m, &open.first_message_id).is_lt() {
+                            open.first_message_id = m;
                         }
-                    };
-                    if !opens {
-                        open.add(t, page);
-                        continue;
                     }
-                    open.index + 1
+                    continue;
                 }
-                _ => 1,
+            }
+            self.index += 1;
+            let opened = Open {
+                index: self.index,
+                started: t,
+                ended: t,
+                events: 1,
+                pages: page,
+                first_message_id: m.map(str::to_string),
             };
-            if let Some(done) = self.open.replace(Open::new(p, index, t, page, m)) {
+            if let Some(done) = self.open.replace(opened) {
                 self.emit(done);
             }
         }
-        if self.profile.len() >= BATCH_ROWS {
+        if self.out.profile.len() >= BATCH_ROWS {
             return self.flush().map(Some);
         }
         Ok(None)
     }
 
+    /// Closes the profile being read: its last session, then its events without a time.
+    fn end_profile(&mut self) {
+        let mut untimed = std::mem::take(&mut self.untimed);
+        untimed.sort_by(|a, b| first_of(&a.0, &b.0));
+        let mut untimed = untimed.into_iter();
+        if let Some(mut open) = self.open.take() {
+            if let Some((_, page)) = untimed.next() {
+                open.events += 1;
+                open.pages += page;
+            }
+            self.emit(open);
+        }
+        let Some(profile) = self.profile_now.as_deref() else {
+            return;
+        };
+        for (message_id, page) in untimed {
+            self.index += 1;
+            self.out.emit(
+                profile,
+                self.index,
+                None,
+                None,
+                1,
+                page,
+                message_id.as_deref(),
+            );
+        }
+        self.index = 0;
+    }
+
     /// Ends the input: the sessions not yet returned, if any.
     fn finish(&mut self) -> datafusion::error::Result<Option<RecordBatch>> {
-        if let Some(done) = self.open.take() {
-            self.emit(done);
-        }
-        if self.profile.is_empty() {
+        self.end_profile();
+        if self.out.profile.is_empty() {
             return Ok(None);
         }
         self.flush().map(Some)
     }
 
     fn emit(&mut self, session: Open) {
-        self.profile.append_value(&session.profile);
-        self.index.append_value(session.index);
-        self.started.append_option(session.started);
-        self.ended.append_option(session.ended);
-        self.events.append_value(session.events);
-        self.pages.append_value(session.pages);
-        self.first_message_id
-            .append_option(session.first_message_id.as_deref());
+        let profile = self.profile_now.as_deref().unwrap_or_default();
+        self.out.emit(
+            profile,
+            session.index,
+            Some(session.started),
+            Some(session.ended),
+            session.events,
+            session.pages,
+            session.first_message_id.as_deref(),
+        );
     }
 
     fn flush(&mut self) -> datafusion::error::Result<RecordBatch> {
         let ts_type = self.schema.field(2).data_type();
-        let started = arrow::compute::cast(&self.started.finish(), ts_type)?;
-        let ended = arrow::compute::cast(&self.ended.finish(), ts_type)?;
+        let out = &mut self.out;
+        let started = arrow::compute::cast(&out.started.finish(), ts_type)?;
+        let ended = arrow::compute::cast(&out.ended.finish(), ts_type)?;
         Ok(RecordBatch::try_new(
             self.schema.clone(),
             vec![
-                Arc::new(self.profile.finish()),
-                Arc::new(self.index.finish()),
+                Arc::new(out.profile.finish()),
+                Arc::new(out.index.finish()),
                 started,
                 ended,
-                Arc::new(self.events.finish()),
-                Arc::new(self.pages.finish()),
-                Arc::new(self.first_message_id.finish()),
+                Arc::new(out.events.finish()),
+                Arc::new(out.pages.finish()),
+                Arc::new(out.first_message_id.finish()),
             ],
         )?)
     }
