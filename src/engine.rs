@@ -146,6 +146,18 @@ impl Engine {
         // (below), not as the string views they were written from followed by a cast of every
         // value (2% of a run's CPU at 10M events).
         options.global.skip_arrow_metadata = true;
+        // Statistics only for the time: it is what windows filter on and the files are
+        // roughly in time order. The events are not ordered by anything else, so other columns'
+        // min/max would prune nothing, and computing them compared every string written
+        // (resolved events 4.5 → 4.3 s at 10M).
+        options.global.statistics_enabled = Some("none".into());
+        options.column_specific_options.insert(
+            tables::event::TIMESTAMP.to_string(),
+            datafusion::config::ParquetColumnOptions {
+                statistics_enabled: Some("page".into()),
+                ..Default::default()
+            },
+        );
         let written = events
             .write_parquet(
                 &url,
