@@ -40,6 +40,25 @@ pub struct Committed {
     pub rows: u64,
 }
 
+/// How table files are encoded: snappy (as delta-rs does by default; several times faster
+/// to encode than zstd and read by every BI tool), and no min/max statistics for the JSON
+/// text columns. Their values share long prefixes, so computing a page's minimum and maximum
+/// compared most of every document's bytes, and no filter prunes files by a JSON document's
+/// text range.
+fn writer_properties() -> parquet::file::properties::WriterProperties {
+    use parquet::file::properties::EnabledStatistics;
+    let mut builder = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY);
+    for column in [
+        crate::tables::event::CONTEXT,
+        crate::tables::event::PROPERTIES,
+        crate::tables::event::TRAITS,
+    ] {
+        builder = builder.set_column_statistics_enabled(column.into(), EnabledStatistics::None);
+    }
+    builder.build()
+}
+
 /// The output tables of a project.
 #[derive(Debug, Clone)]
 pub struct Outputs {
@@ -170,6 +189,7 @@ impl Outputs {
             .with_session_state(Arc::new(ctx.state()))
             .with_save_mode(save)
             .with_schema_mode(schema)
+            .with_writer_properties(writer_properties())
             .with_table_name(name)
             // Checkpoints and log clean-up are post-commit work on the real log: Tessera does
             // them after publishing (`Outputs::tidy`), never from inside a staged run.
