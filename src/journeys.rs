@@ -62,7 +62,12 @@ pub async fn sessions(
         ),
     )
     .await?;
-    let cut = crate::session_cut::cut(events, config.gap_minutes).await?;
+    let cut = crate::session_cut::cut(events, config.gap_minutes)
+        .await
+        .map_err(|e| Error::Query {
+            file: format!("the built-in query of table `{}`", tables::SESSIONS),
+            message: e.to_string(),
+        })?;
     engine.ctx.deregister_table(SESSION_CUT)?;
     engine.ctx.register_table(SESSION_CUT, cut)?;
     let gap = config.gap_minutes;

@@ -59,12 +59,11 @@ pub async fn cut(events: DataFrame, gap_minutes: u32) -> Result<Arc<dyn TablePro
             };
             i64::from(gap_minutes) * per_minute
         }
-        other => {
-            return Err(datafusion::error::DataFusionError::Plan(format!(
-                "sessions need a timestamp column `timestamp`; events have it as {other}"
-            ))
-            .into())
-        }
+        other => return Err(datafusion::error::DataFusionError::Plan(format!(
+            "sessions need the events' `timestamp` column to be a timestamp, and it is {other}; \
+                 write it as a Parquet timestamp in the event files"
+        ))
+        .into()),
     };
     let ascending = SortOptions {
         descending: false,
