@@ -57,13 +57,15 @@ pub async fn cut(events: DataFrame, gap_minutes: u32) -> Result<Arc<dyn TablePro
                 TimeUnit::Microsecond => 60_000_000,
                 TimeUnit::Nanosecond => 60_000_000_000,
             };
-            i64::from(gap_minutes) * per_minute
+            i64::from(gap_minutes).saturating_mul(per_minute)
         }
-        other => return Err(datafusion::error::DataFusionError::Plan(format!(
+        other => {
+            return Err(datafusion::error::DataFusionError::Plan(format!(
             "sessions need the events' `timestamp` column to be a timestamp, and it is {other}; \
                  write it as a Parquet timestamp in the event files"
         ))
-        .into()),
+            .into())
+        }
     };
     let ascending = SortOptions {
         descending: false,
