@@ -184,13 +184,16 @@ impl Lease {
 
     /// Lets the lease go so the next run need not wait for it to expire.
     pub async fn release(&self) {
+        // The renewer holds the body lock across its write: taking the lock first means no
+        // renewal is in flight when the task is stopped. Stopping it mid-write could land a
+        // renewal whose new version this lease never learns.
+        let mut guard = self.body.lock().await;
         if let Some(task) = self.renewer.lock().expect("not poisoned").take() {
             task.abort();
         }
         if self.lost.load(Ordering::SeqCst) {
             return;
         }
-        let mut guard = self.body.lock().await;
         let mut body = guard.0.clone();
         body.released = true;
         body.expires_at = Utc::now();
@@ -239,25 +242,38 @@ impl Lease {
 
     async fn swap(&self, body: &LeaseBody, version: UpdateVersion) -> Result<UpdateVersion, Swap> {
         let bytes = encode(body);
-        let swapped = retry_write(self.path.as_ref(), 4, |_| {
-            let opts = PutOptions::from(PutMode::Update(version.clone()));
-            self.place
-                .store
-                .put_opts(&self.path, bytes.clone().into(), opts)
-        })
-        .await;
-        match swapped {
-            Ok(done) => Ok(version_of(done)),
-            Err(object_store::Error::Precondition { .. }) => {
-                // A timed-out attempt may have landed: then the lease says what we wrote
-                // (the body carries an expiry to the nanosecond, so no one else wrote it).
-                match read(&self.place).await {
-                    Ok(Some((there, v))) if &there == body => Ok(v),
-                    _ => Err(Swap::Lost),
+        let mut version = version;
+        for _ in 0..3 {
+            let swapped = retry_write(self.path.as_ref(), 4, |_| {
+                let opts = PutOptions::from(PutMode::Update(version.clone()));
+                self.place
+                    .store
+                    .put_opts(&self.path, bytes.clone().into(), opts)
+            })
+            .await;
+            match swapped {
+                Ok(done) => return Ok(version_of(done)),
+                Err(object_store::Error::Precondition { .. }) => {
+                    match read(&self.place).await {
+                        // A timed-out attempt landed: the lease says what we wrote (the body
+                        // carries an expiry to the nanosecond, so no one else wrote it).
+                        Ok(Some((there, v))) if &there == body => return Ok(v),
+                        // An earlier write of ours landed after its answer was lost (a timed-out
+                        // renewal): the lease is still ours, at a version we did not see.
+                        Ok(Some((there, v)))
+                            if !there.released
+                                && there.run_id == body.run_id
+                                && there.owner == body.owner =>
+                        {
+                            version = v
+                        }
+                        _ => return Err(Swap::Lost),
+                    }
                 }
+                Err(e) => return Err(Swap::Failed(e.into())),
             }
-            Err(e) => Err(Swap::Failed(e.into())),
         }
+        Err(Swap::Lost)
     }
 }
 
@@ -398,5 +414,72 @@ pub async fn check_conditional_writes(place: &Place) -> Result<()> {
                 .into(),
         }),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place() -> Place {
+        let prefix = format!("lease-{}", uuid::Uuid::new_v4().simple());
+        Place::open(
+            &format!("memory://{prefix}"),
+            std::path::Path::new("/"),
+            "storage.output",
+        )
+        .unwrap()
+    }
+
+    /// Writes `body` over the lease at `version`, as a write of some run would.
+    async fn overwrite(place: &Place, body: &LeaseBody, version: UpdateVersion) {
+        place
+            .store
+            .put_opts(
+                &place.child(LEASE),
+                encode(body).into(),
+                PutMode::Update(version).into(),
+            )
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewal_that_landed_unseen_does_not_keep_the_lease_from_being_released() {
+        let place = place();
+        let lease = Lease::acquire(&place, "r1", Duration::from_secs(60))
+            .await
+            .unwrap();
+        // A renewal whose answer was lost (or whose task was stopped mid-write) landed:
+        // the object moved on to a version this lease never saw.
+        let (mut body, version) = read(&place).await.unwrap().unwrap();
+        body.expires_at += chrono::Duration::seconds(5);
+        overwrite(&place, &body, version).await;
+
+        lease.renew().await.unwrap();
+        lease.release().await;
+        let (now, _) = read(&place).await.unwrap().unwrap();
+        assert!(now.released, "released: {now:?}");
+        assert_eq!(now.run_id, "r1");
+        // The next run takes it at once instead of waiting for the expiry.
+        let next = Lease::acquire(&place, "r2", Duration::from_secs(60)).await;
+        assert!(next.is_ok(), "{:?}", next.err());
+    }
+
+    #[tokio::test]
+    async fn a_lease_another_run_wrote_over_is_lost_and_stays_theirs() {
+        let place = place();
+        let lease = Lease::acquire(&place, "r1", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (mut body, version) = read(&place).await.unwrap().unwrap();
+        body.run_id = "other".into();
+        overwrite(&place, &body, version).await;
+
+        assert!(matches!(lease.renew().await, Err(Error::Fenced(_))));
+        assert!(lease.is_lost());
+        lease.release().await;
+        let (now, _) = read(&place).await.unwrap().unwrap();
+        assert_eq!(now, body, "the other run's lease is untouched");
     }
 }
