@@ -19,6 +19,7 @@ use crate::config::Project;
 use crate::error::{Error, Result};
 use crate::ingest::{self, Ingested};
 use crate::output::Outputs;
+use crate::scratch::Scratch;
 use crate::storage::Place;
 use crate::tables;
 
@@ -39,25 +40,44 @@ pub struct Engine {
     pub outputs: Outputs,
     /// The memory and spill limits from `[run]` (for messages; the context enforces them).
     pub limits: Limits,
-    /// Local scratch space (resolved events written once per run); removed with the engine.
-    scratch: std::sync::Mutex<Option<tempfile::TempDir>>,
+    /// This engine's scratch folder (spill files, resolved events); removed with the engine,
+    /// and by a later run's sweep if this process is killed.
+    scratch: Scratch,
+    /// The resolved events written into the scratch folder, replaced on each materialising.
+    events_copy: std::sync::Mutex<Option<tempfile::TempDir>>,
 }
 
 impl Engine {
     /// Opens `project`: resolves its locations and registers their stores and its sources.
+    ///
+    /// Spill files go into the engine's scratch folder (in `run.spill_dir`, or the system's
+    /// temporary folder), so a later run removes them if this process is killed.
     pub async fn open(project: Project) -> Result<Engine> {
         let limits = Limits::from_config(&project.config.run)?;
-        let ctx = new_context_with(&limits)?;
-        Self::open_limited(project, ctx, limits).await
+        let scratch = Scratch::create(&limits.scratch_parent())?;
+        let spill = scratch.path().join("spill");
+        std::fs::create_dir_all(&spill).map_err(|e| Error::io(&spill, e))?;
+        let ctx = new_context_with(&Limits {
+            spill_dir: Some(spill),
+            ..limits.clone()
+        })?;
+        Self::open_limited(project, ctx, limits, scratch).await
     }
 
-    /// Like [`Engine::open`], over a context the caller made (e.g. a distributed one).
+    /// Like [`Engine::open`], over a context the caller made (e.g. a distributed one); its
+    /// spill settings are the caller's.
     pub async fn open_with(project: Project, ctx: SessionContext) -> Result<Engine> {
         let limits = Limits::from_config(&project.config.run)?;
-        Self::open_limited(project, ctx, limits).await
+        let scratch = Scratch::create(&limits.scratch_parent())?;
+        Self::open_limited(project, ctx, limits, scratch).await
     }
 
-    async fn open_limited(project: Project, ctx: SessionContext, limits: Limits) -> Result<Engine> {
+    async fn open_limited(
+        project: Project,
+        ctx: SessionContext,
+        limits: Limits,
+        scratch: Scratch,
+    ) -> Result<Engine> {
         let storage = &project.config.storage;
         let retry = &storage.retry;
         let events = Place::open_with(&storage.events, &project.dir, "storage.events", retry)?;
@@ -85,7 +105,8 @@ impl Engine {
         }
         Ok(Engine {
             limits,
-            scratch: std::sync::Mutex::new(None),
+            scratch,
+            events_copy: std::sync::Mutex::new(None),
             outputs: Outputs::new(output),
             project,
             ctx,
@@ -131,9 +152,9 @@ impl Engine {
     /// plain scan is far cheaper than redoing the checks and the profile join on each read.
     pub async fn materialise_events(&self) -> Result<()> {
         let dir = tempfile::Builder::new()
-            .prefix("tessera-")
-            .tempdir()
-            .map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            .prefix("events-")
+            .tempdir_in(self.scratch.path())
+            .map_err(|e| Error::io(self.scratch.path(), e))?;
         let path = dir.path().join(tables::EVENTS);
         let url = format!("{}/", path.display());
         let events = self.ctx.table(tables::EVENTS).await?;
@@ -198,7 +219,7 @@ impl Engine {
         self.ctx
             .register_parquet(tables::EVENTS, &url, options)
             .await?;
-        *self.scratch.lock().expect("not poisoned") = Some(dir);
+        *self.events_copy.lock().expect("not poisoned") = Some(dir);
         Ok(())
     }
 
@@ -251,7 +272,8 @@ pub struct Limits {
     pub memory: u64,
     /// The limit as the user wrote it (or the default), for messages.
     pub memory_text: String,
-    /// Where spill files go (default: the system's temporary folder).
+    /// Where spill files go (default: the system's temporary folder). An engine's scratch
+    /// folder is made here too.
     pub spill_dir: Option<std::path::PathBuf>,
     /// Most bytes all spill files together may take.
     pub max_spill: u64,
@@ -276,6 +298,11 @@ pub fn total_memory() -> u64 {
 }
 
 impl Limits {
+    /// Where scratch folders are made: `spill_dir`, else the system's temporary folder.
+    pub fn scratch_parent(&self) -> std::path::PathBuf {
+        self.spill_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+
     /// The limits `[run]` asks for.
     pub fn from_config(run: &crate::config::RunConfig) -> Result<Limits> {
         let total = total_memory();

@@ -29,6 +29,7 @@ pub mod progress;
 pub mod publish;
 pub mod reports;
 pub mod runs;
+pub mod scratch;
 pub mod segments;
 pub mod session_cut;
 pub mod state;

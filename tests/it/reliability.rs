@@ -759,3 +759,71 @@ fn files_a_killed_run_left_behind_are_deleted_by_a_later_run() {
             > 10
     );
 }
+
+/// The scratch folders (`tessera-*`) in `dir`.
+fn scratch_folders(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("tessera-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run() {
+    let p = project("out", "");
+    generate(&p.path().join("data"), 60, 2, 8);
+    let spill = p.path().join("spill");
+    let spill_arg = spill.to_str().unwrap();
+    let mut args = run_args();
+    args.extend(["--full", "--spill-dir", spill_arg]);
+
+    // How many writes a run makes; a run leaves no scratch folder behind when it ends.
+    let out = run(p.cmd(&args).env("TESSERA_TEST_TRACE_WRITES", "1"));
+    let writes = stderr(&out).matches("tessera-write ").count();
+    ok(out);
+    assert!(
+        scratch_folders(&spill).is_empty(),
+        "a finished run removes its folder"
+    );
+
+    // Killed near its end, after the resolved events were written to its scratch folder.
+    let out = run(p
+        .cmd(&args)
+        .env("TESSERA_TEST_TRACE_WRITES", "1")
+        .env("TESSERA_TEST_KILL_AFTER_WRITE", (writes - 2).to_string()));
+    assert_eq!(out.status.signal(), Some(9), "{}", stderr(&out));
+    let left = scratch_folders(&spill);
+    assert_eq!(left.len(), 1, "the killed run's folder is left: {left:?}");
+    let parquet = walk(&left[0])
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+        .count();
+    assert!(parquet > 0, "it holds the resolved events: {left:?}");
+
+    // The next run removes it (its lock died with the process) and then its own.
+    let out = ok(run(&mut p.cmd(&args)));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["status"], "succeeded");
+    assert!(!left[0].exists(), "{} is still there", left[0].display());
+    assert!(scratch_folders(&spill).is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
