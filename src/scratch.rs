@@ -98,7 +98,15 @@ pub fn sweep(parent: &Path) -> usize {
             continue;
         }
         let dir = entry.path();
-        let dead = match OpenOptions::new().write(true).open(dir.join(LOCK)) {
+        // A staging folder gets its lock file a moment before the lock itself: judged by its
+        // lock, a live one could be taken in that moment. Staging lasts microseconds, so only
+        // one left by a process killed while naming its folder is old, and goes by age.
+        let lock = if staging {
+            Err(std::io::ErrorKind::NotFound.into())
+        } else {
+            OpenOptions::new().write(true).open(dir.join(LOCK))
+        };
+        let dead = match lock {
             // Held while the lock is taken here, so no other sweeper removes it meanwhile
             // and its owner, were it alive, could not have held it.
             Ok(lock) => match lock.try_lock() {
@@ -166,12 +174,21 @@ mod tests {
         age(&old, UNLOCKED_AGE + Duration::from_secs(60));
         let fresh = parent.path().join("tessera-fresh1");
         std::fs::create_dir_all(&fresh).unwrap();
+        // A staging folder is judged by age alone: its lock file can exist unlocked for a
+        // moment while its process is alive. An old one goes.
+        let staging = parent.path().join(".tessera-new-abc123");
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::write(staging.join(LOCK), b"").unwrap();
+        let old_staging = parent.path().join(".tessera-new-old123");
+        std::fs::create_dir_all(&old_staging).unwrap();
+        std::fs::write(old_staging.join(LOCK), b"").unwrap();
+        age(&old_staging, UNLOCKED_AGE + Duration::from_secs(60));
         // Not ours at all, however old.
         let other = parent.path().join("other-tool");
         std::fs::create_dir_all(&other).unwrap();
         age(&other, UNLOCKED_AGE * 2);
 
-        assert_eq!(sweep(parent.path()), 2);
+        assert_eq!(sweep(parent.path()), 3);
         let live_name = live
             .path()
             .file_name()
@@ -179,6 +196,7 @@ mod tests {
             .to_string_lossy()
             .to_string();
         let mut expected = vec![
+            ".tessera-new-abc123".to_string(),
             "other-tool".to_string(),
             "tessera-fresh1".to_string(),
             live_name,
