@@ -672,14 +672,14 @@ impl SeenIds {
     }
 }
 
-/// Checks rows and removes copies of a message_id; runs two passes, the second over copies only.
+/// Checks rows and removes copies of a message_id: one pass now, and a plan.
 ///
-/// Pass one streams every passing row's message_id into a set of 64-bit hashes; an id whose
-/// hash was seen before is a candidate copy. Pass two collects the candidates' rows (a small
-/// share of real data: redeliveries) and keeps one per message_id exactly, by comparing ids
-/// themselves, so a hash collision costs a little work and never an event. `events` is then
-/// the rows that are surely unique, plus that small deduplicated remainder, without sorting or
-/// windowing the whole table on every read.
+/// Pass one streams every row's message_id into a set of 64-bit hashes; an id whose hash was
+/// seen before is a candidate copy. The planned `events` are the valid rows that are surely
+/// unique, plus the candidates' rows (a small share of real data: redeliveries) with one kept
+/// per message_id exactly, by comparing ids themselves, so a hash collision costs a little
+/// work and never an event; no sorting or windowing of the whole table. A run does not
+/// execute that plan: [`split`] routes and deduplicates in its own single pass.
 pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested> {
     use std::hash::BuildHasher;
 
@@ -752,13 +752,14 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         )
     };
     let is_candidate = candidate.call(vec![ident(event::MESSAGE_ID)]);
-    let copies = valid
-        .clone()
-        .filter(is_candidate.clone())?
-        .collect()
-        .await?;
-    let schema = unique.schema().as_arrow().clone();
-    let kept = keep_first_copies(ctx, copies, event_columns.clone(), schema).await?;
+    // A plan, not a result: a run writes its tables through `split`, which routes and
+    // deduplicates the candidates in its own single pass, so this is executed only where
+    // `events` is read as planned here (queries, `validate`). Collecting it here made every
+    // run decode all columns and check every JSON document once more, for nothing.
+    let kept = first_copies(
+        valid.clone().filter(is_candidate.clone())?,
+        event_columns.clone(),
+    )?;
     let events = valid
         .filter(not(is_candidate))?
         .select(event_columns)?
@@ -772,19 +773,10 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
     })
 }
 
-/// One row per message_id of `copies` (valid rows whose id may repeat, with the internal
-/// source column): the one received first, as Segment and Snowplow keep. Exact
+/// The plan keeping one row per message_id of `copies` (valid rows whose id may repeat, with
+/// the internal source column): the one received first, as Segment and Snowplow keep. Exact
 /// redeliveries are identical, so any tie-break among them gives the same row.
-async fn keep_first_copies(
-    ctx: &SessionContext,
-    copies: Vec<RecordBatch>,
-    event_columns: Vec<Expr>,
-    schema: Schema,
-) -> Result<DataFrame> {
-    if copies.iter().all(|b| b.num_rows() == 0) {
-        return Ok(ctx.read_batch(RecordBatch::new_empty(Arc::new(schema)))?);
-    }
-    let copies = ctx.read_batches(copies)?;
+fn first_copies(copies: DataFrame, event_columns: Vec<Expr>) -> Result<DataFrame> {
     let copy_number = row_number()
         .partition_by(vec![ident(event::MESSAGE_ID)])
         .order_by(vec![
@@ -794,10 +786,23 @@ async fn keep_first_copies(
         ])
         .build()?
         .alias(COPY);
-    let kept = copies
+    Ok(copies
         .window(vec![copy_number])?
         .filter(ident(COPY).eq(lit(1u64)))?
-        .select(event_columns)?
+        .select(event_columns)?)
+}
+
+/// [`first_copies`] of collected rows, collected.
+async fn keep_first_copies(
+    ctx: &SessionContext,
+    copies: Vec<RecordBatch>,
+    event_columns: Vec<Expr>,
+    schema: Schema,
+) -> Result<DataFrame> {
+    if copies.iter().all(|b| b.num_rows() == 0) {
+        return Ok(ctx.read_batch(RecordBatch::new_empty(Arc::new(schema)))?);
+    }
+    let kept = first_copies(ctx.read_batches(copies)?, event_columns)?
         .collect()
         .await?;
     Ok(ctx.read_batches(if kept.is_empty() {
