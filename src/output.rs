@@ -43,9 +43,9 @@ pub struct Committed {
 /// How table files are encoded: snappy (as delta-rs does by default; several times faster
 /// to encode than zstd and read by every BI tool), except the event history, Tessera's own
 /// state, in LZ4 (faster again to write and to read back: a run reads it twice), and no
-/// min/max statistics for the JSON text columns. Their values share long prefixes, so computing a page's minimum and maximum
-/// compared most of every document's bytes, and no filter prunes files by a JSON document's
-/// text range.
+/// min/max statistics for the JSON text columns. Their values share long prefixes, so
+/// computing a page's minimum and maximum compared most of every document's bytes, and no
+/// filter prunes files by a JSON document's text range.
 fn writer_properties(table: &str) -> parquet::file::properties::WriterProperties {
     use parquet::file::properties::EnabledStatistics;
     let compression = if table == crate::state::EVENTS {
