@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 
 /// Names of scratch folders start with this.
 const PREFIX: &str = "tessera-";
+/// Names of scratch folders while they are being made, before their lock is held.
+const STAGING: &str = ".tessera-new-";
 /// The lock file inside a scratch folder.
 const LOCK: &str = ".lock";
 /// A folder named like a scratch folder but without a lock file (made by an older Tessera, or
@@ -40,7 +42,7 @@ impl Scratch {
                 "removed the scratch folders of runs that did not finish");
         }
         let staging = tempfile::Builder::new()
-            .prefix(".tessera-new-")
+            .prefix(STAGING)
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?
             .keep();
@@ -55,7 +57,7 @@ impl Scratch {
         let suffix = staging
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix(".tessera-new-"))
+            .and_then(|n| n.strip_prefix(STAGING))
             .expect("named by the builder above")
             .to_string();
         let path = parent.join(format!("{PREFIX}{suffix}"));
@@ -90,7 +92,7 @@ pub fn sweep(parent: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let staging = name.starts_with(".tessera-new-");
+        let staging = name.starts_with(STAGING);
         if !name.starts_with(PREFIX) && !staging {
             continue;
         }
