@@ -140,15 +140,18 @@ async fn build_inner(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordB
             .collect()
             .await
             .map_err(|e| Error::query(&query.file, e))?;
-        let mut seen = HashSet::new();
-        for b in &batches {
-            let ids = arrow::compute::cast(
-                b.column(schema.index_of("profile_id").expect("checked")),
-                &DataType::Utf8,
-            )?;
+        let key = schema.index_of("profile_id").expect("checked");
+        let ids = batches
+            .iter()
+            .map(|b| arrow::compute::cast(b.column(key), &DataType::Utf8))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let rows = batches.iter().map(RecordBatch::num_rows).sum();
+        let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+            HashSet::with_capacity_and_hasher(rows, Default::default());
+        for ids in &ids {
             for id in ids.as_string::<i32>().iter() {
                 let Some(id) = id else { continue };
-                if !seen.insert(id.to_string()) {
+                if !seen.insert(id) {
                     return Err(Error::query(
                         &query.file,
                         format!("returns profile_id {id} more than once; a trait query returns one row per profile (GROUP BY profile_id)"),
@@ -253,6 +256,78 @@ fn identifier_lists(graph: &RecordBatch, types: &[&str]) -> Result<RecordBatch> 
     )?)
 }
 
+/// profile → trait → (time, value): the latest non-null value of each identify trait.
+/// A hash map: the rows are joined onto profiles by id, so their order does not matter.
+type Latest = std::collections::HashMap<
+    String,
+    BTreeMap<String, (i64, serde_json::Value)>,
+    foldhash::fast::RandomState,
+>;
+
+/// Folds one stream of `(profile, time, traits JSON)` rows into a [`Latest`].
+async fn latest_traits(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+) -> Result<Latest> {
+    let mut latest = Latest::default();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let (p, t, j) = (
+            batch.column(0).as_string::<i32>(),
+            batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+                .expect("cast to µs"),
+            batch.column(2).as_string::<i32>(),
+        );
+        for r in 0..batch.num_rows() {
+            let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_str::<serde_json::Value>(j.value(r))
+            else {
+                continue;
+            };
+            let at = if t.is_valid(r) { t.value(r) } else { i64::MIN };
+            let slot = match latest.get_mut(p.value(r)) {
+                Some(slot) => slot,
+                None => latest.entry(p.value(r).to_string()).or_default(),
+            };
+            for (k, v) in map {
+                if !v.is_null() {
+                    offer(slot, k, at, v);
+                }
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// Keeps `v` for trait `k` if it is later than what `slot` holds, or as late and of greater
+/// JSON text (so the result never depends on row order).
+fn offer(
+    slot: &mut BTreeMap<String, (i64, serde_json::Value)>,
+    k: String,
+    at: i64,
+    v: serde_json::Value,
+) {
+    match slot.get(&k) {
+        Some((when, _)) if *when > at => {}
+        Some((when, old)) if *when == at && json_text(old) >= json_text(&v) => {}
+        _ => {
+            slot.insert(k, (at, v));
+        }
+    }
+}
+
+/// Merges `from` into `into`.
+fn merge_latest(into: &mut Latest, from: Latest) {
+    for (profile, traits) in from {
+        let slot = into.entry(profile).or_default();
+        for (k, (at, v)) in traits {
+            offer(slot, k, at, v);
+        }
+    }
+}
+
 /// A JSON value as text, for breaking ties between values seen at the same time.
 fn json_text(v: &serde_json::Value) -> String {
     v.to_string()
@@ -314,50 +389,22 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
         cast(col("timestamp"), timestamp_type()).alias("t"),
         cast(col("traits"), DataType::Utf8).alias("j"),
     ])?;
-    // profile → trait → (time, value)
-    // A hash map: the rows are joined onto profiles by id, so their order does not matter.
-    let mut latest: std::collections::HashMap<
-        String,
-        BTreeMap<String, (i64, serde_json::Value)>,
-        foldhash::fast::RandomState,
-    > = Default::default();
-    let mut stream = df.execute_stream().await?;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let (p, t, j) = (
-            batch.column(0).as_string::<i32>(),
-            batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<TimestampMicrosecondArray>()
-                .expect("cast to µs"),
-            batch.column(2).as_string::<i32>(),
-        );
-        for r in 0..batch.num_rows() {
-            let Ok(serde_json::Value::Object(map)) =
-                serde_json::from_str::<serde_json::Value>(j.value(r))
-            else {
-                continue;
-            };
-            let at = if t.is_valid(r) { t.value(r) } else { i64::MIN };
-            let slot = match latest.get_mut(p.value(r)) {
-                Some(slot) => slot,
-                None => latest.entry(p.value(r).to_string()).or_default(),
-            };
-            for (k, v) in map {
-                if v.is_null() {
-                    continue;
-                }
-                match slot.get(&k) {
-                    Some((when, _)) if *when > at => {}
-                    // Ties go to the greater JSON text, so the result never depends on row order.
-                    Some((when, old)) if *when == at && json_text(old) >= json_text(&v) => {}
-                    _ => {
-                        slot.insert(k, (at, v));
-                    }
-                }
-            }
+    // Each partition of the scan folds its rows on its own task; the maps are merged after.
+    // The rule (latest time wins, ties to the greater JSON text) does not depend on order.
+    // Returning early drops the set, which stops the other tasks.
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in df.execute_stream_partitioned().await? {
+        tasks.spawn(latest_traits(stream));
+    }
+    let mut latest = Latest::default();
+    while let Some(done) = tasks.join_next().await {
+        let mut part =
+            done.map_err(|e| Error::Usage(format!("reading identify traits stopped: {e}")))??;
+        // Walk the smaller map.
+        if part.len() > latest.len() {
+            std::mem::swap(&mut latest, &mut part);
         }
+        merge_latest(&mut latest, part);
     }
     let mut fields = vec![
         Field::new("profile_id", DataType::Utf8, false),
@@ -396,4 +443,69 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
         Arc::new(Schema::new(fields)),
         columns,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// One partition's map: `rows` of (profile, time, trait, value).
+    fn part(rows: &[(&str, i64, &str, serde_json::Value)]) -> Latest {
+        let mut latest = Latest::default();
+        for (p, at, k, v) in rows {
+            offer(
+                latest.entry(p.to_string()).or_default(),
+                k.to_string(),
+                *at,
+                v.clone(),
+            );
+        }
+        latest
+    }
+
+    fn merged(a: Latest, b: Latest) -> Vec<(String, String, i64, String)> {
+        let mut into = a;
+        merge_latest(&mut into, b);
+        let mut rows: Vec<_> = into
+            .into_iter()
+            .flat_map(|(p, traits)| {
+                traits
+                    .into_iter()
+                    .map(move |(k, (at, v))| (p.clone(), k, at, v.to_string()))
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn partitions_merge_to_the_same_latest_values_in_either_order() {
+        let a = || {
+            part(&[
+                ("p1", 10, "plan", json!("free")),
+                ("p1", 30, "name", json!("Ann")),
+                ("p2", 5, "plan", json!("pro")),
+                ("p3", 7, "plan", json!("b")),
+            ])
+        };
+        let b = || {
+            part(&[
+                ("p1", 20, "plan", json!("pro")),
+                ("p1", 25, "name", json!("Anna")),
+                // Same time as the other partition: the greater JSON text wins.
+                ("p3", 7, "plan", json!("c")),
+                ("p4", 1, "age", json!(40)),
+            ])
+        };
+        let want = vec![
+            ("p1".into(), "name".into(), 30, "\"Ann\"".into()),
+            ("p1".into(), "plan".into(), 20, "\"pro\"".into()),
+            ("p2".into(), "plan".into(), 5, "\"pro\"".into()),
+            ("p3".into(), "plan".into(), 7, "\"c\"".into()),
+            ("p4".into(), "age".into(), 1, "40".into()),
+        ];
+        assert_eq!(merged(a(), b()), want);
+        assert_eq!(merged(b(), a()), want);
+    }
 }
