@@ -117,7 +117,7 @@ async fn build_inner(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordB
     register(engine, &collected)?;
     tracing::info!(ms = t0.elapsed().as_millis() as u64, "base");
     // Computed traits are put onto the profiles by id: one map from each profile's id to its
-    // row, then per trait file one lookup per returned row and a `take` per column. (A chain of
+    // row, then per trait file one lookup per returned row and a gather per column. (A chain of
     // LEFT JOINs copied every profile column again for every file: 6.9 s at 100M events.)
     let mut fields: Vec<Field> = schema
         .fields()
@@ -161,38 +161,56 @@ async fn build_inner(engine: &Engine, graph: &RecordBatch) -> Result<Vec<RecordB
             .collect()
             .await
             .map_err(|e| Error::query(&query.file, e))?;
-        let traits = arrow::compute::concat_batches(&Arc::new(schema.clone()), &batches)?;
-        drop(batches);
-        let ids = arrow::compute::cast(
-            traits.column(schema.index_of("profile_id").expect("checked")),
-            &DataType::Utf8,
-        )?;
-        // For every profile row, the trait row of its profile (NULL: none).
-        let mut take: Vec<Option<u32>> = vec![None; total];
+        // Gathered from the batches as they are (one array of them all could pass the 2 GiB
+        // a string array holds); a one-row batch of NULLs, after them, serves profiles with
+        // no row.
+        let none = batches.len() as u32;
+        let key = schema.index_of("profile_id").expect("checked");
+        let ids = batches
+            .iter()
+            .map(|b| arrow::compute::cast(b.column(key), &DataType::Utf8))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        // For every profile row, the (batch, row) of its profile's trait row.
+        let mut take: Vec<(u32, u32)> = vec![(none, 0); total];
         // Ids of no profile are dropped, as a LEFT JOIN drops them, but must not repeat either.
         let mut others: HashSet<&str, foldhash::fast::RandomState> = HashSet::default();
-        for (r, id) in ids.as_string::<i32>().iter().enumerate() {
-            let Some(id) = id else { continue };
-            let repeated = match row_of.get(id) {
-                Some(&row) => take[row as usize].replace(r as u32).is_some(),
-                None => !others.insert(id),
-            };
-            if repeated {
-                return Err(Error::query(
-                    &query.file,
-                    format!("returns profile_id {id} more than once; a trait query returns one row per profile (GROUP BY profile_id)"),
-                ));
+        for (b, ids) in ids.iter().enumerate() {
+            for (r, id) in ids.as_string::<i32>().iter().enumerate() {
+                let Some(id) = id else { continue };
+                let repeated = match row_of.get(id) {
+                    Some(&row) => {
+                        let was = std::mem::replace(&mut take[row as usize], (b as u32, r as u32));
+                        was.0 != none
+                    }
+                    None => !others.insert(id),
+                };
+                if repeated {
+                    return Err(Error::query(
+                        &query.file,
+                        format!("returns profile_id {id} more than once; a trait query returns one row per profile (GROUP BY profile_id)"),
+                    ));
+                }
             }
         }
+        let trait_columns: Vec<usize> = (0..schema.fields().len()).filter(|&i| i != key).collect();
+        let nulls: Vec<ArrayRef> = trait_columns
+            .iter()
+            .map(|&i| arrow::array::new_null_array(schema.field(i).data_type(), 1))
+            .collect();
         let mut offset = 0;
         for (b, batch) in collected.iter().enumerate() {
-            let indices =
-                arrow::array::UInt32Array::from(take[offset..offset + batch.num_rows()].to_vec());
+            let rows: Vec<(usize, usize)> = take[offset..offset + batch.num_rows()]
+                .iter()
+                .map(|&(b, r)| (b as usize, r as usize))
+                .collect();
             offset += batch.num_rows();
-            for (i, f) in schema.fields().iter().enumerate() {
-                if f.name() != "profile_id" {
-                    added[b].push(arrow::compute::take(traits.column(i), &indices, None)?);
-                }
+            for (&i, nulls) in trait_columns.iter().zip(&nulls) {
+                let sources: Vec<&dyn Array> = batches
+                    .iter()
+                    .map(|t| t.column(i).as_ref())
+                    .chain([nulls.as_ref()])
+                    .collect();
+                added[b].push(arrow::compute::interleave(&sources, &rows)?);
             }
         }
         fields.extend(
