@@ -276,6 +276,21 @@ fn trait_files_with_repeated_profiles_or_clashing_columns_are_errors() {
         stderr(&out)
     );
 
+    // An id that is no profile's is dropped, but repeating it is the same mistake.
+    std::fs::write(
+        dir.join("zz_per_event.sql"),
+        "SELECT 'p_nobody' AS profile_id, event AS what FROM events",
+    )
+    .unwrap();
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("queries/traits/zz_per_event.sql")
+            && stderr(&out).contains("p_nobody more than once"),
+        "{}",
+        stderr(&out)
+    );
+
     std::fs::write(
         dir.join("zz_per_event.sql"),
         "SELECT profile_id, count(*) AS event_count FROM events GROUP BY profile_id",
