@@ -157,7 +157,22 @@ impl Engine {
             .map_err(|e| Error::io(self.scratch.path(), e))?;
         let path = dir.path().join(tables::EVENTS);
         let url = format!("{}/", path.display());
-        let events = self.ctx.table(tables::EVENTS).await?;
+        let mut events = self.ctx.table(tables::EVENTS).await?;
+        // Only the columns something after this point can read are copied.
+        if let Some(read) = self.columns_read_later()? {
+            let unread: Vec<String> = events
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .filter(|name| !read.contains(&name.to_lowercase()))
+                .collect();
+            if !unread.is_empty() {
+                tracing::debug!(columns = ?unread, "events columns no later query reads");
+                let unread: Vec<&str> = unread.iter().map(String::as_str).collect();
+                events = events.drop_columns(&unread)?;
+            }
+        }
         let events_schema = events.schema().as_arrow().clone();
         // A scratch file read back a few times: LZ4 compresses and decompresses several times
         // faster than the default zstd, and its larger size only lives in the page cache.
@@ -221,6 +236,25 @@ impl Engine {
             .await?;
         *self.events_copy.lock().expect("not poisoned") = Some(dir);
         Ok(())
+    }
+
+    /// The `events` columns (lowercased) that stages after identity can read: those the
+    /// pipeline's own code uses and every name that appears in a trait, segment or report query.
+    /// `None` when any of those queries selects `*` or does not tokenize (its own stage reports
+    /// that), so every column is kept.
+    fn columns_read_later(&self) -> Result<Option<std::collections::HashSet<String>>> {
+        let mut read: std::collections::HashSet<String> =
+            NATIVE_COLUMNS.iter().map(|c| c.to_string()).collect();
+        let dialect = self.ctx.state().config().options().sql_parser.dialect;
+        for kind in ["traits", tables::SEGMENTS, tables::REPORTS] {
+            for query in self.project.query_files(kind)? {
+                match names_in_sql(&query.sql, dialect) {
+                    Some(names) => read.extend(names),
+                    None => return Ok(None),
+                }
+            }
+        }
+        Ok(Some(read))
     }
 
     /// Starts measuring a stage (time, memory, bytes read, spill).
@@ -405,6 +439,57 @@ fn is_json_impl(args: &[ColumnarValue]) -> DfResult<ColumnarValue> {
 
 pub use crate::json_check::is_json;
 
+/// `events` columns read by the pipeline's own code after identity resolution: sessions and
+/// first touches, last-known traits, event counts, RFM and predictions.
+const NATIVE_COLUMNS: &[&str] = &[
+    tables::event::MESSAGE_ID,
+    tables::event::PROFILE_ID,
+    tables::event::TYPE,
+    tables::event::EVENT,
+    tables::event::TIMESTAMP,
+    tables::event::TRAITS,
+    tables::event::PROPERTIES,
+    tables::event::CONTEXT,
+];
+
+/// Every word and quoted name in `sql`, lowercased: a superset of the columns it can name.
+/// `None` if it selects `*` (all columns) or cannot be split into tokens.
+fn names_in_sql(sql: &str, dialect: impl AsRef<str>) -> Option<Vec<String>> {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let dialect = datafusion::sql::sqlparser::dialect::dialect_from_str(dialect)
+        .unwrap_or_else(|| Box::new(datafusion::sql::sqlparser::dialect::GenericDialect {}));
+    let tokens = Tokenizer::new(dialect.as_ref(), sql).tokenize().ok()?;
+    let mut names = Vec::new();
+    let mut previous: Option<&Token> = None;
+    for token in &tokens {
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::Word(word) => names.push(word.value.to_lowercase()),
+            // `*` after SELECT, DISTINCT, ALL, a comma or a qualifier's dot is a wildcard;
+            // after `(` (count(*)) or an operand it is not.
+            Token::Mul => {
+                let wildcard = match previous {
+                    Some(Token::Comma | Token::Period) => true,
+                    Some(Token::Word(w)) => {
+                        matches!(
+                            w.keyword,
+                            Keyword::SELECT | Keyword::DISTINCT | Keyword::ALL
+                        )
+                    }
+                    _ => false,
+                };
+                if wildcard {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        previous = Some(token);
+    }
+    Some(names)
+}
+
 /// Checks that `sql` holds exactly one read-only statement (a query); `file` names it in errors.
 ///
 /// DataFusion's `SQLOptions` refuse DDL, DML and `SET` while planning; this check runs first so
@@ -454,6 +539,28 @@ pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_in_sql_keeps_every_word_and_gives_up_on_wildcards() {
+        let names = names_in_sql(
+            r#"SELECT profile_id, count(*) AS n, 2 * sum(x."Revenue") FROM events e WHERE "user_id" IS NOT NULL"#,
+            "generic",
+        )
+        .expect("no wildcard");
+        for name in ["profile_id", "revenue", "user_id", "events"] {
+            assert!(names.contains(&name.to_string()), "{name}: {names:?}");
+        }
+        assert!(!names.contains(&"anonymous_id".to_string()));
+        for sql in [
+            "SELECT * FROM events",
+            "SELECT DISTINCT * FROM events",
+            "SELECT a, * FROM events",
+            "SELECT e.* FROM events e",
+            "SELECT 'unterminated FROM events",
+        ] {
+            assert_eq!(names_in_sql(sql, "generic"), None, "{sql}");
+        }
+    }
 
     #[test]
     fn json_check() {

@@ -178,6 +178,52 @@ fn each_computed_trait_kind_matches_a_hand_computed_value() {
 }
 
 #[test]
+fn queries_read_event_columns_the_pipeline_itself_does_not_use() {
+    // Later stages read a copy of the resolved events that keeps only the columns some query
+    // names (or all of them, for `*`): a trait over anonymous_id and received_at, and a
+    // report selecting `*`, must still see theirs.
+    let rows = fixture();
+    let p = bundled_with(&rows);
+    std::fs::write(
+        p.path().join("queries/traits/devices.sql"),
+        "SELECT profile_id, count(DISTINCT anonymous_id) AS devices, max(received_at) AS last_received \
+         FROM events GROUP BY profile_id",
+    )
+    .unwrap();
+    std::fs::write(
+        p.path().join("queries/reports/every_column.sql"),
+        "SELECT * FROM events WHERE message_id = 'a1'",
+    )
+    .unwrap();
+    ok(run(&mut p.cmd(&["run", "--quiet", "--as-of", AS_OF])));
+
+    let ann: Vec<&Ev> = rows.iter().filter(|r| r.user_id == Some("u-ann")).collect();
+    let mut devices: Vec<&str> = ann.iter().filter_map(|r| r.anonymous_id).collect();
+    devices.sort();
+    devices.dedup();
+    let last_received = ann.iter().filter_map(|r| r.received_at).max().unwrap();
+    let got = p.query(
+        "SELECT devices, CAST(last_received AS BIGINT) AS last_received FROM profiles \
+         WHERE array_has(user_ids, 'u-ann')",
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["devices"], devices.len(), "{got:?}");
+    assert!(!devices.is_empty(), "the fixture gives Ann a device");
+    assert_eq!(got[0]["last_received"], last_received, "{got:?}");
+
+    let a1 = rows.iter().find(|r| r.message_id == Some("a1")).unwrap();
+    let got = p.query(
+        "SELECT anonymous_id, user_id, CAST(received_at AS BIGINT) AS received_at, profile_id \
+         FROM reports.every_column",
+    );
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["anonymous_id"], a1.anonymous_id.unwrap());
+    assert_eq!(got[0]["user_id"], a1.user_id.unwrap());
+    assert_eq!(got[0]["received_at"], a1.received_at.unwrap());
+    assert!(got[0]["profile_id"].is_string(), "{got:?}");
+}
+
+#[test]
 fn windows_follow_the_as_of_time() {
     let p = bundled_with(&fixture());
     // 100 days later, no order is within 90 days and no product view within 30.
