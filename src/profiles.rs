@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, ListBuilder, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::{Column, JoinType};
@@ -399,6 +399,26 @@ fn merge_latest(into: &mut Latest, from: Latest) {
     }
 }
 
+/// Writes `traits` as one JSON object, keys in their (sorted) order: the text serde_json
+/// prints for the same object.
+fn write_object(
+    out: &mut Vec<u8>,
+    traits: &BTreeMap<String, (i64, serde_json::Value)>,
+) -> Result<()> {
+    let failed = |e: serde_json::Error| Error::Usage(format!("writing identify traits: {e}"));
+    out.push(b'{');
+    for (i, (k, (_, v))) in traits.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, k).map_err(failed)?;
+        out.push(b':');
+        serde_json::to_writer(&mut *out, v).map_err(failed)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 /// A JSON value as text, for breaking ties between values seen at the same time.
 fn json_text(v: &serde_json::Value) -> String {
     v.to_string()
@@ -486,30 +506,32 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
             .iter()
             .map(|name| Field::new(name, DataType::Utf8, true)),
     );
-    let ids: Vec<&str> = latest.keys().map(String::as_str).collect();
-    let json: Vec<String> = latest
-        .values()
-        .map(|m| {
-            serde_json::Value::Object(m.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect())
-                .to_string()
-        })
-        .collect();
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from(ids)),
-        Arc::new(StringArray::from(json)),
-    ];
-    for name in lifted {
-        let values: Vec<Option<String>> = latest
-            .values()
-            .map(|m| {
-                m.get(name).map(|(_, v)| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-            })
-            .collect();
-        columns.push(Arc::new(StringArray::from(values)));
+    // Written straight into the columns: building a JSON value per profile to print it, and a
+    // String per lifted trait, took half of this step (0.55 of 1.05 s at 10M events).
+    let mut ids = StringBuilder::with_capacity(latest.len(), latest.len() * 20);
+    let mut json = StringBuilder::with_capacity(latest.len(), latest.len() * 64);
+    let mut lifted_columns: Vec<StringBuilder> =
+        lifted.iter().map(|_| StringBuilder::new()).collect();
+    let mut text = Vec::new();
+    for (profile, traits) in &latest {
+        ids.append_value(profile);
+        text.clear();
+        write_object(&mut text, traits)?;
+        json.append_value(std::str::from_utf8(&text).expect("serde_json writes UTF-8"));
+        for (name, column) in lifted.iter().zip(&mut lifted_columns) {
+            match traits.get(name) {
+                Some((_, serde_json::Value::String(s))) => column.append_value(s),
+                Some((_, other)) => column.append_value(other.to_string()),
+                None => column.append_null(),
+            }
+        }
     }
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(ids.finish()), Arc::new(json.finish())];
+    columns.extend(
+        lifted_columns
+            .iter_mut()
+            .map(|c| Arc::new(c.finish()) as ArrayRef),
+    );
     Ok(RecordBatch::try_new(
         Arc::new(Schema::new(fields)),
         columns,
@@ -520,6 +542,35 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn traits_are_written_as_serde_json_prints_them() {
+        let mut traits = BTreeMap::new();
+        for (k, v) in [
+            ("plan", json!("pro")),
+            ("name", json!("Zoë \"Z\" O'Neil\n\u{1}")),
+            ("age", json!(41)),
+            ("score", json!(0.5)),
+            ("tags", json!(["a", {"b": null}])),
+            ("address", json!({"city": "Oslo", "zip": "0150"})),
+            ("quote\"key", json!(true)),
+        ] {
+            traits.insert(k.to_string(), (0, v));
+        }
+        let mut text = Vec::new();
+        write_object(&mut text, &traits).unwrap();
+        let expected = serde_json::Value::Object(
+            traits
+                .iter()
+                .map(|(k, (_, v))| (k.clone(), v.clone()))
+                .collect(),
+        )
+        .to_string();
+        assert_eq!(String::from_utf8(text).unwrap(), expected);
+        let mut empty = Vec::new();
+        write_object(&mut empty, &BTreeMap::new()).unwrap();
+        assert_eq!(empty, b"{}");
+    }
 
     /// One partition's map: `rows` of (profile, time, trait, value).
     fn part(rows: &[(&str, i64, &str, serde_json::Value)]) -> Latest {

@@ -307,49 +307,28 @@ fn segment_cycles_and_unknown_segments_are_errors_naming_the_files() {
 #[test]
 fn trait_files_with_repeated_profiles_or_clashing_columns_are_errors() {
     let p = bundled_with(&fixture());
-    let dir = p.path().join("queries/traits");
-    std::fs::write(
-        dir.join("zz_per_event.sql"),
-        "SELECT profile_id, event FROM events",
-    )
-    .unwrap();
-    let out = run(&mut p.cmd(&["run", "--quiet"]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("queries/traits/zz_per_event.sql")
-            && stderr(&out).contains("more than once"),
-        "{}",
-        stderr(&out)
-    );
-
-    // An id that is no profile's is dropped, but repeating it is the same mistake.
-    std::fs::write(
-        dir.join("zz_per_event.sql"),
-        "SELECT 'p_nobody' AS profile_id, event AS what FROM events",
-    )
-    .unwrap();
-    let out = run(&mut p.cmd(&["run", "--quiet"]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("queries/traits/zz_per_event.sql")
-            && stderr(&out).contains("p_nobody more than once"),
-        "{}",
-        stderr(&out)
-    );
-
-    std::fs::write(
-        dir.join("zz_per_event.sql"),
-        "SELECT profile_id, count(*) AS event_count FROM events GROUP BY profile_id",
-    )
-    .unwrap();
-    let out = run(&mut p.cmd(&["run", "--quiet"]));
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("queries/traits/zz_per_event.sql")
-            && stderr(&out).contains("`event_count`"),
-        "{}",
-        stderr(&out)
-    );
+    let file = p.path().join("queries/traits/zz_per_event.sql");
+    for (sql, says) in [
+        ("SELECT profile_id, event FROM events", "more than once"),
+        // An id that is no profile's is dropped, but repeating it is the same mistake.
+        (
+            "SELECT 'p_nobody' AS profile_id, event AS what FROM events",
+            "p_nobody more than once",
+        ),
+        (
+            "SELECT profile_id, count(*) AS event_count FROM events GROUP BY profile_id",
+            "`event_count`",
+        ),
+    ] {
+        std::fs::write(&file, sql).unwrap();
+        let out = run(&mut p.cmd(&["run", "--quiet"]));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{sql}: {err}");
+        assert!(
+            err.contains("queries/traits/zz_per_event.sql") && err.contains(says),
+            "{sql}: {err}"
+        );
+    }
 }
 
 #[test]
