@@ -6,13 +6,13 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray};
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
 use arrow::datatypes::DataType;
 use datafusion::common::cast::as_string_array;
 use datafusion::error::Result as DfResult;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, ScalarUDF, Volatility};
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 
 use crate::config::Project;
@@ -45,6 +45,8 @@ pub struct Engine {
     scratch: Scratch,
     /// The resolved events written into the scratch folder, replaced on each materialising.
     events_copy: std::sync::Mutex<Option<tempfile::TempDir>>,
+    /// The memory pool's share held by resolved events kept in memory.
+    events_held: std::sync::Mutex<Option<datafusion::execution::memory_pool::MemoryReservation>>,
 }
 
 impl Engine {
@@ -107,6 +109,7 @@ impl Engine {
             limits,
             scratch,
             events_copy: std::sync::Mutex::new(None),
+            events_held: std::sync::Mutex::new(None),
             outputs: Outputs::new(output),
             project,
             ctx,
@@ -150,7 +153,10 @@ impl Engine {
     /// Writes `events` as it is now (checked, deduplicated, with profile_id) to local Parquet
     /// once, and registers that in its place: every later stage reads it many times, and a
     /// plain scan is far cheaper than redoing the checks and the profile join on each read.
-    pub async fn materialise_events(&self) -> Result<()> {
+    ///
+    /// When the copy would take at most a quarter of the memory limit it is kept in memory
+    /// instead ([`Engine::events_in_memory`]); `rows` is how many events there are.
+    pub async fn materialise_events(&self, rows: u64) -> Result<()> {
         let dir = tempfile::Builder::new()
             .prefix("events-")
             .tempdir_in(self.scratch.path())
@@ -174,6 +180,13 @@ impl Engine {
             }
         }
         let events_schema = events.schema().as_arrow().clone();
+        *self.events_held.lock().expect("not poisoned") = None;
+        if let Some(table) = self.events_in_memory(&events, rows).await? {
+            self.ctx.deregister_table(tables::EVENTS)?;
+            self.ctx.register_table(tables::EVENTS, Arc::new(table))?;
+            *self.events_copy.lock().expect("not poisoned") = None;
+            return Ok(());
+        }
         // A scratch file read back a few times: LZ4 compresses and decompresses several times
         // faster than the default zstd, and its larger size only lives in the page cache.
         let mut options = datafusion::config::TableParquetOptions::default();
@@ -236,6 +249,66 @@ impl Engine {
             .await?;
         *self.events_copy.lock().expect("not poisoned") = Some(dir);
         Ok(())
+    }
+
+    /// `events` (`rows` of them) collected into an in-memory table of plain types, if that
+    /// takes at most a quarter of the memory limit; `None` otherwise.
+    ///
+    /// Later stages scan the resolved events many times. From memory each scan is free, where
+    /// the Parquet copy is encoded once and decoded by every scan (10M events: the run 2 s
+    /// faster, 2.2 GiB more resident). The size is estimated from a sample of rows first, and
+    /// what the table takes is reserved in the engine's memory pool until the events are
+    /// materialised again or the engine is dropped, so sorts and joins spill sooner rather
+    /// than run past the limit.
+    async fn events_in_memory(
+        &self,
+        events: &DataFrame,
+        rows: u64,
+    ) -> Result<Option<datafusion::datasource::MemTable>> {
+        const SAMPLE_ROWS: usize = 8192;
+        if crate::faults::events_on_disk() {
+            return Ok(None);
+        }
+        let budget = self.limits.memory / 4;
+        let plain = crate::output::plain_columns(events.clone())?;
+        let sample = plain.clone().limit(0, Some(SAMPLE_ROWS))?.collect().await?;
+        let sampled: usize = sample.iter().map(RecordBatch::num_rows).sum();
+        if sampled == 0 {
+            return Ok(None);
+        }
+        // A sample sliced from larger batches counts their whole buffers: this errs high.
+        let bytes: usize = sample.iter().map(RecordBatch::get_array_memory_size).sum();
+        let estimate = (bytes as f64 / sampled as f64 * rows as f64) as u64;
+        if estimate > budget {
+            tracing::info!(
+                estimate_mib = estimate >> 20,
+                budget_mib = budget >> 20,
+                "resolved events go to the scratch folder"
+            );
+            return Ok(None);
+        }
+        let schema = plain.schema().as_arrow().clone();
+        let parts = plain.collect_partitioned().await?;
+        let size: usize = parts
+            .iter()
+            .flatten()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        let reservation =
+            datafusion::execution::memory_pool::MemoryConsumer::new("resolved events (in memory)")
+                .register(&self.ctx.runtime_env().memory_pool);
+        reservation.grow(size);
+        tracing::info!(
+            estimate_mib = estimate >> 20,
+            mib = size >> 20,
+            budget_mib = budget >> 20,
+            "resolved events kept in memory"
+        );
+        *self.events_held.lock().expect("not poisoned") = Some(reservation);
+        Ok(Some(datafusion::datasource::MemTable::try_new(
+            Arc::new(schema),
+            parts,
+        )?))
     }
 
     /// The `events` columns (lowercased) that stages after identity can read: those the

@@ -4,6 +4,8 @@
 //!   write to the output store (data files, log entries, manifests, lease, state), so tests
 //!   can stop a real run at every point where a write lands.
 //! - `TESSERA_TEST_TRACE_WRITES=1` prints each write, numbered, to stderr.
+//! - `TESSERA_TEST_EVENTS_ON_DISK=1` writes the resolved events to the scratch folder even
+//!   when they would fit in memory, so small test runs take the path large runs take.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -23,6 +25,11 @@ fn hooks() -> &'static Hooks {
             .and_then(|v| v.parse().ok()),
         trace: std::env::var_os("TESSERA_TEST_TRACE_WRITES").is_some(),
     })
+}
+
+/// Whether the resolved events must go to the scratch folder whatever their size.
+pub fn events_on_disk() -> bool {
+    std::env::var_os("TESSERA_TEST_EVENTS_ON_DISK").is_some()
 }
 
 /// Records one completed write to `what`.

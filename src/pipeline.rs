@@ -389,7 +389,7 @@ async fn stages(
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
     let meter = engine.meter();
     engine
-        .materialise_events()
+        .materialise_events(report.events)
         .await
         .map_err(in_stage(engine, "resolved events"))?;
     report

@@ -776,6 +776,47 @@ fn scratch_folders(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+fn resolved_events_in_memory_or_in_the_scratch_folder_give_the_same_tables() {
+    let p = project("out", "");
+    generate(&p.path().join("data"), 200, 5, 8);
+    let tables = [
+        "profiles ORDER BY profile_id",
+        "sessions ORDER BY session_id",
+        "rfm ORDER BY profile_id",
+        "segments.cart_abandoners ORDER BY profile_id",
+        "segments.active_30d ORDER BY profile_id",
+    ];
+    let read = |p: &TempProject| -> Vec<Vec<serde_json::Value>> {
+        tables
+            .iter()
+            .map(|t| p.query(&format!("SELECT * FROM {t}")))
+            .collect()
+    };
+    let mut args = run_args();
+    args.push("--full");
+    let mut runs = Vec::new();
+    for on_disk in [false, true] {
+        let mut cmd = p.cmd(&args);
+        cmd.env("RUST_LOG", "tessera=info");
+        if on_disk {
+            cmd.env("TESSERA_TEST_EVENTS_ON_DISK", "1");
+        }
+        let out = run(&mut cmd);
+        let log = stderr(&out);
+        ok(out);
+        assert_eq!(
+            log.contains("resolved events kept in memory"),
+            !on_disk,
+            "{log}"
+        );
+        let tables = read(&p);
+        assert!(tables[0].len() > 50, "{:?}", tables[0].len());
+        runs.push(tables);
+    }
+    assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
 fn the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run() {
     let p = project("out", "");
     generate(&p.path().join("data"), 60, 2, 8);
@@ -784,8 +825,12 @@ fn the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run() {
     let mut args = run_args();
     args.extend(["--full", "--spill-dir", spill_arg]);
 
-    // How many writes a run makes; a run leaves no scratch folder behind when it ends.
-    let out = run(p.cmd(&args).env("TESSERA_TEST_TRACE_WRITES", "1"));
+    // How many writes a run makes; a run leaves no scratch folder behind when it ends. (The
+    // resolved events of so few events would be kept in memory; they go to the folder here.)
+    let out = run(p
+        .cmd(&args)
+        .env("TESSERA_TEST_TRACE_WRITES", "1")
+        .env("TESSERA_TEST_EVENTS_ON_DISK", "1"));
     let writes = stderr(&out).matches("tessera-write ").count();
     ok(out);
     assert!(
@@ -797,6 +842,7 @@ fn the_scratch_folder_of_a_killed_run_is_removed_by_the_next_run() {
     let out = run(p
         .cmd(&args)
         .env("TESSERA_TEST_TRACE_WRITES", "1")
+        .env("TESSERA_TEST_EVENTS_ON_DISK", "1")
         .env("TESSERA_TEST_KILL_AFTER_WRITE", (writes - 2).to_string()));
     assert_eq!(out.status.signal(), Some(9), "{}", stderr(&out));
     let left = scratch_folders(&spill);
