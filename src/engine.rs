@@ -157,12 +157,6 @@ impl Engine {
     /// When the copy would take at most a quarter of the memory limit it is kept in memory
     /// instead ([`Engine::events_in_memory`]); `rows` is how many events there are.
     pub async fn materialise_events(&self, rows: u64) -> Result<()> {
-        let dir = tempfile::Builder::new()
-            .prefix("events-")
-            .tempdir_in(self.scratch.path())
-            .map_err(|e| Error::io(self.scratch.path(), e))?;
-        let path = dir.path().join(tables::EVENTS);
-        let url = format!("{}/", path.display());
         let mut events = self.ctx.table(tables::EVENTS).await?;
         // Only the columns something after this point can read are copied.
         if let Some(read) = self.columns_read_later()? {
@@ -179,7 +173,6 @@ impl Engine {
                 events = events.drop_columns(&unread)?;
             }
         }
-        let events_schema = events.schema().as_arrow().clone();
         *self.events_held.lock().expect("not poisoned") = None;
         if let Some(table) = self.events_in_memory(&events, rows).await? {
             self.ctx.deregister_table(tables::EVENTS)?;
@@ -187,6 +180,13 @@ impl Engine {
             *self.events_copy.lock().expect("not poisoned") = None;
             return Ok(());
         }
+        let events_schema = events.schema().as_arrow().clone();
+        let dir = tempfile::Builder::new()
+            .prefix("events-")
+            .tempdir_in(self.scratch.path())
+            .map_err(|e| Error::io(self.scratch.path(), e))?;
+        let path = dir.path().join(tables::EVENTS);
+        let url = format!("{}/", path.display());
         // A scratch file read back a few times: LZ4 compresses and decompresses several times
         // faster than the default zstd, and its larger size only lives in the page cache.
         let mut options = datafusion::config::TableParquetOptions::default();
