@@ -16,6 +16,7 @@ pub mod functions;
 pub mod funnel;
 pub mod generate;
 pub mod identity;
+pub mod incremental_traits;
 pub mod ingest;
 pub mod journeys;
 pub mod json_check;

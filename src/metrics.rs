@@ -150,10 +150,14 @@ mod tests {
         let before = resident_bytes();
         let meter = Meter::start(disk);
         let read = std::fs::read(&file).unwrap();
-        // Touch 64 MiB so the resident set grows by that much.
-        let mut block = vec![0u8; 64 << 20];
-        for i in (0..block.len()).step_by(4096) {
-            block[i] = read[i % read.len()];
+        // Touch 64 MiB so the resident set grows by that much. From the system allocator, which
+        // maps blocks this large afresh: the process's own allocator could hand back memory
+        // that other tests running alongside freed and that is still resident.
+        let layout = std::alloc::Layout::from_size_align(64 << 20, 4096).unwrap();
+        let block = unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) };
+        assert!(!block.is_null());
+        for i in (0..layout.size()).step_by(4096) {
+            unsafe { *block.add(i) = read[i % read.len()] };
         }
         let stats = meter.finish("test", 3);
         assert_eq!((stats.stage.as_str(), stats.rows), ("test", 3));
@@ -165,6 +169,6 @@ mod tests {
             );
         }
         assert_eq!(stats.spill_bytes, 0);
-        drop(block);
+        unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, block, layout) };
     }
 }

@@ -439,7 +439,16 @@ async fn stages(
     // Profiles: identifiers, last-known traits, computed traits.
     let meter = engine.meter();
     let spinner = progress.spinner("building profiles");
-    let profiles = crate::profiles::build(engine, &graph_for_sql)
+    let as_of = report.as_of.timestamp_micros();
+    let carry = crate::incremental_traits::Carry::open(
+        ctx,
+        &engine.outputs,
+        as_of,
+        crate::journeys::changed(engine).await?,
+    )
+    .await
+    .map_err(in_stage(engine, "profiles"))?;
+    let profiles = crate::profiles::build(engine, &graph_for_sql, carry.as_ref())
         .await
         .map_err(in_stage(engine, "profiles"))?;
     let committed = write_batches(engine, outputs, tables::PROFILES, profiles).await?;
@@ -447,6 +456,25 @@ async fn stages(
     report
         .tables
         .insert(tables::PROFILES.to_string(), committed);
+    // What the next incremental run needs to know to carry these traits over.
+    let trait_files: Vec<(String, String)> = engine
+        .project
+        .query_files("traits")?
+        .into_iter()
+        .map(|q| (q.file, q.sql))
+        .collect();
+    let state = crate::incremental_traits::state_batch(&trait_files, as_of)?;
+    let committed = outputs
+        .write(
+            ctx,
+            crate::incremental_traits::STATE,
+            ctx.read_batch(state)?,
+            WriteMode::Replace,
+        )
+        .await?;
+    report
+        .tables
+        .insert(crate::incremental_traits::STATE.to_string(), committed);
     spinner.finish_and_clear();
     report.stages.push(meter.finish("profiles", report.events));
 

@@ -311,7 +311,13 @@ fn a_run_killed_at_any_write_publishes_all_or_nothing_and_the_next_run_recovers(
             }
             assert!(
                 consistent,
-                "seed {seed}, write {point}: runs pins a mixed set"
+                "seed {seed}, write {point}: runs pins a mixed set (pinned versions equal to \
+                 neither the old nor the new tables: {:?})",
+                pinned
+                    .iter()
+                    .filter(|(n, l)| before.get(*n) != Some(*l) && after.get(*n) != Some(*l))
+                    .map(|(n, _)| n)
+                    .collect::<Vec<_>>()
             );
 
             // The lease of the killed run lapses; the next run finishes the job.
@@ -568,6 +574,63 @@ fn three_incremental_runs_equal_one_full_run_and_a_changed_file_is_reported() {
     let status: serde_json::Value =
         serde_json::from_str(ok(run(&mut inc.cmd(&["status", "--json"]))).trim()).unwrap();
     assert_eq!(status["changed_files"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn carried_traits_are_recomputed_for_every_profile_when_their_file_or_the_as_of_time_moves() {
+    // Two projects over the same files: one run incrementally, one always in full.
+    let inc = project("out", "");
+    generate(&inc.path().join("data"), 120, 6, 91);
+    let full = project("out", "");
+    copy_dir(&inc.events(), &full.events());
+    let (inc_later, full_later) = (inc.path().join("later"), full.path().join("later"));
+    let days = hold_back(&inc, 3, &inc_later);
+    hold_back(&full, 3, &full_later);
+    let report: serde_json::Value =
+        serde_json::from_str(ok(run(&mut inc.cmd(&run_args()))).trim()).unwrap();
+    assert_eq!(report["mode"], "full");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let profiles = |p: &TempProject| {
+        let outputs = outputs_at(p.path().join("out").to_str().unwrap());
+        let canonical = rt.block_on(canonical_ids(&outputs));
+        rt.block_on(table_lines(&outputs, "profiles", None, Some(&canonical)))
+            .expect("profiles exist")
+    };
+    let step = |days: &[String], as_of: &str| {
+        bring_back(&inc, &inc_later, days);
+        bring_back(&full, &full_later, days);
+        let report: serde_json::Value = serde_json::from_str(
+            ok(run(
+                &mut inc.cmd(&["run", "--json", "--quiet", "--as-of", as_of])
+            ))
+            .trim(),
+        )
+        .unwrap();
+        assert_eq!(report["mode"], "incremental");
+        ok(run(
+            &mut full.cmd(&["run", "--full", "--quiet", "--as-of", as_of])
+        ));
+        let (a, b) = (profiles(&inc), profiles(&full));
+        assert_eq!(a.len(), b.len());
+        let differ: Vec<_> = a.iter().zip(&b).filter(|(x, y)| x != y).take(3).collect();
+        assert!(
+            differ.is_empty(),
+            "incremental and full profiles differ: {differ:#?}"
+        );
+    };
+
+    // A trait file edited between runs: the new text holds for every profile, not only those
+    // with new events (the other files are carried over).
+    for p in [&inc, &full] {
+        let file = p.path().join("queries/traits/order_count.sql");
+        let sql = std::fs::read_to_string(&file).unwrap();
+        assert!(sql.contains("90 days"));
+        std::fs::write(&file, sql.replace("90 days", "2 days")).unwrap();
+    }
+    step(&days[..1], AS_OF);
+    // A later as-of time: windows over `as_of()` move for every profile.
+    step(&days[1..], "2026-11-04T00:00:00Z");
 }
 
 /// profile_id → its oldest identifier (type:value), so groupings compare across outputs.
