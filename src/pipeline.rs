@@ -440,14 +440,25 @@ async fn stages(
     let meter = engine.meter();
     let spinner = progress.spinner("building profiles");
     let as_of = report.as_of.timestamp_micros();
-    let carry = crate::incremental_traits::Carry::open(
+    // Unreadable state costs only time: every trait file then runs over every profile.
+    let carry = match crate::incremental_traits::Carry::open(
         ctx,
         &engine.outputs,
         as_of,
         crate::journeys::changed(engine).await?,
     )
     .await
-    .map_err(in_stage(engine, "profiles"))?;
+    {
+        Ok(carry) => carry,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "could not read {}: computing every trait for every profile",
+                crate::incremental_traits::STATE
+            );
+            None
+        }
+    };
     let profiles = crate::profiles::build(engine, &graph_for_sql, carry.as_ref())
         .await
         .map_err(in_stage(engine, "profiles"))?;

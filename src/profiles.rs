@@ -462,8 +462,8 @@ fn json_text(v: &serde_json::Value) -> String {
     v.to_string()
 }
 
-/// Plans `sql` with `events` standing for the whole of `events` (then puts `events` back: the
-/// plan keeps the table it was planned with).
+/// Plans `sql` with `events` naming the given table instead of all the events, then names
+/// all the events `events` again (the plan keeps the table it was planned with).
 async fn query_over(
     engine: &Engine,
     events: Arc<dyn datafusion::datasource::TableProvider>,
@@ -471,8 +471,10 @@ async fn query_over(
     file: &str,
 ) -> Result<DataFrame> {
     let all = engine.ctx.deregister_table(tables::EVENTS)?;
-    engine.ctx.register_table(tables::EVENTS, events)?;
-    let planned = engine.query(sql, file).await;
+    let planned = match engine.ctx.register_table(tables::EVENTS, events) {
+        Ok(_) => engine.query(sql, file).await,
+        Err(e) => Err(e.into()),
+    };
     engine.ctx.deregister_table(tables::EVENTS)?;
     if let Some(all) = all {
         engine.ctx.register_table(tables::EVENTS, all)?;
