@@ -28,6 +28,7 @@ use datafusion::datasource::TableProvider;
 use datafusion::logical_expr::{cast, Distinct, Expr, LogicalPlan, Volatility};
 use datafusion::prelude::SessionContext;
 
+use crate::config::QueryFile;
 use crate::error::Result;
 use crate::output::Outputs;
 use crate::tables;
@@ -44,8 +45,8 @@ pub fn fingerprint(file: &str, sql: &str) -> String {
     ))
 }
 
-/// `_state/traits` for this run's trait files (`(file, sql)`), computed at `as_of` (µs).
-pub fn state_batch(files: &[(String, String)], as_of: i64) -> Result<RecordBatch> {
+/// `_state/traits` for this run's trait files, computed at `as_of` (µs).
+pub fn state_batch(files: &[QueryFile], as_of: i64) -> Result<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("file", DataType::Utf8, false),
         Field::new("fingerprint", DataType::Utf8, false),
@@ -54,9 +55,9 @@ pub fn state_batch(files: &[(String, String)], as_of: i64) -> Result<RecordBatch
     Ok(RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(StringArray::from_iter_values(files.iter().map(|f| &f.0))),
+            Arc::new(StringArray::from_iter_values(files.iter().map(|f| &f.file))),
             Arc::new(StringArray::from_iter_values(
-                files.iter().map(|(file, sql)| fingerprint(file, sql)),
+                files.iter().map(|f| fingerprint(&f.file, &f.sql)),
             )),
             Arc::new(
                 TimestampMicrosecondArray::from(vec![as_of; files.len()]).with_timezone("UTC"),
@@ -320,10 +321,12 @@ mod tests {
 
     #[test]
     fn the_state_records_each_file_with_its_fingerprint() {
-        let files = vec![
-            ("a.sql".to_string(), "SELECT 1".to_string()),
-            ("b.sql".to_string(), "SELECT 1".to_string()),
-        ];
+        let file = |name: &str| QueryFile {
+            file: name.to_string(),
+            sql: "SELECT 1".to_string(),
+            path: name.into(),
+        };
+        let files = vec![file("a.sql"), file("b.sql")];
         let batch = state_batch(&files, 42).unwrap();
         let prints = batch.column(1).as_string::<i32>();
         assert_eq!(prints.value(0), fingerprint("a.sql", "SELECT 1"));

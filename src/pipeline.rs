@@ -459,7 +459,9 @@ async fn stages(
             None
         }
     };
-    let profiles = crate::profiles::build(engine, &graph_for_sql, carry.as_ref())
+    // Read once: `_state/traits` records the very text the traits were computed with.
+    let trait_files = engine.project.query_files("traits")?;
+    let profiles = crate::profiles::build(engine, &graph_for_sql, &trait_files, carry.as_ref())
         .await
         .map_err(in_stage(engine, "profiles"))?;
     let committed = write_batches(engine, outputs, tables::PROFILES, profiles).await?;
@@ -468,12 +470,6 @@ async fn stages(
         .tables
         .insert(tables::PROFILES.to_string(), committed);
     // What the next incremental run needs to know to carry these traits over.
-    let trait_files: Vec<(String, String)> = engine
-        .project
-        .query_files("traits")?
-        .into_iter()
-        .map(|q| (q.file, q.sql))
-        .collect();
     let state = crate::incremental_traits::state_batch(&trait_files, as_of)?;
     let committed = outputs
         .write(

@@ -14,6 +14,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{cast, col, Expr};
 use futures::StreamExt;
 
+use crate::config::QueryFile;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::identity::graph::Rules;
@@ -34,7 +35,8 @@ pub fn list_column(identifier_type: &str) -> String {
     format!("{identifier_type}s")
 }
 
-/// Builds `profiles` (collected in memory) and registers it as `profiles` for later SQL.
+/// Builds `profiles` (collected in memory) and registers it as `profiles` for later SQL;
+/// `trait_files` are the project's trait queries.
 ///
 /// With `carry` (an incremental run), trait files that allow it are run over the changed
 /// profiles' events only, and the other profiles keep their published values
@@ -42,6 +44,7 @@ pub fn list_column(identifier_type: &str) -> String {
 pub async fn build(
     engine: &Engine,
     graph: &RecordBatch,
+    trait_files: &[QueryFile],
     carry: Option<&Carry>,
 ) -> Result<Vec<RecordBatch>> {
     // Event counts and last-known traits are joined onto the profiles by profile_id (and trait
@@ -50,7 +53,7 @@ pub async fn build(
     // limit, sort-merge joins, which spill, are planned instead.
     let spillable = engine.limits.memory < SPILLABLE_JOINS_BELOW;
     set_prefer_hash_join(engine, !spillable);
-    let built = build_inner(engine, graph, carry).await;
+    let built = build_inner(engine, graph, trait_files, carry).await;
     set_prefer_hash_join(engine, true);
     built
 }
@@ -72,6 +75,7 @@ fn set_prefer_hash_join(engine: &Engine, hash: bool) {
 async fn build_inner(
     engine: &Engine,
     graph: &RecordBatch,
+    trait_files: &[QueryFile],
     carry: Option<&Carry>,
 ) -> Result<Vec<RecordBatch>> {
     let rules = Rules::from_config(&engine.project.config.identity);
@@ -156,7 +160,7 @@ async fn build_inner(
         }
     }
     let mut added: Vec<Vec<ArrayRef>> = vec![Vec::new(); collected.len()];
-    for query in engine.project.query_files("traits")? {
+    for query in trait_files {
         let df = engine.query(&query.sql, &query.file).await?;
         let schema = df.schema().as_arrow().clone();
         if schema.index_of("profile_id").is_err() {
