@@ -8,7 +8,6 @@
 
 use datafusion::arrow::datatypes::Schema;
 use datafusion::dataframe::DataFrame;
-use futures::StreamExt;
 
 use crate::config::{PredictionsConfig, SessionsConfig};
 use crate::engine::Engine;
@@ -475,7 +474,20 @@ SELECT DISTINCT profile_id FROM (
         ),
     )
     .await?;
-    ctx.register_table(CHANGED_EVENTS, held_if_small(engine, changed_events).await?)?;
+    // Held in memory when small (a sixteenth of the limit): the sessions and every carried
+    // trait file read them. As a view, each of those reads filtered all the events again, and
+    // the optimizer moved a trait's own filter below that filter, so its JSON was parsed for
+    // every event (at 10M events, 1,733 changed profiles: the campaign trait took 0.76 s).
+    if !engine
+        .hold(
+            CHANGED_EVENTS,
+            changed_events.clone(),
+            engine.limits.memory / 16,
+        )
+        .await?
+    {
+        ctx.register_table(CHANGED_EVENTS, changed_events.into_view())?;
+    }
     let fresh = sessions(
         engine,
         schema,
@@ -504,44 +516,6 @@ SELECT DISTINCT profile_id FROM (
     Ok(Some(kept.select(columns)?.union(fresh)?))
 }
 
-/// `df` collected into memory if it takes at most a sixteenth of the memory limit, else as a
-/// view. The changed profiles' events are read by the sessions and by every carried trait
-/// file; as a view, each of those reads filtered all the events again, and a trait's own
-/// filter was moved below that filter by the optimizer, so its JSON was parsed for every event
-/// (at 10M events, 1,733 changed profiles: the campaign trait took 0.76 s).
-async fn held_if_small(
-    engine: &Engine,
-    df: DataFrame,
-) -> Result<std::sync::Arc<dyn datafusion::datasource::TableProvider>> {
-    let budget = (engine.limits.memory / 16) as usize;
-    let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
-    let mut stream = df.clone().execute_stream().await?;
-    let mut batches = Vec::new();
-    let mut size = 0;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        size += batch.get_array_memory_size();
-        if size > budget {
-            tracing::info!(
-                budget,
-                "changed profiles' events read as a view: too many to hold"
-            );
-            return Ok(df.into_view());
-        }
-        batches.push(batch);
-    }
-    let schema = batches.first().map(|b| b.schema()).unwrap_or(schema);
-    // Dealt into as many partitions as the engine runs, so scans of it run in parallel.
-    let parts = engine.ctx.copied_config().target_partitions().max(1);
-    let mut partitions = vec![Vec::new(); parts];
-    for (i, batch) in batches.into_iter().enumerate() {
-        partitions[i % parts].push(batch);
-    }
-    Ok(std::sync::Arc::new(
-        datafusion::datasource::MemTable::try_new(schema, partitions)?,
-    ))
-}
-
 /// The profiles this run found changed and their events, when it found them (an incremental
 /// run whose sessions were cut again for those profiles only).
 pub async fn changed(
@@ -560,6 +534,13 @@ pub async fn changed(
         ctx.table(CHANGED_PROFILES).await?,
         ctx.table_provider(CHANGED_EVENTS).await?,
     )))
+}
+
+/// Forgets the changed profiles and their events (and the memory they held), once the
+/// stages that read them are done.
+pub fn release_changed(engine: &Engine) -> Result<()> {
+    engine.ctx.deregister_table(CHANGED_PROFILES)?;
+    engine.release(CHANGED_EVENTS)
 }
 
 /// The `events` schema as SQL sees it now.
@@ -613,8 +594,7 @@ pub async fn build(
     let schema = events_schema(engine).await?;
     let mut built = Vec::new();
     // Registered again below only if this run finds which profiles changed (see `changed`).
-    engine.ctx.deregister_table(CHANGED_PROFILES)?;
-    engine.ctx.deregister_table(CHANGED_EVENTS)?;
+    release_changed(engine)?;
 
     let started = std::time::Instant::now();
     let sessions = match changes {

@@ -465,6 +465,7 @@ async fn stages(
         .await
         .map_err(in_stage(engine, "profiles"))?;
     let committed = write_batches(engine, outputs, tables::PROFILES, profiles).await?;
+    crate::journeys::release_changed(engine)?;
     report.profiles_written = committed.rows;
     report
         .tables
