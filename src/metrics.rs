@@ -141,8 +141,9 @@ pub fn bytes_read() -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_stage_sees_the_memory_and_reads_it_causes() {
+    /// One stage that reads a 4 MiB file and touches a 256 MiB block: its figures, and the
+    /// resident memory before it.
+    fn measure_one_stage() -> (StageStats, u64) {
         let disk = Arc::new(DiskManager::builder().build().unwrap());
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("data");
@@ -150,10 +151,8 @@ mod tests {
         let before = resident_bytes();
         let meter = Meter::start(disk);
         let read = std::fs::read(&file).unwrap();
-        // Touch 256 MiB so the resident set grows by that much. From the system allocator, which
-        // maps blocks this large afresh: the process's own allocator could hand back memory
-        // that other tests running alongside freed and that is still resident. The check
-        // leaves 56 MiB for what a test running alongside frees meanwhile.
+        // From the system allocator, which maps blocks this large afresh: the process's own
+        // allocator could hand back memory that is still resident.
         let layout = std::alloc::Layout::from_size_align(256 << 20, 4096).unwrap();
         let block = unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) };
         assert!(!block.is_null());
@@ -161,15 +160,28 @@ mod tests {
             unsafe { *block.add(i) = read[i % read.len()] };
         }
         let stats = meter.finish("test", 3);
-        assert_eq!((stats.stage.as_str(), stats.rows), ("test", 3));
-        if cfg!(target_os = "linux") {
-            assert!(stats.bytes_read >= 4 << 20, "{stats:?}");
-            assert!(
-                stats.peak_rss_bytes >= before + (200 << 20),
-                "{stats:?}, before {before}"
-            );
-        }
-        assert_eq!(stats.spill_bytes, 0);
         unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, block, layout) };
+        (stats, before)
+    }
+
+    #[test]
+    fn a_stage_sees_the_memory_and_reads_it_causes() {
+        let (stats, before) = measure_one_stage();
+        assert_eq!((stats.stage.as_str(), stats.rows), ("test", 3));
+        assert_eq!(stats.spill_bytes, 0);
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        assert!(stats.bytes_read >= 4 << 20, "{stats:?}");
+        // Resident memory is the whole process's: a test running alongside can free more than
+        // this one touches while it runs (seen: 1 run in 20). Of three tries, one must see the
+        // block; a meter that misses memory fails all three.
+        let grew =
+            |(stats, before): &(StageStats, u64)| stats.peak_rss_bytes >= before + (240 << 20);
+        let mut tries = vec![(stats, before)];
+        while !tries.iter().any(grew) && tries.len() < 3 {
+            tries.push(measure_one_stage());
+        }
+        assert!(tries.iter().any(grew), "{tries:?}");
     }
 }
