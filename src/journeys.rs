@@ -62,7 +62,9 @@ pub async fn sessions(
         ),
     )
     .await?;
-    let cut = crate::session_cut::cut(events, config.gap_minutes)
+    // A quarter of the limit for the buckets waiting to be sorted (see `session_cut::cut`).
+    let buffers = (engine.limits.memory / 4) as usize;
+    let cut = crate::session_cut::cut(events, config.gap_minutes, buffers)
         .await
         .map_err(|e| Error::Query {
             file: format!("the built-in query of table `{}`", tables::SESSIONS),

@@ -563,12 +563,12 @@ fn new_profile_number(kind: &str, value: &[u8], salt: Option<u32>) -> u64 {
     h
 }
 
-fn profile_id_text(number: u64) -> String {
+pub(crate) fn profile_id_text(number: u64) -> String {
     format!("p_{number:016x}")
 }
 
 /// The number of an id [`profile_id_text`] wrote; `None` for any other text.
-fn profile_id_number(id: &str) -> Option<u64> {
+pub(crate) fn profile_id_number(id: &str) -> Option<u64> {
     let hex = id.strip_prefix("p_")?;
     if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
