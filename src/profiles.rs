@@ -88,12 +88,27 @@ async fn build_inner(
         .iter()
         .map(|t| format!("g.{}", list_column(t)))
         .collect();
+    // First and last seen and the event count, from the sessions when this run cut them: every
+    // event with a profile is in exactly one session, so their minimum start, maximum end and
+    // summed counts are the events' own, from a fifth as many rows (100M events: 19M sessions).
+    let seen = if engine.ctx.table_exist(tables::SESSIONS)? {
+        format!(
+            "SELECT profile_id, min(started_at) AS first_seen, max(ended_at) AS last_seen, \
+                    CAST(sum(event_count) AS BIGINT) AS event_count \
+             FROM {sessions} WHERE profile_id IS NOT NULL GROUP BY profile_id",
+            sessions = tables::SESSIONS
+        )
+    } else {
+        format!(
+            "SELECT profile_id, min(\"timestamp\") AS first_seen, max(\"timestamp\") AS last_seen, count(*) AS event_count \
+             FROM {events} WHERE profile_id IS NOT NULL GROUP BY profile_id",
+            events = tables::EVENTS
+        )
+    };
     let base = format!(
-        "WITH e AS (SELECT profile_id, min(\"timestamp\") AS first_seen, max(\"timestamp\") AS last_seen, count(*) AS event_count \
-                    FROM {events} WHERE profile_id IS NOT NULL GROUP BY profile_id) \
+        "WITH e AS ({seen}) \
          SELECT g.profile_id, e.first_seen, e.last_seen, coalesce(e.event_count, 0) AS event_count, {list_names} \
          FROM {IDENTIFIER_LISTS} g LEFT JOIN e ON g.profile_id = e.profile_id",
-        events = tables::EVENTS,
         list_names = list_names.join(", "),
     );
     let mut profiles = engine.ctx.sql(&base).await?;

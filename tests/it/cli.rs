@@ -327,6 +327,32 @@ fn bench_measures_every_stage_of_both_engines_and_writes_csv_and_markdown() {
     );
 }
 
+/// Profiles take first_seen, last_seen and event_count from the sessions; they must be the
+/// events' own, counted here from the events themselves.
+#[test]
+fn profiles_are_first_and_last_seen_and_counted_as_their_events_are() {
+    let p = bundled();
+    p.run_json();
+    let seen = p.query(
+        "SELECT count(*) AS profiles, sum(event_count) AS events FROM profiles WHERE event_count > 0",
+    );
+    assert!(seen[0]["profiles"].as_u64().unwrap() > 1000, "{seen:?}");
+    let differ = p.query(
+        r#"SELECT p.profile_id, p.event_count, e.n, p.first_seen, e.first, p.last_seen, e.last
+           FROM profiles p LEFT JOIN (
+               SELECT profile_id, count(*) AS n, min("timestamp") AS first, max("timestamp") AS last
+               FROM events WHERE profile_id IS NOT NULL GROUP BY profile_id
+           ) e ON e.profile_id = p.profile_id
+           WHERE (p.event_count <> coalesce(e.n, 0))
+              OR (p.first_seen IS DISTINCT FROM e.first)
+              OR (p.last_seen IS DISTINCT FROM e.last)
+           LIMIT 5"#,
+    );
+    assert!(differ.is_empty(), "{differ:?}");
+    let events = p.query("SELECT count(*) AS n FROM events WHERE profile_id IS NOT NULL");
+    assert_eq!(seen[0]["events"], events[0]["n"]);
+}
+
 #[test]
 fn events_get_the_same_profiles_whether_the_identity_query_is_plain_or_not() {
     let plain = bundled();
