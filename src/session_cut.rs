@@ -13,7 +13,6 @@
 //! comparisons are of integers. (100M events: the sort spilled 4.9 GiB at any memory limit.)
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -76,11 +75,10 @@ pub async fn cut(
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::from_runtime_env(
         &task.runtime_env(),
     )
-    .with_memory_pool(Arc::new(BoundedBuffers {
-        pool: task.runtime_env().memory_pool.clone(),
-        cap: buffer_bytes,
-        buffered: AtomicUsize::new(0),
-    }))
+    .with_memory_pool(Arc::new(BoundedBuffers::new(
+        task.runtime_env().memory_pool.clone(),
+        buffer_bytes,
+    )))
     .build_arc()?;
     let events = events.select(vec![
         profile_number()
@@ -203,22 +201,30 @@ fn output_schema(ts_type: &DataType) -> SchemaRef {
 /// partition spilled 4.4 GiB and merged its runs back.
 pub const BUCKETS_PER_PARTITION: usize = 16;
 
-/// The engine's memory pool, with what the repartition's waiting buckets hold kept to `cap`
-/// bytes: past it, its buffers spill (DataFusion's RepartitionExec spills a batch it cannot
-/// reserve), and the memory stays free for the sort of the bucket being cut and for the rest
-/// of the plan. Everything is still reserved in, and limited by, the engine's pool.
+/// The engine's memory pool, with the repartition's waiting buckets charged to it as one
+/// reservation that cannot spill and kept to `cap` bytes. Past the cap a buffer spills
+/// (DataFusion's RepartitionExec spills a batch it cannot reserve). The sorts then share what
+/// the buckets leave: the fair pool splits the rest of the limit among the operators that can
+/// spill, and with each of the 16 buffers per partition counted as one of them, a bucket's sort
+/// got a sliver of the limit and spilled every bucket (100M events under a 4 GiB limit).
 #[derive(Debug)]
 struct BoundedBuffers {
     pool: Arc<dyn MemoryPool>,
     cap: usize,
-    buffered: AtomicUsize,
+    /// What the waiting buckets hold, as the engine's pool sees it.
+    held: MemoryReservation,
 }
 
 impl BoundedBuffers {
-    /// Whether `reservation` is a repartition buffer's (DataFusion names them
+    fn new(pool: Arc<dyn MemoryPool>, cap: usize) -> Self {
+        let held = MemoryConsumer::new("sessions: buckets waiting to be sorted").register(&pool);
+        BoundedBuffers { pool, cap, held }
+    }
+
+    /// Whether `consumer` is a repartition buffer's (DataFusion names them
     /// `RepartitionExec[output]`).
-    fn is_buffer(reservation: &MemoryReservation) -> bool {
-        reservation.consumer().name().starts_with("RepartitionExec")
+    fn is_buffer(consumer: &MemoryConsumer) -> bool {
+        consumer.name().starts_with("RepartitionExec")
     }
 }
 
@@ -238,25 +244,31 @@ impl MemoryPool for BoundedBuffers {
     }
 
     fn register(&self, consumer: &MemoryConsumer) {
-        self.pool.register(consumer)
+        if !Self::is_buffer(consumer) {
+            self.pool.register(consumer)
+        }
     }
 
     fn unregister(&self, consumer: &MemoryConsumer) {
-        self.pool.unregister(consumer)
+        if !Self::is_buffer(consumer) {
+            self.pool.unregister(consumer)
+        }
     }
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
-        if Self::is_buffer(reservation) {
-            self.buffered.fetch_add(additional, Ordering::Relaxed);
+        if Self::is_buffer(reservation.consumer()) {
+            self.held.grow(additional)
+        } else {
+            self.pool.grow(reservation, additional)
         }
-        self.pool.grow(reservation, additional)
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
-        if Self::is_buffer(reservation) {
-            self.buffered.fetch_sub(shrink, Ordering::Relaxed);
+        if Self::is_buffer(reservation.consumer()) {
+            self.held.shrink(shrink)
+        } else {
+            self.pool.shrink(reservation, shrink)
         }
-        self.pool.shrink(reservation, shrink)
     }
 
     fn try_grow(
@@ -264,24 +276,19 @@ impl MemoryPool for BoundedBuffers {
         reservation: &MemoryReservation,
         additional: usize,
     ) -> datafusion::error::Result<()> {
-        if !Self::is_buffer(reservation) {
+        if !Self::is_buffer(reservation.consumer()) {
             return self.pool.try_grow(reservation, additional);
         }
-        let claimed = self.buffered.fetch_add(additional, Ordering::Relaxed);
-        let result = if claimed.saturating_add(additional) > self.cap {
-            Err(datafusion::error::DataFusionError::ResourcesExhausted(
+        let held = self.held.size();
+        if held.saturating_add(additional) > self.cap {
+            return Err(datafusion::error::DataFusionError::ResourcesExhausted(
                 format!(
-                "sessions: the buckets waiting to be cut hold {claimed} bytes, up to {} allowed",
+                "sessions: the buckets waiting to be sorted hold {held} bytes, up to {} allowed",
                 self.cap
             ),
-            ))
-        } else {
-            self.pool.try_grow(reservation, additional)
-        };
-        if result.is_err() {
-            self.buffered.fetch_sub(additional, Ordering::Relaxed);
+            ));
         }
-        result
+        self.held.try_grow(additional)
     }
 
     fn reserved(&self) -> usize {
