@@ -293,12 +293,19 @@ impl Engine {
             return Ok(false);
         }
         let held = self.hold(tables::EVENTS, plain, budget).await?;
-        tracing::info!(
-            estimate_mib = estimate >> 20,
-            budget_mib = budget >> 20,
-            held,
-            "resolved events kept in memory"
-        );
+        if held {
+            tracing::info!(
+                estimate_mib = estimate >> 20,
+                budget_mib = budget >> 20,
+                "resolved events kept in memory"
+            );
+        } else {
+            tracing::info!(
+                estimate_mib = estimate >> 20,
+                budget_mib = budget >> 20,
+                "resolved events go to the scratch folder: larger than estimated, or the pool is short"
+            );
+        }
         Ok(held)
     }
 
@@ -316,10 +323,10 @@ impl Engine {
         let parts = self.ctx.copied_config().target_partitions().max(1);
         let mut partitions = vec![Vec::new(); parts];
         let mut size = 0u64;
-        use futures::StreamExt;
-        let mut stream =
-            futures::stream::select_all(df.execute_stream_partitioned().await?).enumerate();
-        while let Some((i, batch)) = stream.next().await {
+        let mut stream = futures::StreamExt::enumerate(futures::stream::select_all(
+            df.execute_stream_partitioned().await?,
+        ));
+        while let Some((i, batch)) = futures::StreamExt::next(&mut stream).await {
             let batch = batch?;
             size += slice_bytes(&batch)?;
             if size > budget {
