@@ -426,6 +426,29 @@ impl Engine {
             .await
             .map_err(|e| Error::query(file, e))
     }
+
+    /// Runs `df`, `file`'s query, to the end. At debug level (`-vv`) the plan it ran is logged
+    /// with each operator's rows, time, memory and spill, as `tessera query --explain` prints
+    /// them, but over the events the run itself saw.
+    pub async fn collect(&self, df: DataFrame, file: &str) -> Result<Vec<RecordBatch>> {
+        let task = Arc::new(df.task_ctx());
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(|e| Error::query(file, e))?;
+        let batches = datafusion::physical_plan::collect(plan.clone(), task)
+            .await
+            .map_err(|e| Error::query(file, e))?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+                plan.as_ref(),
+            )
+            .indent(true)
+            .to_string();
+            tracing::debug!(file, plan = %shown, "query ran");
+        }
+        Ok(batches)
+    }
 }
 
 /// SQL options for users' files: no DDL, no DML, no `SET`.

@@ -213,10 +213,7 @@ async fn build_inner(
         };
         let batches = match carried {
             Some(batches) => batches,
-            None => df
-                .collect()
-                .await
-                .map_err(|e| Error::query(&query.file, e))?,
+            None => engine.collect(df, &query.file).await?,
         };
         // Gathered from the batches as they are (one array of them all could pass the 2 GiB
         // a string array holds); a one-row batch of NULLs, after them, serves profiles with

@@ -217,6 +217,26 @@ impl Interner {
             .copied()
     }
 
+    /// Room for `nodes` more identifiers of `bytes` bytes in all, so adding them rehashes
+    /// nothing.
+    fn reserve(&mut self, nodes: usize, bytes: usize) {
+        let Interner {
+            table,
+            types,
+            bytes: arena,
+            ends,
+            hasher,
+        } = self;
+        table.reserve(nodes, |&m| {
+            let m = m as usize;
+            let start = if m == 0 { 0 } else { ends[m - 1] as usize };
+            hasher.hash_one((types[m], &arena[start..ends[m] as usize]))
+        });
+        arena.reserve(bytes);
+        ends.reserve(nodes);
+        types.reserve(nodes);
+    }
+
     fn intern(&mut self, t: u8, v: &str) -> Node {
         let v = v.as_bytes();
         let h = self.hash(t, v);
@@ -400,6 +420,51 @@ impl Resolver {
                 query,
             });
         }
+    }
+
+    /// Adds everything `other` read (identifiers, their times, links and refusals), as if its
+    /// rows had been added here. Returns where each of `other`'s nodes is in this graph.
+    pub fn absorb(&mut self, other: Resolver) -> Vec<Node> {
+        let Resolver {
+            ids,
+            first_seen,
+            last_seen,
+            links,
+            dropped,
+            ..
+        } = other;
+        // At most: identifiers both read are interned once.
+        self.ids.reserve(ids.len(), ids.bytes.len());
+        self.first_seen.reserve(ids.len());
+        self.last_seen.reserve(ids.len());
+        let nodes: Vec<Node> = (0..ids.len())
+            .map(|i| {
+                let n = self.ids.intern(ids.types[i], ids.value(i as Node));
+                if n as usize == self.first_seen.len() {
+                    self.first_seen.push(first_seen[i]);
+                    self.last_seen.push(last_seen[i]);
+                } else {
+                    self.touch(n, first_seen[i]);
+                    self.touch(n, last_seen[i]);
+                }
+                n
+            })
+            .collect();
+        self.links.extend(links.into_iter().map(|l| Link {
+            low: nodes[l.low as usize],
+            top: nodes[l.top as usize],
+            ..l
+        }));
+        let side = |s: Side| match s {
+            Side::Node(n) => Side::Node(nodes[n as usize]),
+            value => value,
+        };
+        self.dropped.extend(dropped.into_iter().map(|r| Refusal {
+            refused: side(r.refused),
+            other: side(r.other),
+            ..r
+        }));
+        nodes
     }
 
     /// Widens an identifier's first/last seen to include `seen_at`.
@@ -897,5 +962,104 @@ mod tests {
         assert_eq!(res.accepted[0].seen_at, 5);
         let a1 = res.lookup(2, "a1").unwrap();
         assert_eq!(res.seen(a1), (5, 70));
+    }
+
+    /// Everything a resolution says, in identifiers' own terms (node numbers differ between
+    /// graphs built in different orders).
+    fn described(r: &Resolution) -> Vec<String> {
+        let name = |n: Node| format!("{}:{}", r.rules.types[r.kind(n) as usize].name, r.value(n));
+        let mut out: Vec<String> = groups(r).into_iter().map(|g| g.join(" ")).collect();
+        let mut seen: Vec<String> = (0..r.len() as Node)
+            .map(|n| format!("{} seen {:?}", name(n), r.seen(n)))
+            .collect();
+        seen.sort();
+        let mut accepted: Vec<String> = r
+            .accepted
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} -> {} at {} by {}",
+                    name(l.low),
+                    name(l.top),
+                    l.seen_at,
+                    l.query
+                )
+            })
+            .collect();
+        accepted.sort();
+        let mut refused: Vec<String> = r
+            .refused
+            .iter()
+            .map(|f| {
+                format!(
+                    "{:?} / {:?}: {} at {} by {}",
+                    r.side(&f.refused),
+                    r.side(&f.other),
+                    f.reason.describe(&r.rules),
+                    f.seen_at,
+                    f.query
+                )
+            })
+            .collect();
+        refused.sort();
+        out.extend(seen);
+        out.extend(accepted);
+        out.extend(refused);
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rows_read_in_parts_and_absorbed_resolve_as_rows_read_in_one(
+            rows in proptest::collection::vec(
+                (
+                    proptest::option::of(0u8..3),
+                    proptest::option::of(0u8..6),
+                    proptest::option::of(0u8..8),
+                    proptest::option::of(0i64..20),
+                    0u16..2,
+                ),
+                0..60,
+            ),
+            cuts in proptest::collection::vec(0usize..60, 0..3),
+        ) {
+            let emails = ["a@x.com", " A@X.com", "b@x.com", "test@test.com", "", "c@y.org"];
+            let row_of = |&(u, e, a, _, _): &(Option<u8>, Option<u8>, Option<u8>, Option<i64>, u16)| {
+                let mut row: Vec<(u8, String)> = Vec::new();
+                if let Some(u) = u { row.push((0, format!("u{u}"))); }
+                if let Some(e) = e { row.push((1, emails[e as usize].to_string())); }
+                if let Some(a) = a { row.push((2, format!("a{a}"))); }
+                row
+            };
+            let feed = |r: &mut Resolver, rows: &[_]| {
+                let mut nodes = Vec::new();
+                for spec in rows {
+                    let row = row_of(spec);
+                    let row: Vec<(u8, &str)> = row.iter().map(|(t, v)| (*t, v.as_str())).collect();
+                    r.add_row(&row, spec.3.unwrap_or(NO_TIME), spec.4, &mut nodes);
+                }
+            };
+            let mut one = Resolver::new(segment_rules());
+            feed(&mut one, &rows);
+            let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(rows.len())).collect();
+            bounds.push(0);
+            bounds.push(rows.len());
+            bounds.sort_unstable();
+            let mut merged: Option<Resolver> = None;
+            for w in bounds.windows(2) {
+                let mut part = Resolver::new(segment_rules());
+                feed(&mut part, &rows[w[0]..w[1]]);
+                match &mut merged {
+                    None => merged = Some(part),
+                    Some(m) => {
+                        let before = part.ids.len();
+                        let nodes = m.absorb(part);
+                        proptest::prop_assert_eq!(nodes.len(), before);
+                    }
+                }
+            }
+            let merged = merged.expect("at least one part");
+            proptest::prop_assert_eq!(described(&merged.resolve()), described(&one.resolve()));
+        }
     }
 }

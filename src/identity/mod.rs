@@ -156,6 +156,72 @@ impl EventIds {
             }
         }
     }
+
+    /// Adds `other`'s events, whose nodes `nodes` maps to this graph's (see
+    /// [`Resolver::absorb`]).
+    fn absorb(&mut self, mut other: EventIds, nodes: &[Node]) {
+        self.flush();
+        other.flush();
+        let offset = self.nodes.len() as u32;
+        self.nodes
+            .extend(other.nodes.iter().map(|&n| nodes[n as usize]));
+        self.ends.extend(other.ends.iter().map(|&e| e + offset));
+        self.message_ids.append(&mut other.message_ids);
+    }
+}
+
+/// Reads one identity query's rows: each partition of its plan on its own task, into its own
+/// resolver (and its events' nodes, with `keep_events`), so identifiers are cleaned and
+/// interned on every core; the caller merges them with [`Resolver::absorb`]. Read through
+/// one stream, the interning ran on one core while the other mostly waited.
+async fn read_links(
+    df: DataFrame,
+    file: &str,
+    rules: &Rules,
+    query: u16,
+    keep_events: bool,
+) -> Result<Vec<(Resolver, EventIds)>> {
+    let schema = df.schema().as_arrow().clone();
+    let streams = df
+        .execute_stream_partitioned()
+        .await
+        .map_err(|e| Error::query(file, e))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (schema, rules, file) = (schema.clone(), rules.clone(), file.to_string());
+        tasks.spawn(async move {
+            let mut resolver = Resolver::new(rules.clone());
+            let mut events = EventIds::default();
+            read_stream(
+                stream,
+                &schema,
+                &file,
+                &rules,
+                |row, seen_at, message_id, nodes_out| {
+                    resolver.add_row(row, seen_at, query, nodes_out);
+                    if let (Some(m), true) = (message_id, keep_events) {
+                        events.push(m, nodes_out);
+                    }
+                },
+            )
+            .await?;
+            Ok::<_, Error>((i, resolver, events))
+        });
+    }
+    let mut parts = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let part = done.map_err(|e| {
+            Error::query(
+                file,
+                format!("reading the identity query's rows stopped: {e}"),
+            )
+        })??;
+        parts.push(part);
+    }
+    tracing::debug!(file, parts = parts.len(), "identity: rows read");
+    // Partition order, so a run's node numbers do not depend on which task ended first.
+    parts.sort_unstable_by_key(|(i, _, _)| *i);
+    Ok(parts.into_iter().map(|(_, r, e)| (r, e)).collect())
 }
 
 /// Runs the identity queries, resolves, and builds the identity tables.
@@ -163,8 +229,6 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = load_queries(engine)?;
     let started = std::time::Instant::now();
-    let mut resolver = Resolver::new(rules.clone());
-    let mut events = EventIds::default();
     let mut event_sources = 0;
     let mut frames = Vec::with_capacity(queries.len());
     for query in &queries {
@@ -173,20 +237,22 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
         frames.push(df);
     }
     let direct = direct_identifiers(engine, &queries, event_sources, &rules).await?;
+    let mut read: Option<(Resolver, EventIds)> = None;
     for (q, (query, df)) in queries.iter().zip(frames).enumerate() {
-        read_rows(
-            df,
-            &query.file,
-            &rules,
-            |row, seen_at, message_id, nodes_out| {
-                resolver.add_row(row, seen_at, q as u16, nodes_out);
-                if let (Some(m), None) = (message_id, &direct) {
-                    events.push(m, nodes_out);
+        for (part, part_events) in
+            read_links(df, &query.file, &rules, q as u16, direct.is_none()).await?
+        {
+            match &mut read {
+                None => read = Some((part, part_events)),
+                Some((resolver, events)) => {
+                    let nodes = resolver.absorb(part);
+                    events.absorb(part_events, &nodes);
                 }
-            },
-        )
-        .await?;
+            }
+        }
     }
+    let (resolver, mut events) =
+        read.unwrap_or_else(|| (Resolver::new(rules.clone()), EventIds::default()));
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: links read"
@@ -341,11 +407,29 @@ async fn own_identifier_frame(engine: &Engine, rules: &Rules) -> Result<Option<D
 }
 
 /// Streams a link frame, calling `each(row, seen_at, message_id, scratch)` per row.
-async fn read_rows<F>(df: DataFrame, file: &str, rules: &Rules, mut each: F) -> Result<()>
+async fn read_rows<F>(df: DataFrame, file: &str, rules: &Rules, each: F) -> Result<()>
 where
     F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
 {
     let schema = df.schema().as_arrow().clone();
+    let stream = df
+        .execute_stream()
+        .await
+        .map_err(|e| Error::query(file, e))?;
+    read_stream(stream, &schema, file, rules, each).await
+}
+
+/// [`read_rows`] over one stream of the query's rows.
+async fn read_stream<F>(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    schema: &Schema,
+    file: &str,
+    rules: &Rules,
+    mut each: F,
+) -> Result<()>
+where
+    F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
+{
     // In priority order, so every row reaches the resolver already sorted.
     let mut id_columns: Vec<(usize, u8)> = schema
         .fields()
@@ -356,10 +440,6 @@ where
     id_columns.sort_by_key(|(_, t)| *t);
     let seen_col = schema.index_of(SEEN_AT).ok();
     let message_col = schema.index_of(MESSAGE_ID).ok();
-    let mut stream = df
-        .execute_stream()
-        .await
-        .map_err(|e| Error::query(file, e))?;
     let mut scratch = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| Error::query(file, e))?;
@@ -1388,5 +1468,32 @@ mod tests {
                 prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
             }
         }
+    }
+
+    #[test]
+    fn events_read_in_parts_keep_their_nodes_once_absorbed() {
+        let mut first = EventIds::default();
+        first.push("m1", &[0, 1]);
+        let mut second = EventIds::default();
+        second.push("m2", &[0]);
+        second.push("m3", &[]);
+        second.push("m4", &[1, 0]);
+        // The second part's node 0 is the first part's node 1; its node 1 is new (node 2).
+        first.absorb(second, &[1, 2]);
+        first.push("m5", &[2]);
+        first.flush();
+        let ids: Vec<&str> = first
+            .message_ids
+            .iter()
+            .flat_map(|a| a.iter().map(|m| m.unwrap()))
+            .collect();
+        assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5"]);
+        let mut start = 0;
+        let mut nodes = Vec::new();
+        for &end in &first.ends {
+            nodes.push(first.nodes[start as usize..end as usize].to_vec());
+            start = end;
+        }
+        assert_eq!(nodes, [vec![0, 1], vec![1], vec![], vec![2, 1], vec![2]]);
     }
 }
