@@ -572,6 +572,9 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
         .build();
     let mut ctx = SessionContext::new_with_state(state);
     datafusion_functions_json::register_all(&mut ctx)?;
+    for udf in crate::json_skip::udfs() {
+        ctx.register_udf(udf);
+    }
     ctx.register_udf(is_json_udf());
     ctx.register_udaf(crate::functions::most_frequent());
     ctx.register_udaf(crate::funnel::funnel());

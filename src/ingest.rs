@@ -620,29 +620,65 @@ fn id_set(capacity: usize) -> IdSet {
 /// inserting into it in input order misses the CPU caches on nearly every row: that was a
 /// fifth of the ingest stage. The hashes are split by their top byte into 256 sets, each
 /// sized from the row count the file footers give, and buffered per set so that each
-/// flush inserts a run of hashes into one small table.
-struct SeenIds {
-    sets: Vec<IdSet>,
-    pending: Vec<Vec<u64>>,
+/// flush inserts a run of hashes into one small table. Each set has its own lock, so one
+/// [`SeenIds`] per partition of the scan hashes and inserts on every core; two writers
+/// rarely want the same set at once.
+struct SeenSets {
+    parts: Vec<std::sync::Mutex<SeenPart>>,
+}
+
+/// One of the 256 sets, and the hashes it has been offered more than once.
+struct SeenPart {
+    set: IdSet,
     repeated: IdSet,
 }
 
-impl SeenIds {
+impl SeenSets {
     const PARTS: usize = 256;
-    const RUN: usize = 512;
 
     /// Footers can claim any row count: sizing up front stops at 128M rows, and the sets
     /// grow past that as rows really arrive.
     const PRESIZE_ROWS: u64 = 1 << 27;
 
     fn new(rows: u64) -> Self {
-        let each = (rows.min(Self::PRESIZE_ROWS) as usize / Self::PARTS) + Self::RUN;
+        let each = (rows.min(Self::PRESIZE_ROWS) as usize / Self::PARTS) + SeenIds::RUN;
+        SeenSets {
+            parts: (0..Self::PARTS)
+                .map(|_| {
+                    std::sync::Mutex::new(SeenPart {
+                        set: id_set(each),
+                        repeated: id_set(0),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Every hash offered more than once, once all writers have finished.
+    fn repeated(self) -> IdSet {
+        let mut all = id_set(0);
+        for part in self.parts {
+            all.extend(part.into_inner().expect("not poisoned").repeated);
+        }
+        all
+    }
+}
+
+/// One writer into [`SeenSets`]: buffers its hashes per set and inserts them a run at a time.
+struct SeenIds {
+    sets: Arc<SeenSets>,
+    pending: Vec<Vec<u64>>,
+}
+
+impl SeenIds {
+    const RUN: usize = 512;
+
+    fn new(sets: Arc<SeenSets>) -> Self {
         SeenIds {
-            sets: (0..Self::PARTS).map(|_| id_set(each)).collect(),
-            pending: (0..Self::PARTS)
+            sets,
+            pending: (0..SeenSets::PARTS)
                 .map(|_| Vec::with_capacity(Self::RUN))
                 .collect(),
-            repeated: id_set(0),
         }
     }
 
@@ -656,19 +692,20 @@ impl SeenIds {
     }
 
     fn flush(&mut self, part: usize) {
-        let set = &mut self.sets[part];
+        let mut guard = self.sets.parts[part].lock().expect("not poisoned");
+        let SeenPart { set, repeated } = &mut *guard;
         for h in self.pending[part].drain(..) {
             if !set.insert(h) {
-                self.repeated.insert(h);
+                repeated.insert(h);
             }
         }
     }
 
-    fn finish(mut self) -> IdSet {
-        for part in 0..Self::PARTS {
+    /// Inserts what is still buffered.
+    fn finish(mut self) {
+        for part in 0..SeenSets::PARTS {
             self.flush(part);
         }
-        self.repeated
     }
 }
 
@@ -702,23 +739,36 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
     let valid = checked.clone().filter(ident(REASON).is_null())?;
 
     // Pass one: which message_ids may occur more than once.
-    let hasher = id_hash();
-    let mut seen = SeenIds::new(inventory.rows());
     // Only the message_id column is read: rows that the checks reject later may make a few
     // extra candidates, which pass two handles exactly like any other.
-    let mut stream = all
+    let sets = Arc::new(SeenSets::new(inventory.rows()));
+    let streams = all
         .clone()
         .select(vec![cast(ident(event::MESSAGE_ID), DataType::Utf8)])?
-        .execute_stream()
+        .execute_stream_partitioned()
         .await?;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let ids = batch.column(0).as_string::<i32>();
-        for id in ids.iter().flatten() {
-            seen.insert(hasher.hash_one(id));
-        }
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        let mut seen = SeenIds::new(sets.clone());
+        tasks.spawn(async move {
+            let hasher = id_hash();
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                let ids = batch.column(0).as_string::<i32>();
+                for id in ids.iter().flatten() {
+                    seen.insert(hasher.hash_one(id));
+                }
+            }
+            seen.finish();
+            Ok::<(), datafusion::error::DataFusionError>(())
+        });
     }
-    let repeated = seen.finish();
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
+    }
+    let repeated = Arc::into_inner(sets)
+        .expect("every writer has finished")
+        .repeated();
 
     let unique = valid.clone().select(event_columns.clone())?;
     if repeated.is_empty() {
@@ -1093,12 +1143,23 @@ mod tests {
             }
         }
         for rows in [0, input.len() as u64, u64::MAX] {
-            let mut seen = SeenIds::new(rows);
-            for h in &input {
-                seen.insert(*h);
+            // One writer, and three taking turns (as partitions of a scan do): a hash that
+            // two writers each saw once is repeated too.
+            for writers in [1, 3] {
+                let sets = Arc::new(SeenSets::new(rows));
+                let mut seen: Vec<SeenIds> =
+                    (0..writers).map(|_| SeenIds::new(sets.clone())).collect();
+                for (i, h) in input.iter().enumerate() {
+                    seen[i % writers].insert(*h);
+                }
+                seen.into_iter().for_each(SeenIds::finish);
+                let got: std::collections::HashSet<u64> = Arc::into_inner(sets)
+                    .unwrap()
+                    .repeated()
+                    .into_iter()
+                    .collect();
+                assert_eq!(got, want, "sized for {rows} rows, {writers} writers");
             }
-            let got: std::collections::HashSet<u64> = seen.finish().into_iter().collect();
-            assert_eq!(got, want, "sized for {rows} rows");
         }
     }
 

@@ -20,6 +20,7 @@ pub mod incremental_traits;
 pub mod ingest;
 pub mod journeys;
 pub mod json_check;
+pub mod json_skip;
 pub mod lease;
 pub mod metrics;
 pub mod output;
