@@ -321,23 +321,52 @@ impl Engine {
         self.release_memory(name);
         let planned = Arc::new(df.schema().as_arrow().clone());
         let parts = self.ctx.copied_config().target_partitions().max(1);
-        let mut partitions = vec![Vec::new(); parts];
-        let mut size = 0u64;
-        let mut stream = futures::StreamExt::enumerate(futures::stream::select_all(
-            df.execute_stream_partitioned().await?,
-        ));
-        while let Some((i, batch)) = futures::StreamExt::next(&mut stream).await {
-            let batch = batch?;
-            size += slice_bytes(&batch)?;
-            if size > budget {
+        // Each partition is read on its own task (polled together from this one, the
+        // partitions' decoding and expressions ran on one core: resolved events at 10M took
+        // 3.7-4.5 s instead of 2.0 s). Reading stops everywhere once the budget is passed.
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, mut stream) in df
+            .execute_stream_partitioned()
+            .await?
+            .into_iter()
+            .enumerate()
+        {
+            let read = read.clone();
+            tasks.spawn(async move {
+                let mut batches = Vec::new();
+                while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+                    let batch = batch?;
+                    let bytes = slice_bytes(&batch)?;
+                    let before = read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    if before + bytes > budget {
+                        return Ok::<_, Error>((i, None));
+                    }
+                    batches.push(batch);
+                }
+                Ok((i, Some(batches)))
+            });
+        }
+        let mut read_parts = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            let (i, batches) = done.map_err(|e| {
+                Error::Usage(format!("reading `{name}` into memory stopped: {e}"))
+            })??;
+            let Some(batches) = batches else {
                 tracing::info!(
                     table = name,
                     budget_mib = budget >> 20,
                     "too large to hold in memory: read where it is"
                 );
                 return Ok(false);
-            }
-            partitions[i % parts].push(batch);
+            };
+            read_parts.push((i, batches));
+        }
+        read_parts.sort_unstable_by_key(|(i, _)| *i);
+        let size = read.load(std::sync::atomic::Ordering::Relaxed);
+        let mut partitions = vec![Vec::new(); parts];
+        for (n, batch) in read_parts.into_iter().flat_map(|(_, b)| b).enumerate() {
+            partitions[n % parts].push(batch);
         }
         let reservation = datafusion::execution::memory_pool::MemoryConsumer::new(format!(
             "{name} (held in memory)"

@@ -146,10 +146,8 @@ fn object_keys(path: &[ColumnarValue]) -> Option<Vec<Vec<u8>>> {
 /// The rows whose document may hold every key; `None` for arrays of other types (dictionaries
 /// go to the parser, which handles them).
 fn may_hold(docs: &dyn Array, keys: &[Vec<u8>]) -> Option<Vec<u32>> {
-    let finders: Vec<memchr::memmem::Finder> = keys
-        .iter()
-        .map(memchr::memmem::Finder::new)
-        .collect();
+    let finders: Vec<memchr::memmem::Finder> =
+        keys.iter().map(memchr::memmem::Finder::new).collect();
     let may = |doc: Option<&[u8]>| match doc {
         None => false,
         Some(d) => {

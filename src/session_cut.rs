@@ -743,4 +743,106 @@ ORDER BY profile_id, session_index"#;
             "{error}"
         );
     }
+
+    /// Spill count and rows of a real hash repartition into 8 outputs, read one output after
+    /// the other (as the cut reads its buckets), under `pool`.
+    async fn repartition_read_in_turn(pool: Arc<dyn MemoryPool>) -> (usize, usize) {
+        use datafusion::physical_plan::{repartition::RepartitionExec, ExecutionPlan};
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("k", DataType::Int64, false),
+            arrow::datatypes::Field::new("pad", DataType::Utf8, false),
+        ]));
+        let batches: Vec<RecordBatch> = (0..64i64)
+            .map(|b| {
+                let keys =
+                    arrow::array::Int64Array::from_iter_values((0..512).map(|r| b * 512 + r));
+                let pad =
+                    arrow::array::StringArray::from_iter_values((0..512).map(|_| "x".repeat(64)));
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(keys), Arc::new(pad)]).unwrap()
+            })
+            .collect();
+        let rows_in: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let source = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+            &[batches],
+            schema,
+            None,
+        )
+        .unwrap();
+        let key = datafusion::physical_expr::expressions::col("k", &source.schema()).unwrap();
+        let repartition = Arc::new(
+            RepartitionExec::try_new(
+                source,
+                datafusion::physical_plan::Partitioning::Hash(vec![key], 8),
+            )
+            .unwrap(),
+        );
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(pool)
+            .build_arc()
+            .unwrap();
+        let task = Arc::new(datafusion::execution::TaskContext::default().with_runtime(runtime));
+        let mut rows = 0;
+        for p in 0..8 {
+            let stream = repartition.execute(p, task.clone()).unwrap();
+            let out = datafusion::physical_plan::common::collect(stream)
+                .await
+                .unwrap();
+            rows += out.iter().map(RecordBatch::num_rows).sum::<usize>();
+        }
+        assert_eq!(rows, rows_in, "every row comes out once");
+        let spills = repartition
+            .metrics()
+            .and_then(|m| m.spill_count())
+            .unwrap_or(0);
+        (spills, rows)
+    }
+
+    #[tokio::test]
+    async fn buffers_of_a_real_repartition_spill_past_the_cap_and_not_before() {
+        use datafusion::execution::memory_pool::FairSpillPool;
+        let fair = || -> Arc<dyn MemoryPool> { Arc::new(FairSpillPool::new(256 << 20)) };
+        // Under the plain pool, 2 MiB of waiting outputs fit in 256 MiB: nothing spills.
+        let (plain, _) = repartition_read_in_turn(fair()).await;
+        assert_eq!(plain, 0);
+        let (uncapped, _) =
+            repartition_read_in_turn(Arc::new(BoundedBuffers::new(fair(), usize::MAX))).await;
+        assert_eq!(uncapped, 0);
+        // Capped at 64 KiB, the outputs waiting their turn spill. If DataFusion renamed the
+        // repartition's memory consumers, BoundedBuffers would no longer see them: no spill.
+        let (capped, _) =
+            repartition_read_in_turn(Arc::new(BoundedBuffers::new(fair(), 64 << 10))).await;
+        assert!(capped > 0, "no spill under a 64 KiB cap");
+    }
+
+    #[test]
+    fn a_sort_keeps_its_share_of_the_limit_however_many_buffers_wait() {
+        use datafusion::execution::memory_pool::FairSpillPool;
+        let limit = 100 << 20;
+        for buffers in [1, 32, 256] {
+            let pool: Arc<dyn MemoryPool> = Arc::new(BoundedBuffers::new(
+                Arc::new(FairSpillPool::new(limit)),
+                8 << 20,
+            ));
+            let waiting: Vec<MemoryReservation> = (0..buffers)
+                .map(|i| {
+                    let mut r = MemoryConsumer::new(format!("RepartitionExec[{i}]"))
+                        .with_can_spill(true)
+                        .register(&pool);
+                    r.try_grow(16 << 10).unwrap();
+                    r
+                })
+                .collect();
+            let held: usize = waiting.iter().map(MemoryReservation::size).sum();
+            // The sort may take all the limit the waiting buffers leave.
+            let mut sort = MemoryConsumer::new("SortExec[0]")
+                .with_can_spill(true)
+                .register(&pool);
+            sort.try_grow(limit - held - (1 << 20)).unwrap_or_else(|e| {
+                panic!("with {buffers} waiting buffers the sort got less than the rest: {e}")
+            });
+            // A buffer cannot pass the cap, and what it cannot hold it spills.
+            let mut one = MemoryConsumer::new("RepartitionExec[x]").register(&pool);
+            assert!(one.try_grow(8 << 20).is_err());
+        }
+    }
 }
