@@ -825,7 +825,7 @@ ORDER BY profile_id, session_index"#;
             ));
             let waiting: Vec<MemoryReservation> = (0..buffers)
                 .map(|i| {
-                    let mut r = MemoryConsumer::new(format!("RepartitionExec[{i}]"))
+                    let r = MemoryConsumer::new(format!("RepartitionExec[{i}]"))
                         .with_can_spill(true)
                         .register(&pool);
                     r.try_grow(16 << 10).unwrap();
@@ -834,14 +834,14 @@ ORDER BY profile_id, session_index"#;
                 .collect();
             let held: usize = waiting.iter().map(MemoryReservation::size).sum();
             // The sort may take all the limit the waiting buffers leave.
-            let mut sort = MemoryConsumer::new("SortExec[0]")
+            let sort = MemoryConsumer::new("SortExec[0]")
                 .with_can_spill(true)
                 .register(&pool);
             sort.try_grow(limit - held - (1 << 20)).unwrap_or_else(|e| {
                 panic!("with {buffers} waiting buffers the sort got less than the rest: {e}")
             });
             // A buffer cannot pass the cap, and what it cannot hold it spills.
-            let mut one = MemoryConsumer::new("RepartitionExec[x]").register(&pool);
+            let one = MemoryConsumer::new("RepartitionExec[x]").register(&pool);
             assert!(one.try_grow(8 << 20).is_err());
         }
     }
