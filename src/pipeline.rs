@@ -359,7 +359,9 @@ async fn stages(
     let graph_for_sql = identity.graph.clone();
     let meter = engine.meter();
     spinner.set_message("writing identity tables");
-    for (name, batch, mode) in [
+    // The four tables are written at once: each writer encodes on one task, so one after the
+    // other they left a core idle.
+    let writes = [
         (
             tables::IDENTITY_GRAPH,
             identity.graph.clone(),
@@ -372,9 +374,13 @@ async fn stages(
             WriteMode::Replace,
         ),
         (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
-    ] {
+    ]
+    .map(|(name, batch, mode)| async move {
         let df = ctx.read_batch(batch)?;
         let committed = outputs.write(ctx, name, df, mode).await?;
+        Ok::<_, Error>((name, committed))
+    });
+    for (name, committed) in futures::future::try_join_all(writes).await? {
         report.tables.insert(name.to_string(), committed);
     }
     spinner.finish_and_clear();

@@ -181,6 +181,14 @@ async fn read_links(
     query: u16,
     keep_events: bool,
 ) -> Result<Vec<(Resolver, EventIds)>> {
+    // Without a mapping to build, no message_id is needed: not decoding them saves a tenth
+    // of the reading.
+    let df = if keep_events || !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
+        df
+    } else {
+        df.drop_columns(&[MESSAGE_ID])
+            .map_err(|e| Error::query(file, e))?
+    };
     let schema = df.schema().as_arrow().clone();
     let streams = df
         .execute_stream_partitioned()
