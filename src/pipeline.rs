@@ -496,6 +496,7 @@ async fn stages(
     let meter = engine.meter();
     crate::segments::ensure_schema(engine, tables::SEGMENTS)?;
     let mut changes = crate::segments::Changes::default();
+    let mut writes = tokio::task::JoinSet::new();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let members = crate::segments::materialise(engine, &segment)
@@ -509,10 +510,21 @@ async fn stages(
             &before,
             &crate::segments::member_ids(&members)?,
         );
+        // Written while the next segment runs (a table is encoded on one task; later
+        // segments read this one from memory, not from its table).
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
-        let committed = write_batches(engine, outputs, &table, members).await?;
-        report.tables.insert(table, committed);
+        let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
+        writes.spawn(async move {
+            let df = ctx.read_batches(members)?;
+            let committed = outputs.write(&ctx, &table, df, WriteMode::Replace).await?;
+            Ok::<_, Error>((table, committed))
+        });
         spinner.finish_and_clear();
+    }
+    while let Some(done) = writes.join_next().await {
+        let (table, committed) = done
+            .map_err(|e| Error::Usage(format!("writing a segment table stopped: {e}")))??;
+        report.tables.insert(table, committed);
     }
     let batch = changes.to_batch(&report.run_id, report.started_at)?;
     let committed = outputs
