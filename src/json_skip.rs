@@ -79,7 +79,7 @@ impl ScalarUDFImpl for SkipAbsent {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let Some(keys) = object_keys(&args.args[1..]) else {
+        let Some(keys) = args.args.get(1..).and_then(object_keys) else {
             return self.inner.invoke_with_args(args);
         };
         let ColumnarValue::Array(docs) = &args.args[0] else {
