@@ -217,26 +217,6 @@ impl Interner {
             .copied()
     }
 
-    /// Room for `nodes` more identifiers of `bytes` bytes in all, so adding them rehashes
-    /// nothing.
-    fn reserve(&mut self, nodes: usize, bytes: usize) {
-        let Interner {
-            table,
-            types,
-            bytes: arena,
-            ends,
-            hasher,
-        } = self;
-        table.reserve(nodes, |&m| {
-            let m = m as usize;
-            let start = if m == 0 { 0 } else { ends[m - 1] as usize };
-            hasher.hash_one((types[m], &arena[start..ends[m] as usize]))
-        });
-        arena.reserve(bytes);
-        ends.reserve(nodes);
-        types.reserve(nodes);
-    }
-
     fn intern(&mut self, t: u8, v: &str) -> Node {
         let v = v.as_bytes();
         let h = self.hash(t, v);
@@ -434,7 +414,6 @@ impl Resolver {
             ..
         } = other;
         // At most: identifiers both read are interned once.
-        self.ids.reserve(ids.len(), ids.bytes.len());
         self.first_seen.reserve(ids.len());
         self.last_seen.reserve(ids.len());
         let nodes: Vec<Node> = (0..ids.len())
