@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayBuilder, ArrayRef, AsArray, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondArray, UInt8Array,
+    StringViewArray, TimestampMicrosecondArray, UInt8Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::{DateTime, Utc};
@@ -375,7 +375,7 @@ async fn link_frame(engine: &Engine, query: &QueryFile, rules: &Rules) -> Result
         let column = Expr::Column(Column::new_unqualified(name));
         if rules.type_index(name).is_some() || name == MESSAGE_ID {
             identifiers += usize::from(name != MESSAGE_ID);
-            exprs.push(cast(column, DataType::Utf8).alias(name));
+            exprs.push(text_column(column, field.data_type()).alias(name));
         } else if name == SEEN_AT {
             exprs.push(cast(column, timestamp_type()).alias(name));
         } else {
@@ -401,17 +401,55 @@ async fn link_frame(engine: &Engine, query: &QueryFile, rules: &Rules) -> Result
 /// Events' own identifier-typed columns, for linking events to profiles without identity queries.
 async fn own_identifier_frame(engine: &Engine, rules: &Rules) -> Result<Option<DataFrame>> {
     let events = engine.ctx.table(tables::EVENTS).await?;
-    let mut exprs = vec![cast(col(MESSAGE_ID), DataType::Utf8).alias(MESSAGE_ID)];
+    let schema = events.schema().clone();
+    let text = |name: &str| -> Result<Expr> {
+        let field = schema.field_with_unqualified_name(name)?;
+        let c = Expr::Column(Column::new_unqualified(name));
+        Ok(text_column(c, field.data_type()).alias(name))
+    };
+    let mut exprs = vec![text(MESSAGE_ID)?];
     for t in &rules.types {
-        if events.schema().has_column_with_unqualified_name(&t.name) {
-            let c = Expr::Column(Column::new_unqualified(&t.name));
-            exprs.push(cast(c, DataType::Utf8).alias(&t.name));
+        if schema.has_column_with_unqualified_name(&t.name) {
+            exprs.push(text(&t.name)?);
         }
     }
     if exprs.len() == 1 {
         return Ok(None);
     }
     Ok(Some(events.select(exprs)?))
+}
+
+/// A string column as [`read_stream`] reads it: string views (how the event history is
+/// scanned) and plain strings as they are, anything else cast to text. Casting views to plain
+/// strings copied every identifier once more before it was hashed.
+fn text_column(column: Expr, data_type: &DataType) -> Expr {
+    match data_type {
+        DataType::Utf8 | DataType::Utf8View => column,
+        _ => cast(column, DataType::Utf8),
+    }
+}
+
+/// One string column of a batch, plain or views.
+#[derive(Clone, Copy)]
+enum Texts<'a> {
+    Plain(&'a StringArray),
+    View(&'a StringViewArray),
+}
+
+impl<'a> Texts<'a> {
+    fn of(array: &'a ArrayRef) -> Texts<'a> {
+        match array.as_string_view_opt() {
+            Some(view) => Texts::View(view),
+            None => Texts::Plain(array.as_string::<i32>()),
+        }
+    }
+
+    fn get(self, r: usize) -> Option<&'a str> {
+        match self {
+            Texts::Plain(a) => a.is_valid(r).then(|| a.value(r)),
+            Texts::View(a) => a.is_valid(r).then(|| a.value(r)),
+        }
+    }
 }
 
 /// Streams a link frame, calling `each(row, seen_at, message_id, scratch)` per row.
@@ -451,9 +489,9 @@ where
     let mut scratch = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| Error::query(file, e))?;
-        let ids: Vec<(&StringArray, u8)> = id_columns
+        let ids: Vec<(Texts, u8)> = id_columns
             .iter()
-            .map(|(i, t)| (batch.column(*i).as_string::<i32>(), *t))
+            .map(|(i, t)| (Texts::of(batch.column(*i)), *t))
             .collect();
         let seen = seen_col.map(|i| {
             batch
@@ -463,23 +501,20 @@ where
                 .expect("seen_at was cast to µs")
                 .clone()
         });
-        let messages = message_col.map(|i| batch.column(i).as_string::<i32>().clone());
+        let messages = message_col.map(|i| Texts::of(batch.column(i)));
         let mut row: Vec<(u8, &str)> = Vec::with_capacity(id_columns.len());
         for r in 0..batch.num_rows() {
             row.clear();
             for (array, t) in &ids {
-                if array.is_valid(r) {
-                    row.push((*t, array.value(r)));
+                if let Some(v) = array.get(r) {
+                    row.push((*t, v));
                 }
             }
             let seen_at = match &seen {
                 Some(a) if a.is_valid(r) => a.value(r),
                 _ => NO_TIME,
             };
-            let message = messages
-                .as_ref()
-                .filter(|m| m.is_valid(r))
-                .map(|m| m.value(r));
+            let message = messages.and_then(|m| m.get(r));
             each(&row, seen_at, message, &mut scratch);
         }
     }
