@@ -93,6 +93,8 @@ impl Engine {
         limits: Limits,
         scratch: Scratch,
     ) -> Result<Engine> {
+        // Freed memory the allocator keeps for reuse counts against the limit too.
+        crate::metrics::keep_freed_memory_under(limits.memory / 2);
         let storage = &project.config.storage;
         let retry = &storage.retry;
         let events = Place::open_with(&storage.events, &project.dir, "storage.events", retry)?;

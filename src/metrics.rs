@@ -31,6 +31,23 @@ pub struct StageStats {
     pub spill_bytes: u64,
 }
 
+static RELEASE_FREED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+static KEEP_FREED_UNDER: AtomicU64 = AtomicU64::new(0);
+
+/// Registers how to hand memory the allocator keeps free back to the system. The `tessera`
+/// binary's allocator keeps freed pages for reuse (a fresh page costs a fault and zeroing);
+/// while a stage runs with more than [`keep_freed_memory_under`] resident, the meter's
+/// sampler runs this every time it looks. Only the first registration holds.
+pub fn release_freed_memory_with(release: fn()) {
+    let _ = RELEASE_FREED.set(release);
+}
+
+/// Resident memory under which freed memory stays with the allocator (the engine sets a
+/// half its memory limit).
+pub fn keep_freed_memory_under(bytes: u64) {
+    KEEP_FREED_UNDER.store(bytes, Ordering::Relaxed);
+}
+
 /// Measures one stage from [`Meter::start`] to [`Meter::finish`].
 pub struct Meter {
     started: Instant,
@@ -46,6 +63,13 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(25);
 impl Meter {
     /// Starts measuring; `disk` is the query engine's spill manager.
     pub fn start(disk: Arc<DiskManager>) -> Meter {
+        let keep_under = KEEP_FREED_UNDER.load(Ordering::Relaxed);
+        Self::start_releasing(disk, RELEASE_FREED.get().copied(), keep_under)
+    }
+
+    /// [`Meter::start`] with the release hook and its threshold given: each time the sampler
+    /// finds more than `keep_under` resident, it runs `release`.
+    fn start_releasing(disk: Arc<DiskManager>, release: Option<fn()>, keep_under: u64) -> Meter {
         let stop = Arc::new(AtomicBool::new(false));
         let peak_rss = Arc::new(AtomicU64::new(resident_bytes()));
         let peak_spill = Arc::new(AtomicU64::new(disk.used_disk_space()));
@@ -55,7 +79,11 @@ impl Meter {
                 .name("tessera-meter".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        peak_rss.fetch_max(resident_bytes(), Ordering::Relaxed);
+                        let resident = resident_bytes();
+                        peak_rss.fetch_max(resident, Ordering::Relaxed);
+                        if let (Some(release), true) = (release, resident > keep_under) {
+                            release();
+                        }
                         peak_spill.fetch_max(disk.used_disk_space(), Ordering::Relaxed);
                         std::thread::park_timeout(SAMPLE_EVERY);
                     }
@@ -162,6 +190,30 @@ mod tests {
         let stats = meter.finish("test", 3);
         unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, block, layout) };
         (stats, before)
+    }
+
+    static RELEASES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn count_release() {
+        RELEASES.fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn freed_memory_is_released_while_more_than_the_threshold_is_resident() {
+        let disk = Arc::new(DiskManager::builder().build().unwrap());
+        let stage = |keep_under| {
+            let before = RELEASES.load(Ordering::SeqCst);
+            let meter = Meter::start_releasing(disk.clone(), Some(count_release), keep_under);
+            std::thread::sleep(SAMPLE_EVERY * 4);
+            meter.finish("t", 0);
+            RELEASES.load(Ordering::SeqCst) - before
+        };
+        // No process is resident in 0 bytes; none in u64::MAX.
+        assert_eq!(stage(u64::MAX), 0);
+        if resident_bytes() == 0 {
+            return; // resident memory unknown here
+        }
+        assert!(stage(0) >= 2);
     }
 
     #[test]
