@@ -93,7 +93,6 @@ impl Engine {
         limits: Limits,
         scratch: Scratch,
     ) -> Result<Engine> {
-        // Freed memory the allocator keeps for reuse counts against the limit too.
         crate::metrics::keep_freed_memory_under(limits.memory / 2);
         let storage = &project.config.storage;
         let retry = &storage.retry;
@@ -559,6 +558,8 @@ pub fn new_context() -> Result<SessionContext> {
 pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
     use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
     use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    // Freed memory the allocator keeps for reuse counts against the limit too.
+    crate::metrics::keep_freed_memory_under(limits.memory / 2);
     let pool = TrackConsumersPool::new(
         FairSpillPool::new(limits.memory as usize),
         std::num::NonZeroUsize::new(5).expect("non-zero"),

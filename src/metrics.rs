@@ -32,7 +32,7 @@ pub struct StageStats {
 }
 
 static RELEASE_FREED: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-static KEEP_FREED_UNDER: AtomicU64 = AtomicU64::new(0);
+static KEEP_FREED_UNDER: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Registers how to hand memory the allocator keeps free back to the system. The `tessera`
 /// binary's allocator keeps freed pages for reuse (a fresh page costs a fault and zeroing);
@@ -42,8 +42,8 @@ pub fn release_freed_memory_with(release: fn()) {
     let _ = RELEASE_FREED.set(release);
 }
 
-/// Resident memory under which freed memory stays with the allocator (the engine sets a
-/// half its memory limit).
+/// Resident memory under which freed memory stays with the allocator. Every query context
+/// Tessera makes sets half its memory limit; until one does, nothing is handed back.
 pub fn keep_freed_memory_under(bytes: u64) {
     KEEP_FREED_UNDER.store(bytes, Ordering::Relaxed);
 }
