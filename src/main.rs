@@ -9,11 +9,12 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-// jemalloc's default hands freed pages back to the kernel over ten seconds, so a stage that
-// frees and allocates batch after batch kept faulting in and zeroing fresh pages: at 10M
-// events, a fifth of the run's CPU was kernel time. Tessera keeps freed pages, and hands
-// them all back (`purge_freed_pages`) whenever more than half the memory limit is
-// resident (see `tessera::metrics`). `_RJEM_MALLOC_CONF` still overrides the setting here.
+// jemalloc's defaults hand freed pages back to the kernel within seconds, and blocks over
+// 8 MiB (large Arrow buffers) at once, so a stage that frees and allocates batch after batch
+// kept faulting in and zeroing fresh pages: kernel time was a sixth of a 100M run's CPU.
+// Tessera keeps freed pages, and hands them all back (`purge_freed_pages`) whenever more
+// than half the memory limit is resident (see `tessera::metrics`). `_RJEM_MALLOC_CONF`
+// still overrides the setting here.
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: ConfText = ConfText(c"dirty_decay_ms:-1,muzzy_decay_ms:-1".as_ptr());
 
