@@ -473,15 +473,12 @@ async fn stages(
     // Written while segments and reports run (they read the profiles held in memory): the
     // table is encoded on one task, and at 100M events that took 4-5 s of a core.
     let mut profiles_write = tokio::task::JoinSet::new();
-    {
-        let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
-        profiles_write.spawn(async move {
-            let df = ctx.read_batches(profiles)?;
-            outputs
-                .write(&ctx, tables::PROFILES, df, WriteMode::Replace)
-                .await
-        });
-    }
+    profiles_write.spawn(replace_table(
+        engine,
+        outputs,
+        tables::PROFILES.to_string(),
+        profiles,
+    ));
     crate::journeys::release_changed(engine)?;
     // What the next incremental run needs to know to carry these traits over.
     let state = crate::incremental_traits::state_batch(&trait_files, as_of)?;
@@ -520,12 +517,7 @@ async fn stages(
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
-        let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
-        writes.spawn(async move {
-            let df = ctx.read_batches(members)?;
-            let committed = outputs.write(&ctx, &table, df, WriteMode::Replace).await?;
-            Ok::<_, Error>((table, committed))
-        });
+        writes.spawn(replace_table(engine, outputs, table, members));
         spinner.finish_and_clear();
     }
     while let Some(done) = writes.join_next().await {
@@ -560,7 +552,7 @@ async fn stages(
     }
     // Any of the profiles write still running counts to the reports stage.
     if let Some(done) = profiles_write.join_next().await {
-        let committed =
+        let (_, committed) =
             done.map_err(|e| Error::Usage(format!("writing the profiles table stopped: {e}")))??;
         report.profiles_written = committed.rows;
         report
@@ -569,4 +561,21 @@ async fn stages(
     }
     report.stages.push(meter.finish("reports", report.events));
     Ok(Work::Done)
+}
+
+/// Replaces table `name` with `batches`. The future owns what it needs, so it can run on a
+/// task of its own while the next work goes on (a table is encoded on one task).
+fn replace_table(
+    engine: &Engine,
+    outputs: &Outputs,
+    name: String,
+    batches: Vec<arrow::array::RecordBatch>,
+) -> impl std::future::Future<Output = Result<(String, crate::output::Committed)>> + Send + 'static
+{
+    let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
+    async move {
+        let df = ctx.read_batches(batches)?;
+        let committed = outputs.write(&ctx, &name, df, WriteMode::Replace).await?;
+        Ok((name, committed))
+    }
 }
