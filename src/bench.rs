@@ -28,7 +28,7 @@ const DAYS: u32 = 30;
 /// Events the generator makes per person over [`DAYS`] days (measured: 322,580 people give
 /// 9.66 million events after checks and deduplication, 10.0 million rows).
 const EVENTS_PER_PERSON: u64 = 31;
-/// The share of event files an incremental run adds (at least one file).
+/// The share of the event rows an incremental run adds (at least one row).
 const INCREMENTAL_SHARE: f64 = 0.01;
 
 /// What to measure.
@@ -358,8 +358,7 @@ fn incremental(options: &BenchOptions, work: &Path, files: &[PathBuf]) -> Result
     let events = root.join("events");
     std::fs::remove_dir_all(&root).ok();
     std::fs::create_dir_all(&events).map_err(|e| Error::io(&events, e))?;
-    let held = ((files.len() as f64 * INCREMENTAL_SHARE).round() as usize).clamp(1, files.len());
-    let (first, last) = files.split_at(files.len() - held);
+    let (first, last) = hold_back(files, INCREMENTAL_SHARE, &root.join("cut"))?;
     let link = |f: &PathBuf, i: usize| -> Result<()> {
         let target = events.join(format!("{i:06}.parquet"));
         std::fs::hard_link(f, &target)
@@ -376,6 +375,75 @@ fn incremental(options: &BenchOptions, work: &Path, files: &[PathBuf]) -> Result
     }
     let stages = tessera_run(options, &project)?;
     Ok(stages)
+}
+
+/// Splits `files` (in order) into what a first run reads and the last `share` of their rows,
+/// which an incremental run adds. Whole files are held back from the end; the file where the
+/// share ends is cut in two, both halves written into `cut`. (Held back by whole files, the
+/// bench added one file: at 10M events that was the generator's file of late copies, so the
+/// "incremental" run added no new event at all.)
+fn hold_back(files: &[PathBuf], share: f64, cut: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let total = footer_rows(files)?;
+    let mut wanted = ((total as f64 * share).round() as u64).clamp(1, total.max(1));
+    let mut first = files.to_vec();
+    let mut held = Vec::new();
+    while wanted > 0 {
+        let Some(file) = first.pop() else { break };
+        let rows = footer_rows(std::slice::from_ref(&file))?;
+        if rows <= wanted {
+            wanted -= rows;
+            held.push(file);
+            continue;
+        }
+        let (head, tail) = cut_file(&file, rows - wanted, cut)?;
+        first.push(head);
+        held.push(tail);
+        wanted = 0;
+    }
+    held.reverse();
+    Ok((first, held))
+}
+
+/// Writes rows `..at` of `file` and rows `at..` into two files in `dir`; returns their paths.
+fn cut_file(file: &Path, at: u64, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        Error::Usage(format!("{}: could not read it to cut: {e}", file.display()))
+    };
+    let opened = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(opened)
+        .map_err(|e| unreadable(&e))?
+        .build()
+        .map_err(|e| unreadable(&e))?;
+    let schema = arrow::array::RecordBatchReader::schema(&reader);
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    let mut seen = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| unreadable(&e))?;
+        let n = batch.num_rows() as u64;
+        let split = at.saturating_sub(seen).min(n) as usize;
+        if split > 0 {
+            head.push(batch.slice(0, split));
+        }
+        if split < batch.num_rows() {
+            tail.push(batch.slice(split, batch.num_rows() - split));
+        }
+        seen += n;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("events");
+    let mut written = Vec::with_capacity(2);
+    for (part, batches) in [("head", head), ("tail", tail)] {
+        let path = dir.join(format!("{stem}-{part}.parquet"));
+        let bytes = crate::generate::parquet_bytes(schema.clone(), &batches)?;
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        written.push(path);
+    }
+    let tail = written.pop().expect("two written");
+    let head = written.pop().expect("two written");
+    Ok((head, tail))
 }
 
 /// The same pipeline in DuckDB, in a child Python process.
@@ -570,5 +638,77 @@ mod tests {
         assert_eq!(label(10_000_000), "10M");
         assert_eq!(label(250_000), "250k");
         assert_eq!(people_for(10_000_000), 322_580);
+    }
+
+    /// Writes a file of events numbered `from..to` in `batch`-row batches.
+    fn numbered(path: &Path, from: i64, to: i64, batch: i64) -> PathBuf {
+        use arrow::array::{Int64Array, RecordBatch};
+        let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("n", arrow::datatypes::DataType::Int64, false),
+        ]));
+        let batches: Vec<RecordBatch> = (from..to)
+            .step_by(batch as usize)
+            .map(|s| {
+                let column = Int64Array::from_iter_values(s..(s + batch).min(to));
+                RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(column)]).unwrap()
+            })
+            .collect();
+        std::fs::write(
+            path,
+            crate::generate::parquet_bytes(schema, &batches).unwrap(),
+        )
+        .unwrap();
+        path.to_path_buf()
+    }
+
+    fn numbers(files: &[PathBuf]) -> Vec<i64> {
+        use arrow::array::AsArray;
+        let mut out = Vec::new();
+        for f in files {
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(f).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let column = batch
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                out.extend(column.values().iter().copied());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_incremental_run_adds_the_last_share_of_the_rows_cutting_a_file_where_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three days of 400 rows and a small last file, as the generator's late copies are.
+        let files = vec![
+            numbered(&dir.path().join("a.parquet"), 0, 400, 64),
+            numbered(&dir.path().join("b.parquet"), 400, 800, 64),
+            numbered(&dir.path().join("c.parquet"), 800, 1200, 64),
+            numbered(&dir.path().join("d.parquet"), 1200, 1210, 64),
+        ];
+        let cut = dir.path().join("cut");
+        // 10% of 1210 rows is 121: the last file's 10 rows and the third file's last 111.
+        let (first, held) = hold_back(&files, 0.1, &cut).unwrap();
+        assert_eq!(footer_rows(&held).unwrap(), 121);
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[1], files[3]);
+        assert_eq!(numbers(&held[..1]), (1089..1200).collect::<Vec<_>>());
+        // Nothing is lost or read twice: the first run's rows, then the added ones, are all.
+        let mut all = numbers(&first);
+        all.extend(numbers(&held));
+        assert_eq!(all, (0..1210).collect::<Vec<_>>());
+        // A share that ends on a file's edge cuts nothing.
+        let (first, held) = hold_back(&files, 410.0 / 1210.0, &cut).unwrap();
+        assert_eq!(held, files[2..].to_vec());
+        assert_eq!(first, files[..2].to_vec());
+        // At least one row is added, however small the share.
+        let (_, held) = hold_back(&files, 0.0, &cut).unwrap();
+        assert_eq!(numbers(&held), vec![1209]);
     }
 }
