@@ -34,6 +34,7 @@ pub mod runs;
 pub mod scratch;
 pub mod segments;
 pub mod session_cut;
+pub mod shift_window;
 pub mod state;
 pub mod status;
 pub mod storage;

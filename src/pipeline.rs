@@ -503,6 +503,7 @@ async fn stages(
     let mut writes = tokio::task::JoinSet::new();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
+        let t0 = std::time::Instant::now();
         let members = crate::segments::materialise(engine, &segment)
             .await
             .map_err(in_stage(engine, "segments"))?;
@@ -516,6 +517,7 @@ async fn stages(
         );
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
         writes.spawn(replace_table(engine, outputs, table, members));
         spinner.finish_and_clear();
@@ -544,9 +546,11 @@ async fn stages(
     crate::segments::ensure_schema(engine, tables::REPORTS)?;
     for query in crate::reports::list(engine)? {
         let spinner = progress.spinner(&format!("report {}", query.name));
+        let t0 = std::time::Instant::now();
         let (table, committed) = crate::reports::materialise(engine, outputs, &query)
             .await
             .map_err(in_stage(engine, "reports"))?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, rows = committed.rows, "report");
         report.tables.insert(table, committed);
         spinner.finish_and_clear();
     }

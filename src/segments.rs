@@ -214,10 +214,8 @@ pub async fn materialise(engine: &Engine, segment: &SegmentQuery) -> Result<Vec<
         return Err(Error::query(&segment.file, "returns no `profile_id` column; a segment query returns one row per member with its profile_id"));
     };
     let df = crate::output::plain_columns(df)?;
-    let batches = df
-        .collect()
-        .await
-        .map_err(|e| Error::query(&segment.file, e))?;
+    // Through the engine, so that its plan is logged at debug level.
+    let batches = engine.collect(df, &segment.file).await?;
     let mut seen = std::collections::HashSet::new();
     for b in &batches {
         let ids = arrow::compute::cast(b.column(key), &DataType::Utf8)?;
