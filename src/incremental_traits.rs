@@ -226,6 +226,15 @@ impl Carry {
         }
     }
 
+    /// Whether the published values were computed from `sql` under the name `file`, with no
+    /// condition on the plan: for what Tessera computes itself per profile (the last-known
+    /// traits), whose "SQL" is a description of its settings.
+    pub fn recorded_as(&self, file: &str, sql: &str) -> bool {
+        self.recorded
+            .get(file)
+            .is_some_and(|(print, _)| *print == fingerprint(file, sql))
+    }
+
     /// The events of the changed profiles, to stand in for `events` while the file is planned.
     pub fn changed_events(&self) -> Arc<dyn TableProvider> {
         self.changed_events.clone()

@@ -481,7 +481,9 @@ async fn stages(
     ));
     crate::journeys::release_changed(engine)?;
     // What the next incremental run needs to know to carry these traits over.
-    let state = crate::incremental_traits::state_batch(&trait_files, as_of)?;
+    let mut recorded = trait_files;
+    recorded.push(crate::profiles::last_known_state(&engine.project));
+    let state = crate::incremental_traits::state_batch(&recorded, as_of)?;
     let committed = outputs
         .write(
             ctx,

@@ -115,7 +115,7 @@ async fn build_inner(
     let t0 = std::time::Instant::now();
 
     // Last-known identify traits: the latest non-null value of each trait wins.
-    let traits = last_known_traits(engine).await?;
+    let (traits, traits_for) = last_known(engine, carry).await?;
     let base: HashSet<String> = profiles
         .schema()
         .fields()
@@ -136,8 +136,11 @@ async fn build_inner(
             message: format!("key `profiles.traits`: trait \"{clash}\" has the name of a built-in profiles column; lift it under another name with a trait query"),
         });
     }
-    tracing::info!(ms = t0.elapsed().as_millis() as u64, "last-known traits");
-    let traits = engine.ctx.read_batch(traits)?;
+    tracing::info!(
+        ms = t0.elapsed().as_millis() as u64,
+        computed_for = traits_for,
+        "last-known traits"
+    );
     profiles = join_on_profile(profiles, traits, TRAIT_KEY)?;
 
     // Register the base so computed traits can read `profiles`, then add them file by file.
@@ -541,9 +544,55 @@ fn join_on_profile(left: DataFrame, right: DataFrame, key: &str) -> Result<DataF
 }
 
 /// One row per profile with identify traits: `traits` (JSON) and each `[profiles] traits` column.
-async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
+/// The name `_state/traits` records the last-known traits under, and what it fingerprints for
+/// them: the lifted traits, since they are columns of the published values (Tessera's version
+/// is part of every fingerprint). See [`last_known`].
+pub fn last_known_state(project: &crate::config::Project) -> QueryFile {
+    QueryFile {
+        file: "[profiles] traits".to_string(),
+        sql: format!(
+            "last-known identify traits; lifted: {}",
+            project.config.profiles.traits.join(", ")
+        ),
+        path: project.config_file.clone(),
+    }
+}
+
+/// The last-known traits of the profiles (see [`last_known_traits`]) and for which profiles
+/// they were computed. On an incremental run whose published values were computed the same way
+/// (see [`last_known_state`]), only the changed profiles' events are read (they hold every
+/// event of those profiles) and every other profile keeps its published values, as trait
+/// files do ([`crate::incremental_traits`]): at 10M events this read every identify event, 0.6 s
+/// of a 10 s incremental run.
+async fn last_known(engine: &Engine, carry: Option<&Carry>) -> Result<(DataFrame, &'static str)> {
+    let state = last_known_state(&engine.project);
+    if let Some(carry) = carry.filter(|c| c.recorded_as(&state.file, &state.sql)) {
+        let changed = engine.ctx.read_table(carry.changed_events())?;
+        let fresh = last_known_traits(engine, changed).await?;
+        if let Some(kept) = carry.kept(&fresh.schema())? {
+            // Profiles without identify traits have none to keep (they get NULLs either way).
+            let kept = kept.filter(col(TRAITS).is_not_null())?.collect().await?;
+            let schema = fresh.schema();
+            let mut batches = vec![fresh];
+            for batch in kept {
+                batches.push(RecordBatch::try_new(
+                    schema.clone(),
+                    batch.columns().to_vec(),
+                )?);
+            }
+            return Ok((engine.ctx.read_batches(batches)?, "changed profiles"));
+        }
+    }
+    let all = engine.ctx.table(tables::EVENTS).await?;
+    let traits = last_known_traits(engine, all).await?;
+    Ok((engine.ctx.read_batch(traits)?, "every profile"))
+}
+
+/// Each profile's last-known identify traits in `events`: one row per profile with identify
+/// traits, its traits as a JSON object and the lifted ones as columns (every field nullable).
+async fn last_known_traits(engine: &Engine, events: DataFrame) -> Result<RecordBatch> {
     let lifted = &engine.project.config.profiles.traits;
-    let df = engine.ctx.table(tables::EVENTS).await?.filter(
+    let df = events.filter(
         col("type")
             .eq(datafusion::logical_expr::lit("identify"))
             .and(col("profile_id").is_not_null())
@@ -571,8 +620,9 @@ async fn last_known_traits(engine: &Engine) -> Result<RecordBatch> {
         }
         merge_latest(&mut latest, part);
     }
+    // Nullable throughout: published values, which may stand beside these rows, are read so.
     let mut fields = vec![
-        Field::new("profile_id", DataType::Utf8, false),
+        Field::new("profile_id", DataType::Utf8, true),
         Field::new(TRAITS, DataType::Utf8, true),
     ];
     fields.extend(

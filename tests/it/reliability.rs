@@ -597,17 +597,20 @@ fn carried_traits_are_recomputed_for_every_profile_when_their_file_or_the_as_of_
         rt.block_on(table_lines(&outputs, "profiles", None, Some(&canonical)))
             .expect("profiles exist")
     };
-    let step = |days: &[String], as_of: &str| {
+    // Returns for which profiles the incremental run computed the last-known traits.
+    let step = |days: &[String], as_of: &str| -> String {
         bring_back(&inc, &inc_later, days);
         bring_back(&full, &full_later, days);
-        let report: serde_json::Value = serde_json::from_str(
-            ok(run(
-                &mut inc.cmd(&["run", "--json", "--quiet", "--as-of", as_of])
-            ))
-            .trim(),
-        )
-        .unwrap();
+        let out = run(&mut inc.cmd(&["run", "--json", "-v", "--as-of", as_of]));
+        let log = stderr(&out);
+        let report: serde_json::Value = serde_json::from_str(ok(out).trim()).unwrap();
         assert_eq!(report["mode"], "incremental");
+        let traits_for = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["fields"]["message"] == "last-known traits")
+            .map(|l| l["fields"]["computed_for"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no last-known traits line in {log}"));
         ok(run(
             &mut full.cmd(&["run", "--full", "--quiet", "--as-of", as_of])
         ));
@@ -618,6 +621,7 @@ fn carried_traits_are_recomputed_for_every_profile_when_their_file_or_the_as_of_
             differ.is_empty(),
             "incremental and full profiles differ: {differ:#?}"
         );
+        traits_for
     };
 
     // A trait file edited between runs: the new text holds for every profile, not only those
@@ -628,9 +632,23 @@ fn carried_traits_are_recomputed_for_every_profile_when_their_file_or_the_as_of_
         assert!(sql.contains("90 days"));
         std::fs::write(&file, sql.replace("90 days", "2 days")).unwrap();
     }
-    step(&days[..1], AS_OF);
-    // A later as-of time: windows over `as_of()` move for every profile.
-    step(&days[1..], "2026-11-04T00:00:00Z");
+    // The last-known traits do not depend on trait files: carried over.
+    assert_eq!(step(&days[..1], AS_OF), "changed profiles");
+    // Nor on the as-of time (windows over `as_of()` move for every profile).
+    assert_eq!(
+        step(&days[1..2], "2026-11-04T00:00:00Z"),
+        "changed profiles"
+    );
+    // Lifting another trait changes what was computed: every profile again.
+    for p in [&inc, &full] {
+        let file = p.path().join("tessera.toml");
+        let config = std::fs::read_to_string(&file).unwrap();
+        let lifted = "traits = [\"first_name\", \"last_name\", \"plan\"]";
+        assert!(config.contains(lifted), "{config}");
+        let more = "traits = [\"first_name\", \"last_name\", \"plan\", \"email\"]";
+        std::fs::write(&file, config.replace(lifted, more)).unwrap();
+    }
+    assert_eq!(step(&days[2..], "2026-11-04T00:00:00Z"), "every profile");
 }
 
 /// profile_id → its oldest identifier (type:value), so groupings compare across outputs.
