@@ -600,6 +600,7 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
         .with_default_features()
         .with_optimizer_rule(Arc::new(crate::window_args::WindowArgsAsColumns))
         .with_physical_optimizer_rule(Arc::new(crate::shift_window::ShiftWindows))
+        .with_physical_optimizer_rule(Arc::new(crate::cheap_filters_first::CheapFiltersFirst))
         // delta-rs plans its writes with extension nodes only its planner knows.
         .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
         .build();

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cheap_filters_first;
 pub mod cli;
 pub mod config;
 pub mod engine;
