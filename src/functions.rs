@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, StringArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, ListBuilder, StringArray, StringBuilder, UInt64Builder,
+};
 use arrow::datatypes::{DataType, Field, FieldRef};
 use chrono::{DateTime, Utc};
 use datafusion::common::ScalarValue;
@@ -47,14 +49,22 @@ impl AggregateUDFImpl for MostFrequentUdaf {
         Ok(Box::new(MostFrequent::default()))
     }
 
-    // Partial states travel as JSON text: {"value": count, …}.
+    // Partial states travel as two lists per group: the values and their counts.
     fn state_fields(&self, args: StateFieldsArgs) -> DfResult<Vec<FieldRef>> {
-        Ok(vec![Field::new(
-            format_state_name(args.name, "counts"),
-            DataType::Utf8,
-            true,
-        )
-        .into()])
+        Ok(vec![
+            Field::new_list(
+                format_state_name(args.name, "values"),
+                Field::new_list_field(DataType::Utf8, true),
+                true,
+            )
+            .into(),
+            Field::new_list(
+                format_state_name(args.name, "counts"),
+                Field::new_list_field(DataType::UInt64, true),
+                true,
+            )
+            .into(),
+        ])
     }
 
     fn groups_accumulator_supported(&self, _: AccumulatorArgs) -> bool {
@@ -69,58 +79,154 @@ impl AggregateUDFImpl for MostFrequentUdaf {
     }
 }
 
-type Counts = std::collections::HashMap<Box<str>, u64, foldhash::fast::RandomState>;
+/// One group's counts: (value id, count), ordered by value id.
+type Counts = Vec<(u32, u64)>;
+
+/// Distinct values, each stored once and named by its number.
+#[derive(Debug, Default)]
+struct Values {
+    ids: std::collections::HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    names: Vec<Box<str>>,
+    bytes: usize,
+}
+
+impl Values {
+    fn id(&mut self, value: &str) -> u32 {
+        if let Some(&id) = self.ids.get(value) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(value.into());
+        self.ids.insert(value.into(), id);
+        self.bytes += 2 * (value.len() + VALUE_OVERHEAD);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+
+    fn clear(&mut self) {
+        *self = Values::default();
+    }
+}
+
+/// Bytes a distinct value costs besides its text (twice: in the map and in the list): its
+/// pointer and length, its number, the map's control byte and slack.
+const VALUE_OVERHEAD: usize = 32;
+
+/// Adds `n` to `value`'s count; returns whether the value is new to the group.
+fn count(counts: &mut Counts, value: u32, n: u64) -> bool {
+    match counts.binary_search_by_key(&value, |&(v, _)| v) {
+        Ok(i) => {
+            counts[i].1 += n;
+            false
+        }
+        Err(i) => {
+            counts.insert(i, (value, n));
+            true
+        }
+    }
+}
 
 /// The most frequent value of `counts`, ties to the alphabetically first.
-fn most_frequent_of(counts: &Counts) -> Option<&str> {
+fn most_frequent_of<'a>(counts: &Counts, values: &'a Values) -> Option<&'a str> {
     counts
         .iter()
-        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
-        .map(|(v, _)| v.as_ref())
+        .max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then_with(|| values.name(b.0).cmp(values.name(a.0)))
+        })
+        .map(|&(v, _)| values.name(v))
 }
 
-fn counts_json(counts: &Counts) -> DfResult<String> {
-    serde_json::to_string(counts).map_err(|e| DataFusionError::External(Box::new(e)))
+/// The state columns (values, counts) of `groups`.
+fn state_lists<'a>(
+    groups: impl Iterator<Item = Option<&'a Counts>>,
+    values: &Values,
+) -> Vec<ArrayRef> {
+    let mut names = ListBuilder::new(StringBuilder::new());
+    let mut counts = ListBuilder::new(UInt64Builder::new());
+    for group in groups {
+        match group {
+            Some(group) => {
+                for &(v, n) in group {
+                    names.values().append_value(values.name(v));
+                    counts.values().append_value(n);
+                }
+                names.append(true);
+                counts.append(true);
+            }
+            None => {
+                names.append(false);
+                counts.append(false);
+            }
+        }
+    }
+    vec![Arc::new(names.finish()), Arc::new(counts.finish())]
 }
 
-fn parse_counts(text: &str) -> DfResult<Counts> {
-    serde_json::from_str(text).map_err(|e| DataFusionError::External(Box::new(e)))
+/// Calls `each(row, value, count)` for every (value, count) pair of the state columns.
+fn each_counted(states: &[ArrayRef], mut each: impl FnMut(usize, &str, u64)) -> DfResult<()> {
+    let (names, counts) = (states[0].as_list::<i32>(), states[1].as_list::<i32>());
+    let name_values = arrow::compute::cast(names.values(), &DataType::Utf8)?;
+    let name_values = name_values.as_string::<i32>();
+    let count_values = counts
+        .values()
+        .as_primitive::<arrow::datatypes::UInt64Type>();
+    for row in 0..names.len() {
+        if names.is_null(row) || counts.is_null(row) {
+            continue;
+        }
+        let (a, b) = (names.value_offsets()[row], counts.value_offsets()[row]);
+        let len = names.value_length(row);
+        if len != counts.value_length(row) {
+            return Err(DataFusionError::Internal(
+                "most_frequent: a state with as many values as counts".into(),
+            ));
+        }
+        for i in 0..len {
+            let (v, c) = ((a + i) as usize, (b + i) as usize);
+            if name_values.is_valid(v) {
+                each(row, name_values.value(v), count_values.value(c));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default)]
 struct MostFrequentGroups {
+    values: Values,
     groups: Vec<Counts>,
-    /// Bytes held by the counts, kept up to date as values are added.
+    /// Bytes held by the groups' counts, kept up to date as values are added.
     bytes: usize,
 }
 
 impl MostFrequentGroups {
     fn add(&mut self, group: usize, value: &str, n: u64) {
-        let counts = &mut self.groups[group];
-        match counts.get_mut(value) {
-            Some(c) => *c += n,
-            None => {
-                self.bytes += value.len() + COUNT_OVERHEAD;
-                counts.insert(value.into(), n);
-            }
+        let id = self.values.id(value);
+        if count(&mut self.groups[group], id, n) {
+            self.bytes += std::mem::size_of::<(u32, u64)>();
         }
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Vec<Counts> {
         let taken = emit_to.take_needed(&mut self.groups);
-        let freed: usize = taken
-            .iter()
-            .flat_map(|c| c.keys())
-            .map(|k| k.len() + COUNT_OVERHEAD)
-            .sum();
+        let freed: usize =
+            taken.iter().map(|c| c.len()).sum::<usize>() * std::mem::size_of::<(u32, u64)>();
         self.bytes = self.bytes.saturating_sub(freed);
         taken
     }
-}
 
-/// Bytes a counted value costs besides its text: the key's pointer and length, the count,
-/// the table's control byte and slack.
-const COUNT_OVERHEAD: usize = 40;
+    /// Forgets the distinct values once no group is left to name them.
+    fn tidy(&mut self) {
+        if self.groups.is_empty() {
+            self.values.clear();
+            self.bytes = 0;
+        }
+    }
+}
 
 fn passes(filter: Option<&BooleanArray>, row: usize) -> bool {
     filter.is_none_or(|f| f.is_valid(row) && f.value(row))
@@ -147,17 +253,19 @@ impl GroupsAccumulator for MostFrequentGroups {
 
     fn evaluate(&mut self, emit_to: EmitTo) -> DfResult<ArrayRef> {
         let groups = self.take(emit_to);
-        let best: StringArray = groups.iter().map(most_frequent_of).collect();
+        let best: StringArray = groups
+            .iter()
+            .map(|c| most_frequent_of(c, &self.values))
+            .collect();
+        self.tidy();
         Ok(Arc::new(best))
     }
 
     fn state(&mut self, emit_to: EmitTo) -> DfResult<Vec<ArrayRef>> {
         let groups = self.take(emit_to);
-        let json = groups
-            .iter()
-            .map(|c| counts_json(c).map(Some))
-            .collect::<DfResult<StringArray>>()?;
-        Ok(vec![Arc::new(json)])
+        let state = state_lists(groups.iter().map(Some), &self.values);
+        self.tidy();
+        Ok(state)
     }
 
     fn merge_batch(
@@ -167,16 +275,9 @@ impl GroupsAccumulator for MostFrequentGroups {
         total_num_groups: usize,
     ) -> DfResult<()> {
         self.groups.resize_with(total_num_groups, Counts::default);
-        let states = arrow::compute::cast(&values[0], &DataType::Utf8)?;
-        let states = states.as_string::<i32>();
-        for (row, &group) in group_indices.iter().enumerate() {
-            if states.is_valid(row) {
-                for (value, n) in parse_counts(states.value(row))? {
-                    self.add(group, &value, n);
-                }
-            }
-        }
-        Ok(())
+        each_counted(values, |row, value, n| {
+            self.add(group_indices[row], value, n)
+        })
     }
 
     fn convert_to_state(
@@ -184,77 +285,70 @@ impl GroupsAccumulator for MostFrequentGroups {
         values: &[ArrayRef],
         opt_filter: Option<&BooleanArray>,
     ) -> DfResult<Vec<ArrayRef>> {
-        // Each row on its own: {"value": 1}, or no counts at all.
+        // Each row on its own: one value counted once, or no counts at all.
         let values = arrow::compute::cast(&values[0], &DataType::Utf8)?;
         let values = values.as_string::<i32>();
-        let states = (0..values.len())
-            .map(|row| {
-                if values.is_valid(row) && passes(opt_filter, row) {
-                    let one: Counts = [(values.value(row).into(), 1)].into_iter().collect();
-                    counts_json(&one).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<DfResult<StringArray>>()?;
-        Ok(vec![Arc::new(states)])
+        let mut names = ListBuilder::new(StringBuilder::new());
+        let mut counts = ListBuilder::new(UInt64Builder::new());
+        for row in 0..values.len() {
+            let counted = values.is_valid(row) && passes(opt_filter, row);
+            if counted {
+                names.values().append_value(values.value(row));
+                counts.values().append_value(1);
+            }
+            names.append(counted);
+            counts.append(counted);
+        }
+        Ok(vec![Arc::new(names.finish()), Arc::new(counts.finish())])
     }
 
     fn size(&self) -> usize {
-        self.bytes + self.groups.capacity() * std::mem::size_of::<Counts>()
+        self.bytes + self.values.bytes + self.groups.capacity() * std::mem::size_of::<Counts>()
     }
 }
 
 /// The one-group accumulator (used where DataFusion asks for one, e.g. without GROUP BY).
 #[derive(Debug, Default)]
 struct MostFrequent {
+    values: Values,
     counts: Counts,
-    bytes: usize,
-}
-
-impl MostFrequent {
-    fn add(&mut self, value: &str, n: u64) {
-        match self.counts.get_mut(value) {
-            Some(c) => *c += n,
-            None => {
-                self.bytes += value.len() + COUNT_OVERHEAD;
-                self.counts.insert(value.into(), n);
-            }
-        }
-    }
 }
 
 impl Accumulator for MostFrequent {
     fn update_batch(&mut self, values: &[ArrayRef]) -> DfResult<()> {
         let values = arrow::compute::cast(&values[0], &DataType::Utf8)?;
         for v in values.as_string::<i32>().iter().flatten() {
-            self.add(v, 1);
+            let id = self.values.id(v);
+            count(&mut self.counts, id, 1);
         }
         Ok(())
     }
 
     fn evaluate(&mut self) -> DfResult<ScalarValue> {
         Ok(ScalarValue::Utf8(
-            most_frequent_of(&self.counts).map(str::to_string),
+            most_frequent_of(&self.counts, &self.values).map(str::to_string),
         ))
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.bytes
+        std::mem::size_of::<Self>()
+            + self.values.bytes
+            + self.counts.len() * std::mem::size_of::<(u32, u64)>()
     }
 
     fn state(&mut self) -> DfResult<Vec<ScalarValue>> {
-        Ok(vec![ScalarValue::Utf8(Some(counts_json(&self.counts)?))])
+        state_lists(std::iter::once(Some(&self.counts)), &self.values)
+            .iter()
+            .map(|a| ScalarValue::try_from_array(a, 0))
+            .collect()
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> DfResult<()> {
-        let states = arrow::compute::cast(&states[0], &DataType::Utf8)?;
-        for s in states.as_string::<i32>().iter().flatten() {
-            for (value, n) in parse_counts(s)? {
-                self.add(&value, n);
-            }
-        }
-        Ok(())
+        let (values, counts) = (&mut self.values, &mut self.counts);
+        each_counted(states, |_, value, n| {
+            let id = values.id(value);
+            count(counts, id, n);
+        })
     }
 }
 
@@ -318,16 +412,64 @@ mod tests {
         let skipped = acc
             .convert_to_state(&[strings(&[Some("a"), None])], None)
             .unwrap();
-        assert_eq!(
-            texts(&skipped[0]),
-            vec![Some(r#"{"a":1}"#.to_string()), None]
-        );
+        let kept: Vec<(usize, String, u64)> = {
+            let mut kept = Vec::new();
+            each_counted(&skipped, |row, v, n| kept.push((row, v.to_string(), n))).unwrap();
+            kept
+        };
+        assert_eq!(kept, vec![(0, "a".to_string(), 1)]);
+        assert!(skipped[0].is_null(1) && skipped[1].is_null(1));
         assert!(acc.size() > 0);
         let first = acc.evaluate(EmitTo::First(1)).unwrap();
         assert_eq!(texts(&first), vec![Some("bags".to_string())]);
         let rest = acc.evaluate(EmitTo::All).unwrap();
         assert_eq!(texts(&rest), vec![Some("caps".to_string()), None]);
         assert_eq!(acc.size(), 0);
+    }
+
+    #[test]
+    fn grouped_most_frequent_agrees_with_counting_by_hand() {
+        // Many values per group, arriving in no order, split over two accumulators.
+        let mut state = 7u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let rows: Vec<(usize, String)> = (0..2000)
+            .map(|_| {
+                let group = next(5) as usize;
+                // Skewed so that counts differ and some tie.
+                let v = next(60).min(next(60));
+                (group, format!("v{v:02}"))
+            })
+            .collect();
+        let (left, right) = rows.split_at(900);
+        let mut accs = Vec::new();
+        for part in [left, right] {
+            let mut acc = MostFrequentGroups::default();
+            let values: Vec<Option<&str>> = part.iter().map(|(_, v)| Some(v.as_str())).collect();
+            let groups: Vec<usize> = part.iter().map(|(g, _)| *g).collect();
+            acc.update_batch(&[strings(&values)], &groups, None, 5)
+                .unwrap();
+            accs.push(acc);
+        }
+        let state = accs[1].state(EmitTo::All).unwrap();
+        accs[0].merge_batch(&state, &[0, 1, 2, 3, 4], 5).unwrap();
+        let got = texts(&accs[0].evaluate(EmitTo::All).unwrap());
+        for (g, got) in got.iter().enumerate() {
+            let mut counts: std::collections::BTreeMap<&str, u64> = Default::default();
+            for (_, v) in rows.iter().filter(|(group, _)| *group == g) {
+                *counts.entry(v).or_default() += 1;
+            }
+            let best = counts.values().max().unwrap();
+            let want = counts
+                .iter()
+                .find(|(_, n)| *n == best)
+                .map(|(v, _)| v.to_string());
+            assert_eq!(got, &want, "group {g}");
+        }
     }
 
     #[test]
@@ -338,9 +480,13 @@ mod tests {
         let mut b = MostFrequent::default();
         b.update_batch(&[strings(&[Some("x"), Some("x"), None])])
             .unwrap();
-        let state = b.state().unwrap();
-        let state = state[0].to_array().unwrap();
-        a.merge_batch(&[state]).unwrap();
+        let state: Vec<ArrayRef> = b
+            .state()
+            .unwrap()
+            .iter()
+            .map(|s| s.to_array().unwrap())
+            .collect();
+        a.merge_batch(&state).unwrap();
         assert_eq!(a.evaluate().unwrap(), ScalarValue::Utf8(Some("x".into())));
     }
 }
