@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use datafusion::common::config::ConfigOptions;
-use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::Result;
 use datafusion::physical_expr::{conjunction, split_conjunction, PhysicalExpr, ScalarFunctionExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
@@ -34,16 +34,7 @@ impl PhysicalOptimizerRule for CheapFiltersFirst {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            let Some(filter) = node.downcast_ref::<FilterExec>() else {
-                return Ok(Transformed::no(node));
-            };
-            match split(filter)? {
-                Some(split) => Ok(Transformed::yes(split)),
-                None => Ok(Transformed::no(node)),
-            }
-        })
-        .map(|t| t.data)
+        crate::plan_rules::replace_each(plan, split)
     }
 
     fn name(&self) -> &str {
@@ -91,21 +82,11 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, RecordBatch, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::util::pretty::pretty_format_batches;
-    use datafusion::execution::SessionStateBuilder;
-    use datafusion::prelude::{SessionConfig, SessionContext};
+    use datafusion::prelude::SessionContext;
 
     fn context(with_rule: bool) -> SessionContext {
-        let config = SessionConfig::new()
-            .with_batch_size(16)
-            .with_target_partitions(2);
-        let mut builder = SessionStateBuilder::new()
-            .with_config(config)
-            .with_default_features();
-        if with_rule {
-            builder = builder.with_physical_optimizer_rule(Arc::new(CheapFiltersFirst));
-        }
-        let ctx = SessionContext::new_with_state(builder.build());
+        let rule = with_rule.then(|| Arc::new(CheapFiltersFirst) as _);
+        let ctx = crate::plan_rules::testing::context(16, rule);
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, false),
             Field::new("event", DataType::Utf8, true),
@@ -134,15 +115,7 @@ mod tests {
         ctx
     }
 
-    async fn run(ctx: &SessionContext, sql: &str) -> (String, String) {
-        let df = ctx.sql(sql).await.unwrap();
-        let plan = df.clone().create_physical_plan().await.unwrap();
-        let shown = datafusion::physical_plan::displayable(plan.as_ref())
-            .indent(true)
-            .to_string();
-        let batches = df.collect().await.unwrap();
-        (pretty_format_batches(&batches).unwrap().to_string(), shown)
-    }
+    use crate::plan_rules::testing::result_and_plan as run;
 
     #[tokio::test]
     async fn plain_conditions_run_first_and_the_rows_kept_are_the_same() {

@@ -26,6 +26,7 @@ pub mod lease;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
+pub mod plan_rules;
 pub mod predict;
 pub mod profiles;
 pub mod progress;

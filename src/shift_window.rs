@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::datatypes::SchemaRef;
 use datafusion::common::config::ConfigOptions;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Result, ScalarValue};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::expressions::Literal;
@@ -51,21 +51,16 @@ impl PhysicalOptimizerRule for ShiftWindows {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            let Some(window) = node.downcast_ref::<BoundedWindowAggExec>() else {
-                return Ok(Transformed::no(node));
-            };
-            match shifts_of(window) {
-                Some(shifts) => Ok(Transformed::yes(Arc::new(ShiftWindowExec {
+        crate::plan_rules::replace_each(plan, |window: &BoundedWindowAggExec| {
+            Ok(shifts_of(window).map(|shifts| {
+                Arc::new(ShiftWindowExec {
                     original: Arc::new(window.clone()),
                     partition_by: window.window_expr()[0].partition_by().to_vec(),
                     shifts,
                     metrics: ExecutionPlanMetricsSet::new(),
-                }))),
-                None => Ok(Transformed::no(node)),
-            }
+                }) as Arc<dyn ExecutionPlan>
+            }))
         })
-        .map(|t| t.data)
     }
 
     fn name(&self) -> &str {
@@ -390,10 +385,8 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
-    use arrow::util::pretty::pretty_format_batches;
     use datafusion::datasource::MemTable;
-    use datafusion::execution::SessionStateBuilder;
-    use datafusion::prelude::{SessionConfig, SessionContext};
+    use datafusion::prelude::SessionContext;
 
     /// Rows in `parts` table partitions of `batch` rows: a key with few values (and nulls), a
     /// time with ties, a unique id, and nullable values of two types.
@@ -443,27 +436,11 @@ mod tests {
     }
 
     fn context(with_rule: bool, batch_size: usize) -> SessionContext {
-        let config = SessionConfig::new()
-            .with_batch_size(batch_size)
-            .with_target_partitions(2);
-        let mut builder = SessionStateBuilder::new()
-            .with_config(config)
-            .with_default_features();
-        if with_rule {
-            builder = builder.with_physical_optimizer_rule(Arc::new(ShiftWindows));
-        }
-        SessionContext::new_with_state(builder.build())
+        let rule = with_rule.then(|| Arc::new(ShiftWindows) as _);
+        crate::plan_rules::testing::context(batch_size, rule)
     }
 
-    async fn run(ctx: &SessionContext, sql: &str) -> (String, String) {
-        let df = ctx.sql(sql).await.unwrap();
-        let plan = df.clone().create_physical_plan().await.unwrap();
-        let shown = datafusion::physical_plan::displayable(plan.as_ref())
-            .indent(true)
-            .to_string();
-        let batches = df.collect().await.unwrap();
-        (pretty_format_batches(&batches).unwrap().to_string(), shown)
-    }
+    use crate::plan_rules::testing::result_and_plan as run;
 
     const SHIFTS: &str = "SELECT id, \
         lead(x) OVER w AS a, lag(x) OVER w AS b, lead(s, 2) OVER w AS c, \
