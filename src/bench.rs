@@ -434,16 +434,13 @@ fn cut_file(file: &Path, at: u64, dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("events");
-    let mut written = Vec::with_capacity(2);
-    for (part, batches) in [("head", head), ("tail", tail)] {
+    let write = |part: &str, batches: &[arrow::array::RecordBatch]| -> Result<PathBuf> {
         let path = dir.join(format!("{stem}-{part}.parquet"));
-        let bytes = crate::generate::parquet_bytes(schema.clone(), &batches)?;
+        let bytes = crate::generate::parquet_bytes(schema.clone(), batches)?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-        written.push(path);
-    }
-    let tail = written.pop().expect("two written");
-    let head = written.pop().expect("two written");
-    Ok((head, tail))
+        Ok(path)
+    };
+    Ok((write("head", &head)?, write("tail", &tail)?))
 }
 
 /// The same pipeline in DuckDB, in a child Python process.

@@ -169,6 +169,11 @@ fn state_lists<'a>(
 /// Calls `each(row, value, count)` for every (value, count) pair of the state columns.
 fn each_counted(states: &[ArrayRef], mut each: impl FnMut(usize, &str, u64)) -> DfResult<()> {
     let (names, counts) = (states[0].as_list::<i32>(), states[1].as_list::<i32>());
+    if names.len() != counts.len() {
+        return Err(DataFusionError::Internal(
+            "most_frequent: states with as many value lists as count lists".into(),
+        ));
+    }
     let name_values = arrow::compute::cast(names.values(), &DataType::Utf8)?;
     let name_values = name_values.as_string::<i32>();
     let count_values = counts

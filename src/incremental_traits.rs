@@ -214,14 +214,11 @@ impl Carry {
 
     /// Whether the file's published values can be kept for unchanged profiles.
     pub fn applies(&self, file: &str, sql: &str, plan: &LogicalPlan) -> bool {
-        let Some((print, at)) = self.recorded.get(file) else {
-            return false;
-        };
-        if *print != fingerprint(file, sql) {
+        if !self.recorded_as(file, sql) {
             return false;
         }
         match shape(plan) {
-            Shape::PerProfile { as_of } => !as_of || *at == self.as_of,
+            Shape::PerProfile { as_of } => !as_of || self.recorded[file].1 == self.as_of,
             Shape::Other => false,
         }
     }

@@ -509,6 +509,7 @@ async fn stages(
         let members = crate::segments::materialise(engine, &segment)
             .await
             .map_err(in_stage(engine, "segments"))?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
         let before = crate::segments::published_members(engine, &segment.name).await?;
@@ -519,7 +520,6 @@ async fn stages(
         );
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
         writes.spawn(replace_table(engine, outputs, table, members));
         spinner.finish_and_clear();

@@ -543,7 +543,6 @@ fn join_on_profile(left: DataFrame, right: DataFrame, key: &str) -> Result<DataF
         .select(keep)?)
 }
 
-/// One row per profile with identify traits: `traits` (JSON) and each `[profiles] traits` column.
 /// The name `_state/traits` records the last-known traits under, and what it fingerprints for
 /// them: the lifted traits, since they are columns of the published values (Tessera's version
 /// is part of every fingerprint). See [`last_known`].

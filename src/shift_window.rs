@@ -215,10 +215,13 @@ impl ExecutionPlan for ShiftWindowExec {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let original: Arc<dyn ExecutionPlan> = self.original.clone();
         let replaced = original.with_new_children(children)?;
-        let original = replaced
-            .downcast_ref::<BoundedWindowAggExec>()
-            .expect("a window operator rebuilt is a window operator")
-            .clone();
+        let Some(original) = replaced.downcast_ref::<BoundedWindowAggExec>() else {
+            return Err(datafusion::common::DataFusionError::Internal(format!(
+                "a window operator given new inputs became {}",
+                replaced.name()
+            )));
+        };
+        let original = original.clone();
         Ok(Arc::new(ShiftWindowExec {
             original: Arc::new(original),
             partition_by: self.partition_by.clone(),
