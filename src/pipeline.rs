@@ -506,18 +506,14 @@ async fn stages(
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let t0 = std::time::Instant::now();
-        let members = crate::segments::materialise(engine, &segment)
+        let (members, ids) = crate::segments::materialise(engine, &segment)
             .await
             .map_err(in_stage(engine, "segments"))?;
         tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
         let before = crate::segments::published_members(engine, &segment.name).await?;
-        changes.add(
-            &segment.name,
-            &before,
-            &crate::segments::member_ids(&members)?,
-        );
+        changes.add(&segment.name, &before, &ids);
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, ArrayBuilder, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
 use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
@@ -97,65 +97,87 @@ pub fn ordered(engine: &Engine) -> Result<Vec<SegmentQuery>> {
     Ok(out)
 }
 
-/// The members of a segment's current published version (empty before its first run).
-pub async fn published_members(engine: &Engine, name: &str) -> Result<BTreeSet<String>> {
-    let table = format!("{}/{name}", tables::SEGMENTS);
-    let mut members = BTreeSet::new();
-    let Some(df) = engine.outputs.read(&engine.ctx, &table).await? else {
-        return Ok(members);
-    };
-    let df = df.select(vec![datafusion::logical_expr::cast(
-        datafusion::logical_expr::col("profile_id"),
-        DataType::Utf8,
-    )])?;
-    for b in df.collect().await? {
-        members.extend(
-            b.column(0)
-                .as_string::<i32>()
-                .iter()
-                .flatten()
-                .map(str::to_string),
-        );
+/// A segment's member ids: the `profile_id` column of its rows, as plain strings.
+///
+/// Held as arrays and compared as borrowed strings: at 100M events the largest segments have
+/// millions of members, and a copy of each id in an ordered set cost seconds.
+#[derive(Debug, Default)]
+pub struct Members(Vec<arrow::array::StringArray>);
+
+impl Members {
+    /// The `profile_id` column of `batches`.
+    pub fn of(batches: &[RecordBatch]) -> Result<Members> {
+        let mut arrays = Vec::with_capacity(batches.len());
+        for b in batches {
+            let ids = arrow::compute::cast(
+                b.column(b.schema().index_of("profile_id")?),
+                &DataType::Utf8,
+            )?;
+            arrays.push(ids.as_string::<i32>().clone());
+        }
+        Ok(Members(arrays))
     }
-    Ok(members)
+
+    /// Every member id (nulls skipped), in row order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().flat_map(|a| a.iter().flatten())
+    }
+
+    /// The ids as a set.
+    fn set(&self) -> foldhash::HashSet<&str> {
+        let mut set = foldhash::HashSet::with_capacity_and_hasher(
+            self.0.iter().map(|a| a.len()).sum(),
+            Default::default(),
+        );
+        set.extend(self.ids());
+        set
+    }
+
+    /// The first id that appears more than once.
+    pub fn repeated(&self) -> Option<&str> {
+        let mut seen = foldhash::HashSet::with_capacity_and_hasher(
+            self.0.iter().map(|a| a.len()).sum(),
+            Default::default(),
+        );
+        self.ids().find(|id| !seen.insert(*id))
+    }
 }
 
-/// Profile ids in a segment's new members.
-pub fn member_ids(batches: &[RecordBatch]) -> Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    for b in batches {
-        let ids = arrow::compute::cast(
-            b.column(b.schema().index_of("profile_id")?),
-            &DataType::Utf8,
-        )?;
-        out.extend(ids.as_string::<i32>().iter().flatten().map(str::to_string));
-    }
-    Ok(out)
+/// The members of a segment's current published version (none before its first run).
+pub async fn published_members(engine: &Engine, name: &str) -> Result<Members> {
+    let table = format!("{}/{name}", tables::SEGMENTS);
+    let Some(df) = engine.outputs.read(&engine.ctx, &table).await? else {
+        return Ok(Members::default());
+    };
+    let df = df.select(vec![datafusion::logical_expr::col("profile_id")])?;
+    Members::of(&df.collect().await?)
 }
 
 /// `segment_changes` rows: who entered and who left each segment since its last version.
 #[derive(Debug, Default)]
 pub struct Changes {
-    segment: Vec<String>,
-    profile: Vec<String>,
-    change: Vec<&'static str>,
+    segment: arrow::array::StringBuilder,
+    profile: arrow::array::StringBuilder,
+    change: arrow::array::StringBuilder,
 }
 
 impl Changes {
-    /// Records the difference between a segment's previous and new members.
-    pub fn add(&mut self, segment: &str, before: &BTreeSet<String>, after: &BTreeSet<String>) {
-        for p in after.difference(before) {
-            self.push(segment, p, "entered");
+    /// Records the difference between a segment's previous and new members: those who
+    /// entered, then those who exited, each in profile id order.
+    pub fn add(&mut self, segment: &str, before: &Members, after: &Members) {
+        let (was, is) = (before.set(), after.set());
+        for (change, ids) in [
+            ("entered", is.difference(&was)),
+            ("exited", was.difference(&is)),
+        ] {
+            let mut ids: Vec<&str> = ids.copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                self.segment.append_value(segment);
+                self.profile.append_value(id);
+                self.change.append_value(change);
+            }
         }
-        for p in before.difference(after) {
-            self.push(segment, p, "exited");
-        }
-    }
-
-    fn push(&mut self, segment: &str, profile: &str, change: &'static str) {
-        self.segment.push(segment.to_string());
-        self.profile.push(profile.to_string());
-        self.change.push(change);
     }
 
     /// How many rows.
@@ -168,8 +190,12 @@ impl Changes {
         self.change.is_empty()
     }
 
-    /// The rows as a batch of `segment_changes`.
-    pub fn to_batch(&self, run_id: &str, at: chrono::DateTime<chrono::Utc>) -> Result<RecordBatch> {
+    /// The rows as a batch of `segment_changes`; the rows are taken.
+    pub fn to_batch(
+        &mut self,
+        run_id: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<RecordBatch> {
         use arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
         use arrow::datatypes::{Field, Schema};
         let n = self.len();
@@ -181,9 +207,9 @@ impl Changes {
             Field::new("changed_at", crate::ingest::timestamp_type(), false),
         ]);
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from(self.segment.clone())),
-            Arc::new(StringArray::from(self.profile.clone())),
-            Arc::new(StringArray::from(self.change.clone())),
+            Arc::new(self.segment.finish()),
+            Arc::new(self.profile.finish()),
+            Arc::new(self.change.finish()),
             Arc::new(StringArray::from(vec![run_id; n])),
             Arc::new(
                 TimestampMicrosecondArray::from(vec![at.timestamp_micros(); n])
@@ -206,24 +232,22 @@ pub fn ensure_schema(engine: &Engine, schema: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs one segment and registers it as `segments.<name>`; returns its members' rows.
-pub async fn materialise(engine: &Engine, segment: &SegmentQuery) -> Result<Vec<RecordBatch>> {
+/// Runs one segment and registers it as `segments.<name>`; returns its members' rows and ids.
+pub async fn materialise(
+    engine: &Engine,
+    segment: &SegmentQuery,
+) -> Result<(Vec<RecordBatch>, Members)> {
     let df = engine.query(&segment.sql, &segment.file).await?;
     let schema = df.schema().as_arrow().clone();
-    let Ok(key) = schema.index_of("profile_id") else {
+    if schema.index_of("profile_id").is_err() {
         return Err(Error::query(&segment.file, "returns no `profile_id` column; a segment query returns one row per member with its profile_id"));
-    };
+    }
     let df = crate::output::plain_columns(df)?;
     // Through the engine, so that its plan is logged at debug level.
     let batches = engine.collect(df, &segment.file).await?;
-    let mut seen = std::collections::HashSet::new();
-    for b in &batches {
-        let ids = arrow::compute::cast(b.column(key), &DataType::Utf8)?;
-        for id in ids.as_string::<i32>().iter().flatten() {
-            if !seen.insert(id.to_string()) {
-                return Err(Error::query(&segment.file, format!("returns profile_id {id} more than once; a segment has one row per member (use DISTINCT or GROUP BY)")));
-            }
-        }
+    let members = Members::of(&batches)?;
+    if let Some(id) = members.repeated() {
+        return Err(Error::query(&segment.file, format!("returns profile_id {id} more than once; a segment has one row per member (use DISTINCT or GROUP BY)")));
     }
     let mut batches = batches;
     if batches.is_empty() {
@@ -233,5 +257,57 @@ pub async fn materialise(engine: &Engine, segment: &SegmentQuery) -> Result<Vec<
     let reference = TableReference::partial(tables::SEGMENTS, segment.name.as_str());
     engine.ctx.deregister_table(reference.clone())?;
     engine.ctx.register_table(reference, Arc::new(table))?;
-    Ok(batches)
+    Ok((batches, members))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, StringArray};
+
+    fn members(parts: &[&[Option<&str>]]) -> Members {
+        let batches: Vec<RecordBatch> = parts
+            .iter()
+            .map(|ids| {
+                let ids: ArrayRef = Arc::new(StringArray::from(ids.to_vec()));
+                RecordBatch::try_from_iter([("profile_id", ids)]).unwrap()
+            })
+            .collect();
+        Members::of(&batches).unwrap()
+    }
+
+    #[test]
+    fn changes_list_who_entered_then_who_exited_each_in_id_order() {
+        let before = members(&[&[Some("p3"), Some("p1")], &[Some("p2"), None]]);
+        let after = members(&[&[Some("p5"), Some("p2")], &[], &[Some("p4"), Some("p3")]]);
+        let mut changes = Changes::default();
+        changes.add("s", &before, &after);
+        changes.add("t", &Members::default(), &members(&[&[Some("p9")]]));
+        changes.add("u", &after, &after);
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        let batch = changes.to_batch("run", at).unwrap();
+        let column = |name: &str| -> Vec<String> {
+            let c = batch.column_by_name(name).unwrap().as_string::<i32>();
+            c.iter().map(|v| v.unwrap().to_string()).collect()
+        };
+        assert_eq!(column("segment"), ["s", "s", "s", "t"]);
+        assert_eq!(column("profile_id"), ["p4", "p5", "p1", "p9"]);
+        assert_eq!(
+            column("change"),
+            ["entered", "entered", "exited", "entered"]
+        );
+        assert!(changes.is_empty(), "to_batch takes the rows");
+    }
+
+    #[test]
+    fn a_repeated_member_is_found_across_batches_and_nulls_are_not_members() {
+        assert_eq!(
+            members(&[&[Some("a"), None], &[None, Some("b")]]).repeated(),
+            None
+        );
+        assert_eq!(
+            members(&[&[Some("a"), Some("b")], &[Some("c"), Some("a")]]).repeated(),
+            Some("a")
+        );
+    }
 }
