@@ -15,7 +15,8 @@
 //! partition of each batch until the partition ends, finds partition boundaries with arrow's
 //! `partition` kernel and builds each result with one `take`. Everything the planner asks of
 //! the operator (its input's distribution and order, its output's properties) is the replaced
-//! operator's own, so the plan around it is unchanged.
+//! operator's own, so the plan around it is unchanged. The held rows are reserved in the
+//! engine's memory pool.
 
 use std::fmt;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ use arrow::datatypes::SchemaRef;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Result, ScalarValue};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::window::StandardWindowExpr;
@@ -235,6 +237,8 @@ impl ExecutionPlan for ShiftWindowExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
+        let reservation = MemoryConsumer::new(format!("ShiftWindowExec[{partition}]"))
+            .register(context.memory_pool());
         let input = self.original.input().execute(partition, context)?;
         Ok(Box::pin(ShiftStream {
             input,
@@ -242,6 +246,7 @@ impl ExecutionPlan for ShiftWindowExec {
             partition_by: self.partition_by.clone(),
             shifts: self.shifts.clone(),
             held: Vec::new(),
+            reservation,
             done: false,
             metrics: BaselineMetrics::new(&self.metrics, partition),
         }))
@@ -259,6 +264,9 @@ struct ShiftStream {
     shifts: Vec<Shift>,
     /// Rows of a partition that may go on in the next batch (all of one partition).
     held: Vec<RecordBatch>,
+    /// What `held` takes, in the engine's memory pool. A partition cannot be cut, so when the
+    /// pool cannot hold one the query fails with the pool's error rather than grow unseen.
+    reservation: MemoryReservation,
     done: bool,
     metrics: BaselineMetrics,
 }
@@ -295,6 +303,7 @@ impl ShiftStream {
             .start;
         if last == 0 && (self.held.is_empty() || self.continues_held(&batch)?) {
             self.held.push(batch);
+            self.reserve_held()?;
             return Ok(None);
         }
         let mut complete = std::mem::take(&mut self.held);
@@ -302,7 +311,19 @@ impl ShiftStream {
             complete.push(batch.slice(0, last));
         }
         self.held.push(batch.slice(last, batch.num_rows() - last));
+        self.reserve_held()?;
         self.shifted(complete).map(Some)
+    }
+
+    /// Sizes the reservation to the held rows (a slice counts its whole batch's buffers,
+    /// which it keeps alive).
+    fn reserve_held(&mut self) -> Result<()> {
+        let bytes = self
+            .held
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        self.reservation.try_resize(bytes)
     }
 
     /// `batches` (whole partitions, in order) as one batch with the shifted columns added.
@@ -354,6 +375,7 @@ impl Stream for ShiftStream {
                 None => {
                     self.done = true;
                     let held = std::mem::take(&mut self.held);
+                    self.reservation.free();
                     if held.is_empty() {
                         Ok(None)
                     } else {
@@ -491,6 +513,83 @@ mod tests {
             assert!(!plan.contains("ShiftWindowExec"), "{sql}\n{plan}");
             assert_eq!(ours, theirs, "{sql}");
         }
+    }
+
+    /// One partition running through every batch is held back whole, and what it takes is
+    /// in the memory pool: a pool too small for it fails the query instead of growing unseen.
+    #[tokio::test]
+    async fn held_rows_are_reserved_in_the_memory_pool() {
+        use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
+        use datafusion::physical_expr::expressions::Column;
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("x", DataType::Int64, false),
+        ]));
+        let batch = |key: &str, n: usize| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(vec![key; n])),
+                    Arc::new(Int64Array::from_iter_values(0..n as i64)),
+                ],
+            )
+            .unwrap()
+        };
+        let out_schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("x", DataType::Int64, false),
+            Field::new("next", DataType::Int64, true),
+        ]));
+        let one_batch = batch("a", 1000).get_array_memory_size();
+        let stream = |limit: usize| {
+            let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(limit));
+            let input = futures::stream::iter(
+                [
+                    batch("a", 1000),
+                    batch("a", 1000),
+                    batch("a", 1000),
+                    batch("b", 10),
+                ]
+                .map(Ok),
+            );
+            let stream = ShiftStream {
+                input: Box::pin(RecordBatchStreamAdapter::new(schema.clone(), input)),
+                schema: out_schema.clone(),
+                partition_by: vec![Arc::new(Column::new("k", 0))],
+                shifts: vec![Shift {
+                    value: Arc::new(Column::new("x", 1)),
+                    offset: 1,
+                }],
+                held: Vec::new(),
+                reservation: MemoryConsumer::new("test").register(&pool),
+                done: false,
+                metrics: BaselineMetrics::new(&ExecutionPlanMetricsSet::new(), 0),
+            };
+            (pool, stream)
+        };
+
+        let (pool, mut roomy) = stream(100 * one_batch);
+        let first = roomy.next().await.unwrap().unwrap();
+        assert_eq!(first.num_rows(), 3000, "partition a comes out whole");
+        assert!(
+            pool.reserved() >= one_batch / 100,
+            "b is held: {}",
+            pool.reserved()
+        );
+        assert_eq!(roomy.next().await.unwrap().unwrap().num_rows(), 10);
+        assert!(roomy.next().await.is_none());
+        assert_eq!(pool.reserved(), 0, "everything is given back at the end");
+
+        let (pool, mut tight) = stream(2 * one_batch);
+        let error = tight.next().await.unwrap().unwrap_err().to_string();
+        assert!(error.contains("Resources exhausted"), "{error}");
+        assert!(
+            tight.next().await.is_none(),
+            "the stream ends after its error"
+        );
+        drop(tight);
+        assert_eq!(pool.reserved(), 0);
     }
 
     /// The bundled project's engine has the rule: the report that uses `lead` runs through it.
