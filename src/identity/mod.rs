@@ -864,166 +864,22 @@ fn build_tables(
     run_id: &str,
     now: DateTime<Utc>,
 ) -> Result<IdentityTables> {
-    let rules = res.rules();
-    let type_name = |n: Node| rules.types[res.kind(n) as usize].name.as_str();
-    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of(c)]);
-
-    // Every identifier's value as one array, so the value columns below are gathered with
-    // `take`; above 2 GiB of values, a string per value instead.
-    let values = res.value_array();
-    let value_column = |nodes: &mut dyn Iterator<Item = Node>| -> Result<ArrayRef> {
-        Ok(match &values {
-            Some(values) => {
-                let indices = arrow::array::UInt32Array::from_iter_values(nodes);
-                arrow::compute::take(values, &indices, None)?
-            }
-            None => {
-                let mut b = StringBuilder::new();
-                for n in nodes {
-                    b.append_value(res.value(n));
-                }
-                Arc::new(b.finish())
-            }
-        })
+    let parts = TableParts {
+        res,
+        ids,
+        values: res.value_array(),
     };
-
-    // identity_graph, ordered by profile then type priority then value. The profiles are
-    // ranked by id once (comparing the ids' first sixteen bytes as two integers, the rest
-    // only on a tie), the identifiers are grouped by that rank with a counting sort, and
-    // only each profile's few identifiers are sorted by type and value.
-    let mut order: Vec<(u64, u64, u32)> = ids
-        .ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let b = id.as_bytes();
-            let rest = b.get(8..).unwrap_or(&[]);
-            (graph::prefix_key(b), graph::prefix_key(rest), i as u32)
-        })
-        .collect();
-    order.sort_unstable_by(|a, b| {
-        (a.0, a.1)
-            .cmp(&(b.0, b.1))
-            .then_with(|| ids.ids[a.2 as usize].cmp(&ids.ids[b.2 as usize]))
+    // The graph on this thread, the other three tables on a second one: each is a pass over
+    // its own rows, and at 10M events the graph and the links take about 0.1 s apiece.
+    let (graph, others) = std::thread::scope(|scope| {
+        let others = scope.spawn(|| parts.links_conflicts_merges(queries, run_id, now));
+        (parts.graph(), others.join())
     });
-    let mut rank = vec![0u32; ids.ids.len()];
-    for (place, &(_, _, profile)) in order.iter().enumerate() {
-        rank[profile as usize] = place as u32;
-    }
-    drop(order);
-    let mut start = vec![0usize; ids.ids.len() + 1];
-    for n in 0..res.len() as Node {
-        if let Some(c) = res.component(n) {
-            start[rank[ids.of(c)] as usize + 1] += 1;
-        }
-    }
-    for i in 1..start.len() {
-        start[i] += start[i - 1];
-    }
-    let mut keyed: Vec<(u8, u64, Node, u32)> = vec![(0, 0, 0, 0); start[ids.ids.len()]];
-    let mut fill = start.clone();
-    for n in 0..res.len() as Node {
-        if let Some(c) = res.component(n) {
-            let profile = ids.of(c);
-            let r = rank[profile] as usize;
-            keyed[fill[r]] = (res.kind(n), res.value_prefix(n), n, profile as u32);
-            fill[r] += 1;
-        }
-    }
-    drop(fill);
-    for r in 0..ids.ids.len() {
-        keyed[start[r]..start[r + 1]].sort_unstable_by(|a, b| {
-            (a.0, a.1)
-                .cmp(&(b.0, b.1))
-                .then_with(|| res.value_bytes(a.2).cmp(res.value_bytes(b.2)))
-        });
-    }
-    drop(start);
-    drop(rank);
-    let graph = RecordBatch::try_new(
-        graph_schema(),
-        vec![
-            string_column(&keyed, |k| rules.types[k.0 as usize].name.as_str()),
-            value_column(&mut keyed.iter().map(|k| k.2))?,
-            string_column(&keyed, |k| ids.ids[k.3 as usize].as_str()),
-            time_array(keyed.iter().map(|k| res.seen(k.2).0)),
-            time_array(keyed.iter().map(|k| res.seen(k.2).1)),
-        ],
-    )?;
-    let identifiers = keyed.len();
-    drop(keyed);
-
-    // identity_links: accepted links, in the order applied.
-    let l = &res.accepted;
-    let links = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("identifier_type", DataType::Utf8, false),
-            Field::new("identifier_value", DataType::Utf8, false),
-            Field::new("linked_type", DataType::Utf8, false),
-            Field::new("linked_value", DataType::Utf8, false),
-            Field::new("profile_id", DataType::Utf8, false),
-            Field::new("seen_at", timestamp_type(), true),
-            Field::new("query", DataType::Utf8, false),
-        ])),
-        vec![
-            string_column(l, |x| type_name(x.low)),
-            value_column(&mut l.iter().map(|x| x.low))?,
-            string_column(l, |x| type_name(x.top)),
-            value_column(&mut l.iter().map(|x| x.top))?,
-            string_column(l, |x| profile_of(x.top).map_or("", String::as_str)),
-            time_array(l.iter().map(|x| x.seen_at)),
-            string_column(l, |x| queries[x.query as usize].file.as_str()),
-        ],
-    )?;
-    drop(values);
-
-    // identity_conflicts
-    let f = &res.refused;
-    type Named<'a> = (&'a str, String);
-    let sides: Vec<(Named, Named)> = f
-        .iter()
-        .map(|x| (res.side(&x.refused), res.side(&x.other)))
-        .collect();
-    let conflicts = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("identifier_type", DataType::Utf8, false),
-            Field::new("identifier_value", DataType::Utf8, false),
-            Field::new("other_type", DataType::Utf8, false),
-            Field::new("other_value", DataType::Utf8, false),
-            Field::new("reason", DataType::Utf8, false),
-            Field::new("seen_at", timestamp_type(), true),
-            Field::new("query", DataType::Utf8, false),
-        ])),
-        vec![
-            text(sides.iter().map(|s| s.0 .0.to_string()).collect()),
-            text(sides.iter().map(|s| s.0 .1.clone()).collect()),
-            text(sides.iter().map(|s| s.1 .0.to_string()).collect()),
-            text(sides.iter().map(|s| s.1 .1.clone()).collect()),
-            text(f.iter().map(|x| x.reason.describe(rules)).collect()),
-            time_array(f.iter().map(|x| x.seen_at)),
-            text(
-                f.iter()
-                    .map(|x| queries[x.query as usize].file.clone())
-                    .collect(),
-            ),
-        ],
-    )?;
-
-    let m = &ids.merges;
-    let merges = RecordBatch::try_new(
-        Arc::new(Schema::new(vec![
-            Field::new("merged_profile_id", DataType::Utf8, false),
-            Field::new("into_profile_id", DataType::Utf8, false),
-            Field::new("run_id", DataType::Utf8, false),
-            Field::new("merged_at", timestamp_type(), false),
-        ])),
-        vec![
-            text(m.iter().map(|x| x.0.clone()).collect()),
-            text(m.iter().map(|x| x.1.clone()).collect()),
-            text(vec![run_id.to_string(); m.len()]),
-            time_array(std::iter::repeat_n(now.timestamp_micros(), m.len())),
-        ],
-    )?;
+    let (graph, identifiers) = graph?;
+    let (links, conflicts, merges) =
+        others.map_err(|_| Error::Usage("building the identity tables stopped".into()))??;
+    drop(parts);
+    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of(c)]);
 
     // message_id → profile of the event's highest-priority identifier that has one.
     let schema = event_profile_schema();
@@ -1083,6 +939,194 @@ fn build_tables(
         stats,
         changed_profiles: None,
     })
+}
+
+/// What the identity tables are built from.
+struct TableParts<'a> {
+    res: &'a Resolution,
+    ids: &'a ProfileIds,
+    /// Every identifier's value as one array, so value columns are gathered with `take`;
+    /// `None` above 2 GiB of values (a string per value instead).
+    values: Option<StringArray>,
+}
+
+impl TableParts<'_> {
+    fn type_name(&self, n: Node) -> &str {
+        self.res.rules().types[self.res.kind(n) as usize]
+            .name
+            .as_str()
+    }
+
+    fn profile_of(&self, n: Node) -> Option<&String> {
+        self.res.component(n).map(|c| &self.ids.ids[self.ids.of(c)])
+    }
+
+    /// The values of `nodes`, in order.
+    fn value_column(&self, nodes: &mut dyn Iterator<Item = Node>) -> Result<ArrayRef> {
+        Ok(match &self.values {
+            Some(values) => {
+                let indices = arrow::array::UInt32Array::from_iter_values(nodes);
+                arrow::compute::take(values, &indices, None)?
+            }
+            None => {
+                let mut b = StringBuilder::new();
+                for n in nodes {
+                    b.append_value(self.res.value(n));
+                }
+                Arc::new(b.finish())
+            }
+        })
+    }
+
+    /// `identity_graph` and how many identifiers it has.
+    fn graph(&self) -> Result<(RecordBatch, usize)> {
+        let (res, ids, rules) = (self.res, self.ids, self.res.rules());
+        // identity_graph, ordered by profile then type priority then value. The profiles are
+        // ranked by id once (comparing the ids' first sixteen bytes as two integers, the rest
+        // only on a tie), the identifiers are grouped by that rank with a counting sort, and
+        // only each profile's few identifiers are sorted by type and value.
+        let mut order: Vec<(u64, u64, u32)> = ids
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let b = id.as_bytes();
+                let rest = b.get(8..).unwrap_or(&[]);
+                (graph::prefix_key(b), graph::prefix_key(rest), i as u32)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| ids.ids[a.2 as usize].cmp(&ids.ids[b.2 as usize]))
+        });
+        let mut rank = vec![0u32; ids.ids.len()];
+        for (place, &(_, _, profile)) in order.iter().enumerate() {
+            rank[profile as usize] = place as u32;
+        }
+        drop(order);
+        let mut start = vec![0usize; ids.ids.len() + 1];
+        for n in 0..res.len() as Node {
+            if let Some(c) = res.component(n) {
+                start[rank[ids.of(c)] as usize + 1] += 1;
+            }
+        }
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
+        }
+        let mut keyed: Vec<(u8, u64, Node, u32)> = vec![(0, 0, 0, 0); start[ids.ids.len()]];
+        let mut fill = start.clone();
+        for n in 0..res.len() as Node {
+            if let Some(c) = res.component(n) {
+                let profile = ids.of(c);
+                let r = rank[profile] as usize;
+                keyed[fill[r]] = (res.kind(n), res.value_prefix(n), n, profile as u32);
+                fill[r] += 1;
+            }
+        }
+        drop(fill);
+        for r in 0..ids.ids.len() {
+            keyed[start[r]..start[r + 1]].sort_unstable_by(|a, b| {
+                (a.0, a.1)
+                    .cmp(&(b.0, b.1))
+                    .then_with(|| res.value_bytes(a.2).cmp(res.value_bytes(b.2)))
+            });
+        }
+        drop(start);
+        drop(rank);
+        let graph = RecordBatch::try_new(
+            graph_schema(),
+            vec![
+                string_column(&keyed, |k| rules.types[k.0 as usize].name.as_str()),
+                self.value_column(&mut keyed.iter().map(|k| k.2))?,
+                string_column(&keyed, |k| ids.ids[k.3 as usize].as_str()),
+                time_array(keyed.iter().map(|k| res.seen(k.2).0)),
+                time_array(keyed.iter().map(|k| res.seen(k.2).1)),
+            ],
+        )?;
+        Ok((graph, keyed.len()))
+    }
+
+    /// `identity_links`, `identity_conflicts` and `profile_merges`.
+    fn links_conflicts_merges(
+        &self,
+        queries: &[QueryFile],
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(RecordBatch, RecordBatch, RecordBatch)> {
+        let (res, ids, rules) = (self.res, self.ids, self.res.rules());
+        // identity_links: accepted links, in the order applied.
+        let l = &res.accepted;
+        let links = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("identifier_type", DataType::Utf8, false),
+                Field::new("identifier_value", DataType::Utf8, false),
+                Field::new("linked_type", DataType::Utf8, false),
+                Field::new("linked_value", DataType::Utf8, false),
+                Field::new("profile_id", DataType::Utf8, false),
+                Field::new("seen_at", timestamp_type(), true),
+                Field::new("query", DataType::Utf8, false),
+            ])),
+            vec![
+                string_column(l, |x| self.type_name(x.low)),
+                self.value_column(&mut l.iter().map(|x| x.low))?,
+                string_column(l, |x| self.type_name(x.top)),
+                self.value_column(&mut l.iter().map(|x| x.top))?,
+                string_column(l, |x| self.profile_of(x.top).map_or("", String::as_str)),
+                time_array(l.iter().map(|x| x.seen_at)),
+                string_column(l, |x| queries[x.query as usize].file.as_str()),
+            ],
+        )?;
+
+        // identity_conflicts
+        let f = &res.refused;
+        type Named<'a> = (&'a str, String);
+        let sides: Vec<(Named, Named)> = f
+            .iter()
+            .map(|x| (res.side(&x.refused), res.side(&x.other)))
+            .collect();
+        let conflicts = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("identifier_type", DataType::Utf8, false),
+                Field::new("identifier_value", DataType::Utf8, false),
+                Field::new("other_type", DataType::Utf8, false),
+                Field::new("other_value", DataType::Utf8, false),
+                Field::new("reason", DataType::Utf8, false),
+                Field::new("seen_at", timestamp_type(), true),
+                Field::new("query", DataType::Utf8, false),
+            ])),
+            vec![
+                text(sides.iter().map(|s| s.0 .0.to_string()).collect()),
+                text(sides.iter().map(|s| s.0 .1.clone()).collect()),
+                text(sides.iter().map(|s| s.1 .0.to_string()).collect()),
+                text(sides.iter().map(|s| s.1 .1.clone()).collect()),
+                text(f.iter().map(|x| x.reason.describe(rules)).collect()),
+                time_array(f.iter().map(|x| x.seen_at)),
+                text(
+                    f.iter()
+                        .map(|x| queries[x.query as usize].file.clone())
+                        .collect(),
+                ),
+            ],
+        )?;
+
+        let m = &ids.merges;
+        let merges = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("merged_profile_id", DataType::Utf8, false),
+                Field::new("into_profile_id", DataType::Utf8, false),
+                Field::new("run_id", DataType::Utf8, false),
+                Field::new("merged_at", timestamp_type(), false),
+            ])),
+            vec![
+                text(m.iter().map(|x| x.0.clone()).collect()),
+                text(m.iter().map(|x| x.1.clone()).collect()),
+                text(vec![run_id.to_string(); m.len()]),
+                time_array(std::iter::repeat_n(now.timestamp_micros(), m.len())),
+            ],
+        )?;
+        Ok((links, conflicts, merges))
+    }
 }
 
 /// Internal column names of the event → profile mapping.
