@@ -123,22 +123,22 @@ impl Members {
         self.0.iter().flat_map(|a| a.iter().flatten())
     }
 
+    /// An empty set with room for every id.
+    fn empty_set(&self) -> foldhash::HashSet<&str> {
+        let rows = self.0.iter().map(|a| a.len()).sum();
+        foldhash::HashSet::with_capacity_and_hasher(rows, Default::default())
+    }
+
     /// The ids as a set.
     fn set(&self) -> foldhash::HashSet<&str> {
-        let mut set = foldhash::HashSet::with_capacity_and_hasher(
-            self.0.iter().map(|a| a.len()).sum(),
-            Default::default(),
-        );
+        let mut set = self.empty_set();
         set.extend(self.ids());
         set
     }
 
     /// The first id that appears more than once.
     pub fn repeated(&self) -> Option<&str> {
-        let mut seen = foldhash::HashSet::with_capacity_and_hasher(
-            self.0.iter().map(|a| a.len()).sum(),
-            Default::default(),
-        );
+        let mut seen = self.empty_set();
         self.ids().find(|id| !seen.insert(*id))
     }
 }

@@ -864,7 +864,7 @@ fn build_tables(
     run_id: &str,
     now: DateTime<Utc>,
 ) -> Result<IdentityTables> {
-    let parts = TableParts {
+    let mut parts = TableParts {
         res,
         ids,
         values: res.value_array(),
@@ -878,8 +878,8 @@ fn build_tables(
     let (graph, identifiers) = graph?;
     let (links, conflicts, merges) =
         others.map_err(|_| Error::Usage("building the identity tables stopped".into()))??;
-    drop(parts);
-    let profile_of = |n: Node| res.component(n).map(|c| &ids.ids[ids.of(c)]);
+    // The mapping below reads no value: let the values go first.
+    parts.values = None;
 
     // message_id → profile of the event's highest-priority identifier that has one.
     let schema = event_profile_schema();
@@ -898,7 +898,7 @@ fn build_tables(
             let end = events.ends[row] as usize;
             let best = events.nodes[start..end]
                 .iter()
-                .find_map(|n| profile_of(*n).map(|p| (p, res.kind(*n))));
+                .find_map(|n| parts.profile_of(*n).map(|p| (p, res.kind(*n))));
             match best {
                 Some((p, k)) => {
                     profile.append_value(p);
