@@ -636,6 +636,9 @@ pub fn print_batches(batches: &[RecordBatch], format: Format) -> Result<()> {
 struct Findings {
     errors: Vec<String>,
     warnings: Vec<String>,
+    /// Rows a run would send to `rejected_events`, by file and reason: not problems of the
+    /// project, but worth seeing before a run.
+    quarantined: Vec<String>,
     event_files: usize,
     sql_files: usize,
 }
@@ -656,6 +659,23 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
                     "{}: will be skipped: {}",
                     skipped.file, skipped.reason
                 ));
+            }
+            match ingested.preview().await {
+                Ok(preview) => {
+                    for short in preview.short {
+                        findings
+                            .warnings
+                            .push(format!("{}: will be skipped: {}", short.file, short.reason));
+                    }
+                    for (file, reason, rows) in preview.quarantined {
+                        findings.quarantined.push(format!(
+                            "{file}: {rows} rows will go to rejected_events: {reason}"
+                        ));
+                    }
+                }
+                Err(e) => findings
+                    .errors
+                    .push(format!("reading the event files: {e}")),
             }
         }
         Err(e) => findings.errors.push(e.to_string()),
@@ -691,6 +711,9 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
         }
         for w in &findings.warnings {
             println!("warning: {w}");
+        }
+        for q in &findings.quarantined {
+            println!("note: {q}");
         }
         println!(
             "{}: {} event files, {} SQL files, {} errors, {} warnings",

@@ -103,6 +103,11 @@ pub enum Error {
         message: String,
     },
 
+    /// Event files whose scan gave other rows than their footers hold; a run skips them and
+    /// tries again.
+    #[error("{}", .0.iter().map(|f| format!("{}: {}", f.file, f.reason)).collect::<Vec<_>>().join("; "))]
+    ShortScan(Vec<crate::ingest::SkippedFile>),
+
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),

@@ -10,17 +10,19 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::functions::string::expr_fn::btrim;
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{cast, lit, not, when, Expr, ExprFunctionExt, LogicalPlan, Union};
+use datafusion::logical_expr::{
+    cast, lit, not, try_cast, when, Expr, ExprFunctionExt, LogicalPlan, Union,
+};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::ObjectMeta;
+use object_store::{ObjectMeta, ObjectStoreExt};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 #[allow(deprecated)] // its replacement (a hand-written AsyncFileReader) buys nothing here yet
 use parquet::arrow::async_reader::ParquetObjectReader;
@@ -35,6 +37,9 @@ const SOURCE: &str = "__tessera_source_file";
 const REASON: &str = "__tessera_reason";
 /// Internal column numbering copies of one message_id.
 const COPY: &str = "__tessera_copy";
+/// Internal column naming a time column whose value cannot be held in microseconds (NULL
+/// when every time column converted).
+const TIME_PROBLEM: &str = "__tessera_time_problem";
 
 /// How many footers are read at once (matters on S3, where each is a round trip).
 const FOOTER_CONCURRENCY: usize = 16;
@@ -80,6 +85,9 @@ pub struct EventFile {
     pub rows: u64,
     /// Hive partition values from its path (`date=2026-11-28/…`).
     pub partitions: Vec<(String, String)>,
+    /// The URL DataFusion scans it by: [`EventFile::url`] with every character that a URL
+    /// parser would read as syntax escaped, so the scan reads exactly `path`.
+    scan_url: String,
     schema: SchemaRef,
 }
 
@@ -141,17 +149,16 @@ pub async fn discover(
             });
         }
     }
-    let mut metas: Vec<ObjectMeta> = place
-        .store
-        .list(Some(&place.prefix))
-        .try_filter(|meta| futures::future::ready(is_event_file(&place.prefix, &meta.location)))
-        .try_collect()
-        .await?;
-    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    let Listing {
+        files: mut metas,
+        unreadable,
+    } = list_event_files(place).await?;
+    metas.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
     let mut changed = Vec::new();
     let mut already_processed = 0;
     if let Some(seen) = seen {
-        metas.retain(|meta| {
+        metas.retain(|listed| {
+            let meta = &listed.meta;
             let url = object_url(place, &meta.location);
             let Some(before) = seen.get(&url) else {
                 return true;
@@ -178,15 +185,15 @@ pub async fn discover(
     let total = metas.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
 
-    let footers: Vec<(ObjectMeta, Footer)> = futures::stream::iter(metas)
-        .map(|meta| {
+    let footers: Vec<(Listed, Footer)> = futures::stream::iter(metas)
+        .map(|listed| {
             let store = place.store.clone();
             let done = &done;
             async move {
-                let footer = read_footer(store, &meta).await;
+                let footer = read_footer(store, &listed.meta).await;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 on_file(n, total);
-                (meta, footer)
+                (listed, footer)
             }
         })
         .buffered(FOOTER_CONCURRENCY)
@@ -194,12 +201,12 @@ pub async fn discover(
         .await;
 
     let mut files = Vec::new();
-    let mut skipped = Vec::new();
+    let mut skipped = unreadable;
     let mut extra: Vec<Field> = Vec::new();
     let mut first_seen: BTreeMap<String, String> = BTreeMap::new();
     let mut partition_keys: Vec<String> = Vec::new();
 
-    for (meta, footer) in footers {
+    for (Listed { meta, names }, footer) in footers {
         let url = object_url(place, &meta.location);
         if let Some(bad) = known_bad.iter().find(|b| b.file == url) {
             skipped.push(bad.clone());
@@ -231,16 +238,24 @@ pub async fn discover(
                 continue;
             }
         }
-        let partitions: Vec<(String, String)> = hive_partitions(&place.prefix, &meta.location)
-            .into_iter()
-            .filter(|(k, _)| schema.field_with_name(k).is_err())
-            .collect();
+        let partitions: Vec<(String, String)> = match hive_partitions(&names) {
+            Ok(found) => found
+                .into_iter()
+                .filter(|(k, _)| schema.field_with_name(k).is_err())
+                .collect(),
+            Err(reason) => {
+                tracing::warn!(file = %url, %reason, "skipping event file with an unreadable folder name");
+                skipped.push(SkippedFile { file: url, reason });
+                continue;
+            }
+        };
         for (key, _) in &partitions {
             if !partition_keys.contains(key) {
                 partition_keys.push(key.clone());
             }
         }
         files.push(EventFile {
+            scan_url: scan_url(place, &meta.location),
             path: meta.location.clone(),
             url,
             size: meta.size,
@@ -261,6 +276,7 @@ pub async fn discover(
             fields.push(Field::new(key, DataType::Utf8, true));
         }
     }
+    skipped.sort_by(|a, b| a.file.cmp(&b.file));
     Ok(Inventory {
         files,
         skipped,
@@ -316,54 +332,222 @@ pub async fn find_corrupt(
     Ok(found.into_iter().flatten().collect())
 }
 
-/// Event files are `*.parquet`; names starting with `_` or `.` (markers, temp files) are not.
-fn is_event_file(prefix: &ObjectPath, path: &ObjectPath) -> bool {
-    let hidden = path
-        .prefix_match(prefix)
-        .map(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])))
-        .unwrap_or(false);
-    !hidden && path.as_ref().ends_with(".parquet")
+/// One event file found by listing, with the names its folders and file really have.
+struct Listed {
+    meta: ObjectMeta,
+    /// The folder names below the events folder, then the file name, as the store holds
+    /// them (not as object_store encodes them into a path).
+    names: Vec<String>,
 }
 
-/// `key=value` folders between `prefix` and the file.
-fn hive_partitions(prefix: &ObjectPath, path: &ObjectPath) -> Vec<(String, String)> {
-    let Some(parts) = path.prefix_match(prefix) else {
-        return Vec::new();
+/// What listing the events folder found.
+struct Listing {
+    /// Event files, not yet checked.
+    files: Vec<Listed>,
+    /// Files whose path cannot be read, with why.
+    unreadable: Vec<SkippedFile>,
+}
+
+/// Event files are `*.parquet`; names starting with `_` or `.` (markers, temp files, and
+/// folders holding them) are not.
+fn is_event_file(names: &[String]) -> bool {
+    names.last().is_some_and(|n| n.ends_with(".parquet"))
+        && !names.iter().any(|n| n.starts_with(['_', '.']))
+}
+
+/// Lists the event files under `place`.
+///
+/// A local folder is walked here rather than through object_store's listing, which both
+/// stops at the first name it cannot represent (a folder named with bytes that are not UTF-8
+/// took every other file with it) and decodes `%` escapes in names (a file under `date=%41/`
+/// was listed as `date=A/`, a path that reads nothing). Each name here becomes one path part
+/// as it is, so reading the path opens that very file.
+async fn list_event_files(place: &Place) -> Result<Listing> {
+    let dir = match &place.location {
+        Location::Local(dir) => dir.clone(),
+        _ => {
+            let metas: Vec<ObjectMeta> =
+                place.store.list(Some(&place.prefix)).try_collect().await?;
+            let files = metas
+                .into_iter()
+                .filter_map(|meta| {
+                    let names: Vec<String> = meta
+                        .location
+                        .prefix_match(&place.prefix)?
+                        .map(|p| p.as_ref().to_string())
+                        .collect();
+                    is_event_file(&names).then_some(Listed { meta, names })
+                })
+                .collect();
+            return Ok(Listing {
+                files,
+                unreadable: Vec::new(),
+            });
+        }
     };
-    let parts: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
-    let folders = &parts[..parts.len().saturating_sub(1)];
-    folders
-        .iter()
-        .filter_map(|segment| {
-            let decoded = percent_decode(segment);
-            let (k, v) = decoded.split_once('=')?;
-            crate::config::is_sql_name(k).then(|| (k.to_string(), v.to_string()))
-        })
-        .collect()
+    let root = place.store_url();
+    let (found, mut unreadable) = tokio::task::spawn_blocking(move || walk_local(&dir, &root))
+        .await
+        .map_err(|e| Error::Usage(format!("listing the event folder stopped: {e}")))?;
+    let heads: Vec<(Vec<String>, String, object_store::Result<ObjectMeta>)> =
+        futures::stream::iter(found)
+            .map(|(names, shown)| {
+                // The local store maps a path's parts to file names as they are.
+                let location = names.iter().try_fold(place.prefix.clone(), |p, n| {
+                    object_store::path::PathPart::parse(n)
+                        .map(|part| p.join(part))
+                        .map_err(|e| object_store::Error::InvalidPath {
+                            source: object_store::path::Error::BadSegment {
+                                path: n.clone(),
+                                source: e,
+                            },
+                        })
+                });
+                let store = place.store.clone();
+                async move {
+                    let head = match location {
+                        Ok(location) => store.head(&location).await,
+                        Err(e) => Err(e),
+                    };
+                    (names, shown, head)
+                }
+            })
+            .buffered(FOOTER_CONCURRENCY)
+            .collect()
+            .await;
+    let mut files = Vec::with_capacity(heads.len());
+    for (names, shown, head) in heads {
+        match head {
+            Ok(meta) => files.push(Listed { meta, names }),
+            // Removed since it was listed: it is simply not there any more.
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => unreadable.push(SkippedFile {
+                file: shown,
+                reason: format!("cannot be read ({e}); check its permissions, or rename it"),
+            }),
+        }
+    }
+    Ok(Listing { files, unreadable })
 }
 
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
+/// Walks a local events folder: the names of every event file below it, each with the URL
+/// it is shown by, and the files whose names cannot be read.
+fn walk_local(
+    dir: &std::path::Path,
+    root: &url::Url,
+) -> (Vec<(Vec<String>, String)>, Vec<SkippedFile>) {
+    let shown = |path: &std::path::Path| {
+        format!(
+            "{}{}",
+            root.as_str(),
+            path.to_string_lossy().trim_start_matches('/')
+        )
+    };
+    let mut found = Vec::new();
+    let mut unreadable = Vec::new();
+    let walk = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        // Hidden folders hold markers and temporary files: not entered at all.
+        .filter_entry(|e| {
+            !e.file_name().to_string_lossy().starts_with(['_', '.']) || e.depth() == 0
+        });
+    for entry in walk {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                let path = e.path().map(|p| shown(p)).unwrap_or_else(|| shown(dir));
+                // A folder that cannot be opened hides the event files in it: say so.
+                unreadable.push(SkippedFile {
+                    file: path,
+                    reason: format!("cannot be listed ({e}); its event files are not read. Check its permissions"),
+                });
                 continue;
             }
+        };
+        if !entry.file_type().is_file() {
+            continue;
         }
-        out.push(bytes[i]);
-        i += 1;
+        let Ok(relative) = entry.path().strip_prefix(dir) else {
+            continue;
+        };
+        let names: Option<Vec<String>> = relative
+            .components()
+            .map(|c| c.as_os_str().to_str().map(str::to_string))
+            .collect();
+        match names {
+            Some(names) if is_event_file(&names) => {
+                let shown = shown(entry.path());
+                found.push((names, shown))
+            }
+            Some(_) => {}
+            None if entry.path().to_string_lossy().ends_with(".parquet") => {
+                unreadable.push(SkippedFile {
+                    file: shown(entry.path()),
+                    reason: "its path is not valid UTF-8, which object stores and URLs cannot name; rename the folder or file".into(),
+                });
+            }
+            None => {}
+        }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    (found, unreadable)
 }
 
-/// The URL of an object in `place`'s store.
+/// `key=value` folders above the file, with Hive's `%` escapes decoded (`date=100%25` holds
+/// `100%`); a folder whose decoded name is not UTF-8 makes the file unreadable.
+fn hive_partitions(names: &[String]) -> std::result::Result<Vec<(String, String)>, String> {
+    let folders = &names[..names.len().saturating_sub(1)];
+    let mut found = Vec::new();
+    for segment in folders {
+        let decoded = percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .map_err(|_| {
+                format!(
+                    "folder `{segment}` is not valid UTF-8 once its %-escapes are decoded, so its partition value cannot be read; rename the folder"
+                )
+            })?;
+        if let Some((k, v)) = decoded.split_once('=') {
+            if crate::config::is_sql_name(k) {
+                found.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The URL of an object in `place`'s store, as reports, `source_file` and the state show it.
 pub fn object_url(place: &Place, path: &ObjectPath) -> String {
     let root = place.store_url();
     format!("{}{}", root.as_str(), path.as_ref())
+}
+
+/// Characters escaped in [`scan_url`]: everything a URL parser reads as syntax or changes,
+/// `%` first of all, but not `/`, which separates the path's parts.
+const URL_ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// The URL that makes DataFusion read exactly `path`: it decodes a URL's path once into an
+/// object path, so every character it would decode or cut (`%41`, `#1`, `?`) is escaped.
+fn scan_url(place: &Place, path: &ObjectPath) -> String {
+    let root = place.store_url();
+    let escaped = percent_encoding::utf8_percent_encode(path.as_ref(), URL_ESCAPED);
+    format!("{}{escaped}", root.as_str())
 }
 
 /// A file's Arrow schema and row count, or why its footer cannot be read.
@@ -514,13 +698,26 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
     let mut plans = Vec::with_capacity(inventory.files.len());
     for file in &inventory.files {
         let options = ParquetReadOptions::default().schema(&file.schema);
-        let df = ctx.read_parquet(file.url.as_str(), options).await?;
-        let mut exprs = Vec::with_capacity(inventory.schema.fields().len() + 1);
+        let df = ctx.read_parquet(file.scan_url.as_str(), options).await?;
+        let mut exprs = Vec::with_capacity(inventory.schema.fields().len() + 2);
+        let mut time_problem = when(lit(false), lit(ScalarValue::Utf8(None)));
         for field in inventory.schema.fields() {
             let name = field.name();
             let expr = if let Ok(source) = file.schema.field_with_name(name) {
                 if source.data_type() == field.data_type() {
                     ident(name)
+                } else if is_time(source.data_type()) {
+                    // Seconds or milliseconds past what microseconds can hold (beyond about
+                    // ±292,000 years) cannot be converted: such a row is quarantined with
+                    // the reason, instead of the cast failing the whole run.
+                    let converted = try_cast(ident(name), field.data_type().clone());
+                    time_problem = time_problem.when(
+                        ident(name).is_not_null().and(converted.clone().is_null()),
+                        lit(format!(
+                            "{name} out of range (it cannot be held in microseconds)"
+                        )),
+                    );
+                    converted.alias(name)
                 } else {
                     cast(ident(name), field.data_type().clone()).alias(name)
                 }
@@ -532,6 +729,11 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
             exprs.push(expr);
         }
         exprs.push(lit(file.url.as_str()).alias(SOURCE));
+        exprs.push(
+            time_problem
+                .otherwise(lit(ScalarValue::Utf8(None)))?
+                .alias(TIME_PROBLEM),
+        );
         plans.push(Arc::new(df.select(exprs)?.into_unoptimized_plan()));
     }
     let plan = match plans.len() {
@@ -543,6 +745,7 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
                 .map(|f| f.as_ref().clone())
                 .collect();
             fields.push(Field::new(SOURCE, DataType::Utf8, false));
+            fields.push(Field::new(TIME_PROBLEM, DataType::Utf8, true));
             let empty = RecordBatch::new_empty(Arc::new(Schema::new(fields)));
             return Ok(ctx.read_batch(empty)?);
         }
@@ -561,7 +764,8 @@ fn reject_reason() -> Result<Expr> {
     };
     let types: Vec<Expr> = event::TYPES.iter().map(|t| lit(*t)).collect();
     let is_json = crate::engine::is_json_udf();
-    let mut reason = when(blank(event::MESSAGE_ID), lit("missing message_id"))
+    let mut reason = when(ident(TIME_PROBLEM).is_not_null(), ident(TIME_PROBLEM))
+        .when(blank(event::MESSAGE_ID), lit("missing message_id"))
         .when(blank(event::TYPE), lit("missing type"))
         .when(
             not(ident(event::TYPE).in_list(types, false)),
@@ -823,6 +1027,54 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
     })
 }
 
+/// What `validate` reports of an ingest before any run: rows that would be quarantined,
+/// by file and reason, and files whose scan would fall short of their footers.
+#[derive(Debug, Default)]
+pub struct Preview {
+    /// (file, reason, rows) for rows that go to `rejected_events`.
+    pub quarantined: Vec<(String, String, u64)>,
+    /// Files a run would skip because their scan reads other rows than their footer holds.
+    pub short: Vec<SkippedFile>,
+}
+
+impl Ingested {
+    /// Scans every row once and counts, without writing anything.
+    pub async fn preview(&self) -> Result<Preview> {
+        use datafusion::functions_aggregate::expr_fn::count;
+        let counted = self
+            .checked
+            .clone()
+            .aggregate(
+                vec![ident(SOURCE), ident(REASON)],
+                vec![count(lit(1)).alias("rows")],
+            )?
+            .collect()
+            .await?;
+        let mut preview = Preview::default();
+        let mut read = Read::default();
+        for batch in counted {
+            let files = cast_utf8(batch.column(0))?;
+            let reasons = cast_utf8(batch.column(1))?;
+            let rows = arrow::compute::cast(batch.column(2), &DataType::UInt64)?;
+            let (files, reasons) = (files.as_string::<i32>(), reasons.as_string::<i32>());
+
+            let rows = rows.as_primitive::<arrow::datatypes::UInt64Type>();
+            for i in 0..batch.num_rows() {
+                let file = files.value(i).to_string();
+                *read.rows_by_file.entry(file.clone()).or_default() += rows.value(i);
+                if reasons.is_valid(i) {
+                    preview
+                        .quarantined
+                        .push((file, reasons.value(i).to_string(), rows.value(i)));
+                }
+            }
+        }
+        preview.quarantined.sort();
+        preview.short = read.short_files(&self.inventory);
+        Ok(preview)
+    }
+}
+
 /// The plan keeping one row per message_id of `copies` (valid rows whose id may repeat, with
 /// the internal source column): the one received first, as Segment and Snowplow keep. Exact
 /// redeliveries are identical, so any tie-break among them gives the same row.
@@ -870,7 +1122,50 @@ pub struct Split {
     pub events: DataFrame,
     /// Reads the input and feeds both; it must run while both are written. It resolves to
     /// the message_ids sent to `events` when [`split`] was asked for them, else nothing.
-    pub driver: futures::future::BoxFuture<'static, Result<Vec<ArrayRef>>>,
+    pub driver: futures::future::BoxFuture<'static, Result<Read>>,
+}
+
+/// What [`split`]'s driver read.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The message_ids sent to `events`, when asked for.
+    pub ids: Vec<ArrayRef>,
+    /// Rows scanned per input file (by its URL): what `rows_read` counts, checked against
+    /// each footer's own count.
+    pub rows_by_file: std::collections::HashMap<String, u64>,
+}
+
+impl Read {
+    fn add_rows(&mut self, other: std::collections::HashMap<String, u64>) {
+        for (file, rows) in other {
+            *self.rows_by_file.entry(file).or_default() += rows;
+        }
+    }
+
+    /// Every row scanned.
+    pub fn rows(&self) -> u64 {
+        self.rows_by_file.values().sum()
+    }
+
+    /// The files whose scan gave other than the rows their footer promised: a scan that
+    /// read the wrong thing, or nothing. Counting their rows as read would lose events
+    /// without a trace.
+    pub fn short_files(&self, inventory: &Inventory) -> Vec<SkippedFile> {
+        inventory
+            .files
+            .iter()
+            .filter_map(|f| {
+                let scanned = self.rows_by_file.get(&f.url).copied().unwrap_or(0);
+                (scanned != f.rows).then(|| SkippedFile {
+                    file: f.url.clone(),
+                    reason: format!(
+                        "the scan read {scanned} rows but the file's footer holds {}, so none of its rows are kept and it is not recorded as processed; land it again under a plain name (letters, digits, `-`, `_`, `=`) and report it to Tessera's developers",
+                        f.rows
+                    ),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Batches in flight to each table's writer.
@@ -928,7 +1223,7 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
     let checked = ingested.checked.clone();
     let ctx = ctx.clone();
     let driver = async move {
-        let outcome: Result<Vec<ArrayRef>> = async {
+        let outcome: Result<Read> = async {
             // One task per partition, so the partitions are decoded on every core; returning
             // early drops the set, which stops the others.
             let mut tasks = tokio::task::JoinSet::new();
@@ -938,12 +1233,13 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
                 tasks.spawn(async move { route.partition(stream, &rejected_tx, &events_tx).await });
             }
             let mut copies = Vec::new();
-            let mut ids = Vec::new();
+            let mut read = Read::default();
             while let Some(done) = tasks.join_next().await {
-                let (c, i) = done
+                let (c, i, rows) = done
                     .map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
                 copies.extend(c);
-                ids.extend(i);
+                read.ids.extend(i);
+                read.add_rows(rows);
             }
             if route.repeated.is_some() {
                 let kept =
@@ -955,12 +1251,12 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
                     let batch =
                         RecordBatch::try_new(events_schema.clone(), batch.columns().to_vec())?;
                     if want_ids {
-                        ids.push(cast_utf8(batch.column(message_id))?);
+                        read.ids.push(cast_utf8(batch.column(message_id))?);
                     }
                     send(&events_tx, batch).await?;
                 }
             }
-            Ok(ids)
+            Ok(read)
         }
         .await;
         if let Err(e) = &outcome {
@@ -1030,12 +1326,18 @@ impl Route {
         mut stream: datafusion::execution::SendableRecordBatchStream,
         rejected_tx: &Batches,
         events_tx: &Batches,
-    ) -> Result<(Vec<RecordBatch>, Vec<ArrayRef>)> {
+    ) -> Result<(
+        Vec<RecordBatch>,
+        Vec<ArrayRef>,
+        std::collections::HashMap<String, u64>,
+    )> {
         use arrow::compute::{and, filter_record_batch, is_not_null, is_null, not as negate};
         let mut copies = Vec::new();
         let mut ids = Vec::new();
+        let mut rows_by_file = std::collections::HashMap::new();
         while let Some(batch) = stream.next().await {
             let batch = batch?;
+            count_by_file(batch.column(self.source), &mut rows_by_file)?;
             let reason = batch.column(self.reason);
             let event_columns = batch.columns()[..self.width].to_vec();
 
@@ -1071,8 +1373,33 @@ impl Route {
             }
             send(events_tx, kept).await?;
         }
-        Ok((copies, ids))
+        Ok((copies, ids, rows_by_file))
     }
+}
+
+/// Adds a batch's rows to the count of their source file (a batch nearly always comes
+/// from one file: one run of equal values).
+fn count_by_file(
+    source: &ArrayRef,
+    counts: &mut std::collections::HashMap<String, u64>,
+) -> Result<()> {
+    let source = cast_utf8(source)?;
+    let files = source.as_string::<i32>();
+    let mut start = 0;
+    for i in 1..=files.len() {
+        if i == files.len() || files.value(i) != files.value(start) {
+            let file = files.value(start);
+            let n = (i - start) as u64;
+            match counts.get_mut(file) {
+                Some(count) => *count += n,
+                None => {
+                    counts.insert(file.to_string(), n);
+                }
+            }
+            start = i;
+        }
+    }
+    Ok(())
 }
 
 /// A table whose one partition is what a channel receives; it can be read once.
@@ -1163,27 +1490,181 @@ mod tests {
         }
     }
 
+    /// Ingests one file of `(message_id, time)` rows in `unit` and returns the events' ids
+    /// with their µs timestamps, and the quarantined ids with their reasons.
+    async fn intake(unit: TimeUnit, times: &[i64]) -> (Vec<(String, i64)>, Vec<String>) {
+        use arrow::array::{Array, PrimitiveArray};
+        use arrow::datatypes::{
+            TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+            TimestampSecondType,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..times.len()).map(|i| format!("m{i}")).collect();
+        let values = times.to_vec();
+        let time: ArrayRef = match unit {
+            TimeUnit::Second => {
+                Arc::new(PrimitiveArray::<TimestampSecondType>::from(values).with_timezone("UTC"))
+            }
+            TimeUnit::Millisecond => Arc::new(
+                PrimitiveArray::<TimestampMillisecondType>::from(values).with_timezone("UTC"),
+            ),
+            TimeUnit::Microsecond => Arc::new(
+                PrimitiveArray::<TimestampMicrosecondType>::from(values).with_timezone("UTC"),
+            ),
+            TimeUnit::Nanosecond => Arc::new(
+                PrimitiveArray::<TimestampNanosecondType>::from(values).with_timezone("UTC"),
+            ),
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("message_id", DataType::Utf8, true),
+            Field::new("type", DataType::Utf8, true),
+            Field::new("timestamp", time.data_type().clone(), true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(arrow::array::StringArray::from(ids.clone())),
+                Arc::new(arrow::array::StringArray::from(vec!["track"; times.len()])),
+                time,
+            ],
+        )
+        .unwrap();
+        let bytes = crate::generate::parquet_bytes(schema, &[batch]).unwrap();
+        std::fs::write(dir.path().join("e.parquet"), bytes).unwrap();
+        let place =
+            Place::open(dir.path().to_str().unwrap(), dir.path(), "storage.events").unwrap();
+        let ctx = crate::engine::new_context().unwrap();
+        place.register(&ctx);
+        let inventory = discover(&place, &[], None, &|_, _| {}).await.unwrap();
+        let ingested = plan(&ctx, inventory).await.unwrap();
+        let mut events = Vec::new();
+        for batch in ingested.events.clone().collect().await.unwrap() {
+            let ids = cast_utf8(batch.column_by_name("message_id").unwrap()).unwrap();
+            let ts = batch.column_by_name("timestamp").unwrap();
+            let ts = ts.as_primitive::<TimestampMicrosecondType>();
+            for i in 0..batch.num_rows() {
+                events.push((ids.as_string::<i32>().value(i).to_string(), ts.value(i)));
+            }
+        }
+        events.sort();
+        let mut rejected = Vec::new();
+        for batch in ingested.rejected.clone().collect().await.unwrap() {
+            let ids = cast_utf8(batch.column_by_name("message_id").unwrap()).unwrap();
+            let reasons = cast_utf8(batch.column_by_name("reason").unwrap()).unwrap();
+            for i in 0..batch.num_rows() {
+                let reason = reasons.as_string::<i32>().value(i);
+                assert!(reason.starts_with("timestamp out of range"), "{reason}");
+                rejected.push(ids.as_string::<i32>().value(i).to_string());
+            }
+        }
+        rejected.sort();
+        (events, rejected)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        #[test]
+        fn timestamps_of_any_unit_are_converted_exactly_or_quarantined(
+            unit in proptest::sample::select(vec![TimeUnit::Second, TimeUnit::Millisecond, TimeUnit::Microsecond, TimeUnit::Nanosecond]),
+            times in proptest::collection::vec(proptest::prop_oneof![
+                proptest::num::i64::ANY,
+                -10_000_000_000_000i64..10_000_000_000_000i64,
+                proptest::sample::select(vec![i64::MAX, i64::MIN, i64::MAX / 1000, i64::MAX / 1000 + 1, i64::MIN / 1000 - 1, 0]),
+            ], 1..20),
+        ) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let (events, rejected) = rt.block_on(intake(unit, &times));
+            let scale: i64 = match unit {
+                TimeUnit::Second => 1_000_000,
+                TimeUnit::Millisecond => 1_000,
+                _ => 1,
+            };
+            let mut want_events = Vec::new();
+            let mut want_rejected = Vec::new();
+            for (i, t) in times.iter().enumerate() {
+                let id = format!("m{i}");
+                let micros = match unit {
+                    TimeUnit::Nanosecond => Some(t / 1000),
+                    _ => t.checked_mul(scale),
+                };
+                match micros {
+                    Some(us) => want_events.push((id, us)),
+                    None => want_rejected.push(id),
+                }
+            }
+            want_events.sort();
+            want_rejected.sort();
+            proptest::prop_assert_eq!(events, want_events);
+            proptest::prop_assert_eq!(rejected, want_rejected);
+        }
+    }
+
+    fn names(path: &str) -> Vec<String> {
+        path.split('/').map(str::to_string).collect()
+    }
+
     #[test]
     fn event_files_and_partitions() {
-        let prefix = ObjectPath::from("data/events");
-        let p = ObjectPath::from("data/events/date=2026-11-28/part-0.parquet");
-        assert!(is_event_file(&prefix, &p));
+        let p = names("date=2026-11-28/part-0.parquet");
+        assert!(is_event_file(&p));
         assert_eq!(
-            hive_partitions(&prefix, &p),
+            hive_partitions(&p).unwrap(),
             vec![("date".into(), "2026-11-28".into())]
         );
-        assert!(!is_event_file(
-            &prefix,
-            &ObjectPath::from("data/events/_SUCCESS")
-        ));
-        assert!(!is_event_file(
-            &prefix,
-            &ObjectPath::from("data/events/_tmp/x.parquet")
-        ));
-        assert!(!is_event_file(
-            &prefix,
-            &ObjectPath::from("data/events/notes.txt")
-        ));
+        assert!(!is_event_file(&names("_SUCCESS")));
+        assert!(!is_event_file(&names("_tmp/x.parquet")));
+        assert!(!is_event_file(&names(".staging/x.parquet")));
+        assert!(!is_event_file(&names("notes.txt")));
+    }
+
+    #[test]
+    fn hive_folder_names_are_decoded_once_and_never_panic() {
+        let value = |path: &str| hive_partitions(&names(path)).map(|p| p[0].1.clone());
+        assert_eq!(value("date=%41/x.parquet").unwrap(), "A");
+        assert_eq!(value("date=100%25/x.parquet").unwrap(), "100%");
+        assert_eq!(
+            value("date=2026-10-01#1/x.parquet").unwrap(),
+            "2026-10-01#1"
+        );
+        // A `%` not followed by two hex digits stays as it is, also before a multi-byte
+        // character (this sliced a character in two and panicked).
+        assert_eq!(value("date=%1é/x.parquet").unwrap(), "%1é");
+        assert_eq!(value("date=%/x.parquet").unwrap(), "%");
+        // Escapes that decode to bytes that are not UTF-8 make the file unreadable, by name.
+        let err = value("date=%e2%82/x.parquet").unwrap_err();
+        assert!(err.contains("date=%e2%82"), "{err}");
+        // Folders that are not key=value, or whose key is not a column name, give nothing.
+        assert!(hive_partitions(&names("2026/11/x.parquet"))
+            .unwrap()
+            .is_empty());
+        assert!(hive_partitions(&names("Bad Key=1/x.parquet"))
+            .unwrap()
+            .is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hive_decoding_takes_any_folder_name(folder in "\\PC{0,24}", value in "[%a-f0-9é#?=]{0,12}") {
+            let path = vec![folder, format!("date={value}"), "x.parquet".to_string()];
+            // Never panics; when it decodes, re-escaping the value gives it back.
+            if let Ok(found) = hive_partitions(&path) {
+                if let Some((_, v)) = found.iter().find(|(k, _)| k == "date") {
+                    let again: String = percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string();
+                    let back = percent_encoding::percent_decode_str(&again).decode_utf8().unwrap();
+                    proptest::prop_assert_eq!(back.as_ref(), v.as_str());
+                }
+            }
+        }
+
+        #[test]
+        fn scan_urls_give_back_the_object_path(parts in proptest::collection::vec("[^/\\x00-\\x1f]{1,12}", 1..4)) {
+            // What DataFusion does with a URL: parse it, then decode its path once.
+            let place = Place::open("/tmp/tessera-prop", std::path::Path::new("/"), "storage.events").unwrap();
+            let path = parts.iter().fold(ObjectPath::default(), |p, n| p.join(object_store::path::PathPart::from(n.as_str())));
+            let url = url::Url::parse(&scan_url(&place, &path)).unwrap();
+            let back = ObjectPath::from_url_path(url.path()).unwrap();
+            proptest::prop_assert_eq!(back, path);
+        }
     }
 
     #[test]

@@ -107,9 +107,12 @@ async fn leased(
     if outcome.is_err() && !lease.is_lost() {
         // A file with a sound footer and corrupt pages fails the scan that reads it: find such
         // files, skip them, and run once more. With none found, the first error stands.
-        let corrupt = crate::ingest::find_corrupt(&engine.events, seen.as_ref())
-            .await
-            .unwrap_or_default();
+        let corrupt = match &outcome {
+            Err(Error::ShortScan(files)) => files.clone(),
+            _ => crate::ingest::find_corrupt(&engine.events, seen.as_ref())
+                .await
+                .unwrap_or_default(),
+        };
         if !corrupt.is_empty() {
             for bad in &corrupt {
                 tracing::warn!(file = %bad.file, reason = %bad.reason, "skipping corrupt event file");
@@ -310,8 +313,8 @@ async fn stages(
     );
     // An error reading the input fails both writes and is the one that says why; a writer
     // that fails first stops the reading, and then the writer's error says why.
-    let read_ids = match read_ids {
-        Ok(ids) => ids,
+    let read = match read_ids {
+        Ok(read) => read,
         Err(e) if crate::ingest::stopped_by_writer(&e) => {
             rejected.map_err(in_stage(engine, "rejected_events"))?;
             history.map_err(in_stage(engine, "event history"))?;
@@ -319,6 +322,14 @@ async fn stages(
         }
         Err(e) => return Err(in_stage(engine, "event history")(e)),
     };
+    // Rows read are rows scanned, never what footers promise; a file whose scan fell short
+    // fails the run before anything of it is published or recorded as processed.
+    let short = read.short_files(inventory);
+    if !short.is_empty() {
+        return Err(Error::ShortScan(short));
+    }
+    report.rows_read = read.rows();
+    let read_ids = read.ids;
     let committed = rejected.map_err(in_stage(engine, "rejected_events"))?;
     report.rows_rejected = committed.rows;
     report

@@ -89,6 +89,93 @@ impl Location {
     }
 }
 
+impl Location {
+    /// Whether one of the two locations lies inside the other (or they are the same).
+    ///
+    /// Local folders are compared with symbolic links resolved as far as the folders exist,
+    /// so a link to the events folder counts as the events folder.
+    pub fn overlaps(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::Local(a), Location::Local(b)) => {
+                let (a, b) = (resolve_existing(a), resolve_existing(b));
+                a.starts_with(&b) || b.starts_with(&a)
+            }
+            (
+                Location::S3 {
+                    bucket: a,
+                    prefix: pa,
+                },
+                Location::S3 {
+                    bucket: b,
+                    prefix: pb,
+                },
+            ) => a == b && key_prefix_overlaps(pa, pb),
+            (Location::Memory { prefix: pa }, Location::Memory { prefix: pb }) => {
+                key_prefix_overlaps(pa, pb)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether two key prefixes (no leading or trailing `/`) nest, folder by folder.
+fn key_prefix_overlaps(a: &str, b: &str) -> bool {
+    let parts = |p: &str| -> Vec<String> {
+        p.split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, b) = (parts(a), parts(b));
+    a.iter().zip(&b).all(|(x, y)| x == y)
+}
+
+/// `path` with its longest existing ancestor canonicalised (links resolved), the rest kept.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut head = path.to_path_buf();
+    loop {
+        if let Ok(real) = head.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (head.file_name().map(|n| n.to_os_string()), head.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                head = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// The object path of an absolute local path: one part per folder name, taken as it is,
+/// which is what the local store maps back to this very folder. (`from_absolute_path` goes
+/// through a URL and decodes `%` escapes on the way: a folder named `100%25` became `100%`,
+/// which is another folder.)
+pub fn local_object_path(path: &Path) -> std::result::Result<ObjectPath, String> {
+    let mut out = ObjectPath::default();
+    for part in path.components() {
+        match part {
+            std::path::Component::Normal(name) => {
+                let name = name.to_str().ok_or_else(|| {
+                    format!(
+                        "the folder name `{}` is not valid UTF-8; rename it",
+                        name.to_string_lossy()
+                    )
+                })?;
+                let part = object_store::path::PathPart::parse(name)
+                    .map_err(|e| format!("not a usable path: {e}; rename the folder"))?;
+                out = out.join(part);
+            }
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => {}
+            std::path::Component::CurDir | std::path::Component::ParentDir => {
+                return Err("not a usable path: it must be absolute, without `.` or `..`".into())
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Removes `.` and resolves `..` without touching the file system (the folder may not exist yet).
 fn normalize_path(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -141,10 +228,10 @@ impl Place {
         let location = Location::parse(value, base, key)?;
         let (store, prefix): (Arc<dyn ObjectStore>, ObjectPath) = match &location {
             Location::Local(path) => {
-                let prefix = ObjectPath::from_absolute_path(path).map_err(|e| Error::Location {
+                let prefix = local_object_path(path).map_err(|message| Error::Location {
                     key: key.to_string(),
                     location: value.to_string(),
-                    message: format!("not a usable path: {e}"),
+                    message,
                 })?;
                 (Arc::new(LocalFileSystem::new()), prefix)
             }
