@@ -98,6 +98,18 @@ impl Engine {
         let retry = &storage.retry;
         let events = Place::open_with(&storage.events, &project.dir, "storage.events", retry)?;
         let output = Place::open_with(&storage.output, &project.dir, "storage.output", retry)?;
+        if output.location.overlaps(&events.location) {
+            // Each run would read its own tables (rejected_events among them) as events, and a
+            // clean-up of the output could delete event files.
+            return Err(Error::Location {
+                key: "storage.output".into(),
+                location: storage.output.clone(),
+                message: format!(
+                    "overlaps storage.events ({}): the output must be a folder of its own, neither inside the events folder nor holding it",
+                    events
+                ),
+            });
+        }
         events.register(&ctx);
         output.register(&ctx);
         for (i, source) in project.config.sources.iter().enumerate() {
