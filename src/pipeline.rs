@@ -76,6 +76,9 @@ pub async fn run_on(
     let ttl = Duration::from_secs(engine.project.config.run.lease_seconds);
     let lease = Lease::acquire(&place, &report.run_id, ttl).await?;
     tracing::info!(run_id = %report.run_id, full = options.full, "run started");
+    // Only a run sweeps: other commands are often run by hand beside a scheduled one, and
+    // must not delete anything.
+    crate::scratch::sweep(&engine.limits.scratch_parent());
     let result = leased(engine, options, progress, &lease, &mut report).await;
     lease.release().await;
     result.map(|()| report)

@@ -1,29 +1,34 @@
-//! A run's local scratch folder, and the sweep that removes those of runs that died.
+//! A process's local scratch folder, and the sweep that removes those of runs that died.
 //!
-//! A run writes a copy of its resolved events (and DataFusion its spill files) under one
-//! folder, `tessera-XXXXXX` in `run.spill_dir` or the system's temporary folder. A run that
-//! ends removes it; one killed with SIGKILL (OOM killer, a scheduler's timeout) cannot, and at
-//! 100M events it leaves gigabytes. So each folder holds `.lock`, locked by its process for
-//! as long as it lives; the kernel drops the lock when the process dies, however it dies.
-//! Before a run makes its own folder it removes every `tessera-*` folder beside it whose lock
-//! it can take. The lock is made before the folder gets its final name, so no other run ever
-//! sees a live folder without a held lock.
+//! An engine writes a copy of its resolved events (and DataFusion its spill files) under one
+//! folder, `tessera-XXXXXX` in `run.spill_dir` or the system's temporary folder. An engine
+//! that ends removes it; one killed with SIGKILL (OOM killer, a scheduler's timeout) cannot,
+//! and at 100M events it leaves gigabytes. So `tessera run` sweeps such leftovers first.
+//!
+//! The sweep must never touch a folder that is not Tessera's, whatever its name or age, so
+//! ownership is proved, never guessed: each scratch folder holds a marker file,
+//! `.tessera-scratch`, naming the process that owns it and locked by that process for as long
+//! as it lives (the kernel drops the lock when the process dies, however it dies). The marker
+//! is created and locked under a temporary name and only then renamed into place, and the
+//! folder gets its final name after that, so a marker never exists unlocked while its owner
+//! lives. The sweep removes a folder only when it carries the marker and the marker's lock
+//! can be taken. A folder without a marker is left alone, however it is named.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 
 /// Names of scratch folders start with this.
 const PREFIX: &str = "tessera-";
-/// Names of scratch folders while they are being made, before their lock is held.
+/// Names of scratch folders while they are being made, before they carry their marker.
 const STAGING: &str = ".tessera-new-";
-/// The lock file inside a scratch folder.
-const LOCK: &str = ".lock";
-/// A folder named like a scratch folder but without a lock file (made by an older Tessera, or
-/// a staging folder of a process killed before it was named) is removed once this old.
-const UNLOCKED_AGE: Duration = Duration::from_secs(24 * 3600);
+/// The marker file: its presence says the folder is Tessera's scratch, its lock that the
+/// owner is alive.
+const MARKER: &str = ".tessera-scratch";
+/// The marker's name while it is being made and locked.
+const MARKER_NEW: &str = ".tessera-scratch-new";
 
 /// A scratch folder this process holds; removed when dropped.
 #[derive(Debug)]
@@ -33,32 +38,35 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    /// Removes dead runs' folders in `parent`, then makes and locks this run's.
+    /// Makes and locks a scratch folder in `parent` (sweeping is [`sweep`]'s, and only a run's).
     pub fn create(parent: &Path) -> Result<Scratch> {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let removed = sweep(parent);
-        if removed > 0 {
-            tracing::info!(folder = %parent.display(), removed,
-                "removed the scratch folders of runs that did not finish");
-        }
         let staging = tempfile::Builder::new()
             .prefix(STAGING)
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?
             .keep();
-        let lock_path = staging.join(LOCK);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
+        let new_marker = staging.join(MARKER_NEW);
+        let mut lock = OpenOptions::new()
+            .create_new(true)
             .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
-        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+            .open(&new_marker)
+            .map_err(|e| Error::io(&new_marker, e))?;
+        lock.lock().map_err(|e| Error::io(&new_marker, e))?;
+        let owner = format!(
+            "{{\"owner\":\"tessera\",\"pid\":{},\"started_at\":\"{}\"}}\n",
+            std::process::id(),
+            chrono::Utc::now().to_rfc3339()
+        );
+        lock.write_all(owner.as_bytes())
+            .map_err(|e| Error::io(&new_marker, e))?;
+        let marker = staging.join(MARKER);
+        std::fs::rename(&new_marker, &marker).map_err(|e| Error::io(&marker, e))?;
         let suffix = staging
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix(STAGING))
-            .expect("named by the builder above")
+            .ok_or_else(|| Error::Usage(format!("unexpected scratch name {}", staging.display())))?
             .to_string();
         let path = parent.join(format!("{PREFIX}{suffix}"));
         std::fs::rename(&staging, &path).map_err(|e| Error::io(&path, e))?;
@@ -80,9 +88,10 @@ impl Drop for Scratch {
     }
 }
 
-/// Removes the scratch folders in `parent` that no live process holds; returns how many.
+/// Removes the scratch folders in `parent` whose owner is gone; returns how many.
 ///
-/// A folder is another run's while its lock is held. One this process cannot inspect (no
+/// Only folders named like scratch folders that carry the marker are considered, and of
+/// those only the ones whose marker lock is free. One this process cannot inspect (no
 /// permission, gone meanwhile) is left alone.
 pub fn sweep(parent: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -92,41 +101,26 @@ pub fn sweep(parent: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let staging = name.starts_with(STAGING);
-        if !name.starts_with(PREFIX) && !staging {
+        if !name.starts_with(PREFIX) && !name.starts_with(STAGING) {
             continue;
         }
+        // Not followed through a symbolic link: a link to another folder is not ours.
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let dir = entry.path();
-        // A staging folder gets its lock file a moment before the lock itself: judged by its
-        // lock, a live one could be taken in that moment. Staging lasts microseconds, so only
-        // one left by a process killed while naming its folder is old, and goes by age.
-        let lock = if staging {
-            Err(std::io::ErrorKind::NotFound.into())
-        } else {
-            OpenOptions::new().write(true).open(dir.join(LOCK))
+        let Ok(marker) = OpenOptions::new().write(true).open(dir.join(MARKER)) else {
+            continue;
         };
-        let dead = match lock {
-            // Held while the lock is taken here, so no other sweeper removes it meanwhile
-            // and its owner, were it alive, could not have held it.
-            Ok(lock) => match lock.try_lock() {
-                Ok(()) => remove(&dir),
-                Err(_) => false,
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let old = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .is_some_and(|age| age >= UNLOCKED_AGE);
-                old && remove(&dir)
-            }
-            Err(_) => false,
-        };
-        removed += usize::from(dead);
+        // Held while the folder is removed, so no other sweeper races this one, and the
+        // owner, were it alive, would hold it.
+        if marker.try_lock().is_ok() && remove(&dir) {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(folder = %parent.display(), removed,
+            "removed the scratch folders of runs that did not finish");
     }
     removed
 }
@@ -155,42 +149,37 @@ mod tests {
         names
     }
 
-    fn age(dir: &Path, by: Duration) {
-        let f = File::open(dir).unwrap();
-        f.set_modified(SystemTime::now() - by).unwrap();
-    }
-
     #[test]
-    fn a_live_folder_is_kept_and_dead_ones_are_removed() {
+    fn only_marked_folders_of_dead_owners_are_removed() {
         let parent = tempfile::tempdir().unwrap();
         let live = Scratch::create(parent.path()).unwrap();
         std::fs::write(live.path().join("events.parquet"), b"x").unwrap();
-        // A run that died: its lock file is there, and nobody holds it.
+        // A run that died: its marker is there, and nobody holds its lock.
         let dead = parent.path().join("tessera-dead01");
         std::fs::create_dir_all(dead.join("events")).unwrap();
-        std::fs::write(dead.join(LOCK), b"").unwrap();
+        std::fs::write(dead.join(MARKER), b"{}").unwrap();
         std::fs::write(dead.join("events/part-0.parquet"), vec![0u8; 1000]).unwrap();
-        // Folders without a lock: an old one goes, a fresh one (maybe being made) stays.
-        let old = parent.path().join("tessera-old001");
-        std::fs::create_dir_all(&old).unwrap();
-        age(&old, UNLOCKED_AGE + Duration::from_secs(60));
-        let fresh = parent.path().join("tessera-fresh1");
-        std::fs::create_dir_all(&fresh).unwrap();
-        // A staging folder is judged by age alone: its lock file can exist unlocked for a
-        // moment while its process is alive. An old one goes.
+        // A staging folder of a process killed after its marker was in place.
         let staging = parent.path().join(".tessera-new-abc123");
         std::fs::create_dir_all(&staging).unwrap();
-        std::fs::write(staging.join(LOCK), b"").unwrap();
-        let old_staging = parent.path().join(".tessera-new-old123");
-        std::fs::create_dir_all(&old_staging).unwrap();
-        std::fs::write(old_staging.join(LOCK), b"").unwrap();
-        age(&old_staging, UNLOCKED_AGE + Duration::from_secs(60));
-        // Not ours at all, however old.
+        std::fs::write(staging.join(MARKER), b"{}").unwrap();
+        // Folders named like ours but without a marker are a user's or another tool's,
+        // however old: an older Tessera's `.lock`, a notes folder, a marker still being made.
+        let notes = parent.path().join("tessera-notes");
+        std::fs::create_dir_all(&notes).unwrap();
+        std::fs::write(notes.join("todo.txt"), b"keep me").unwrap();
+        let old_style = parent.path().join("tessera-old001");
+        std::fs::create_dir_all(&old_style).unwrap();
+        std::fs::write(old_style.join(".lock"), b"").unwrap();
+        let half_made = parent.path().join(".tessera-new-half01");
+        std::fs::create_dir_all(&half_made).unwrap();
+        std::fs::write(half_made.join(MARKER_NEW), b"").unwrap();
+        // A marker file in a folder not named like ours.
         let other = parent.path().join("other-tool");
         std::fs::create_dir_all(&other).unwrap();
-        age(&other, UNLOCKED_AGE * 2);
+        std::fs::write(other.join(MARKER), b"{}").unwrap();
 
-        assert_eq!(sweep(parent.path()), 3);
+        assert_eq!(sweep(parent.path()), 2);
         let live_name = live
             .path()
             .file_name()
@@ -198,17 +187,28 @@ mod tests {
             .to_string_lossy()
             .to_string();
         let mut expected = vec![
-            ".tessera-new-abc123".to_string(),
+            ".tessera-new-half01".to_string(),
             "other-tool".to_string(),
-            "tessera-fresh1".to_string(),
+            "tessera-notes".to_string(),
+            "tessera-old001".to_string(),
             live_name,
         ];
         expected.sort();
         assert_eq!(names(parent.path()), expected);
         assert!(live.path().join("events.parquet").exists());
+        assert_eq!(
+            std::fs::read(notes.join("todo.txt")).unwrap(),
+            b"keep me".to_vec()
+        );
+        let marker = std::fs::read_to_string(live.path().join(MARKER)).unwrap();
+        assert!(
+            marker.contains(&format!("\"pid\":{}", std::process::id())),
+            "{marker}"
+        );
 
-        // A second run beside it keeps the live folder; dropping removes each one's own.
+        // A second engine beside it keeps the live folder; dropping removes each one's own.
         let second = Scratch::create(parent.path()).unwrap();
+        assert_eq!(sweep(parent.path()), 0);
         assert!(live.path().exists() && second.path().exists());
         let first_path = live.path().to_path_buf();
         drop(live);
