@@ -179,11 +179,16 @@ impl Outputs {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
         let table = match self.open(name).await? {
-            Some(table) => table,
-            None => self
-                .builder(name)?
-                .build()
-                .map_err(|e| Error::delta(name, e))?,
+            Some(table) => {
+                self.check_owned(name, &table)?;
+                table
+            }
+            None => {
+                self.check_free(name).await?;
+                self.builder(name)?
+                    .build()
+                    .map_err(|e| Error::delta(name, e))?
+            }
         };
         let (save, schema) = match mode {
             WriteMode::Replace => (SaveMode::Overwrite, SchemaMode::Overwrite),
@@ -210,6 +215,65 @@ impl Outputs {
         let rows = last_commit_rows(&table).await;
         tracing::debug!(table = name, version, rows, "committed");
         Ok(Committed { version, rows })
+    }
+
+    /// Refuses to create table `name` in a folder that holds anything but the data files a
+    /// dead run of Tessera left there: an output folder shared with other tools keeps their
+    /// files, and a later clean-up never deletes them.
+    async fn check_free(&self, name: &str) -> Result<()> {
+        let folder = self.place.child(name);
+        let mut listing = self.place.store.list(Some(&folder));
+        while let Some(meta) = listing.next().await {
+            let meta = match meta {
+                Ok(meta) => meta,
+                Err(object_store::Error::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let inside = meta
+                .location
+                .prefix_match(&folder)
+                .map(|parts| {
+                    parts
+                        .map(|p| p.as_ref().to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
+                .unwrap_or_default();
+            if !is_written_data_file(&inside) {
+                return Err(Error::Location {
+                    key: "storage.output".into(),
+                    location: self.place.to_string(),
+                    message: format!(
+                        "the folder for table `{name}` ({}) already holds `{inside}`, which Tessera did not write; \
+                         Tessera only creates tables in empty folders. Move those files, or point storage.output at a folder of Tessera's own",
+                        self.table_url(name)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to write to a Delta table that another program made: Tessera names its tables
+    /// (the table's metadata `name`) after their folder.
+    fn check_owned(&self, name: &str, table: &DeltaTable) -> Result<()> {
+        let owner = table
+            .snapshot()
+            .ok()
+            .and_then(|s| s.metadata().name().map(str::to_string));
+        if owner.as_deref() == Some(name) {
+            return Ok(());
+        }
+        Err(Error::Location {
+            key: "storage.output".into(),
+            location: self.place.to_string(),
+            message: format!(
+                "{} is a Delta table that Tessera did not write (its name is {}); \
+                 Tessera does not overwrite other tables. Move it, or point storage.output at a folder of Tessera's own",
+                self.table_url(name),
+                owner.map(|o| format!("`{o}`")).unwrap_or_else(|| "not set".into())
+            ),
+        })
     }
 
     /// Replaces table `name` with `df`, then registers the version just written as
@@ -357,13 +421,24 @@ impl Outputs {
             let store = table.log_store().object_store(None);
             let (_, plan) = table
                 .vacuum()
-                .with_retention_period(chrono::Duration::from_std(retention).unwrap_or_default())
+                .with_retention_period(chrono::Duration::from_std(retention).map_err(|_| {
+                    Error::Usage(format!(
+                        "a retention of {} hours is past what a timestamp can hold; set run.retention_hours to at most 876000",
+                        retention.as_secs() / 3600
+                    ))
+                })?)
                 .with_enforce_retention_duration(false)
                 .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
                 .with_dry_run(true)
                 .await
                 .map_err(|e| Error::delta(name.as_str(), e))?;
-            for file in plan.files_deleted {
+            // Full mode proposes every file the log does not name, whoever put it there; only
+            // data files named the way this writer names them are Tessera's to delete.
+            for file in plan
+                .files_deleted
+                .into_iter()
+                .filter(|f| is_written_data_file(f))
+            {
                 match store
                     .delete(&object_store::path::Path::from(file.as_str()))
                     .await
@@ -375,6 +450,28 @@ impl Outputs {
         }
         Ok(done)
     }
+}
+
+/// Whether `path` (relative to a table's folder) is named like the data files delta-rs writes
+/// for Tessera: `part-00000-<uuid>-c000.<codec>.parquet`, directly in the table's folder.
+fn is_written_data_file(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("part-") else {
+        return false;
+    };
+    let Some((counter, rest)) = rest.split_at_checked(5) else {
+        return false;
+    };
+    let Some(rest) = rest.strip_prefix('-') else {
+        return false;
+    };
+    let Some((id, rest)) = rest.split_at_checked(36) else {
+        return false;
+    };
+    counter.bytes().all(|b| b.is_ascii_digit())
+        && uuid::Uuid::parse_str(id).is_ok()
+        && rest.starts_with("-c000")
+        && rest.ends_with(".parquet")
+        && !rest.contains('/')
 }
 
 /// Rows added by the table's latest commit, from the commit's own metrics.
