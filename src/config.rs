@@ -540,24 +540,28 @@ impl Config {
                 ));
             }
         }
-        if self.run.lease_seconds < 2 {
-            return Err(fail(
-                "run.lease_seconds".into(),
-                "must be at least 2 (a run renews its lease every third of it)".into(),
-            ));
+        for bound in self.bounds() {
+            if !bound.range.contains(&bound.value) {
+                return Err(fail(
+                    bound.key.into(),
+                    format!(
+                        "{} is out of range: use {} to {} {} ({})",
+                        bound.value,
+                        bound.range.start(),
+                        bound.range.end(),
+                        bound.unit,
+                        bound.why
+                    ),
+                ));
+            }
         }
-        if self.storage.retry.request_timeout_secs == 0
-            || self.storage.retry.connect_timeout_secs == 0
-        {
+        if self.storage.retry.max_backoff_ms < self.storage.retry.initial_backoff_ms {
             return Err(fail(
-                "storage.retry".into(),
-                "request_timeout_secs and connect_timeout_secs must be at least 1".into(),
-            ));
-        }
-        if self.sessions.gap_minutes == 0 {
-            return Err(fail(
-                "sessions.gap_minutes".into(),
-                "must be at least 1 (minutes of inactivity that end a session)".into(),
+                "storage.retry.max_backoff_ms".into(),
+                format!(
+                    "{} is below initial_backoff_ms ({}): the longest wait must not be shorter than the first",
+                    self.storage.retry.max_backoff_ms, self.storage.retry.initial_backoff_ms
+                ),
             ));
         }
         let p = &self.predictions;
@@ -627,6 +631,57 @@ impl Config {
     }
 }
 
+/// One numeric config value and the range it must lie in.
+///
+/// Every duration and count is bounded so that no value reaches the code that turns it into a
+/// `Duration` (or a chrono one, whose range is smaller) out of range: such a value was once
+/// read as 0, which made "keep forever" delete every old file.
+pub struct Bound {
+    /// The dotted key.
+    pub key: &'static str,
+    /// The value as configured.
+    pub value: u64,
+    /// The values accepted, inclusive.
+    pub range: std::ops::RangeInclusive<u64>,
+    /// The unit, for the message.
+    pub unit: &'static str,
+    /// What the bounds are for, for the message.
+    pub why: &'static str,
+}
+
+impl Config {
+    /// The bounded numeric keys with their values.
+    pub fn bounds(&self) -> Vec<Bound> {
+        let r = &self.storage.retry;
+        let b = |key, value: u64, range, unit, why| Bound {
+            key,
+            value,
+            range,
+            unit,
+            why,
+        };
+        vec![
+            b("run.lease_seconds", self.run.lease_seconds, 2..=7 * 24 * 3600, "seconds",
+              "a run renews its lease every third of it; a week at most, so a dead run's lease ends"),
+            b("run.retention_hours", self.run.retention_hours, 0..=100 * 365 * 24, "hours",
+              "old versions' files are deleted once older than this; 876000 hours (100 years) keeps them for good"),
+            b("storage.retry.max_retries", r.max_retries as u64, 0..=100, "retries", "per request"),
+            b("storage.retry.retry_timeout_secs", r.retry_timeout_secs, 1..=3600, "seconds",
+              "keep it under 300: retries reuse the request's signature"),
+            b("storage.retry.initial_backoff_ms", r.initial_backoff_ms, 1..=60_000, "milliseconds",
+              "the first wait before a retry"),
+            b("storage.retry.max_backoff_ms", r.max_backoff_ms, 1..=600_000, "milliseconds",
+              "the longest wait between two attempts"),
+            b("storage.retry.request_timeout_secs", r.request_timeout_secs, 1..=3600, "seconds",
+              "a request that takes longer fails"),
+            b("storage.retry.connect_timeout_secs", r.connect_timeout_secs, 1..=600, "seconds",
+              "connecting takes at most this"),
+            b("sessions.gap_minutes", self.sessions.gap_minutes as u64, 1..=7 * 24 * 60, "minutes",
+              "minutes of inactivity that end a session; a week at most"),
+        ]
+    }
+}
+
 /// A name SQL can use unquoted: `^[a-z][a-z0-9_]{0,62}$`.
 pub fn is_sql_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -683,6 +738,47 @@ mod tests {
         assert_eq!(project.config.storage.retry.max_retries, 3);
         assert_eq!(project.config.storage.retry.request_timeout_secs, 30);
         assert_eq!(project.config.run.lease_seconds, 60);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_bounded_key_takes_its_range_and_names_itself_outside_it(
+            which in 0usize..9,
+            value in proptest::prop_oneof![
+                0u64..2_000_000,
+                0u64..=i64::MAX as u64,
+                proptest::sample::select(vec![0, 1, 2, 3600, 876_000, 876_001, 604_800, 604_801, i64::MAX as u64]),
+            ],
+        ) {
+            let bounds = Config::default().bounds();
+            let bound = &bounds[which % bounds.len()];
+            let (section, key) = bound.key.rsplit_once('.').unwrap();
+            // Keep the other backoff out of the way: the two are also checked against each other.
+            let other = match key {
+                "initial_backoff_ms" => "max_backoff_ms = 600000\n",
+                "max_backoff_ms" => "initial_backoff_ms = 1\n",
+                _ => "",
+            };
+            let text = format!("[{section}]\n{key} = {value}\n{other}");
+            match parse(&text) {
+                Ok(config) => {
+                    proptest::prop_assert!(bound.range.contains(&value), "{} = {value} accepted", bound.key);
+                    // What the run makes of accepted values never overflows.
+                    let lease = std::time::Duration::from_secs(config.run.lease_seconds);
+                    let kept = std::time::Duration::from_secs(config.run.retention_hours * 3600);
+                    for d in [lease, kept] {
+                        let d = chrono::Duration::from_std(d).unwrap();
+                        proptest::prop_assert!(chrono::Utc::now().checked_add_signed(d).is_some());
+                        proptest::prop_assert!(chrono::Utc::now().checked_sub_signed(d).is_some());
+                    }
+                }
+                Err(Error::Config { key: Some(named), message, .. }) => {
+                    proptest::prop_assert!(!bound.range.contains(&value), "{} = {value} refused: {message}", bound.key);
+                    proptest::prop_assert_eq!(named, bound.key.to_string());
+                }
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
     }
 
     use super::*;

@@ -99,6 +99,20 @@ pub async fn read(place: &Place) -> Result<Option<(LeaseBody, UpdateVersion)>> {
     Ok(Some((body, version)))
 }
 
+/// When a lease taken at `now` for `ttl` ends; a lifetime past what a timestamp can hold is
+/// an error (config bounds `run.lease_seconds`, so only an embedding caller can reach it).
+fn expiry(now: DateTime<Utc>, ttl: Duration) -> Result<DateTime<Utc>> {
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add_signed(ttl))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "a lease of {} seconds ends past the last representable time; set run.lease_seconds to at most a week",
+                ttl.as_secs()
+            ))
+        })
+}
+
 impl Lease {
     /// Takes the lease for `run_id`, or fails with [`Error::Locked`] while another run holds it.
     pub async fn acquire(place: &Place, run_id: &str, ttl: Duration) -> Result<Arc<Lease>> {
@@ -107,7 +121,7 @@ impl Lease {
             owner: owner(),
             run_id: run_id.to_string(),
             acquired_at: now,
-            expires_at: now + chrono::Duration::from_std(ttl).expect("lease fits"),
+            expires_at: expiry(now, ttl)?,
             released: false,
         };
         let path = place.child(LEASE);
@@ -154,7 +168,7 @@ impl Lease {
         }
         let mut guard = self.body.lock().await;
         let mut body = guard.0.clone();
-        body.expires_at = Utc::now() + chrono::Duration::from_std(self.ttl).expect("lease fits");
+        body.expires_at = expiry(Utc::now(), self.ttl)?;
         if self.local.is_some() {
             self.place
                 .store
