@@ -14,3 +14,4 @@ mod readers;
 mod reliability;
 mod s3;
 mod slt;
+mod trust;
