@@ -667,9 +667,20 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
                             .warnings
                             .push(format!("{}: will be skipped: {}", short.file, short.reason));
                     }
+                    // One line per reason: a project with thousands of files gets a few lines.
+                    let mut by_reason: std::collections::BTreeMap<String, (u64, Vec<String>)> =
+                        Default::default();
                     for (file, reason, rows) in preview.quarantined {
+                        let entry = by_reason.entry(reason).or_default();
+                        entry.0 += rows;
+                        entry.1.push(file);
+                    }
+                    for (reason, (rows, files)) in by_reason {
                         findings.quarantined.push(format!(
-                            "{file}: {rows} rows will go to rejected_events: {reason}"
+                            "{rows} rows will go to rejected_events: {reason}; in {} file{}, first {}",
+                            files.len(),
+                            if files.len() == 1 { "" } else { "s" },
+                            files[0]
                         ));
                     }
                 }

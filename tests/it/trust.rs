@@ -31,32 +31,28 @@ fn skipped(report: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-#[test]
-fn event_files_under_escaped_folder_names_are_read_with_their_partition_values() {
-    let p = TempProject::local();
-    let folders = [
-        ("date=2026-11-28", "plain", "2026-11-28"),
-        ("date=%41", "escaped", "A"),
-        ("date=100%25", "percent", "100%"),
-        ("date=2026-10-01#1", "hash", "2026-10-01#1"),
-        ("date=%1é", "broken-escape", "%1é"),
-        ("date=a b?c", "space-question", "a b?c"),
-    ];
-    for (folder, id, _) in folders {
-        let id: &'static str = Box::leak(id.to_string().into_boxed_str());
-        write_parquet(
-            &p.events().join(folder).join("part-0.parquet"),
-            &[events_batch(&[Ev::track(id, T0)])],
-        );
-    }
+/// Folders named with characters that URLs and Hive escape, each holding one event: the
+/// folder, the event's id, and the partition value Hive's escaping gives.
+const ESCAPED_FOLDERS: [(&str, &str, &str); 6] = [
+    ("date=2026-11-28", "plain", "2026-11-28"),
+    ("date=%41", "escaped", "A"),
+    ("date=100%25", "percent", "100%"),
+    ("date=2026-10-01#1", "hash", "2026-10-01#1"),
+    ("date=%1é", "broken-escape", "%1é"),
+    ("date=a b?c", "space-question", "a b?c"),
+];
+
+/// Runs `p` over [`ESCAPED_FOLDERS`] and checks that every event arrived once, with its value.
+fn assert_every_escaped_folder_read(p: &TempProject) {
     let report = p.run_json();
     assert_eq!(report["status"], "succeeded", "{report}");
     assert!(skipped(&report).is_empty(), "{report}");
     // Every row read is a row scanned: none counted as a duplicate, none lost.
-    assert_eq!(report["rows_read"], folders.len() as u64, "{report}");
+    let n = ESCAPED_FOLDERS.len() as u64;
+    assert_eq!(report["rows_read"], n, "{report}");
     assert_eq!(report["rows_duplicate"], 0, "{report}");
-    assert_eq!(report["events"], folders.len() as u64, "{report}");
-    let mut want: Vec<Value> = folders
+    assert_eq!(report["events"], n, "{report}");
+    let mut want: Vec<Value> = ESCAPED_FOLDERS
         .iter()
         .map(|(_, id, date)| json!({"message_id": id, "date": date}))
         .collect();
@@ -70,6 +66,56 @@ fn event_files_under_escaped_folder_names_are_read_with_their_partition_values()
     // A second run reads nothing again: each file was recorded under the name it was read by.
     let again = p.run_json();
     assert_eq!(again["status"], "unchanged", "{again}");
+}
+
+fn one_event(id: &str) -> RecordBatch {
+    let id: &'static str = Box::leak(id.to_string().into_boxed_str());
+    events_batch(&[Ev::track(id, T0)])
+}
+
+#[test]
+fn event_files_under_escaped_folder_names_are_read_with_their_partition_values() {
+    let p = TempProject::local();
+    for (folder, id, _) in ESCAPED_FOLDERS {
+        write_parquet(
+            &p.events().join(folder).join("part-0.parquet"),
+            &[one_event(id)],
+        );
+    }
+    assert_every_escaped_folder_read(&p);
+}
+
+#[test]
+fn event_files_under_escaped_key_names_on_s3_are_read_like_local_ones() {
+    if !s3_available("event_files_under_escaped_key_names_on_s3_are_read_like_local_ones") {
+        return;
+    }
+    let prefix = s3_prefix();
+    let p = TempProject::new(&format!(
+        "[storage]\nevents = \"{prefix}/events\"\noutput = \"{prefix}/out\"\n"
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use object_store::ObjectStoreExt;
+        let place = tessera::storage::Place::open(
+            &format!("{prefix}/events"),
+            Path::new("/"),
+            "storage.events",
+        )
+        .unwrap();
+        for (folder, id, _) in ESCAPED_FOLDERS {
+            let batch = one_event(id);
+            let bytes = tessera::generate::parquet_bytes(batch.schema(), &[batch]).unwrap();
+            // The key exactly as written, not escaped by object_store's path rules.
+            let key = object_store::path::Path::parse(format!(
+                "{}/{folder}/part-0.parquet",
+                place.prefix.as_ref()
+            ))
+            .unwrap();
+            place.store.put(&key, bytes.into()).await.unwrap();
+        }
+    });
+    assert_every_escaped_folder_read(&p);
 }
 
 #[test]
@@ -159,9 +205,15 @@ fn a_timestamp_past_the_microsecond_range_is_one_quarantined_row_not_a_failed_ru
     // `validate` says what a run will quarantine, naming the file.
     let out = run(&mut p.cmd(&["validate"]));
     let text = stdout(&out);
+    let note = text
+        .lines()
+        .find(|l| l.contains("timestamp out of range"))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(
-        text.contains("b.parquet: 2 rows will go to rejected_events: timestamp out of range"),
-        "{text}"
+        note.starts_with("note: 2 rows will go to rejected_events: timestamp out of range")
+            && note.contains("in 1 file, first file://")
+            && note.ends_with("/b.parquet"),
+        "{note}"
     );
     let report = p.run_json();
     assert_eq!(report["status"], "succeeded", "{report}");
