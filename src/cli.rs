@@ -56,6 +56,9 @@ pub enum Command {
         /// Folder for spill files (overrides run.spill_dir).
         #[arg(long, value_name = "DIR")]
         spill_dir: Option<String>,
+        /// Longest one query may run, e.g. `30m`, `90s`, `2h` (overrides run.query_timeout).
+        #[arg(long, value_name = "TIME")]
+        query_timeout: Option<String>,
     },
     /// Show the lease, unfinished publishes, new input files, table versions and the last runs.
     Status {
@@ -259,8 +262,17 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             as_of,
             memory_limit,
             spill_dir,
+            query_timeout,
         } => {
             let mut project = Project::load(&project_dir)?;
+            if let Some(limit) = query_timeout {
+                if crate::config::parse_duration(&limit).is_none() {
+                    return Err(Error::Usage(format!(
+                        "--query-timeout {limit}: not a time limit; write e.g. 30m, 90s or 2h (at least 1 second, at most 7 days)"
+                    )));
+                }
+                project.config.run.query_timeout = limit;
+            }
             if let Some(limit) = memory_limit {
                 project.config.run.memory_limit = limit;
             }

@@ -200,6 +200,8 @@ pub struct RunConfig {
     pub lease_seconds: u64,
     /// Files of old table versions (and leftovers of dead runs) are deleted once older than this.
     pub retention_hours: u64,
+    /// Longest one query of a run may take, e.g. `"30m"`, `"90s"`, `"2h"` (see [`parse_duration`]).
+    pub query_timeout: String,
 }
 
 impl Default for RunConfig {
@@ -210,6 +212,7 @@ impl Default for RunConfig {
             max_spill: "100GiB".into(),
             lease_seconds: 300,
             retention_hours: 168,
+            query_timeout: "30m".into(),
         }
     }
 }
@@ -243,6 +246,29 @@ pub fn parse_size(text: &str, total: u64) -> Option<u64> {
     };
     let bytes = number * scale as f64;
     (bytes >= 1.0).then_some(bytes as u64)
+}
+
+/// The longest `run.query_timeout` accepted: a query meant to run longer than a week is a
+/// mistake in the value, not a plan.
+pub const MAX_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Parses a time limit such as `90s`, `30m`, `2h` or `600` (seconds), from 1 second up to
+/// [`MAX_QUERY_TIMEOUT`]; anything else (zero, negative, fractions, other units) is `None`.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => 1,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60,
+        "h" | "hour" | "hours" => 3600,
+        _ => return None,
+    };
+    let limit = std::time::Duration::from_secs(number.checked_mul(scale)?);
+    (!limit.is_zero() && limit <= MAX_QUERY_TIMEOUT).then_some(limit)
 }
 
 impl Default for StorageConfig {
@@ -539,6 +565,15 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if parse_duration(&self.run.query_timeout).is_none() {
+            return Err(fail(
+                "run.query_timeout".into(),
+                format!(
+                    "\"{}\" is not a time limit: write e.g. \"30m\", \"90s\" or \"2h\" (at least 1 second, at most 7 days)",
+                    self.run.query_timeout
+                ),
+            ));
         }
         for bound in self.bounds() {
             if !bound.range.contains(&bound.value) {

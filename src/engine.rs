@@ -10,6 +10,7 @@ use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
 use arrow::datatypes::DataType;
 use datafusion::common::cast::as_string_array;
 use datafusion::error::Result as DfResult;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::{create_udf, ColumnarValue, ScalarUDF, Volatility};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
@@ -414,7 +415,7 @@ impl Engine {
     }
 
     /// Gives back the pool's share that `name` held, if it held any.
-    fn release_memory(&self, name: &str) {
+    pub(crate) fn release_memory(&self, name: &str) {
         self.held.lock().expect("not poisoned").remove(name);
     }
 
@@ -460,6 +461,76 @@ impl Engine {
             .await
     }
 
+    /// Runs `work`, the query `what` names (a SQL file, or one of Tessera's own stages),
+    /// under `run.query_timeout`. Past the limit `work` is dropped: that cancels its streams,
+    /// and with them the tasks they spawned, so the run fails at once and lets its lease go
+    /// instead of holding it for as long as the query would run (a recursive CTE may never end).
+    pub async fn in_time<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.limits.query_timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::error!(query = what, limit = %self.limits.query_timeout_text, "query stopped at its time limit");
+                Err(Error::QueryTimeout {
+                    query: what.to_string(),
+                    limit: self.limits.query_timeout_text.clone(),
+                })
+            }
+        }
+    }
+
+    /// Runs `df`, `file`'s query, to the end like [`Engine::collect`], charging every batch it
+    /// returns to a reservation of the engine's memory pool named `holder`. A result larger
+    /// than the pool can spare fails with the pool's error ("Resources exhausted") instead of
+    /// growing unseen past the memory limit. The reservation is returned with the batches and
+    /// should live as long as they do.
+    pub async fn collect_reserved(
+        &self,
+        df: DataFrame,
+        file: &str,
+        holder: String,
+    ) -> Result<(Vec<RecordBatch>, MemoryReservation)> {
+        let reservation = MemoryConsumer::new(holder).register(&self.ctx.runtime_env().memory_pool);
+        let task = Arc::new(df.task_ctx());
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(|e| Error::query(file, e))?;
+        let mut stream = datafusion::physical_plan::execute_stream(plan.clone(), task)
+            .map_err(|e| Error::query(file, e))?;
+        let mut batches = Vec::new();
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            let batch = batch.map_err(|e| Error::query(file, e))?;
+            reservation.try_grow(slice_bytes(&batch)? as usize)?;
+            batches.push(batch);
+        }
+        self.log_plan(&plan, file);
+        Ok((batches, reservation))
+    }
+
+    /// Keeps `reservation` (memory that the table `name`, held in the context, takes) until
+    /// `name` is held again or released.
+    pub fn keep_reserved(&self, name: &str, reservation: MemoryReservation) {
+        self.held
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), reservation);
+    }
+
+    fn log_plan(&self, plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>, file: &str) {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+                plan.as_ref(),
+            )
+            .indent(true)
+            .to_string();
+            tracing::debug!(file, plan = %shown, "query ran");
+        }
+    }
+
     /// Runs one read-only query; `file` names it in errors.
     pub async fn query(&self, sql: &str, file: &str) -> Result<datafusion::dataframe::DataFrame> {
         check_read_only(&self.ctx, sql, file)?;
@@ -481,14 +552,7 @@ impl Engine {
         let batches = datafusion::physical_plan::collect(plan.clone(), task)
             .await
             .map_err(|e| Error::query(file, e))?;
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let shown = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
-                plan.as_ref(),
-            )
-            .indent(true)
-            .to_string();
-            tracing::debug!(file, plan = %shown, "query ran");
-        }
+        self.log_plan(&plan, file);
         Ok(batches)
     }
 }
@@ -514,6 +578,10 @@ pub struct Limits {
     pub spill_dir: Option<std::path::PathBuf>,
     /// Most bytes all spill files together may take.
     pub max_spill: u64,
+    /// Longest one query may run (`run.query_timeout`); see [`Engine::in_time`].
+    pub query_timeout: std::time::Duration,
+    /// That limit as the user wrote it, for messages.
+    pub query_timeout_text: String,
 }
 
 /// This machine's memory in bytes: the smaller of physical memory and the cgroup limit.
@@ -552,11 +620,19 @@ impl Limits {
             .ok_or_else(|| bad("memory limit", &run.memory_limit))?;
         let max_spill = crate::config::parse_size(&run.max_spill, total)
             .ok_or_else(|| bad("run.max_spill", &run.max_spill))?;
+        let query_timeout = crate::config::parse_duration(&run.query_timeout).ok_or_else(|| {
+            Error::Usage(format!(
+                "run.query_timeout = \"{}\" is not a time limit: write e.g. \"30m\", \"90s\" or \"2h\" (at least 1 second, at most 7 days)",
+                run.query_timeout
+            ))
+        })?;
         Ok(Limits {
             memory,
             memory_text: format!("{} ({} MiB)", run.memory_limit, memory >> 20),
             spill_dir: run.spill_dir.as_ref().map(std::path::PathBuf::from),
             max_spill,
+            query_timeout,
+            query_timeout_text: format!("{} (run.query_timeout)", run.query_timeout.trim()),
         })
     }
 }

@@ -93,14 +93,26 @@ pub enum Error {
     Conflict(String),
 
     /// A stage ran out of the memory it may use.
-    #[error("{stage}: out of memory under the limit of {limit}: {message}. Raise --memory-limit (or run.memory_limit in tessera.toml), or give the machine more memory")]
+    #[error("{stage}: out of memory under the limit of {limit}: {message}. Raise --memory-limit (or run.memory_limit in tessera.toml){}, or give the machine more memory", .narrow.as_deref().map(|n| format!(", {n}")).unwrap_or_default())]
     Memory {
-        /// The pipeline stage.
+        /// The pipeline stage (for a segment, its name and file).
         stage: String,
         /// The limit in force, as written.
         limit: String,
         /// DataFusion's message.
         message: String,
+        /// Another way out where the user's own query decides the size, e.g. "or narrow
+        /// the segment".
+        narrow: Option<String>,
+    },
+
+    /// A query ran past `run.query_timeout` and was stopped (with every task it started).
+    #[error("{query}: still running after {limit}, the time limit of one query; it was stopped and this run published none of its tables. If it needs longer, raise run.query_timeout in tessera.toml (or pass --query-timeout); if it should not take this long, look for a query that never ends (a recursive CTE with no stop condition) or a join that multiplies rows")]
+    QueryTimeout {
+        /// The SQL file (e.g. `queries/segments/x.sql`), or which of Tessera's own stages.
+        query: String,
+        /// The limit in force, as written.
+        limit: String,
     },
 
     /// Event files whose scan gave other rows than their footers hold; a run skips them and

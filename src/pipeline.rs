@@ -198,6 +198,9 @@ async fn tidy(engine: &Engine) {
     }
 }
 
+/// How the query time limit names the writing of the event history and rejected_events.
+const BUILT_IN_EVENTS: &str = "Tessera's event history (checking new events, rejected_events)";
+
 fn is_memory(e: &Error) -> bool {
     e.to_string().contains("Resources exhausted")
 }
@@ -227,18 +230,51 @@ fn message_ids(
 
 /// Names the stage and the limit when the query engine ran out of memory.
 fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Error + 'a {
+    move |e| out_of_memory(engine, stage.to_string(), None, e)
+}
+
+/// Names the segment and its file when its rows (or the comparison with its last version)
+/// did not fit in the memory limit: the segment's own SQL decides how many rows there are.
+fn in_segment<'a>(
+    engine: &'a Engine,
+    segment: &'a crate::segments::SegmentQuery,
+) -> impl Fn(Error) -> Error + 'a {
     move |e| {
-        if is_memory(&e) {
-            let text = e.to_string();
-            Error::Memory {
-                stage: stage.to_string(),
-                limit: engine.limits.memory_text.clone(),
-                message: text,
-            }
-        } else {
-            e
-        }
+        out_of_memory(
+            engine,
+            format!("segment `{}` ({})", segment.name, segment.file),
+            Some("or narrow the segment so that it returns fewer rows".to_string()),
+            e,
+        )
     }
+}
+
+fn out_of_memory(engine: &Engine, stage: String, narrow: Option<String>, e: Error) -> Error {
+    if matches!(e, Error::Memory { .. }) || !is_memory(&e) {
+        return e;
+    }
+    Error::Memory {
+        stage,
+        limit: engine.limits.memory_text.clone(),
+        message: e.to_string(),
+        narrow,
+    }
+}
+
+/// The identity stage under the query time limit, which names its SQL files.
+async fn resolve_in_time(
+    engine: &Engine,
+    run_id: &str,
+    started_at: chrono::DateTime<Utc>,
+) -> Result<identity::IdentityTables> {
+    let files: Vec<String> = identity::load_queries(engine)?
+        .into_iter()
+        .map(|q| q.file)
+        .collect();
+    let what = format!("identity ({})", files.join(", "));
+    engine
+        .in_time(&what, identity::resolve(engine, run_id, started_at))
+        .await
 }
 
 async fn stages(
@@ -309,11 +345,15 @@ async fn stages(
         },
         None => split.events,
     };
-    let (rejected, history, read_ids) = tokio::join!(
-        outputs.write(ctx, tables::REJECTED_EVENTS, split.rejected, mode),
-        outputs.write(ctx, state::EVENTS, new_events, mode),
-        split.driver,
-    );
+    let (rejected, history, read_ids) = engine
+        .in_time(BUILT_IN_EVENTS, async {
+            Ok(tokio::join!(
+                outputs.write(ctx, tables::REJECTED_EVENTS, split.rejected, mode),
+                outputs.write(ctx, state::EVENTS, new_events, mode),
+                split.driver,
+            ))
+        })
+        .await?;
     // An error reading the input fails both writes and is the one that says why; a writer
     // that fails first stops the reading, and then the writer's error says why.
     let read = match read_ids {
@@ -365,7 +405,7 @@ async fn stages(
     // Identity: links from SQL, rules, union-find, stable profile ids.
     let meter = engine.meter();
     let spinner = progress.spinner("resolving identities");
-    let identity = identity::resolve(engine, &report.run_id, report.started_at)
+    let identity = resolve_in_time(engine, &report.run_id, report.started_at)
         .await
         .map_err(in_stage(engine, "identity"))?;
     report.stages.push(meter.finish("identity", report.events));
@@ -409,7 +449,10 @@ async fn stages(
     ctx.register_table(tables::EVENTS, resolved.into_view())?;
     let meter = engine.meter();
     engine
-        .materialise_events(report.events)
+        .in_time(
+            "Tessera's resolved events (events with their profile_id)",
+            engine.materialise_events(report.events),
+        )
         .await
         .map_err(in_stage(engine, "resolved events"))?;
     report
@@ -445,10 +488,13 @@ async fn stages(
         }),
         _ => None,
     };
-    let (built, predictions) =
-        crate::journeys::build(engine, outputs, &report.run_id, report.as_of, added)
-            .await
-            .map_err(in_stage(engine, "journeys"))?;
+    let (built, predictions) = engine
+        .in_time(
+            "Tessera's journeys stage (sessions, rfm, predictions)",
+            crate::journeys::build(engine, outputs, &report.run_id, report.as_of, added),
+        )
+        .await
+        .map_err(in_stage(engine, "journeys"))?;
     for (name, committed) in built {
         report.tables.insert(name, committed);
     }
@@ -515,19 +561,32 @@ async fn stages(
     // Segments, each after the segments it reads.
     let meter = engine.meter();
     crate::segments::ensure_schema(engine, tables::SEGMENTS)?;
-    let mut changes = crate::segments::Changes::default();
+    let mut changes = crate::segments::Changes::new(
+        &ctx.runtime_env().memory_pool,
+        &report.run_id,
+        report.started_at,
+    );
     let mut writes = tokio::task::JoinSet::new();
     for segment in crate::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let t0 = std::time::Instant::now();
-        let (members, ids) = crate::segments::materialise(engine, &segment)
+        let (members, ids) = engine
+            .in_time(
+                &segment.file,
+                crate::segments::materialise(engine, &segment),
+            )
             .await
-            .map_err(in_stage(engine, "segments"))?;
+            .map_err(in_segment(engine, &segment))?;
         tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
-        let before = crate::segments::published_members(engine, &segment.name).await?;
-        changes.add(&segment.name, &before, &ids);
+        let before = crate::segments::published_members(engine, &segment)
+            .await
+            .map_err(in_segment(engine, &segment))?;
+        changes
+            .add(&segment.name, &before, &ids)
+            .map_err(in_segment(engine, &segment))?;
+        drop(before);
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).
         let table = format!("{}/{}", tables::SEGMENTS, segment.name);
@@ -539,15 +598,19 @@ async fn stages(
             done.map_err(|e| Error::Usage(format!("writing a segment table stopped: {e}")))??;
         report.tables.insert(table, committed);
     }
-    let batch = changes.to_batch(&report.run_id, report.started_at)?;
+    let (batches, held) = changes
+        .take()
+        .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
     let committed = outputs
         .write(
             ctx,
             tables::SEGMENT_CHANGES,
-            ctx.read_batch(batch)?,
+            ctx.read_batches(batches)?,
             WriteMode::Append,
         )
-        .await?;
+        .await
+        .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
+    drop(held);
     report
         .tables
         .insert(tables::SEGMENT_CHANGES.to_string(), committed);
@@ -559,7 +622,11 @@ async fn stages(
     for query in crate::reports::list(engine)? {
         let spinner = progress.spinner(&format!("report {}", query.name));
         let t0 = std::time::Instant::now();
-        let (table, committed) = crate::reports::materialise(engine, outputs, &query)
+        let (table, committed) = engine
+            .in_time(
+                &query.file,
+                crate::reports::materialise(engine, outputs, &query),
+            )
             .await
             .map_err(in_stage(engine, "reports"))?;
         tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, rows = committed.rows, "report");

@@ -58,6 +58,11 @@ pub async fn build(
     built
 }
 
+/// How the query time limit names the profiles' own query (identifiers, event counts,
+/// last-known traits).
+const BUILT_IN_PROFILES: &str =
+    "Tessera's profiles query (identifiers, event counts, last-known traits)";
+
 /// Memory limits under which the profile joins are sort-merge joins.
 const SPILLABLE_JOINS_BELOW: u64 = 8 << 30;
 
@@ -115,7 +120,9 @@ async fn build_inner(
     let t0 = std::time::Instant::now();
 
     // Last-known identify traits: the latest non-null value of each trait wins.
-    let (traits, traits_for) = last_known(engine, carry).await?;
+    let (traits, traits_for) = engine
+        .in_time(BUILT_IN_PROFILES, last_known(engine, carry))
+        .await?;
     let base: HashSet<String> = profiles
         .schema()
         .fields()
@@ -145,7 +152,9 @@ async fn build_inner(
 
     // Register the base so computed traits can read `profiles`, then add them file by file.
     let schema = profiles.schema().as_arrow().clone();
-    let mut collected = profiles.collect().await?;
+    let mut collected = engine
+        .in_time(BUILT_IN_PROFILES, async { Ok(profiles.collect().await?) })
+        .await?;
     if collected.is_empty() {
         collected.push(RecordBatch::new_empty(Arc::new(schema.clone())));
     }
@@ -192,32 +201,24 @@ async fn build_inner(
                 ));
             }
         }
-        let carried = match carry.filter(|c| c.applies(&query.file, &query.sql, df.logical_plan()))
-        {
-            Some(carry) => match carry.kept(&schema)? {
-                Some(kept) => {
-                    let fresh = query_over(engine, carry.changed_events(), &query.sql, &query.file)
-                        .await?
-                        .collect()
-                        .await
-                        .map_err(|e| Error::query(&query.file, e))?;
-                    let mut batches = fresh;
-                    batches.extend(kept.collect().await?);
-                    Some(batches)
+        let carry = carry.filter(|c| c.applies(&query.file, &query.sql, df.logical_plan()));
+        let (batches, computed_for) = engine
+            .in_time(&query.file, async {
+                if let Some(carry) = carry {
+                    if let Some(kept) = carry.kept(&schema)? {
+                        let mut batches =
+                            query_over(engine, carry.changed_events(), &query.sql, &query.file)
+                                .await?
+                                .collect()
+                                .await
+                                .map_err(|e| Error::query(&query.file, e))?;
+                        batches.extend(kept.collect().await?);
+                        return Ok((batches, "changed profiles"));
+                    }
                 }
-                None => None,
-            },
-            None => None,
-        };
-        let computed_for = if carried.is_some() {
-            "changed profiles"
-        } else {
-            "every profile"
-        };
-        let batches = match carried {
-            Some(batches) => batches,
-            None => engine.collect(df, &query.file).await?,
-        };
+                Ok((engine.collect(df, &query.file).await?, "every profile"))
+            })
+            .await?;
         // Gathered from the batches as they are (one array of them all could pass the 2 GiB
         // a string array holds); a one-row batch of NULLs, after them, serves profiles with
         // no row.

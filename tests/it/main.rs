@@ -9,6 +9,7 @@ mod identity;
 mod identity_props;
 mod ingest;
 mod journeys;
+mod limits;
 mod profiles;
 mod readers;
 mod reliability;
