@@ -107,7 +107,10 @@ async fn leased(
 
     let mut stage = Stage::new(&place);
     let mut outcome = stages(engine, &stage, report, progress, &[], seen.as_ref()).await;
-    if outcome.is_err() && !lease.is_lost() {
+    // A query stopped at its time limit was not failed by a file: the run ends at once rather
+    // than read every event file again looking for corrupt ones.
+    let timed_out = matches!(outcome, Err(Error::QueryTimeout { .. }));
+    if outcome.is_err() && !timed_out && !lease.is_lost() {
         // A file with a sound footer and corrupt pages fails the scan that reads it: find such
         // files, skip them, and run once more. With none found, the first error stands.
         let corrupt = match &outcome {

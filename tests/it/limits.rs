@@ -254,9 +254,22 @@ fn query_timeouts_out_of_bounds_are_refused_naming_the_key() {
         let text = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{bad}: {text}");
         assert!(
-            text.contains("run.query_timeout") && !text.contains("panicked"),
+            text.contains("run.query_timeout")
+                && text.contains("at most 7 days")
+                && !text.contains("panicked"),
             "{bad}: {text}"
         );
+    }
+    // The bounds themselves are accepted.
+    std::fs::create_dir_all(p.events()).unwrap();
+    for good in ["1s", "168h", "600", "45 min"] {
+        std::fs::write(
+            p.path().join("tessera.toml"),
+            format!("[storage]\nevents = \"data/events\"\noutput = \"out\"\n[run]\nquery_timeout = \"{good}\"\n"),
+        )
+        .unwrap();
+        let out = run(&mut p.cmd(&["status", "--json"]));
+        assert!(out.status.success(), "{good}: {}", stderr(&out));
     }
     // A number, not a string, is refused by type, naming the key too.
     std::fs::write(
