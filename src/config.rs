@@ -745,6 +745,32 @@ mod tests {
     }
 
     #[test]
+    fn time_limits_parse_in_seconds_minutes_and_hours_up_to_a_week() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration(" 2 h "), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("600"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("168h"), Some(MAX_QUERY_TIMEOUT));
+        for bad in [
+            "0",
+            "0m",
+            "-1s",
+            "1.5h",
+            "soon",
+            "",
+            "169h",
+            "8d",
+            "18446744073709551615h",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        let (key, message) = err("[run]\nquery_timeout = \"0s\"\n");
+        assert_eq!(key.as_deref(), Some("run.query_timeout"), "{message}");
+        assert_eq!(parse("").unwrap().run.query_timeout, "30m");
+    }
+
+    #[test]
     fn run_settings_are_checked_and_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
