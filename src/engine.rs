@@ -472,13 +472,10 @@ impl Engine {
     ) -> Result<T> {
         match tokio::time::timeout(self.limits.query_timeout, work).await {
             Ok(done) => done,
-            Err(_) => {
-                tracing::error!(query = what, limit = %self.limits.query_timeout_text, "query stopped at its time limit");
-                Err(Error::QueryTimeout {
-                    query: what.to_string(),
-                    limit: self.limits.query_timeout_text.clone(),
-                })
-            }
+            Err(_) => Err(Error::QueryTimeout {
+                query: what.to_string(),
+                limit: self.limits.query_timeout_text.clone(),
+            }),
         }
     }
 

@@ -289,3 +289,36 @@ fn query_timeouts_out_of_bounds_are_refused_naming_the_key() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--query-timeout"), "{}", stderr(&out));
 }
+
+#[test]
+fn identity_trait_and_report_files_that_never_end_are_stopped_naming_the_file() {
+    for (kind, sql) in [
+        (
+            "identity",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) \
+             SELECT CAST(n AS VARCHAR) AS anonymous_id FROM r",
+        ),
+        (
+            "traits",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) \
+             SELECT profile_id, max(n) AS deepest FROM profiles CROSS JOIN r GROUP BY profile_id",
+        ),
+        ("reports", ENDLESS),
+    ] {
+        let p = project_with_segment(50, "SELECT profile_id FROM profiles", "");
+        let dir = p.path().join("queries").join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("forever.sql"), sql).unwrap();
+        let t0 = Instant::now();
+        let out = run(&mut p.cmd(&["run", "--quiet", "--query-timeout", "3s"]));
+        let took = t0.elapsed();
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{kind}: {text}");
+        assert!(
+            text.contains(&format!("queries/{kind}/forever.sql")) && text.contains("after 3s"),
+            "{kind}: {text}"
+        );
+        assert!(took < Duration::from_secs(3 + 25), "{kind}: took {took:?}");
+        assert_eq!(published(&p), Vec::<String>::new(), "{kind}");
+    }
+}
