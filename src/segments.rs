@@ -367,8 +367,12 @@ pub async fn materialise(
         )
         .await?;
     let members = Members::of(&batches)?;
-    // A profile_id that was not plain text is a copy of its own.
-    if schema.field_with_name("profile_id")?.data_type() != &DataType::Utf8 {
+    // Ids that were not plain text (numbers, say) are a copy of their own.
+    let copied = batches.iter().any(|b| {
+        b.column_by_name("profile_id")
+            .is_some_and(|c| c.data_type() != &DataType::Utf8)
+    });
+    if copied {
         held.try_grow(members.ids.iter().map(|a| a.get_array_memory_size()).sum())?;
     }
     if let Some(id) = members.repeated(&held)? {
