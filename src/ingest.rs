@@ -458,7 +458,7 @@ fn walk_local(
         let entry = match entry {
             Ok(entry) => entry,
             Err(e) => {
-                let path = e.path().map(|p| shown(p)).unwrap_or_else(|| shown(dir));
+                let path = e.path().map(&shown).unwrap_or_else(|| shown(dir));
                 // A folder that cannot be opened hides the event files in it: say so.
                 unreadable.push(SkippedFile {
                     file: path,

@@ -363,7 +363,7 @@ fn the_scratch_sweep_removes_only_marked_folders_of_dead_runs_and_only_from_run(
 
     let spill_arg = spill.to_str().unwrap();
     for command in ["validate", "status"] {
-        let out = run(&mut p.cmd(&[command, "--quiet"]).env("TMPDIR", &spill));
+        let out = run(p.cmd(&[command, "--quiet"]).env("TMPDIR", &spill));
         assert!(
             out.status.code().is_some_and(|c| c <= 1),
             "{}",
