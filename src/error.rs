@@ -103,6 +103,16 @@ pub enum Error {
         message: String,
     },
 
+    /// An export cannot be written as asked: where it would go, or personal data it would leave
+    /// in clear. Nothing was written.
+    #[error("export to {}: {message}", out.display())]
+    Export {
+        /// The file the export was to be written to, as given.
+        out: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
@@ -139,6 +149,7 @@ impl Error {
             Error::Config { .. }
             | Error::Location { .. }
             | Error::Query { .. }
+            | Error::Export { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             _ => 1,
