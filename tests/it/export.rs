@@ -187,12 +187,15 @@ fn leaks(cells: &[String], plain: &Plaintext) -> Vec<String> {
     leaks
 }
 
-/// The bundled project (config, queries, sample events), run.
-fn bundled_run() -> TempProject {
+/// The bundled project (config, queries, sample events) with `extra` segment files, run.
+fn bundled_run(extra: &[(&str, &str)]) -> TempProject {
     let p = TempProject::local();
     std::fs::copy(repo().join("tessera.toml"), p.path().join("tessera.toml")).unwrap();
     copy_dir(&repo().join("queries"), &p.path().join("queries"));
     copy_dir(&repo().join("data/events"), &p.path().join("data/events"));
+    for (name, sql) in extra {
+        std::fs::write(p.path().join("queries/segments").join(name), sql).unwrap();
+    }
     ok(run(&mut p.cmd(&["run", "--quiet"])));
     p
 }
@@ -205,7 +208,7 @@ fn export(p: &TempProject, segment: &str, out: &Path, extra: &[&str]) -> std::pr
 
 #[test]
 fn hashed_exports_of_the_bundled_project_hold_no_personal_data_in_clear() {
-    let p = bundled_run();
+    let p = bundled_run(&[]);
     let plain = plaintext_of_members(&p, "high_value");
     assert!(
         plain.emails.len() > 50 && plain.phones.len() > 10 && plain.names.len() > 10,
@@ -326,13 +329,10 @@ fn hashed_exports_of_the_bundled_project_hold_no_personal_data_in_clear() {
 
 #[test]
 fn a_text_column_holding_emails_that_no_rule_covers_stops_a_hashed_export() {
-    let p = bundled_run();
-    std::fs::write(
-        p.path().join("queries/segments/contacts.sql"),
+    let p = bundled_run(&[(
+        "contacts.sql",
         "SELECT profile_id, array_element(emails, 1) AS contact FROM profiles WHERE cardinality(emails) > 0",
-    )
-    .unwrap();
-    ok(run(&mut p.cmd(&["run", "--quiet"])));
+    )]);
     let out = p.path().join("exports/contacts.csv");
     let refused = export(&p, "contacts", &out, &["--hash-pii"]);
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
