@@ -124,7 +124,7 @@ fn is_e164(t: &str) -> bool {
 /// E.164 when the metadata says it is a valid number.
 fn valid_e164(text: &str, region: Option<phonenumber::country::Id>) -> Option<String> {
     let number = phonenumber::parse(region, text).ok()?;
-    if !phonenumber::is_valid(&number) {
+    if !plans::is_valid(&number) {
         return None;
     }
     let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
@@ -155,6 +155,128 @@ pub fn main_region(calling_code: &str) -> Option<phonenumber::country::Id> {
         regions
     });
     regions.get(&calling_code.parse::<u16>().ok()?).copied()
+}
+
+/// libphonenumber's validity check (`is_valid`: the number fits one of its region's number
+/// types) over regular expressions compiled once per calling code. The crate's own check looks
+/// every pattern up by its text in one locked cache, which costs microseconds per number and
+/// makes threads wait on each other; this is the same rule without that.
+mod plans {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use phonenumber::metadata::{Descriptor, Metadata, DATABASE};
+    use regex::Regex;
+
+    /// One number type's pattern and the lengths its national numbers may have.
+    struct Pattern {
+        regex: Regex,
+        lengths: Vec<u16>,
+    }
+
+    impl Pattern {
+        fn new(descriptor: &Descriptor) -> Option<Pattern> {
+            Some(Pattern {
+                regex: compile(descriptor.national_number().as_str())?,
+                lengths: descriptor.possible_length().to_vec(),
+            })
+        }
+
+        /// As the crate matches a descriptor: a possible length, and the pattern from the start.
+        fn matches(&self, national: &str) -> bool {
+            (self.lengths.is_empty() || self.lengths.contains(&(national.len() as u16)))
+                && self.regex.is_match(national)
+        }
+    }
+
+    /// A region's numbering plan.
+    struct Plan {
+        leading: Option<Regex>,
+        general: Option<Pattern>,
+        kinds: Vec<Pattern>,
+    }
+
+    impl Plan {
+        fn new(meta: &Metadata) -> Plan {
+            let d = meta.descriptors();
+            // The order of libphonenumber's number-type check; any match makes a number valid.
+            let kinds = [
+                d.premium_rate(),
+                d.toll_free(),
+                d.shared_cost(),
+                d.voip(),
+                d.personal_number(),
+                d.pager(),
+                d.uan(),
+                d.voicemail(),
+                d.fixed_line(),
+                d.mobile(),
+            ];
+            Plan {
+                leading: meta.leading_digits().and_then(|r| compile(r.as_str())),
+                general: Pattern::new(d.general()),
+                kinds: kinds
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Pattern::new)
+                    .collect(),
+            }
+        }
+
+        fn fits(&self, national: &str) -> bool {
+            self.general.as_ref().is_some_and(|g| g.matches(national))
+                && self.kinds.iter().any(|k| k.matches(national))
+        }
+    }
+
+    /// Anchored at the start, as the crate matches (its leftmost match must start there); the
+    /// metadata's patterns are written with white space for reading.
+    fn compile(pattern: &str) -> Option<Regex> {
+        regex::RegexBuilder::new(&format!("^(?:{pattern})"))
+            .ignore_whitespace(true)
+            .build()
+            .ok()
+    }
+
+    /// The plans of a calling code's regions, in the metadata's order (main region first).
+    fn plans(code: u16) -> Arc<Vec<Plan>> {
+        static PLANS: OnceLock<Mutex<HashMap<u16, Arc<Vec<Plan>>>>> = OnceLock::new();
+        let cache = PLANS.get_or_init(Default::default);
+        let mut cache = cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache
+            .entry(code)
+            .or_insert_with(|| {
+                let regions = DATABASE.region(&code).unwrap_or_default();
+                let metas: Vec<&Metadata> = if regions.len() == 1 && regions[0] == "001" {
+                    DATABASE
+                        .by_code(&code)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .take(1)
+                        .collect()
+                } else {
+                    regions.iter().filter_map(|r| DATABASE.by_id(*r)).collect()
+                };
+                Arc::new(metas.into_iter().map(Plan::new).collect())
+            })
+            .clone()
+    }
+
+    /// Whether `number` is valid: its region is the one whose leading digits it starts with or
+    /// whose plan it fits (the only one when the code has one region), and it fits that plan.
+    pub(super) fn is_valid(number: &phonenumber::PhoneNumber) -> bool {
+        let national = number.national().to_string();
+        let plans = plans(number.code().value());
+        if plans.len() == 1 {
+            return plans[0].fits(&national);
+        }
+        plans.iter().any(|plan| match &plan.leading {
+            Some(leading) => leading.is_match(&national) && plan.fits(&national),
+            None => plan.fits(&national),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -259,7 +381,55 @@ mod tests {
         assert_eq!(main_region("x"), None);
     }
 
+    /// The compiled check gives the crate's answer on valid, invalid and odd numbers.
+    #[test]
+    fn compiled_validity_agrees_with_the_crate() {
+        let mut checked = 0;
+        for (text, region) in [
+            ("+14155550123", None),
+            ("+12112000000", None),
+            ("+15555555555", None),
+            ("+16135550123", None),
+            ("+12642351234", None),
+            ("+18765551234", None),
+            ("+442079460958", None),
+            ("+441481256789", None),
+            ("+447700900123", None),
+            ("+390612345678", None),
+            ("+393123456789", None),
+            ("+4930123456", None),
+            ("+33612345678", None),
+            ("+79123456789", None),
+            ("+77172345678", None),
+            ("+80012345678", None),
+            ("+6834002", None),
+            ("+61212345678", None),
+            ("+999123456", None),
+            ("0612345678", Some("US")),
+            ("06 1234 5678", Some("VA")),
+        ] {
+            let region = region.map(|r| r.parse::<phonenumber::country::Id>().unwrap());
+            if let Ok(number) = phonenumber::parse(region, text) {
+                assert_eq!(
+                    plans::is_valid(&number),
+                    phonenumber::is_valid(&number),
+                    "{text}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 15, "{checked}");
+    }
+
     proptest::proptest! {
+        /// The compiled check agrees with the crate's on any digits after any calling code.
+        #[test]
+        fn compiled_validity_agrees_on_any_number(text in "\\+[1-9][0-9]{6,14}") {
+            if let Ok(number) = phonenumber::parse(None, &text) {
+                proptest::prop_assert_eq!(plans::is_valid(&number), phonenumber::is_valid(&number), "{}", text);
+            }
+        }
+
         /// Any text: no panic, and what comes out normalises to itself.
         #[test]
         fn normalising_never_panics_and_is_idempotent(
