@@ -138,7 +138,12 @@ fn usual_identifier(column: &str) -> Option<Digest> {
 /// How `column` is written under `--hash-pii`: the config first, then identifier types
 /// (a type's own name or its profiles list column, `emails` for `email`), names, other
 /// personal data, JSON text; anything else is kept.
-fn treatment(column: &str, array: &[&ArrayRef], rules: &Rules, config: &ExportConfig) -> Treatment {
+fn treatment(
+    column: &str,
+    chunks: &[&ArrayRef],
+    rules: &Rules,
+    config: &ExportConfig,
+) -> Treatment {
     if let Some(how) = config.pii_columns.get(column) {
         return match how {
             PiiHandling::Email => Treatment::Hash(Digest::Email),
@@ -168,7 +173,7 @@ fn treatment(column: &str, array: &[&ArrayRef], rules: &Rules, config: &ExportCo
     if DROPPED_COLUMNS.contains(&column) {
         return Treatment::Drop;
     }
-    if JSON_COLUMNS.contains(&column) || holds_json(array) {
+    if JSON_COLUMNS.contains(&column) || holds_json(chunks) {
         return Treatment::Json;
     }
     Treatment::Keep { declared: false }
