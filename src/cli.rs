@@ -188,9 +188,16 @@ pub enum ExportWhat {
         /// Columns to keep, comma-separated (default: all).
         #[arg(long, value_delimiter = ',')]
         columns: Vec<String>,
-        /// Normalise emails (trim, lowercase) and phones (E.164) and replace them by their SHA-256.
+        /// Leave no personal data in clear: identifiers (emails trimmed and lowercased, phones in
+        /// E.164, user and anonymous ids trimmed) and names (trimmed, lowercased) are replaced by
+        /// their SHA-256; JSON columns such as `traits` are left out unless [export]
+        /// traits_allowlist keeps some keys. See docs/exports.md.
         #[arg(long)]
         hash_pii: bool,
+        /// Write CSV cells as they are. By default a cell starting with = + - @, a tab or a
+        /// carriage return gets a leading ' so spreadsheets show it as text, not run it.
+        #[arg(long)]
+        raw: bool,
     },
 }
 
@@ -365,24 +372,53 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     out,
                     columns,
                     hash_pii,
+                    raw,
                 },
         } => {
-            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let project = Project::load(&project_dir)?;
+            // Refused before the engine opens: nothing is read for a file that may not be written.
+            crate::export::check_out_path(&project, &out)?;
+            let engine = Engine::open(project).await?;
             let options = crate::export::ExportOptions {
                 segment: name,
                 format,
                 columns,
                 hash_pii,
+                raw,
             };
-            let rows = crate::export::export_segment(&engine, &options, &out).await?;
+            let summary = crate::export::export_segment(&engine, &options, &out).await?;
             if cli.json {
-                println!("{}", serde_json::json!({"rows": rows, "out": out}));
+                let mut report = serde_json::to_value(&summary).unwrap_or_default();
+                report["out"] = serde_json::json!(out);
+                println!("{report}");
             } else if !cli.quiet {
                 println!(
-                    "wrote {rows} members of {} to {}",
+                    "wrote {} members of {} to {}",
+                    summary.rows,
                     options.segment,
                     out.display()
                 );
+                if !summary.hashed.is_empty() {
+                    println!("  hashed (SHA-256): {}", summary.hashed.join(", "));
+                }
+                if !summary.dropped.is_empty() {
+                    println!(
+                        "  left out as personal data: {}",
+                        summary.dropped.join(", ")
+                    );
+                }
+                if !summary.filtered.is_empty() {
+                    println!(
+                        "  cut down to [export] traits_allowlist keys: {}",
+                        summary.filtered.join(", ")
+                    );
+                }
+                if summary.neutralised_cells > 0 {
+                    println!(
+                        "  {} cells starting with = + - @ tab or CR given a leading ' (--raw writes them as they are)",
+                        summary.neutralised_cells
+                    );
+                }
             }
             Ok(0)
         }

@@ -41,6 +41,9 @@ pub struct Config {
     /// `[predictions]`: purchases, RFM and the lifetime-value models.
     #[serde(default)]
     pub predictions: PredictionsConfig,
+    /// `[export]`: what `tessera export --hash-pii` does to each column.
+    #[serde(default)]
+    pub export: ExportConfig,
 }
 
 /// `[sessions]`
@@ -395,6 +398,113 @@ pub struct ProfilesConfig {
     pub traits: Vec<String>,
 }
 
+/// `[export]`: how `tessera export … --hash-pii` treats personal data, column by column.
+///
+/// The defaults (in `crate::export`) already cover identifier columns, names and JSON text
+/// columns; these keys add columns or override a default.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Column name → how it is written under `--hash-pii`.
+    pub pii_columns: std::collections::BTreeMap<String, PiiHandling>,
+    /// Top-level keys of JSON text columns (such as `traits`) kept under `--hash-pii`; without
+    /// any, JSON text columns are left out of hashed exports.
+    pub traits_allowlist: Vec<String>,
+    /// How a phone number is written before hashing: `e164` (`+14155550123`, Google's
+    /// customer-match rule) or `digits` (`14155550123`, Meta's rule).
+    pub phone_format: PhoneFormat,
+}
+
+/// The text of a phone number that `--hash-pii` hashes.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PhoneFormat {
+    /// E.164 with its `+`.
+    #[default]
+    E164,
+    /// E.164 without the `+`: the country code and number only.
+    Digits,
+}
+
+/// What `--hash-pii` does to one column.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PiiHandling {
+    /// Normalised as an email (trim, lowercase), then SHA-256.
+    Email,
+    /// Normalised to E.164, then SHA-256.
+    Phone,
+    /// A person's name: trimmed and lowercased, then SHA-256.
+    Name,
+    /// Any other identifier: trimmed, then SHA-256.
+    Hash,
+    /// Left out of the file.
+    Drop,
+    /// Written as it is: the column holds no personal data.
+    Keep,
+}
+
+impl ExportConfig {
+    /// Keys that must never be kept from a JSON text column: identifiers, names and contact
+    /// details (checked case-insensitively).
+    pub const PII_TRAIT_KEYS: &'static [&'static str] = &[
+        "email",
+        "phone",
+        "name",
+        "first_name",
+        "last_name",
+        "firstname",
+        "lastname",
+        "full_name",
+        "username",
+        "address",
+        "birthday",
+        "user_id",
+        "anonymous_id",
+        "id",
+    ];
+
+    /// Checks of `[export]`; `identifiers` are the identity identifier type names.
+    fn check(&self, identifiers: &[&str]) -> std::result::Result<(), (String, String)> {
+        for column in self.pii_columns.keys() {
+            if column.trim().is_empty() || column.trim() != column {
+                return Err((
+                    format!("export.pii_columns.\"{column}\""),
+                    "a column name must not be empty or start or end with spaces".into(),
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, key) in self.traits_allowlist.iter().enumerate() {
+            let at = format!("export.traits_allowlist[{i}]");
+            if key.trim().is_empty() {
+                return Err((at, "must not be empty".into()));
+            }
+            if !seen.insert(key.as_str()) {
+                return Err((at, format!("\"{key}\" is listed twice")));
+            }
+            let lower = key.to_lowercase();
+            let pii = Self::PII_TRAIT_KEYS.contains(&lower.as_str())
+                || identifiers.iter().any(|id| *id == lower)
+                || matches!(
+                    self.pii_columns.get(key.as_str()),
+                    Some(how) if *how != PiiHandling::Keep
+                );
+            if pii {
+                return Err((
+                    at,
+                    format!(
+                        "\"{key}\" is personal data and cannot be kept in clear in a hashed export; \
+                         remove it (lift it into its own column with [profiles] traits and map that \
+                         column in [export.pii_columns] to hash it)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One SQL file of a project.
 #[derive(Debug, Clone)]
 pub struct QueryFile {
@@ -661,6 +771,15 @@ impl Config {
             if value.trim().is_empty() {
                 return Err(fail(key.into(), "must not be empty".into()));
             }
+        }
+        let identifiers: Vec<&str> = self
+            .identity
+            .identifiers
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        if let Err((key, message)) = self.export.check(&identifiers) {
+            return Err(fail(key, message));
         }
         Ok(())
     }
@@ -971,6 +1090,24 @@ mod tests {
             e.contains("tessera.toml") && e.contains("tessera init"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn export_section_is_checked_and_named() {
+        let c = parse("[export]\ntraits_allowlist = [\"plan\"]\n[export.pii_columns]\nnickname = \"name\"\nplan = \"keep\"\n").unwrap();
+        assert_eq!(c.export.pii_columns["nickname"], PiiHandling::Name);
+        assert_eq!(c.export.traits_allowlist, ["plan"]);
+        let (key, msg) = err("[export]\ntraits_allowlist = [\"plan\", \"Email\"]\n");
+        assert_eq!(key.as_deref(), Some("export.traits_allowlist[1]"), "{msg}");
+        assert!(msg.contains("personal data"), "{msg}");
+        // An identifier type's name is personal data too.
+        let (key, _) = err("[[identity.identifiers]]\nname = \"crm_id\"\n[export]\ntraits_allowlist = [\"crm_id\"]\n");
+        assert_eq!(key.as_deref(), Some("export.traits_allowlist[0]"));
+        let (key, msg) = err("[export.pii_columns]\nnickname = \"scramble\"\n");
+        assert_eq!(key.as_deref(), Some("export.pii_columns.nickname"), "{msg}");
+        assert!(msg.contains("drop") && msg.contains("keep"), "{msg}");
+        let (key, _) = err("[export]\nallowlist = []\n");
+        assert_eq!(key.as_deref(), Some("export.allowlist"));
     }
 
     #[test]

@@ -120,6 +120,16 @@ pub enum Error {
     #[error("{}", .0.iter().map(|f| format!("{}: {}", f.file, f.reason)).collect::<Vec<_>>().join("; "))]
     ShortScan(Vec<crate::ingest::SkippedFile>),
 
+    /// An export cannot be written as asked: where it would go, or personal data it would leave
+    /// in clear. Nothing was written.
+    #[error("export to {}: {message}", out.display())]
+    Export {
+        /// The file the export was to be written to, as given.
+        out: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
@@ -156,6 +166,7 @@ impl Error {
             Error::Config { .. }
             | Error::Location { .. }
             | Error::Query { .. }
+            | Error::Export { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             _ => 1,

@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod export;
 mod faults;
 mod generator;
 mod identity;
