@@ -85,6 +85,18 @@ pub enum Command {
         /// The identifier as TYPE:VALUE, e.g. email:alice@example.com (normalised like the data).
         identifier: String,
     },
+    /// Erase a person (GDPR Art. 17, CCPA): their rows in every table and old version, and
+    /// keep their events out of later runs. See docs/privacy.md.
+    Forget {
+        /// Identifiers as TYPE:VALUE, e.g. email:alice@example.com (normalised like the data).
+        identifiers: Vec<String>,
+        /// A file of TYPE:VALUE lines (blank lines and `#` comments skipped).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// Print what would be deleted; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Export a segment's members for a campaign: CSV or Parquet.
     Export {
         /// What to export.
@@ -361,6 +373,21 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 );
             } else {
                 print!("{}", explanation.render());
+            }
+            Ok(0)
+        }
+        Command::Forget {
+            identifiers,
+            from_file,
+            dry_run,
+        } => {
+            let specs = crate::forget::collect_specs(&identifiers, from_file.as_deref())?;
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let report = crate::forget::forget(&engine, &specs, dry_run).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.render(&specs));
             }
             Ok(0)
         }

@@ -80,6 +80,15 @@ pub enum Error {
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
 
+    /// A `TYPE:VALUE` identifier (of `tessera forget`) that cannot be read.
+    #[error("{at}: {message}")]
+    Identifier {
+        /// Where it was given: `argument 2`, `people.txt line 4`.
+        at: String,
+        /// What is wrong and how to write it.
+        message: String,
+    },
+
     /// Another run holds the output's lease.
     #[error("locked: {0}")]
     Locked(String),
@@ -167,6 +176,7 @@ impl Error {
             | Error::Location { .. }
             | Error::Query { .. }
             | Error::Export { .. }
+            | Error::Identifier { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             _ => 1,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod export;
 pub mod faults;
 pub mod file_chain;
+pub mod forget;
 pub mod functions;
 pub mod funnel;
 pub mod generate;

@@ -386,6 +386,7 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
     names.push(crate::state::EVENTS.into());
     names.push(crate::state::INPUT_FILES.into());
     names.push(crate::incremental_traits::STATE.into());
+    names.push(crate::forget::SUPPRESSED.into());
     Ok(names)
 }
 

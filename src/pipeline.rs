@@ -329,6 +329,13 @@ async fn stages(
     // One pass over the input feeds both tables (see `ingest::split`). An incremental run
     // also keeps the message_ids it read, so sessions know which profiles got events.
     let split = crate::ingest::split(ctx, &ingested, seen.is_some())?;
+    // A forgotten person's rows stop here, before the history and the quarantine: whatever
+    // file brings them (redelivered, or read again by `--full`), see `forget`.
+    let suppression = crate::forget::Suppression::load(engine).await?;
+    let (split_events, split_rejected) = match &suppression {
+        Some(s) => (s.filter(split.events)?, s.filter(split.rejected)?),
+        None => (split.events, split.rejected),
+    };
     // The event history: earlier runs' events plus the new ones not seen before.
     let new_events = match seen {
         Some(_) => match engine.outputs.read(ctx, state::EVENTS).await? {
@@ -336,7 +343,7 @@ async fn stages(
                 let known = history
                     .select(vec![datafusion::prelude::col(tables::event::MESSAGE_ID)
                         .alias("__tessera_known_id")])?;
-                split.events.join(
+                split_events.join(
                     known,
                     datafusion::common::JoinType::LeftAnti,
                     &[tables::event::MESSAGE_ID],
@@ -344,14 +351,14 @@ async fn stages(
                     None,
                 )?
             }
-            None => split.events,
+            None => split_events,
         },
-        None => split.events,
+        None => split_events,
     };
     let (rejected, history, read_ids) = engine
         .in_time(BUILT_IN_EVENTS, async {
             Ok(tokio::join!(
-                outputs.write(ctx, tables::REJECTED_EVENTS, split.rejected, mode),
+                outputs.write(ctx, tables::REJECTED_EVENTS, split_rejected, mode),
                 outputs.write(ctx, state::EVENTS, new_events, mode),
                 split.driver,
             ))
@@ -402,8 +409,15 @@ async fn stages(
     report.stages.push(meter.finish("events", report.rows_read));
 
     // Every row read is either rejected or valid; copies are the valid rows not kept.
+    report.suppressed = suppression.as_ref().map_or(0, |s| s.dropped());
+    if report.suppressed > 0 {
+        tracing::info!(
+            rows = report.suppressed,
+            "dropped rows holding the identifiers of forgotten people"
+        );
+    }
     let valid = report.rows_read.saturating_sub(report.rows_rejected);
-    report.rows_duplicate = valid.saturating_sub(report.new_events);
+    report.rows_duplicate = valid.saturating_sub(report.new_events + report.suppressed);
 
     // Identity: links from SQL, rules, union-find, stable profile ids.
     let meter = engine.meter();

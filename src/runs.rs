@@ -85,6 +85,8 @@ pub struct RunReport {
     pub finished_publishes: Vec<String>,
     /// Buyers, the fitted models and what fitting and predicting took.
     pub predictions: Option<crate::predict::PredictionRun>,
+    /// Rows dropped because they hold the identifiers of a forgotten person (`tessera forget`).
+    pub suppressed: u64,
 }
 
 impl RunReport {
@@ -116,6 +118,7 @@ impl RunReport {
             changed_files: Vec::new(),
             finished_publishes: Vec::new(),
             predictions: None,
+            suppressed: 0,
         }
     }
 
@@ -149,6 +152,7 @@ impl RunReport {
             text("mode", true),
             Field::new("new_events", DataType::Int64, true),
             text("changed_file_list", true),
+            Field::new("suppressed", DataType::Int64, true),
         ]))
     }
 
@@ -193,6 +197,7 @@ impl RunReport {
             s(&self.mode),
             i(self.new_events),
             json(&self.changed_files),
+            i(self.suppressed),
         ];
         Ok(RecordBatch::try_new(Self::schema(), columns)?)
     }

@@ -35,6 +35,10 @@ pub struct Status {
     pub tables: BTreeMap<String, u64>,
     /// The last runs, newest first: each a column → value map.
     pub runs: Vec<BTreeMap<String, String>>,
+    /// Identifier digests in `_state/suppressed` (people forgotten by `tessera forget`).
+    pub suppressed_identifiers: u64,
+    /// Event files that still hold a forgotten person's events: Tessera cannot delete them.
+    pub files_holding_forgotten: Vec<crate::forget::HeldFile>,
 }
 
 /// Gathers the status of `engine`'s output; reads only.
@@ -105,6 +109,8 @@ pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
             }
         }
     }
+    let (suppressed_identifiers, files_holding_forgotten) =
+        crate::forget::held_files(engine).await?;
     Ok(Status {
         output: place.to_string(),
         lease,
@@ -116,6 +122,8 @@ pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
         unreadable_files: inventory.skipped,
         tables,
         runs,
+        suppressed_identifiers,
+        files_holding_forgotten,
     })
 }
 
@@ -179,6 +187,22 @@ impl Status {
         }
         for f in &self.unreadable_files {
             let _ = writeln!(out, "  unreadable {}: {}", f.file, f.reason);
+        }
+        if self.suppressed_identifiers > 0 {
+            let _ = writeln!(
+                out,
+                "forgotten {} identifiers suppressed; {} event files still hold them{}",
+                self.suppressed_identifiers,
+                self.files_holding_forgotten.len(),
+                if self.files_holding_forgotten.is_empty() {
+                    ""
+                } else {
+                    " (delete them, or rewrite them without those rows: Tessera cannot)"
+                }
+            );
+            for f in &self.files_holding_forgotten {
+                let _ = writeln!(out, "  holds      {} ({} rows)", f.file, f.rows);
+            }
         }
         let _ = writeln!(out, "tables");
         for (name, version) in &self.tables {

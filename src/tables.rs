@@ -34,6 +34,9 @@ pub const PREDICTION_MODELS: &str = "prediction_models";
 /// The schema (and output folder) of `queries/reports/<name>.sql` results: `reports.<name>`.
 pub const REPORTS: &str = "reports";
 
+/// One row per `tessera forget` request: digests of the identifiers, rows deleted per table.
+pub const FORGET_REQUESTS: &str = "forget_requests";
+
 /// Table names a `[[sources]]` entry may not take.
 pub const RESERVED: &[&str] = &[
     EVENTS,
@@ -51,6 +54,7 @@ pub const RESERVED: &[&str] = &[
     PREDICTIONS,
     PREDICTION_MODELS,
     REPORTS,
+    FORGET_REQUESTS,
 ];
 
 /// Output tables that `tessera query` registers when they exist.
@@ -67,6 +71,7 @@ pub const OUTPUT_TABLES: &[&str] = &[
     PREDICTIONS,
     PREDICTION_MODELS,
     RUNS,
+    FORGET_REQUESTS,
 ];
 
 /// Event columns (DESIGN.md §3).

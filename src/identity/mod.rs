@@ -398,6 +398,46 @@ async fn link_frame(engine: &Engine, query: &QueryFile, rules: &Rules) -> Result
     df.select(exprs).map_err(|e| Error::query(&query.file, e))
 }
 
+/// Calls `each(message_id, type, raw value)` for every identifier the identity queries tie to
+/// an event of `events` (or, when no query returns message_id, the events' own identifier
+/// columns): the links that give events their profile, as `tessera forget` finds a person's
+/// events by them.
+pub async fn event_identifiers<F>(engine: &Engine, mut each: F) -> Result<()>
+where
+    F: FnMut(&str, u8, &str),
+{
+    let rules = Rules::from_config(&engine.project.config.identity);
+    let mut sources = 0;
+    for query in &load_queries(engine)? {
+        let df = link_frame(engine, query, &rules).await?;
+        if !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
+            continue;
+        }
+        sources += 1;
+        read_rows(df, &query.file, &rules, |row, _, message_id, _| {
+            if let Some(m) = message_id {
+                for &(t, raw) in row {
+                    each(m, t, raw);
+                }
+            }
+        })
+        .await?;
+    }
+    if sources == 0 {
+        if let Some(df) = own_identifier_frame(engine, &rules).await? {
+            read_rows(df, tables::EVENTS, &rules, |row, _, message_id, _| {
+                if let Some(m) = message_id {
+                    for &(t, raw) in row {
+                        each(m, t, raw);
+                    }
+                }
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Events' own identifier-typed columns, for linking events to profiles without identity queries.
 async fn own_identifier_frame(engine: &Engine, rules: &Rules) -> Result<Option<DataFrame>> {
     let events = engine.ctx.table(tables::EVENTS).await?;

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod export;
 mod faults;
+mod forget;
 mod generator;
 mod identity;
 mod identity_props;
