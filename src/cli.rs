@@ -629,6 +629,12 @@ fn print_report(report: &RunReport, json: bool) {
         "  events  {} new, {} in the history",
         report.new_events, report.events
     );
+    if report.suppressed > 0 {
+        println!(
+            "  forgotten  {} rows dropped: they hold identifiers of people forgotten by `tessera forget` (`tessera status` lists their files)",
+            report.suppressed
+        );
+    }
     let id = &report.identity;
     println!(
         "  people  {} profiles from {} identifiers; {} links applied, {} refused, {} profiles merged; {} events without a profile",

@@ -781,7 +781,7 @@ async fn plan(
 
     // Their events: those the identity queries tie to one of their identifiers (what gave
     // the events their profile), and any other holding one of their identifiers.
-    let mut events = 0;
+    let mut linked_events = 0;
     if let Some(history) = engine.outputs.read(ctx, crate::state::EVENTS).await? {
         ctx.deregister_table(tables::EVENTS)?;
         ctx.register_table(tables::EVENTS, history.into_view())?;
@@ -796,7 +796,7 @@ async fn plan(
         for m in &message_ids {
             matcher.add_clear(m);
         }
-        events = message_ids.len() as u64;
+        linked_events = message_ids.len() as u64;
     }
     let matcher = Arc::new(matcher);
 
@@ -821,9 +821,12 @@ async fn plan(
             rows_deleted.insert(name, n as u64);
         }
     }
-    if let Some(n) = rows_deleted.get(crate::state::EVENTS) {
-        events = events.max(*n);
-    }
+    // The identity-linked events are among the rows found in the history; others may be too.
+    let events = rows_deleted
+        .get(crate::state::EVENTS)
+        .copied()
+        .unwrap_or(0)
+        .max(linked_events);
     let report = ForgetReport {
         request_id,
         requested_at,
@@ -948,11 +951,13 @@ pub async fn cut_history(outputs: &Outputs, name: &str) -> Result<(u64, u64)> {
         .map_err(|e| Error::delta(name, e))?;
     let mut files = 0;
     for file in plan.files_deleted {
+        // Removed files stay listed in the log's tombstones after they are gone.
         match store
             .delete(&object_store::path::Path::from(file.as_str()))
             .await
         {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => files += 1,
+            Ok(()) => files += 1,
+            Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
@@ -980,7 +985,8 @@ pub async fn cut_history(outputs: &Outputs, name: &str) -> Result<(u64, u64)> {
     let mut entries = 0;
     for path in older {
         match store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => entries += 1,
+            Ok(()) => entries += 1,
+            Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
     }
