@@ -185,6 +185,17 @@ pub struct Matcher {
     key_needles: Vec<String>,
 }
 
+/// Values already checked against the digests, within one batch of rows.
+#[derive(Default)]
+struct Memo {
+    seen: std::collections::HashMap<(u8, String), bool>,
+}
+
+impl Memo {
+    /// Kept small: it pays off on one person's repeated identifiers, not across a whole file.
+    const MOST: usize = 16_384;
+}
+
 /// `userId`, `user_id` and `User-Id` name the same thing.
 fn key_form(name: &str) -> String {
     name.chars()
@@ -264,36 +275,49 @@ impl Matcher {
     }
 
     /// True when `raw`, normalised as type `t`, is one of the digests.
-    fn typed(&self, t: u8, raw: &str) -> bool {
+    fn typed(&self, t: u8, raw: &str, memo: &mut Memo) -> bool {
         let Some(set) = self.digests.get(t as usize) else {
             return false;
         };
         if set.is_empty() {
             return false;
         }
-        match self.rules.clean(t, raw) {
+        // A person's identifiers repeat on each of their events: hash each value once.
+        if let Some(&known) = memo.seen.get(&(t, raw.to_string())) {
+            return known;
+        }
+        let found = match self.rules.clean(t, raw) {
             Ok(v) => set.contains(&digest(&v)),
             // A dropped value (blocklisted, malformed) was suppressed trimmed and lowercased.
             Err(_) => set.contains(&digest(&raw.trim().to_lowercase())),
+        };
+        if memo.seen.len() >= Memo::MOST {
+            memo.seen.clear();
         }
+        memo.seen.insert((t, raw.to_string()), found);
+        found
     }
 
-    fn leaf(&self, kind: Option<u8>, text: &str) -> bool {
+    fn leaf(&self, kind: Option<u8>, text: &str, memo: &mut Memo) -> bool {
         if self.clear.contains(text) {
             return true;
         }
         if let Some(t) = kind {
-            if self.typed(t, text) {
+            if self.typed(t, text, memo) {
                 return true;
             }
         }
         memchr::memchr(b'@', text.as_bytes()).is_some()
-            && self.email_types.iter().any(|&t| self.typed(t, text))
+            && self.email_types.iter().any(|&t| self.typed(t, text, memo))
     }
 
     /// True when one text value (a column value, a list member) is the person's.
     pub fn value(&self, kind: Option<u8>, text: &str) -> bool {
-        if self.leaf(kind, text) {
+        self.value_in(kind, text, &mut Memo::default())
+    }
+
+    fn value_in(&self, kind: Option<u8>, text: &str, memo: &mut Memo) -> bool {
+        if self.leaf(kind, text, memo) {
             return true;
         }
         let start = text.trim_start();
@@ -311,46 +335,52 @@ impl Matcher {
             return false;
         }
         match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(doc) => self.json(kind, &doc),
+            Ok(doc) => self.json(kind, &doc, memo),
             Err(_) => false,
         }
     }
 
-    fn json(&self, kind: Option<u8>, value: &serde_json::Value) -> bool {
+    fn json(&self, kind: Option<u8>, value: &serde_json::Value, memo: &mut Memo) -> bool {
         use serde_json::Value;
         match value {
-            Value::String(s) => self.leaf(kind, s),
-            Value::Number(n) => self.leaf(kind, &n.to_string()),
-            Value::Array(items) => items.iter().any(|v| self.json(kind, v)),
+            Value::String(s) => self.leaf(kind, s, memo),
+            Value::Number(n) => self.leaf(kind, &n.to_string(), memo),
+            Value::Array(items) => items.iter().any(|v| self.json(kind, v, memo)),
             Value::Object(map) => map
                 .iter()
-                .any(|(k, v)| self.json(self.type_of_key(k).or(kind), v)),
+                .any(|(k, v)| self.json(self.type_of_key(k).or(kind), v, memo)),
             Value::Bool(_) | Value::Null => false,
         }
     }
 
     /// Marks in `hits` the rows of `array` holding the person's text; `kind` is the identifier
     /// type the column is named after.
-    fn column(&self, kind: Option<u8>, array: &ArrayRef, hits: &mut [bool]) -> Result<()> {
+    fn column(
+        &self,
+        kind: Option<u8>,
+        array: &ArrayRef,
+        hits: &mut [bool],
+        memo: &mut Memo,
+    ) -> Result<()> {
         match array.data_type() {
             DataType::Utf8 => {
                 let a = array.as_string::<i32>();
                 for (r, hit) in hits.iter_mut().enumerate() {
-                    if !*hit && a.is_valid(r) && self.value(kind, a.value(r)) {
+                    if !*hit && a.is_valid(r) && self.value_in(kind, a.value(r), memo) {
                         *hit = true;
                     }
                 }
             }
             DataType::Utf8View | DataType::LargeUtf8 | DataType::Dictionary(_, _) => {
                 if let Ok(plain) = arrow::compute::cast(array, &DataType::Utf8) {
-                    self.column(kind, &plain, hits)?;
+                    self.column(kind, &plain, hits, memo)?;
                 }
             }
             DataType::List(_) => {
                 let list = array.as_list::<i32>();
                 for (r, hit) in hits.iter_mut().enumerate() {
                     if !*hit && list.is_valid(r) {
-                        *hit = self.any(kind, &list.value(r))?;
+                        *hit = self.any(kind, &list.value(r), memo)?;
                     }
                 }
             }
@@ -358,7 +388,7 @@ impl Matcher {
                 let list = array.as_list::<i64>();
                 for (r, hit) in hits.iter_mut().enumerate() {
                     if !*hit && list.is_valid(r) {
-                        *hit = self.any(kind, &list.value(r))?;
+                        *hit = self.any(kind, &list.value(r), memo)?;
                     }
                 }
             }
@@ -366,7 +396,7 @@ impl Matcher {
                 let s = array.as_struct();
                 for (field, child) in fields.iter().zip(s.columns()) {
                     let kind = self.rules.type_index(field.name()).or(kind);
-                    self.column(kind, child, hits)?;
+                    self.column(kind, child, hits, memo)?;
                 }
             }
             _ => {}
@@ -374,17 +404,18 @@ impl Matcher {
         Ok(())
     }
 
-    fn any(&self, kind: Option<u8>, array: &ArrayRef) -> Result<bool> {
+    fn any(&self, kind: Option<u8>, array: &ArrayRef, memo: &mut Memo) -> Result<bool> {
         let mut hits = vec![false; array.len()];
-        self.column(kind, array, &mut hits)?;
+        self.column(kind, array, &mut hits, memo)?;
         Ok(hits.contains(&true))
     }
 
     /// For each row of `columns` (named), whether it holds the person's text.
     pub fn rows(&self, columns: &[(&str, ArrayRef)], len: usize) -> Result<Vec<bool>> {
         let mut hits = vec![false; len];
+        let mut memo = Memo::default();
         for (name, array) in columns {
-            self.column(self.rules.type_index(name), array, &mut hits)?;
+            self.column(self.rules.type_index(name), array, &mut hits, &mut memo)?;
         }
         Ok(hits)
     }
@@ -787,8 +818,9 @@ async fn plan(
         ctx.register_table(tables::EVENTS, history.into_view())?;
         let mut message_ids: HashSet<String> = HashSet::new();
         let by_digest = matcher.clone();
+        let mut memo = Memo::default();
         crate::identity::event_identifiers(engine, |message_id, t, raw| {
-            if by_digest.typed(t, raw) {
+            if by_digest.typed(t, raw, &mut memo) {
                 message_ids.insert(message_id.to_string());
             }
         })
