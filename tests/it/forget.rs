@@ -45,11 +45,40 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime, String
         .collect()
 }
 
+/// Every object under the output location `output` (a folder or `s3://…`), with its bytes.
+fn objects(output: &str) -> Vec<(String, bytes::Bytes)> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let place = tessera::storage::Place::open(output, Path::new("/"), "test").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listed: Vec<object_store::ObjectMeta> = place
+            .store
+            .list(Some(&place.prefix))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for meta in listed {
+            let bytes = place
+                .store
+                .get(&meta.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            out.push((meta.location.to_string(), bytes));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    })
+}
+
 /// Every string value of a Parquet file (nested ones included), lowercased.
-fn parquet_text(path: &Path) -> Vec<String> {
-    let file = std::fs::File::open(path).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap_or_else(|e| panic!("{}: not readable Parquet: {e}", path.display()))
+fn parquet_text(name: &str, bytes: bytes::Bytes) -> Vec<String> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap_or_else(|e| panic!("{name}: not readable Parquet: {e}"))
         .build()
         .unwrap();
     let options = FormatOptions::default();
@@ -66,36 +95,43 @@ fn parquet_text(path: &Path) -> Vec<String> {
     out
 }
 
-/// Asserts that no file under `out` holds any of `needles` (lowercase): Parquet files by
-/// every decoded value, every other file (Delta JSON, `_last_checkpoint`, state) by its bytes.
-/// Returns how many Parquet files and other files were searched.
-fn assert_nowhere(out: &Path, needles: &BTreeSet<String>) -> (usize, usize) {
+/// Asserts that no object under the output `output` holds any of `needles` (lowercase):
+/// Parquet files (every version's data files, checkpoints) by every decoded value, every other
+/// file (Delta JSON, `_last_checkpoint`, state) by its bytes. Returns how many Parquet files
+/// and other files were searched.
+fn assert_nowhere(output: &str, needles: &BTreeSet<String>) -> (usize, usize) {
     let (mut parquet, mut other) = (0, 0);
-    for path in files_under(out) {
-        if path.extension().is_some_and(|e| e == "parquet") {
+    for (name, bytes) in objects(output) {
+        if name.ends_with(".parquet") {
             parquet += 1;
-            for value in parquet_text(&path) {
+            for value in parquet_text(&name, bytes) {
                 for n in needles {
                     assert!(
                         !value.contains(n.as_str()),
-                        "{} still holds {n:?} in {value:?}",
-                        path.display()
+                        "{name} still holds {n:?} in {value:?}"
                     );
                 }
             }
         } else {
             other += 1;
-            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).to_lowercase();
+            let text = String::from_utf8_lossy(&bytes).to_lowercase();
             for n in needles {
-                assert!(
-                    !text.contains(n.as_str()),
-                    "{} still holds {n:?}",
-                    path.display()
-                );
+                assert!(!text.contains(n.as_str()), "{name} still holds {n:?}");
             }
         }
     }
     (parquet, other)
+}
+
+/// Objects under `output` whose bytes hold one of `needles`.
+fn holding(output: &str, needles: &BTreeSet<String>) -> usize {
+    objects(output)
+        .into_iter()
+        .filter(|(_, bytes)| {
+            let text = String::from_utf8_lossy(bytes).to_lowercase();
+            needles.iter().any(|n| text.contains(n.as_str()))
+        })
+        .count()
 }
 
 fn count(p: &TempProject, sql: &str) -> u64 {
@@ -126,15 +162,18 @@ fn phone_forms(e164: &str) -> Vec<String> {
     ]
 }
 
-/// The bundled project whose output has had two runs over generated events (the second incremental, so
-/// every table has an older version): returns it and the generated folder.
-fn two_runs(people: u64, days: u32, seed: u64) -> (TempProject, tempfile::TempDir) {
+/// The bundled project with its output at `output`, after two runs over generated events (the
+/// second incremental, so every table has an older version): returns it and the generated
+/// folder.
+fn two_runs(output: &str, people: u64, days: u32, seed: u64) -> (TempProject, tempfile::TempDir) {
     let generated = tempfile::tempdir().unwrap();
     generate(generated.path(), people, days, seed);
     // The bundled project's config and queries: four identifier types, phones included.
-    let p = TempProject::local();
-    std::fs::copy(repo().join("tessera.toml"), p.path().join("tessera.toml")).unwrap();
-    copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    let p = crate::reliability::project(output, "");
+    copy_dir(
+        &repo().join("queries/reports"),
+        &p.path().join("queries/reports"),
+    );
     let mut days: Vec<PathBuf> = std::fs::read_dir(generated.path().join("events"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -154,11 +193,50 @@ fn two_runs(people: u64, days: u32, seed: u64) -> (TempProject, tempfile::TempDi
     (p, generated)
 }
 
+/// Name → SHA-256 of every object under `output`.
+fn digests(output: &str) -> BTreeMap<String, String> {
+    objects(output)
+        .into_iter()
+        .map(|(name, bytes)| {
+            let digest: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            (name, digest)
+        })
+        .collect()
+}
+
+fn has_checkpoint(output: &str, table: &str) -> bool {
+    objects(output).iter().any(|(name, _)| {
+        name.contains(&format!("{table}/_delta_log/")) && name.ends_with(".checkpoint.parquet")
+    })
+}
+
 #[test]
 fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_them_out() {
-    let (p, _generated) = two_runs(150, 8, 11);
+    erase_and_keep_out(None);
+}
+
+#[test]
+fn forget_erases_a_person_from_every_object_of_an_output_on_s3() {
+    if !s3_available("forget_erases_a_person_from_every_object_of_an_output_on_s3") {
+        return;
+    }
+    erase_and_keep_out(Some(format!("{}/out", s3_prefix())));
+}
+
+/// Two runs, a forget, a `--full` run, and every object of the output searched after each.
+fn erase_and_keep_out(s3: Option<String>) {
+    let setting = s3.clone().unwrap_or_else(|| "out".into());
+    let (p, _generated) = two_runs(&setting, 150, 8, 11);
     let out = p.path().join("out");
-    if let Some(python) = python("forget (checkpoint written before forgetting)") {
+    let output = s3
+        .clone()
+        .unwrap_or_else(|| out.to_str().unwrap().to_string());
+    let output = output.as_str();
+    let python_env = python("forget (checkpoints and readers in Python)");
+    if let (Some(python), None) = (&python_env, &s3) {
         // An older checkpoint, as a long-lived table has one: it must go too.
         let status = std::process::Command::new(python)
             .args([
@@ -169,11 +247,8 @@ fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_
             .status()
             .unwrap();
         assert!(status.success());
-        assert!(files_under(&out.join("_state/events/_delta_log"))
-            .iter()
-            .any(|f| f.to_string_lossy().ends_with(".checkpoint.parquet")));
+        assert!(has_checkpoint(output, "_state/events"));
     }
-
     // The person: a profile with an email, a user_id and device ids (and a phone if any has).
     let person = p.query(
         "SELECT profile_id FROM identity_graph GROUP BY profile_id \
@@ -246,27 +321,24 @@ fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_
     for e in &phones {
         needles.extend(phone_forms(e).into_iter().map(|f| f.to_lowercase()));
     }
-    let before: usize = files_under(&out)
-        .iter()
-        .filter(|f| {
-            let t = String::from_utf8_lossy(&std::fs::read(f).unwrap()).to_lowercase();
-            needles.iter().any(|n| t.contains(n.as_str()))
-        })
-        .count();
     assert!(
-        before > 0,
+        holding(output, &needles) > 0,
         "the log holds their values before (stats, at least)"
     );
 
     // A dry run writes nothing at all, and says what it would delete.
-    let untouched = snapshot(p.path());
+    let untouched = (snapshot(p.path()), digests(output));
     std::thread::sleep(Duration::from_millis(20));
     let asked = format!("email:  {}  ", emails[0].to_uppercase());
     let dry: serde_json::Value = serde_json::from_str(
         ok(run(&mut p.cmd(&["forget", &asked, "--dry-run", "--json"]))).trim(),
     )
     .unwrap();
-    assert_eq!(snapshot(p.path()), untouched, "--dry-run changed files");
+    assert_eq!(
+        (snapshot(p.path()), digests(output)),
+        untouched,
+        "--dry-run changed files"
+    );
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["rows_deleted"]["_state/events"], their_events);
     assert_eq!(dry["rows_deleted"]["profiles"], 1);
@@ -283,14 +355,12 @@ fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_
     assert!(done["data_files_deleted"].as_u64().unwrap() > 0);
     assert!(done["log_entries_deleted"].as_u64().unwrap() > 0);
 
-    let (parquet, other_files) = assert_nowhere(&out, &needles);
+    let (parquet, other_files) = assert_nowhere(output, &needles);
     eprintln!(
         "after forget: searched {parquet} Parquet files and {other_files} other files for {} values",
         needles.len()
     );
-    assert!(files_under(&out.join("_state/events/_delta_log"))
-        .iter()
-        .any(|f| f.to_string_lossy().ends_with(".checkpoint.parquet")));
+    assert!(has_checkpoint(output, "_state/events"));
 
     // Everyone else is intact.
     assert_eq!(
@@ -331,10 +401,10 @@ fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_
         "{request:?}"
     );
 
-    if let Some(python) = python("forget (tables read back by deltalake and DuckDB)") {
+    if let Some(python) = &python_env {
         let seen = crate::readers::read_with_python(
-            &python,
-            out.to_str().unwrap(),
+            python,
+            output,
             &[
                 "profiles",
                 "identity_graph",
@@ -376,7 +446,7 @@ fn forget_erases_a_person_from_every_file_of_every_version_and_a_full_run_keeps_
     );
     let runs = p.query("SELECT suppressed FROM runs ORDER BY started_at DESC LIMIT 1");
     assert!(runs[0]["suppressed"].as_u64().unwrap() > 0, "{runs:?}");
-    assert_nowhere(&out, &needles);
+    assert_nowhere(output, &needles);
     assert_eq!(
         count(&p, "SELECT count(*) AS n FROM events"),
         events_before - their_events
