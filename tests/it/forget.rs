@@ -495,8 +495,28 @@ fn forget_waits_for_no_run_and_an_unknown_identifier_is_still_kept_out() {
     );
 
     // Nobody has this email yet: it is reported as not found, and suppressed all the same.
-    let text = ok(run(&mut p.cmd(&["forget", "email:Late.Comer@Example.com"])));
-    assert!(text.contains("not found"), "{text}");
+    let requests = p.path().join("requests.txt");
+    std::fs::write(
+        &requests,
+        "# erasure requests of this week\n\nemail:Late.Comer@Example.com\n",
+    )
+    .unwrap();
+    let text = ok(run(&mut p.cmd(&[
+        "forget",
+        "--from-file",
+        requests.to_str().unwrap(),
+    ])));
+    assert!(
+        text.contains("email:Late.Comer@Example.com not found"),
+        "{text}"
+    );
+    let bad = run(&mut p.cmd(&["forget", "fax:123"]));
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("argument 1: `fax` is not an identifier type"),
+        "{}",
+        stderr(&bad)
+    );
 
     // A new file brings someone with that email: the run drops their event.
     let late = Ev {
