@@ -982,7 +982,13 @@ pub async fn cut_history(outputs: &Outputs, name: &str) -> Result<(u64, u64)> {
         .await
         .map_err(|e| Error::delta(name, e))?;
     let mut files = 0;
-    for file in plan.files_deleted {
+    // As a run's clean-up: only data files named the way Tessera writes them are its to
+    // delete; a file someone else put in the folder is left alone.
+    for file in plan
+        .files_deleted
+        .into_iter()
+        .filter(|f| crate::output::is_written_data_file(f))
+    {
         // Removed files stay listed in the log's tombstones after they are gone.
         match store
             .delete(&object_store::path::Path::from(file.as_str()))

@@ -455,7 +455,7 @@ impl Outputs {
 
 /// Whether `path` (relative to a table's folder) is named like the data files delta-rs writes
 /// for Tessera: `part-00000-<uuid>-c000.<codec>.parquet`, directly in the table's folder.
-fn is_written_data_file(path: &str) -> bool {
+pub(crate) fn is_written_data_file(path: &str) -> bool {
     let Some(rest) = path.strip_prefix("part-") else {
         return false;
     };
