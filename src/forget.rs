@@ -768,9 +768,9 @@ async fn plan(
                             continue;
                         }
                         let (m, i) = (m.value(r), i.value(r));
-                        if profiles.contains(i) != profiles.contains(m) {
+                        // Followed one way: what was merged into theirs was theirs.
+                        if profiles.contains(i) && !profiles.contains(m) {
                             profiles.insert(m.to_string());
-                            profiles.insert(i.to_string());
                             grew = true;
                         }
                     }
