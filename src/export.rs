@@ -5,7 +5,7 @@
 //! that a spreadsheet would run as formulas are neutralised, and the file may not land where
 //! Tessera reads events or writes tables.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, ListArray, RecordBatch, StringArray};
@@ -402,7 +402,7 @@ fn neutralise<'a>(cell: &'a str, count: &mut u64) -> std::borrow::Cow<'a, str> {
 /// Checks that `out` is not inside a folder Tessera reads or writes: the events, the output
 /// tables or a `[[sources]]` location (a file there would be read as data or break a table).
 pub fn check_out_path(project: &Project, out: &Path) -> Result<()> {
-    let target = resolved(out);
+    let target = crate::storage::resolved_local(out);
     let storage = &project.config.storage;
     let mut places = vec![
         ("storage.events".to_string(), storage.events.as_str()),
@@ -415,7 +415,7 @@ pub fn check_out_path(project: &Project, out: &Path) -> Result<()> {
         let Ok(Location::Local(place)) = Location::parse(value, &project.dir, &key) else {
             continue;
         };
-        let place = resolved(&place);
+        let place = crate::storage::resolved_local(&place);
         if target.starts_with(&place) {
             return Err(Error::Export {
                 out: out.to_path_buf(),
@@ -432,38 +432,6 @@ pub fn check_out_path(project: &Project, out: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `path` made absolute, `.` and `..` resolved, and the part that exists resolved through
-/// symbolic links (the file itself need not exist yet).
-fn resolved(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut lexical = PathBuf::new();
-    for part in absolute.components() {
-        match part {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                lexical.pop();
-            }
-            other => lexical.push(other),
-        }
-    }
-    let mut existing = lexical.as_path();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(real) = existing.canonicalize() {
-            let mut full = real;
-            full.extend(rest.iter().rev());
-            return full;
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                existing = parent;
-            }
-            _ => return lexical,
-        }
-    }
 }
 
 /// CSV-ready batch: list columns joined with `;`, and (unless `raw`) every text cell and list

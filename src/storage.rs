@@ -130,6 +130,14 @@ fn key_prefix_overlaps(a: &str, b: &str) -> bool {
     a.iter().zip(&b).all(|(x, y)| x == y)
 }
 
+/// `path` made absolute (against the current folder), `.` and `..` resolved, and then its
+/// longest existing ancestor resolved through symbolic links (the rest need not exist yet):
+/// what decides whether one local path lies inside another.
+pub fn resolved_local(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    resolve_existing(&normalize_path(&absolute))
+}
+
 /// `path` with its longest existing ancestor canonicalised (links resolved), the rest kept.
 fn resolve_existing(path: &Path) -> PathBuf {
     let mut rest = Vec::new();

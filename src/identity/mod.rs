@@ -407,29 +407,40 @@ where
     F: FnMut(&str, u8, &str),
 {
     let rules = Rules::from_config(&engine.project.config.identity);
+    each_event_row(engine, &rules, |message_id, row| {
+        for &(t, raw) in row {
+            each(message_id, t, raw);
+        }
+    })
+    .await
+}
+
+/// Calls `each(message_id, identifiers)` for every row the identity queries return with a
+/// `message_id` (or, when none returns one, for every event's own identifier columns), with
+/// the identifiers in priority order.
+async fn each_event_row<F>(engine: &Engine, rules: &Rules, mut each: F) -> Result<()>
+where
+    F: FnMut(&str, &[(u8, &str)]),
+{
     let mut sources = 0;
     for query in &load_queries(engine)? {
-        let df = link_frame(engine, query, &rules).await?;
+        let df = link_frame(engine, query, rules).await?;
         if !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
             continue;
         }
         sources += 1;
-        read_rows(df, &query.file, &rules, |row, _, message_id, _| {
+        read_rows(df, &query.file, rules, |row, _, message_id, _| {
             if let Some(m) = message_id {
-                for &(t, raw) in row {
-                    each(m, t, raw);
-                }
+                each(m, row);
             }
         })
         .await?;
     }
     if sources == 0 {
-        if let Some(df) = own_identifier_frame(engine, &rules).await? {
-            read_rows(df, tables::EVENTS, &rules, |row, _, message_id, _| {
+        if let Some(df) = own_identifier_frame(engine, rules).await? {
+            read_rows(df, tables::EVENTS, rules, |row, _, message_id, _| {
                 if let Some(m) = message_id {
-                    for &(t, raw) in row {
-                        each(m, t, raw);
-                    }
+                    each(m, row);
                 }
             })
             .await?;
@@ -1475,8 +1486,6 @@ pub async fn events_with_published_profiles(
     }
 
     let mut out = MappingBuilder::default();
-    let mut sources = 0;
-    let queries = load_queries(engine)?;
     let lookup = |row: &[(u8, &str)]| -> Option<(u32, u8)> {
         // read_rows hands rows over in priority order: the first identifier found wins.
         row.iter().find_map(|&(t, raw)| {
@@ -1484,35 +1493,13 @@ pub async fn events_with_published_profiles(
             of_identifier.get(&(t, v.into_owned())).map(|k| (*k, t))
         })
     };
-    for query in &queries {
-        let df = link_frame(engine, query, &rules).await?;
-        if !df.schema().has_column_with_unqualified_name(MESSAGE_ID) {
-            continue;
-        }
-        sources += 1;
-        read_rows(df, &query.file, &rules, |row, _, message_id, _| {
-            if let Some(m) = message_id {
-                out.push(
-                    m,
-                    lookup(row).map(|(k, t)| (profiles[k as usize].as_str(), t)),
-                );
-            }
-        })
-        .await?;
-    }
-    if sources == 0 {
-        if let Some(df) = own_identifier_frame(engine, &rules).await? {
-            read_rows(df, "events", &rules, |row, _, message_id, _| {
-                if let Some(m) = message_id {
-                    out.push(
-                        m,
-                        lookup(row).map(|(k, t)| (profiles[k as usize].as_str(), t)),
-                    );
-                }
-            })
-            .await?;
-        }
-    }
+    each_event_row(engine, &rules, |m, row| {
+        out.push(
+            m,
+            lookup(row).map(|(k, t)| (profiles[k as usize].as_str(), t)),
+        );
+    })
+    .await?;
     Ok(Some(resolved_events(events, out.finish()?)?))
 }
 
