@@ -22,7 +22,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 mod common;
 
 use tessera::config::Config;
-use tessera::identity::graph::{Node, Resolver, Rules};
+use tessera::stages::identity::graph::{Node, Resolver, Rules};
 
 const LINK_SQL: &str = "SELECT anonymous_id, user_id, json_get_str(traits, 'email') AS email, \
     json_get_str(traits, 'phone') AS phone, \"timestamp\" AS seen_at FROM events";
@@ -52,7 +52,7 @@ fn bundled_rules() -> Rules {
     )
 }
 
-fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::identity::graph::Resolution {
+fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::stages::identity::graph::Resolution {
     // Columns in priority order, as the identity stage hands them over.
     let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]
         .iter()

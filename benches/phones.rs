@@ -18,7 +18,7 @@ use std::hint::black_box;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera::config::Normalize;
-use tessera::identity::normalize::normalize;
+use tessera::stages::identity::normalize::normalize;
 
 /// Area codes in service in the United States.
 const AREAS: &[u32] = &[

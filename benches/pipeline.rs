@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 mod common;
 
-use tessera::bench::{parse_count, run, write, BenchOptions};
+use tessera::cli::bench::{parse_count, run, write, BenchOptions};
 use tessera::progress::Progress;
 
 fn main() {

@@ -193,7 +193,7 @@ fn write_file(path: &Path, rows: &[Row]) {
         )),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("batch");
-    let bytes = tessera::generate::parquet_bytes(schema, &[batch]).expect("encode");
+    let bytes = tessera::cli::generate::parquet_bytes(schema, &[batch]).expect("encode");
     std::fs::write(path, bytes).expect("write parquet");
 }
 

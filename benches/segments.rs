@@ -11,8 +11,8 @@ use std::time::Instant;
 
 mod common;
 
+use tessera::cli::generate::{generate, GenerateOptions};
 use tessera::config::Project;
-use tessera::generate::{generate, GenerateOptions};
 use tessera::progress::Progress;
 use tessera::storage::Place;
 

@@ -400,7 +400,7 @@ pub struct ProfilesConfig {
 
 /// `[export]`: how `tessera export … --hash-pii` treats personal data, column by column.
 ///
-/// The defaults (in `crate::export`) already cover identifier columns, names and JSON text
+/// The defaults (in `crate::cli::export`) already cover identifier columns, names and JSON text
 /// columns; these keys add columns or override a default.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

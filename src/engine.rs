@@ -6,21 +6,16 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
-use arrow::datatypes::DataType;
-use datafusion::common::cast::as_string_array;
-use datafusion::error::Result as DfResult;
+use arrow::array::RecordBatch;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::SessionStateBuilder;
-use datafusion::logical_expr::{create_udf, ColumnarValue, ScalarUDF, Volatility};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 
 use crate::config::Project;
 use crate::error::{Error, Result};
-use crate::ingest::{self, Ingested};
+use crate::output::scratch::Scratch;
 use crate::output::Outputs;
-use crate::scratch::Scratch;
 use crate::storage::Place;
 use crate::tables;
 
@@ -35,8 +30,7 @@ fn slice_bytes(batch: &RecordBatch) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Name of the JSON check used at ingest; also available to users' SQL.
-pub const IS_JSON: &str = "is_json";
+pub use crate::sql::json_check::IS_JSON;
 
 /// A project opened for work: its context with stores and tables registered.
 ///
@@ -144,39 +138,6 @@ impl Engine {
         })
     }
 
-    /// Finds and checks event files, plans ingest and registers `events`.
-    ///
-    /// Files in `known_bad` are skipped with their reason (see [`ingest::find_corrupt`]).
-    pub async fn ingest(
-        &self,
-        known_bad: &[ingest::SkippedFile],
-        seen: Option<&crate::state::Seen>,
-        on_file: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Ingested> {
-        let inventory = ingest::discover(&self.events, known_bad, seen, on_file).await?;
-        let ingested = ingest::plan(&self.ctx, inventory).await?;
-        self.ctx.deregister_table(tables::EVENTS)?;
-        self.ctx
-            .register_table(tables::EVENTS, ingested.events.clone().into_view())?;
-        Ok(ingested)
-    }
-
-    /// [`Engine::ingest`], and when it fails, once more without the files whose rows are corrupt.
-    pub async fn ingest_skipping_corrupt(&self) -> Result<Ingested> {
-        match self.ingest(&[], None, &|_, _| {}).await {
-            Ok(ingested) => Ok(ingested),
-            Err(e) => {
-                let corrupt = ingest::find_corrupt(&self.events, None)
-                    .await
-                    .unwrap_or_default();
-                if corrupt.is_empty() {
-                    return Err(e);
-                }
-                self.ingest(&corrupt, None, &|_, _| {}).await
-            }
-        }
-    }
-
     /// Writes `events` as it is now (checked, deduplicated, with profile_id) to local Parquet
     /// once, and registers that in its place: every later stage reads it many times, and a
     /// plain scan is far cheaper than redoing the checks and the profile join on each read.
@@ -261,7 +222,7 @@ impl Engine {
             events_schema
                 .fields()
                 .iter()
-                .map(|f| crate::ingest::plain_field(f))
+                .map(|f| crate::tables::plain_field(f))
                 .collect::<Vec<_>>(),
         );
         let options = datafusion::prelude::ParquetReadOptions {
@@ -438,6 +399,21 @@ impl Engine {
         Ok(Some(read))
     }
 
+    /// Makes sure a schema of folder tables (`segments`, `reports`) exists in the context.
+    pub fn ensure_schema(&self, schema: &str) -> Result<()> {
+        let catalog = self
+            .ctx
+            .catalog("datafusion")
+            .ok_or_else(|| Error::Usage("the default catalog is missing".into()))?;
+        if catalog.schema(schema).is_none() {
+            catalog.register_schema(
+                schema,
+                Arc::new(datafusion::catalog::MemorySchemaProvider::new()),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Starts measuring a stage (time, memory, bytes read, spill).
     pub fn meter(&self) -> crate::metrics::Meter {
         crate::metrics::Meter::start(self.ctx.runtime_env().disk_manager.clone())
@@ -446,7 +422,7 @@ impl Engine {
     /// Registers the output tables that exist, so SQL can read them.
     pub async fn register_outputs(&self) -> Result<Vec<String>> {
         for folder in [tables::SEGMENTS, tables::REPORTS] {
-            crate::segments::ensure_schema(self, folder)?;
+            self.ensure_schema(folder)?;
             for name in self.outputs.folder_tables(folder).await? {
                 let table = format!("{folder}/{name}");
                 if let Some(provider) = self.outputs.provider(&self.ctx, &table).await? {
@@ -682,45 +658,17 @@ pub fn new_context_with(limits: &Limits) -> Result<SessionContext> {
     let state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
-        .with_default_features()
-        .with_optimizer_rule(Arc::new(crate::window_args::WindowArgsAsColumns))
-        .with_physical_optimizer_rule(Arc::new(crate::shift_window::ShiftWindows))
-        .with_physical_optimizer_rule(Arc::new(crate::cheap_filters_first::CheapFiltersFirst))
+        .with_default_features();
+    let state = crate::sql::add_rules(state)
         // delta-rs plans its writes with extension nodes only its planner knows.
         .with_query_planner(deltalake::delta_datafusion::planner::DeltaPlanner::new())
         .build();
     let mut ctx = SessionContext::new_with_state(state);
-    datafusion_functions_json::register_all(&mut ctx)?;
-    for udf in crate::json_skip::udfs() {
-        ctx.register_udf(udf);
-    }
-    ctx.register_udf(is_json_udf());
-    ctx.register_udaf(crate::functions::most_frequent());
-    ctx.register_udaf(crate::funnel::funnel());
-    ctx.register_udf(crate::journeys::first_touch_udf());
-    ctx.register_udf(crate::functions::as_of(chrono::Utc::now()));
+    crate::sql::register_functions(&mut ctx)?;
     Ok(ctx)
 }
 
-/// `is_json(text) -> boolean`: true when the text parses as JSON (NULL stays NULL).
-pub fn is_json_udf() -> ScalarUDF {
-    create_udf(
-        IS_JSON,
-        vec![DataType::Utf8],
-        DataType::Boolean,
-        Volatility::Immutable,
-        Arc::new(is_json_impl),
-    )
-}
-
-fn is_json_impl(args: &[ColumnarValue]) -> DfResult<ColumnarValue> {
-    let arrays = ColumnarValue::values_to_arrays(args)?;
-    let text = as_string_array(&arrays[0])?;
-    let result: BooleanArray = text.iter().map(|v| v.map(is_json)).collect();
-    Ok(ColumnarValue::Array(Arc::new(result) as ArrayRef))
-}
-
-pub use crate::json_check::is_json;
+pub use crate::sql::json_check::is_json;
 
 /// `events` columns read by the pipeline's own code after identity resolution: sessions and
 /// first touches, last-known traits, event counts, RFM and predictions.
@@ -822,6 +770,7 @@ pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::ArrayRef;
 
     #[test]
     fn names_in_sql_keeps_every_word_and_gives_up_on_wildcards() {

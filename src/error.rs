@@ -127,7 +127,7 @@ pub enum Error {
     /// Event files whose scan gave other rows than their footers hold; a run skips them and
     /// tries again.
     #[error("{}", .0.iter().map(|f| format!("{}: {}", f.file, f.reason)).collect::<Vec<_>>().join("; "))]
-    ShortScan(Vec<crate::ingest::SkippedFile>),
+    ShortScan(Vec<SkippedFile>),
 
     /// An export cannot be written as asked: where it would go, or personal data it would leave
     /// in clear. Nothing was written.
@@ -182,4 +182,13 @@ impl Error {
             _ => 1,
         }
     }
+}
+
+/// A file that was recorded and skipped, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedFile {
+    /// The file's URL.
+    pub file: String,
+    /// Why it was skipped, and what to do about it.
+    pub reason: String,
 }

@@ -1,4 +1,9 @@
-//! Names of the tables and columns in Tessera's contract (DESIGN.md §3, §6), in one place.
+//! Names of the tables and columns in Tessera's contract, and the types and id formats they
+//! hold, in one place.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, TimeUnit};
 
 /// The validated, deduplicated events table SQL sees.
 pub const EVENTS: &str = "events";
@@ -33,6 +38,18 @@ pub const PREDICTIONS: &str = "predictions";
 pub const PREDICTION_MODELS: &str = "prediction_models";
 /// The schema (and output folder) of `queries/reports/<name>.sql` results: `reports.<name>`.
 pub const REPORTS: &str = "reports";
+
+/// Tessera's own state, kept under `<output>/_state/` and published with the run's tables.
+pub mod state {
+    /// One row per event file processed (URL, size, ETag, rows, run).
+    pub const INPUT_FILES: &str = "_state/input_files";
+    /// The event history: every event that passed the checks, one row per message_id.
+    pub const EVENTS: &str = "_state/events";
+    /// The trait files and the as-of the profiles were computed with.
+    pub const TRAITS: &str = "_state/traits";
+    /// Digests of forgotten people's identifiers, kept out of every later run.
+    pub const SUPPRESSED: &str = "_state/suppressed";
+}
 
 /// One row per `tessera forget` request: digests of the identifiers, rows deleted per table.
 pub const FORGET_REQUESTS: &str = "forget_requests";
@@ -111,4 +128,46 @@ pub mod column {
     pub const REASON: &str = "reason";
     /// The input file a rejected row came from.
     pub const SOURCE_FILE: &str = "source_file";
+}
+
+/// The timestamp type of every output timestamp: microseconds, UTC.
+pub fn timestamp_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// The type a column is stored as in Tessera's tables: no view types, timestamps in µs UTC.
+pub fn plain_type(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Timestamp(_, _) => timestamp_type(),
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f) => DataType::List(Arc::new(plain_field(f))),
+        DataType::Struct(fields) => {
+            DataType::Struct(fields.iter().map(|f| plain_field(f)).collect())
+        }
+        DataType::Dictionary(_, value) => plain_type(value),
+        other => other.clone(),
+    }
+}
+
+/// `f` with [`plain_type`].
+pub fn plain_field(f: &Field) -> Field {
+    Field::new(f.name(), plain_type(f.data_type()), f.is_nullable())
+}
+
+/// The text of profile id `number` as every table shows it: `p_` and 16 hex digits.
+pub fn profile_id_text(number: u64) -> String {
+    format!("p_{number:016x}")
+}
+
+/// The number of an id [`profile_id_text`] wrote; `None` for any other text.
+pub fn profile_id_number(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix("p_")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
 }

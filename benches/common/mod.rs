@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tessera::generate::{generate, GenerateOptions};
+use tessera::cli::generate::{generate, GenerateOptions};
 use tessera::progress::Progress;
 use tessera::storage::Place;
 

@@ -183,7 +183,8 @@ pub fn events_batch(rows: &[Ev]) -> RecordBatch {
 /// Writes batches as a Parquet file at `path` (folders created).
 pub fn write_parquet(path: &Path, batches: &[RecordBatch]) {
     std::fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
-    let bytes = tessera::generate::parquet_bytes(batches[0].schema(), batches).expect("encode");
+    let bytes =
+        tessera::cli::generate::parquet_bytes(batches[0].schema(), batches).expect("encode");
     std::fs::write(path, bytes).expect("write parquet");
 }
 

@@ -255,7 +255,8 @@ fn runs_through_a_faulty_network_complete_correctly_or_publish_nothing_half_done
                 let rt = tokio::runtime::Runtime::new().unwrap();
                 let place =
                     tessera::storage::Place::open(&output, std::path::Path::new("/"), "t").unwrap();
-                rt.block_on(tessera::publish::pending(&place)).unwrap()
+                rt.block_on(tessera::output::publish::pending(&place))
+                    .unwrap()
             };
             if pending.is_empty() {
                 failed_clean += 1;

@@ -477,7 +477,7 @@ fn forget_waits_for_no_run_and_an_unknown_identifier_is_still_kept_out() {
         let place =
             tessera::storage::Place::open(out.to_str().unwrap(), Path::new("/"), "test").unwrap();
         let lease = rt
-            .block_on(tessera::lease::Lease::acquire(
+            .block_on(tessera::output::lease::Lease::acquire(
                 &place,
                 "busy-run",
                 Duration::from_secs(60),

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tessera::config::{IdentifierConfig, IdentityConfig, Normalize};
-use tessera::identity::graph::{Node, Resolution, Resolver, Rules, Side};
+use tessera::stages::identity::graph::{Node, Resolution, Resolver, Rules, Side};
 
 type Row = (Vec<(u8, String)>, i64);
 

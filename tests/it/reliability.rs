@@ -420,13 +420,13 @@ fn an_expired_lease_is_taken_over_and_a_run_that_lost_its_lease_publishes_nothin
     generate(&p.path().join("data"), 30, 2, 5);
     // A live lease refuses a second holder; once it lapses, a run takes it over.
     let holder = rt
-        .block_on(tessera::lease::Lease::acquire(
+        .block_on(tessera::output::lease::Lease::acquire(
             &place,
             "dead-run",
             Duration::from_secs(2),
         ))
         .unwrap();
-    let refused = rt.block_on(tessera::lease::Lease::acquire(
+    let refused = rt.block_on(tessera::output::lease::Lease::acquire(
         &place,
         "second",
         Duration::from_secs(2),
@@ -451,10 +451,11 @@ fn an_expired_lease_is_taken_over_and_a_run_that_lost_its_lease_publishes_nothin
     let place = Place::open(&output, Path::new("/"), "test").unwrap();
     rt.block_on(async {
         use object_store::ObjectStoreExt;
-        let zombie = tessera::lease::Lease::acquire(&place, "zombie", Duration::from_secs(30))
-            .await
-            .unwrap();
-        let stage = tessera::publish::Stage::new(&place);
+        let zombie =
+            tessera::output::lease::Lease::acquire(&place, "zombie", Duration::from_secs(30))
+                .await
+                .unwrap();
+        let stage = tessera::output::publish::Stage::new(&place);
         let staged = Outputs::new(stage.place().clone());
         let ctx = tessera::engine::new_context().unwrap();
         let df = ctx.sql("SELECT 1 AS x").await.unwrap();
@@ -463,12 +464,12 @@ fn an_expired_lease_is_taken_over_and_a_run_that_lost_its_lease_publishes_nothin
             .await
             .unwrap();
         // Another run takes the lease (as after an expiry) by writing it anew.
-        let (mut body, _) = tessera::lease::read(&place).await.unwrap().unwrap();
+        let (mut body, _) = tessera::output::lease::read(&place).await.unwrap().unwrap();
         body.run_id = "usurper".into();
         place
             .store
             .put(
-                &place.child(tessera::lease::LEASE),
+                &place.child(tessera::output::lease::LEASE),
                 serde_json::to_vec(&body).unwrap().into(),
             )
             .await
@@ -483,7 +484,10 @@ fn an_expired_lease_is_taken_over_and_a_run_that_lost_its_lease_publishes_nothin
             real.open("profiles").await.unwrap().is_none(),
             "nothing published"
         );
-        assert!(tessera::publish::pending(&place).await.unwrap().is_empty());
+        assert!(tessera::output::publish::pending(&place)
+            .await
+            .unwrap()
+            .is_empty());
     });
 }
 
@@ -727,7 +731,7 @@ fn a_store_that_ignores_conditional_writes_is_refused() {
         prefix: object_store::path::Path::from("ignores"),
     };
     let err = rt
-        .block_on(tessera::lease::check_conditional_writes(&place))
+        .block_on(tessera::output::lease::check_conditional_writes(&place))
         .unwrap_err()
         .to_string();
     assert!(
@@ -735,7 +739,7 @@ fn a_store_that_ignores_conditional_writes_is_refused() {
         "{err}"
     );
     let honest = Place::open("memory://honest", Path::new("/"), "storage.output").unwrap();
-    rt.block_on(tessera::lease::check_conditional_writes(&honest))
+    rt.block_on(tessera::output::lease::check_conditional_writes(&honest))
         .unwrap();
 }
 

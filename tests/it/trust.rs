@@ -105,7 +105,7 @@ fn event_files_under_escaped_key_names_on_s3_are_read_like_local_ones() {
         .unwrap();
         for (folder, id, _) in ESCAPED_FOLDERS {
             let batch = one_event(id);
-            let bytes = tessera::generate::parquet_bytes(batch.schema(), &[batch]).unwrap();
+            let bytes = tessera::cli::generate::parquet_bytes(batch.schema(), &[batch]).unwrap();
             // The key exactly as written, not escaped by object_store's path rules.
             let key = object_store::path::Path::parse(format!(
                 "{}/{folder}/part-0.parquet",

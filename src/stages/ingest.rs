@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::functions::string::expr_fn::btrim;
@@ -44,10 +44,8 @@ const TIME_PROBLEM: &str = "__tessera_time_problem";
 /// How many footers are read at once (matters on S3, where each is a round trip).
 const FOOTER_CONCURRENCY: usize = 16;
 
-/// The timestamp type of every output timestamp: microseconds, UTC.
-pub fn timestamp_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
+pub use crate::error::SkippedFile;
+pub use crate::tables::{plain_field, plain_type, timestamp_type};
 
 /// What a known event column must hold.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,15 +89,6 @@ pub struct EventFile {
     schema: SchemaRef,
 }
 
-/// A file that was recorded and skipped, and why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SkippedFile {
-    /// The file's URL.
-    pub file: String,
-    /// Why it was skipped, and what to do about it.
-    pub reason: String,
-}
-
 /// The event files found under `storage.events`, checked.
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -137,7 +126,7 @@ impl Inventory {
 pub async fn discover(
     place: &Place,
     known_bad: &[SkippedFile],
-    seen: Option<&crate::state::Seen>,
+    seen: Option<&crate::output::state::Seen>,
     on_file: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Inventory> {
     if let Location::Local(dir) = &place.location {
@@ -293,7 +282,7 @@ pub async fn discover(
 /// once more, so one bad file never takes a run down.
 pub async fn find_corrupt(
     place: &Place,
-    seen: Option<&crate::state::Seen>,
+    seen: Option<&crate::output::state::Seen>,
 ) -> Result<Vec<SkippedFile>> {
     use parquet::arrow::ParquetRecordBatchStreamBuilder;
     let inventory = discover(place, &[], seen, &|_, _| {}).await?;
@@ -592,29 +581,6 @@ fn is_time(dt: &DataType) -> bool {
     matches!(dt, DataType::Timestamp(_, _))
 }
 
-/// The type a column is stored as in Tessera's tables: no view types, timestamps in µs UTC.
-pub fn plain_type(dt: &DataType) -> DataType {
-    match dt {
-        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
-        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
-        DataType::Timestamp(_, _) => timestamp_type(),
-        DataType::List(f)
-        | DataType::LargeList(f)
-        | DataType::ListView(f)
-        | DataType::LargeListView(f) => DataType::List(Arc::new(plain_field(f))),
-        DataType::Struct(fields) => {
-            DataType::Struct(fields.iter().map(|f| plain_field(f)).collect())
-        }
-        DataType::Dictionary(_, value) => plain_type(value),
-        other => other.clone(),
-    }
-}
-
-/// `f` with [`plain_type`].
-pub fn plain_field(f: &Field) -> Field {
-    Field::new(f.name(), plain_type(f.data_type()), f.is_nullable())
-}
-
 /// The common type of two column types, when one can hold the other.
 fn unify(a: &DataType, b: &DataType) -> Option<DataType> {
     if a == b {
@@ -752,7 +718,7 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
         1 => Arc::unwrap_or_clone(plans.pop().expect("one plan")),
         _ => LogicalPlan::Union(Union::try_new(plans)?),
     };
-    Ok(ctx.read_table(Arc::new(crate::file_chain::FileChain::new(plan)))?)
+    Ok(ctx.read_table(Arc::new(crate::sql::file_chain::FileChain::new(plan)))?)
 }
 
 /// Why a row is rejected, or NULL when it passes. The first failing check wins.
@@ -763,7 +729,7 @@ fn reject_reason() -> Result<Expr> {
             .or(btrim(vec![ident(name)]).eq(lit("")))
     };
     let types: Vec<Expr> = event::TYPES.iter().map(|t| lit(*t)).collect();
-    let is_json = crate::engine::is_json_udf();
+    let is_json = crate::sql::json_check::is_json_udf();
     let mut reason = when(ident(TIME_PROBLEM).is_not_null(), ident(TIME_PROBLEM))
         .when(blank(event::MESSAGE_ID), lit("missing message_id"))
         .when(blank(event::TYPE), lit("missing type"))
@@ -1442,9 +1408,71 @@ impl datafusion::physical_plan::streaming::PartitionStream for OnceStream {
     }
 }
 
+/// Finds and checks event files, plans ingest and registers `events`.
+///
+/// Files in `known_bad` are skipped with their reason (see [`find_corrupt`]).
+pub async fn ingest(
+    engine: &crate::engine::Engine,
+    known_bad: &[SkippedFile],
+    seen: Option<&crate::output::state::Seen>,
+    on_file: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Ingested> {
+    let inventory = discover(&engine.events, known_bad, seen, on_file).await?;
+    let ingested = plan(&engine.ctx, inventory).await?;
+    engine.ctx.deregister_table(crate::tables::EVENTS)?;
+    engine
+        .ctx
+        .register_table(crate::tables::EVENTS, ingested.events.clone().into_view())?;
+    Ok(ingested)
+}
+
+/// [`ingest`], and when it fails, once more without the files whose rows are corrupt.
+pub async fn ingest_skipping_corrupt(engine: &crate::engine::Engine) -> Result<Ingested> {
+    match ingest(engine, &[], None, &|_, _| {}).await {
+        Ok(ingested) => Ok(ingested),
+        Err(e) => {
+            let corrupt = find_corrupt(&engine.events, None).await.unwrap_or_default();
+            if corrupt.is_empty() {
+                return Err(e);
+            }
+            ingest(engine, &corrupt, None, &|_, _| {}).await
+        }
+    }
+}
+
+/// Rows of `_state/input_files` for the files a run read.
+pub fn input_files_batch(files: &[EventFile], run_id: &str) -> Result<arrow::array::RecordBatch> {
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("file", arrow::datatypes::DataType::Utf8, false),
+        arrow::datatypes::Field::new("size", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("e_tag", arrow::datatypes::DataType::Utf8, true),
+        arrow::datatypes::Field::new("rows", arrow::datatypes::DataType::Int64, false),
+        arrow::datatypes::Field::new("run_id", arrow::datatypes::DataType::Utf8, false),
+    ]));
+    let columns: Vec<arrow::array::ArrayRef> = vec![
+        std::sync::Arc::new(arrow::array::StringArray::from_iter_values(
+            files.iter().map(|f| f.url.as_str()),
+        )),
+        std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(
+            files.iter().map(|f| f.size as i64),
+        )),
+        std::sync::Arc::new(arrow::array::StringArray::from_iter(
+            files.iter().map(|f| f.e_tag.as_deref()),
+        )),
+        std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(
+            files.iter().map(|f| f.rows as i64),
+        )),
+        std::sync::Arc::new(arrow::array::StringArray::from_iter_values(
+            files.iter().map(|_| run_id),
+        )),
+    ];
+    Ok(arrow::array::RecordBatch::try_new(schema, columns)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::datatypes::TimeUnit;
 
     #[test]
     fn seen_ids_finds_exactly_the_hashes_inserted_more_than_once() {
@@ -1529,7 +1557,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let bytes = crate::generate::parquet_bytes(schema, &[batch]).unwrap();
+        let bytes = crate::cli::generate::parquet_bytes(schema, &[batch]).unwrap();
         std::fs::write(dir.path().join("e.parquet"), bytes).unwrap();
         let place =
             Place::open(dir.path().to_str().unwrap(), dir.path(), "storage.events").unwrap();

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::ingest::SkippedFile;
-use crate::lease::LeaseBody;
+use crate::error::SkippedFile;
+use crate::output::lease::LeaseBody;
 
 /// Everything `tessera status` reports.
 #[derive(Debug, Serialize)]
@@ -38,24 +38,27 @@ pub struct Status {
     /// Identifier digests in `_state/suppressed` (people forgotten by `tessera forget`).
     pub suppressed_identifiers: u64,
     /// Event files that still hold a forgotten person's events: Tessera cannot delete them.
-    pub files_holding_forgotten: Vec<crate::forget::HeldFile>,
+    pub files_holding_forgotten: Vec<crate::stages::forget::HeldFile>,
 }
 
 /// Gathers the status of `engine`'s output; reads only.
 pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
     let place = engine.outputs.place();
-    let lease = crate::lease::read(place).await?.map(|(body, _)| body);
-    let locked = match crate::lease::local_lock_held(place) {
+    let lease = crate::output::lease::read(place)
+        .await?
+        .map(|(body, _)| body);
+    let locked = match crate::output::lease::local_lock_held(place) {
         Some(held) => held,
         None => lease
             .as_ref()
             .is_some_and(|l| !l.is_free(chrono::Utc::now())),
     };
-    let pending_publishes = crate::publish::pending(place).await?;
-    let seen = crate::state::seen(&engine.outputs, &engine.ctx)
+    let pending_publishes = crate::output::publish::pending(place).await?;
+    let seen = crate::output::state::seen(&engine.outputs, &engine.ctx)
         .await?
         .unwrap_or_default();
-    let inventory = crate::ingest::discover(&engine.events, &[], Some(&seen), &|_, _| {}).await?;
+    let inventory =
+        crate::stages::ingest::discover(&engine.events, &[], Some(&seen), &|_, _| {}).await?;
     let mut tables = BTreeMap::new();
     for name in crate::output::all_tables(&engine.outputs).await? {
         if let Some(table) = engine.outputs.open(&name).await? {
@@ -110,7 +113,7 @@ pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
         }
     }
     let (suppressed_identifiers, files_holding_forgotten) =
-        crate::forget::held_files(engine).await?;
+        crate::stages::forget::held_files(engine).await?;
     Ok(Status {
         output: place.to_string(),
         lease,

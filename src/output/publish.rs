@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::faults;
-use crate::lease::Lease;
+use crate::output::lease::Lease;
 use crate::storage::{retry_write, Place};
 
 /// The folder under the output that holds manifests of publishes in progress.

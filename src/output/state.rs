@@ -7,20 +7,18 @@
 //!   reads the history from here instead of re-reading and re-checking every input file.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Int64Type};
 use datafusion::prelude::SessionContext;
 
 use crate::error::Result;
-use crate::ingest::EventFile;
 use crate::output::Outputs;
 
 /// The table of processed input files.
-pub const INPUT_FILES: &str = "_state/input_files";
+pub const INPUT_FILES: &str = crate::tables::state::INPUT_FILES;
 /// The event history.
-pub const EVENTS: &str = "_state/events";
+pub const EVENTS: &str = crate::tables::state::EVENTS;
 
 /// What an earlier run recorded about one input file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,31 +73,4 @@ pub async fn seen(outputs: &Outputs, ctx: &SessionContext) -> Result<Option<Seen
         }
     }
     Ok(Some(seen))
-}
-
-/// Rows of `_state/input_files` for the files a run read.
-pub fn input_files_batch(files: &[EventFile], run_id: &str) -> Result<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("file", DataType::Utf8, false),
-        Field::new("size", DataType::Int64, false),
-        Field::new("e_tag", DataType::Utf8, true),
-        Field::new("rows", DataType::Int64, false),
-        Field::new("run_id", DataType::Utf8, false),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            files.iter().map(|f| f.url.as_str()),
-        )),
-        Arc::new(Int64Array::from_iter_values(
-            files.iter().map(|f| f.size as i64),
-        )),
-        Arc::new(StringArray::from_iter(
-            files.iter().map(|f| f.e_tag.as_deref()),
-        )),
-        Arc::new(Int64Array::from_iter_values(
-            files.iter().map(|f| f.rows as i64),
-        )),
-        Arc::new(StringArray::from_iter_values(files.iter().map(|_| run_id))),
-    ];
-    Ok(RecordBatch::try_new(schema, columns)?)
 }

@@ -17,10 +17,10 @@ use futures::StreamExt;
 use crate::config::QueryFile;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::identity::graph::Rules;
-use crate::incremental_traits::Carry;
-use crate::ingest::timestamp_type;
+use crate::stages::identity::graph::Rules;
+use crate::stages::incremental_traits::Carry;
 use crate::tables;
+use crate::tables::timestamp_type;
 
 /// The column of `profiles` holding every last-known trait as a JSON object.
 pub const TRAITS: &str = "traits";
@@ -40,7 +40,7 @@ pub fn list_column(identifier_type: &str) -> String {
 ///
 /// With `carry` (an incremental run), trait files that allow it are run over the changed
 /// profiles' events only, and the other profiles keep their published values
-/// ([`crate::incremental_traits`]).
+/// ([`crate::stages::incremental_traits`]).
 pub async fn build(
     engine: &Engine,
     graph: &RecordBatch,
@@ -166,7 +166,7 @@ async fn build_inner(
     let mut fields: Vec<Field> = schema
         .fields()
         .iter()
-        .map(|f| crate::ingest::plain_field(f))
+        .map(|f| crate::tables::plain_field(f))
         .collect();
     let mut columns: HashSet<String> = fields.iter().map(|f| f.name().clone()).collect();
     let key = schema.index_of("profile_id")?;
@@ -276,7 +276,7 @@ async fn build_inner(
                 .fields()
                 .iter()
                 .filter(|f| f.name() != "profile_id")
-                .map(|f| crate::ingest::plain_field(f).with_nullable(true)),
+                .map(|f| crate::tables::plain_field(f).with_nullable(true)),
         );
         tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, computed_for, "trait");
     }
@@ -562,7 +562,7 @@ pub fn last_known_state(project: &crate::config::Project) -> QueryFile {
 /// they were computed. On an incremental run whose published values were computed the same way
 /// (see [`last_known_state`]), only the changed profiles' events are read (they hold every
 /// event of those profiles) and every other profile keeps its published values, as trait
-/// files do ([`crate::incremental_traits`]): at 10M events this read every identify event, 0.6 s
+/// files do ([`crate::stages::incremental_traits`]): at 10M events this read every identify event, 0.6 s
 /// of a 10 s incremental run.
 async fn last_known(engine: &Engine, carry: Option<&Carry>) -> Result<(DataFrame, &'static str)> {
     let state = last_known_state(&engine.project);

@@ -23,9 +23,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::Result;
-use crate::ingest::timestamp_type;
 use crate::progress::Progress;
 use crate::storage::Place;
+use crate::tables::timestamp_type;
 
 /// The anonymous_id a broken SDK sends for everyone.
 pub const JUNK_ANONYMOUS_ID: &str = "00000000-0000-0000-0000-000000000000";

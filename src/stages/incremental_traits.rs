@@ -2,7 +2,7 @@
 //!
 //! An incremental run knows which profiles can have changed: those with a new event and those
 //! whose identifiers identity resolution moved (the same set sessions are cut again for, see
-//! [`crate::journeys::incremental_sessions`]). A trait file whose rows each depend only on one
+//! [`crate::stages::journeys::incremental_sessions`]). A trait file whose rows each depend only on one
 //! profile's events is then run over those profiles' events alone, and every other profile
 //! keeps the values the published `profiles` table holds. A file is carried over only when
 //! all of these hold, and is otherwise run over every profile as in a full run:
@@ -34,12 +34,12 @@ use crate::output::Outputs;
 use crate::tables;
 
 /// What each run recorded about its trait files: `file, fingerprint, as_of`.
-pub const STATE: &str = "_state/traits";
+pub const STATE: &str = crate::tables::state::TRAITS;
 
 /// The key of a trait file's text, Tessera's version included (a new version may compute a
 /// function differently).
 pub fn fingerprint(file: &str, sql: &str) -> String {
-    crate::export::sha256_hex(&format!(
+    crate::digest::sha256_hex(&format!(
         "{}\u{0}{file}\u{0}{sql}",
         env!("CARGO_PKG_VERSION")
     ))
@@ -50,7 +50,7 @@ pub fn state_batch(files: &[QueryFile], as_of: i64) -> Result<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("file", DataType::Utf8, false),
         Field::new("fingerprint", DataType::Utf8, false),
-        Field::new("as_of", crate::ingest::timestamp_type(), false),
+        Field::new("as_of", crate::tables::timestamp_type(), false),
     ]));
     Ok(RecordBatch::try_new(
         schema,

@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::ingest::{timestamp_type, SkippedFile};
+use crate::error::SkippedFile;
 use crate::output::Committed;
+use crate::tables::timestamp_type;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,7 +67,7 @@ pub struct RunReport {
     /// Rows in `events` after checks and deduplication.
     pub events: u64,
     /// Identity resolution counts.
-    pub identity: crate::identity::IdentityStats,
+    pub identity: crate::stages::identity::IdentityStats,
     /// Events no identifier tied to a profile (their `profile_id` is NULL).
     pub events_without_profile: u64,
     /// Rows written to `profiles`.
@@ -84,7 +85,7 @@ pub struct RunReport {
     /// Runs that had stopped part way through publishing, finished by this run.
     pub finished_publishes: Vec<String>,
     /// Buyers, the fitted models and what fitting and predicting took.
-    pub predictions: Option<crate::predict::PredictionRun>,
+    pub predictions: Option<crate::stages::predict::PredictionRun>,
     /// Rows dropped because they hold the identifiers of a forgotten person (`tessera forget`).
     pub suppressed: u64,
 }

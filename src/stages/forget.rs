@@ -40,13 +40,13 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::identity::graph::Rules;
-use crate::ingest::timestamp_type;
 use crate::output::{Outputs, WriteMode};
+use crate::stages::identity::graph::Rules;
 use crate::tables;
+use crate::tables::timestamp_type;
 
 /// Digests of the identifiers of forgotten people: `identifier_type, identifier_sha256`.
-pub const SUPPRESSED: &str = "_state/suppressed";
+pub const SUPPRESSED: &str = crate::tables::state::SUPPRESSED;
 
 /// The SHA-256 of `value`, as the 32 bytes.
 pub fn digest(value: &str) -> [u8; 32] {
@@ -674,12 +674,12 @@ pub async fn forget(engine: &Engine, specs: &[Spec], dry_run: bool) -> Result<Fo
             .map(|(report, _)| report);
     }
     let place = engine.outputs.place().clone();
-    crate::lease::check_conditional_writes(&place).await?;
+    crate::output::lease::check_conditional_writes(&place).await?;
     let ttl = std::time::Duration::from_secs(engine.project.config.run.lease_seconds);
-    let lease = crate::lease::Lease::acquire(&place, &request_id, ttl).await?;
+    let lease = crate::output::lease::Lease::acquire(&place, &request_id, ttl).await?;
     tracing::info!(request_id = %request_id, identifiers = asked.len(), "forget started");
     let result = async {
-        let finished = crate::publish::roll_forward(&place).await?;
+        let finished = crate::output::publish::roll_forward(&place).await?;
         if !finished.is_empty() {
             tracing::info!(runs = ?finished, "finished an interrupted publish first");
         }
@@ -813,13 +813,17 @@ async fn plan(
     // Their events: those the identity queries tie to one of their identifiers (what gave
     // the events their profile), and any other holding one of their identifiers.
     let mut linked_events = 0;
-    if let Some(history) = engine.outputs.read(ctx, crate::state::EVENTS).await? {
+    if let Some(history) = engine
+        .outputs
+        .read(ctx, crate::output::state::EVENTS)
+        .await?
+    {
         ctx.deregister_table(tables::EVENTS)?;
         ctx.register_table(tables::EVENTS, history.into_view())?;
         let mut message_ids: HashSet<String> = HashSet::new();
         let by_digest = matcher.clone();
         let mut memo = Memo::default();
-        crate::identity::event_identifiers(engine, |message_id, t, raw| {
+        crate::stages::identity::event_identifiers(engine, |message_id, t, raw| {
             if by_digest.typed(t, raw, &mut memo) {
                 message_ids.insert(message_id.to_string());
             }
@@ -855,7 +859,7 @@ async fn plan(
     }
     // The identity-linked events are among the rows found in the history; others may be too.
     let events = rows_deleted
-        .get(crate::state::EVENTS)
+        .get(crate::output::state::EVENTS)
         .copied()
         .unwrap_or(0)
         .max(linked_events);
@@ -893,7 +897,7 @@ fn texts3(batch: &RecordBatch) -> (&StringArray, &StringArray, &StringArray) {
 /// Writes the new versions, the suppression and the record; then cuts every table's history.
 async fn apply(
     engine: &Engine,
-    lease: &crate::lease::Lease,
+    lease: &crate::output::lease::Lease,
     report: &mut ForgetReport,
     work: Work,
 ) -> Result<()> {
@@ -901,7 +905,7 @@ async fn apply(
     let place = engine.outputs.place().clone();
     // Every new version is published at once, as a run's tables are: readers never see the
     // person gone from one table and still in another.
-    let stage = crate::publish::Stage::new(&place);
+    let stage = crate::output::publish::Stage::new(&place);
     let staged = Outputs::new(stage.place().clone());
     for name in report.rows_deleted.keys() {
         let Some(df) = engine.outputs.read(ctx, name).await? else {
@@ -1132,7 +1136,7 @@ pub async fn held_files(engine: &Engine) -> Result<(u64, Vec<HeldFile>)> {
     if matcher.is_empty() {
         return Ok((0, Vec::new()));
     }
-    let inventory = crate::ingest::discover(&engine.events, &[], None, &|_, _| {}).await?;
+    let inventory = crate::stages::ingest::discover(&engine.events, &[], None, &|_, _| {}).await?;
     let mut held = Vec::new();
     for file in &inventory.files {
         let df = engine

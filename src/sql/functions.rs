@@ -363,7 +363,7 @@ pub fn as_of(at: DateTime<Utc>) -> ScalarUDF {
     create_udf(
         "as_of",
         vec![],
-        crate::ingest::timestamp_type(),
+        crate::tables::timestamp_type(),
         Volatility::Stable,
         Arc::new(move |_: &[ColumnarValue]| {
             Ok(ColumnarValue::Scalar(ScalarValue::TimestampMicrosecond(

@@ -167,7 +167,7 @@ fn profile_number() -> datafusion::logical_expr::ScalarUDF {
             for id in ids {
                 match id {
                     None => numbers.append_null(),
-                    Some(id) => match crate::identity::profile_id_number(id) {
+                    Some(id) => match crate::stages::identity::profile_id_number(id) {
                         Some(n) => numbers.append_value(n),
                         None => {
                             return Err(datafusion::error::DataFusionError::Execution(format!(
@@ -430,7 +430,7 @@ impl Builders {
         pages: i64,
         first_message_id: Option<&str>,
     ) {
-        // As `crate::identity::profile_id_text` writes it, without a String per session.
+        // As `crate::stages::identity::profile_id_text` writes it, without a String per session.
         let _ = write!(self.profile, "p_{profile:016x}");
         self.profile.append_value("");
         self.index.append_value(index);
@@ -627,7 +627,7 @@ ORDER BY profile_id, session_index"#;
         for i in 0..rows {
             profile.push(
                 (rng.gen_range(0..20) > 0)
-                    .then(|| crate::identity::profile_id_text(rng.gen_range(0..7) << 60)),
+                    .then(|| crate::stages::identity::profile_id_text(rng.gen_range(0..7) << 60)),
             );
             ts.push(
                 (rng.gen_range(0..30) > 0)

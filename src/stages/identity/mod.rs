@@ -39,7 +39,7 @@ use futures::StreamExt;
 use crate::config::QueryFile;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::ingest::timestamp_type;
+use crate::tables::timestamp_type;
 use crate::tables::{self, event};
 use graph::{Node, Resolution, Resolver, Rules, NO_TIME};
 
@@ -737,18 +737,7 @@ fn new_profile_number(kind: &str, value: &[u8], salt: Option<u32>) -> u64 {
     h
 }
 
-pub(crate) fn profile_id_text(number: u64) -> String {
-    format!("p_{number:016x}")
-}
-
-/// The number of an id [`profile_id_text`] wrote; `None` for any other text.
-pub(crate) fn profile_id_number(id: &str) -> Option<u64> {
-    let hex = id.strip_prefix("p_")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
-}
+pub(crate) use crate::tables::{profile_id_number, profile_id_text};
 
 fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
     // Members of each component, grouped in one array (counting sort by component), each

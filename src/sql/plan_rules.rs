@@ -1,5 +1,5 @@
-//! What Tessera's physical optimizer rules ([`crate::shift_window`],
-//! [`crate::cheap_filters_first`]) share: replacing operators of one kind, and, for their
+//! What Tessera's physical optimizer rules ([`crate::sql::shift_window`],
+//! [`crate::sql::cheap_filters_first`]) share: replacing operators of one kind, and, for their
 //! tests, plain DataFusion contexts with or without a rule and a query's result beside its plan.
 
 use std::sync::Arc;

@@ -3,6 +3,9 @@
 //! It accepts exactly what `serde_json` accepts (RFC 8259; see the property test), except that
 //! nesting deeper than [`MAX_DEPTH`] is refused.
 
+/// Name of the JSON check used at ingest; also available to users' SQL.
+pub const IS_JSON: &str = "is_json";
+
 /// Deepest nesting of arrays and objects accepted (serde_json's own limit is 128).
 pub const MAX_DEPTH: usize = 128;
 
@@ -166,6 +169,28 @@ fn object(b: &[u8], i: usize, depth: usize) -> Option<usize> {
             _ => return None,
         }
     }
+}
+
+/// `is_json(text) -> boolean`: true when the text parses as JSON (NULL stays NULL).
+pub fn is_json_udf() -> datafusion::logical_expr::ScalarUDF {
+    datafusion::logical_expr::create_udf(
+        IS_JSON,
+        vec![arrow::datatypes::DataType::Utf8],
+        arrow::datatypes::DataType::Boolean,
+        datafusion::logical_expr::Volatility::Immutable,
+        std::sync::Arc::new(is_json_impl),
+    )
+}
+
+fn is_json_impl(
+    args: &[datafusion::logical_expr::ColumnarValue],
+) -> datafusion::error::Result<datafusion::logical_expr::ColumnarValue> {
+    let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
+    let text = datafusion::common::cast::as_string_array(&arrays[0])?;
+    let result: arrow::array::BooleanArray = text.iter().map(|v| v.map(is_json)).collect();
+    Ok(datafusion::logical_expr::ColumnarValue::Array(
+        std::sync::Arc::new(result) as arrow::array::ArrayRef,
+    ))
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use serde::Serialize;
 use super::graph::{Reason, Rules};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::ingest::timestamp_type;
 use crate::tables;
+use crate::tables::timestamp_type;
 
 /// An identifier in an explanation.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]

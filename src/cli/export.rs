@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, ListArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use sha2::{Digest as _, Sha256};
 
 use crate::config::{ExportConfig, Normalize, PhoneFormat, PiiHandling, Project};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::identity::graph::Rules;
+use crate::stages::identity::graph::Rules;
 use crate::storage::Location;
 use crate::tables;
 
@@ -58,11 +57,7 @@ pub struct ExportSummary {
     pub neutralised_cells: u64,
 }
 
-/// SHA-256 of `text` as lowercase hex.
-pub fn sha256_hex(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::digest::sha256_hex;
 
 /// How a value is normalised before it is hashed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +196,7 @@ fn holds_json(chunks: &[&ArrayRef]) -> bool {
 
 /// The text that is hashed for `raw`, or `None` when it is empty or not a valid value.
 fn normalised(how: Digest, raw: &str, country: &str, phone: PhoneFormat) -> Option<String> {
-    use crate::identity::normalize::normalize;
+    use crate::stages::identity::normalize::normalize;
     match how {
         Digest::Email => normalize(Normalize::Email, raw, country)
             .ok()

@@ -34,7 +34,7 @@ impl PhysicalOptimizerRule for CheapFiltersFirst {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        crate::plan_rules::replace_each(plan, split)
+        crate::sql::plan_rules::replace_each(plan, split)
     }
 
     fn name(&self) -> &str {
@@ -86,7 +86,7 @@ mod tests {
 
     fn context(with_rule: bool) -> SessionContext {
         let rule = with_rule.then(|| Arc::new(CheapFiltersFirst) as _);
-        let ctx = crate::plan_rules::testing::context(16, rule);
+        let ctx = crate::sql::plan_rules::testing::context(16, rule);
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, false),
             Field::new("event", DataType::Utf8, true),
@@ -115,7 +115,7 @@ mod tests {
         ctx
     }
 
-    use crate::plan_rules::testing::result_and_plan as run;
+    use crate::sql::plan_rules::testing::result_and_plan as run;
 
     #[tokio::test]
     async fn plain_conditions_run_first_and_the_rows_kept_are_the_same() {

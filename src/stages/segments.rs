@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayBuilder, AsArray, RecordBatch};
 use arrow::datatypes::DataType;
-use datafusion::catalog::MemorySchemaProvider;
 use datafusion::common::TableReference;
 use datafusion::datasource::MemTable;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
@@ -302,7 +301,7 @@ impl Changes {
             Field::new("profile_id", DataType::Utf8, false),
             Field::new("change", DataType::Utf8, false),
             Field::new("run_id", DataType::Utf8, false),
-            Field::new("changed_at", crate::ingest::timestamp_type(), false),
+            Field::new("changed_at", crate::tables::timestamp_type(), false),
         ]))
     }
 
@@ -326,18 +325,6 @@ impl Changes {
         }
         Ok((batches, self.reservation.take()))
     }
-}
-
-/// Makes sure a schema of folder tables (`segments`, `reports`) exists in the context.
-pub fn ensure_schema(engine: &Engine, schema: &str) -> Result<()> {
-    let catalog = engine
-        .ctx
-        .catalog("datafusion")
-        .ok_or_else(|| Error::Usage("the default catalog is missing".into()))?;
-    if catalog.schema(schema).is_none() {
-        catalog.register_schema(schema, Arc::new(MemorySchemaProvider::new()))?;
-    }
-    Ok(())
 }
 
 /// Runs one segment and registers it as `segments.<name>`; returns its members' rows and ids.

@@ -53,7 +53,7 @@ impl PhysicalOptimizerRule for ShiftWindows {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        crate::plan_rules::replace_each(plan, |window: &BoundedWindowAggExec| {
+        crate::sql::plan_rules::replace_each(plan, |window: &BoundedWindowAggExec| {
             Ok(shifts_of(window).map(|shifts| {
                 Arc::new(ShiftWindowExec {
                     original: Arc::new(window.clone()),
@@ -462,10 +462,10 @@ mod tests {
 
     fn context(with_rule: bool, batch_size: usize) -> SessionContext {
         let rule = with_rule.then(|| Arc::new(ShiftWindows) as _);
-        crate::plan_rules::testing::context(batch_size, rule)
+        crate::sql::plan_rules::testing::context(batch_size, rule)
     }
 
-    use crate::plan_rules::testing::result_and_plan as run;
+    use crate::sql::plan_rules::testing::result_and_plan as run;
 
     const SHIFTS: &str = "SELECT id, \
         lead(x) OVER w AS a, lag(x) OVER w AS b, lead(s, 2) OVER w AS c, \

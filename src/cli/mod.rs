@@ -1,5 +1,10 @@
 //! The `tessera` command line: flags are parsed here, checked, and handed to the library.
 
+pub mod bench;
+pub mod export;
+pub mod generate;
+pub mod status;
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -8,13 +13,13 @@ use chrono::NaiveDate;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use crate::cli::generate::GenerateOptions;
 use crate::config::{Project, CONFIG_FILE};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{self, GenerateOptions};
+use crate::pipeline::runs::RunReport;
 use crate::pipeline::{self, RunOptions};
 use crate::progress::Progress;
-use crate::runs::RunReport;
 use crate::storage::Place;
 
 /// Tessera: an embedded customer data platform engine.
@@ -192,8 +197,8 @@ pub enum ExportWhat {
         /// The segment's name (its file name in queries/segments/).
         name: String,
         /// The file format.
-        #[arg(long, value_enum, default_value_t = crate::export::ExportFormat::Csv)]
-        format: crate::export::ExportFormat,
+        #[arg(long, value_enum, default_value_t = crate::cli::export::ExportFormat::Csv)]
+        format: crate::cli::export::ExportFormat,
         /// The file to write.
         #[arg(long)]
         out: PathBuf,
@@ -313,7 +318,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             // they are now (checked and deduplicated on the fly).
             let events = match engine
                 .outputs
-                .read(&engine.ctx, crate::state::EVENTS)
+                .read(&engine.ctx, crate::output::state::EVENTS)
                 .await?
             {
                 Some(history) => {
@@ -323,13 +328,17 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                         .register_table(crate::tables::EVENTS, history.clone().into_view())?;
                     history
                 }
-                None => engine.ingest_skipping_corrupt().await?.events,
+                None => {
+                    crate::stages::ingest::ingest_skipping_corrupt(&engine)
+                        .await?
+                        .events
+                }
             };
             engine.register_outputs().await?;
             // Looking up every event's profile costs a pass over events: only when asked for.
             if sql.to_lowercase().contains("profile_id") {
                 if let Some(resolved) =
-                    crate::identity::events_with_published_profiles(&engine, events).await?
+                    crate::stages::identity::events_with_published_profiles(&engine, events).await?
                 {
                     engine.ctx.deregister_table(crate::tables::EVENTS)?;
                     engine
@@ -355,7 +364,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         Command::Validate => validate(&project_dir, cli.json).await,
         Command::Status { runs } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            let status = crate::status::status(&engine, runs).await?;
+            let status = crate::cli::status::status(&engine, runs).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&status).unwrap_or_default());
             } else {
@@ -365,7 +374,8 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         }
         Command::Explain { identifier } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            let explanation = crate::identity::explain::explain(&engine, &identifier).await?;
+            let explanation =
+                crate::stages::identity::explain::explain(&engine, &identifier).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -381,9 +391,9 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             from_file,
             dry_run,
         } => {
-            let specs = crate::forget::collect_specs(&identifiers, from_file.as_deref())?;
+            let specs = crate::stages::forget::collect_specs(&identifiers, from_file.as_deref())?;
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            let report = crate::forget::forget(&engine, &specs, dry_run).await?;
+            let report = crate::stages::forget::forget(&engine, &specs, dry_run).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
@@ -404,16 +414,16 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         } => {
             let project = Project::load(&project_dir)?;
             // Refused before the engine opens: nothing is read for a file that may not be written.
-            crate::export::check_out_path(&project, &out)?;
+            crate::cli::export::check_out_path(&project, &out)?;
             let engine = Engine::open(project).await?;
-            let options = crate::export::ExportOptions {
+            let options = crate::cli::export::ExportOptions {
                 segment: name,
                 format,
                 columns,
                 hash_pii,
                 raw,
             };
-            let summary = crate::export::export_segment(&engine, &options, &out).await?;
+            let summary = crate::cli::export::export_segment(&engine, &options, &out).await?;
             if cli.json {
                 let mut report = serde_json::to_value(&summary).unwrap_or_default();
                 report["out"] = serde_json::json!(out);
@@ -451,7 +461,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         }
         Command::Accuracy { truth } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
-            let accuracy = crate::identity::accuracy::measure(&engine, &truth).await?;
+            let accuracy = crate::stages::identity::accuracy::measure(&engine, &truth).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&accuracy).unwrap_or_default());
             } else {
@@ -473,7 +483,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
         Command::Predict {
             what: PredictWhat::Fit { summary },
         } => {
-            let models = crate::predict::fit_summary_file(&summary).await?;
+            let models = crate::stages::predict::fit_summary_file(&summary).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&models).unwrap_or_default());
             } else {
@@ -482,11 +492,11 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Bench(args) => {
-            let options = crate::bench::BenchOptions {
+            let options = crate::cli::bench::BenchOptions {
                 sizes: args
                     .sizes
                     .iter()
-                    .map(|s| crate::bench::parse_count(s))
+                    .map(|s| crate::cli::bench::parse_count(s))
                     .collect::<Result<_>>()?,
                 project: std::path::absolute(&project_dir)
                     .map_err(|e| Error::io(&project_dir, e))?,
@@ -498,9 +508,9 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             };
             // Fail on a broken project before generating anything.
             Project::load(&options.project)?;
-            let report = crate::bench::run(&options, progress).await?;
+            let report = crate::cli::bench::run(&options, progress).await?;
             let out = args.out.unwrap_or(options.data_dir.clone());
-            let written = crate::bench::write(&report, &out)?;
+            let written = crate::cli::bench::write(&report, &out)?;
             if cli.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
@@ -551,7 +561,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
     }
 }
 
-fn print_models(models: &crate::predict::Models) {
+fn print_models(models: &crate::stages::predict::Models) {
     let diagnostics = |ll: f64, customers: usize, what: &str, iterations: u32, converged: bool| {
         println!(
             "             log-likelihood {ll:.4}, {customers} {what}, {iterations} iterations{}",
@@ -617,7 +627,7 @@ fn print_report(report: &RunReport, json: bool) {
     for changed in &report.changed_files {
         println!("    changed {}: {}", changed.file, changed.reason);
     }
-    if report.status == crate::runs::RunStatus::Unchanged {
+    if report.status == crate::pipeline::runs::RunStatus::Unchanged {
         println!("  no new event files since the last run: nothing to do, no table changed");
         return;
     }
@@ -729,10 +739,10 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
     let engine = Engine::open(project).await?;
     let mut findings = Findings::default();
     // A full read of every file: validate is where a file with corrupt rows should show up.
-    let corrupt = crate::ingest::find_corrupt(&engine.events, None)
+    let corrupt = crate::stages::ingest::find_corrupt(&engine.events, None)
         .await
         .unwrap_or_default();
-    match engine.ingest(&corrupt, None, &|_, _| {}).await {
+    match crate::stages::ingest::ingest(&engine, &corrupt, None, &|_, _| {}).await {
         Ok(ingested) => {
             findings.event_files = ingested.inventory.files.len();
             for skipped in &ingested.inventory.skipped {
@@ -838,74 +848,74 @@ fn current_dir() -> Result<PathBuf> {
 
 /// The files `tessera init` writes, from the bundled project itself.
 const INIT_FILES: &[(&str, &str)] = &[
-    (CONFIG_FILE, include_str!("../tessera.toml")),
+    (CONFIG_FILE, include_str!("../../tessera.toml")),
     (
         "queries/identity/events.sql",
-        include_str!("../queries/identity/events.sql"),
+        include_str!("../../queries/identity/events.sql"),
     ),
     (
         "queries/traits/order_count.sql",
-        include_str!("../queries/traits/order_count.sql"),
+        include_str!("../../queries/traits/order_count.sql"),
     ),
     (
         "queries/traits/revenue.sql",
-        include_str!("../queries/traits/revenue.sql"),
+        include_str!("../../queries/traits/revenue.sql"),
     ),
     (
         "queries/traits/favourite_category.sql",
-        include_str!("../queries/traits/favourite_category.sql"),
+        include_str!("../../queries/traits/favourite_category.sql"),
     ),
     (
         "queries/traits/campaign_source.sql",
-        include_str!("../queries/traits/campaign_source.sql"),
+        include_str!("../../queries/traits/campaign_source.sql"),
     ),
     (
         "queries/traits/viewed_products.sql",
-        include_str!("../queries/traits/viewed_products.sql"),
+        include_str!("../../queries/traits/viewed_products.sql"),
     ),
     (
         "queries/segments/high_value.sql",
-        include_str!("../queries/segments/high_value.sql"),
+        include_str!("../../queries/segments/high_value.sql"),
     ),
     (
         "queries/segments/active_30d.sql",
-        include_str!("../queries/segments/active_30d.sql"),
+        include_str!("../../queries/segments/active_30d.sql"),
     ),
     (
         "queries/segments/cart_abandoners.sql",
-        include_str!("../queries/segments/cart_abandoners.sql"),
+        include_str!("../../queries/segments/cart_abandoners.sql"),
     ),
     (
         "queries/segments/lapsed_buyers.sql",
-        include_str!("../queries/segments/lapsed_buyers.sql"),
+        include_str!("../../queries/segments/lapsed_buyers.sql"),
     ),
     (
         "queries/segments/high_value_active.sql",
-        include_str!("../queries/segments/high_value_active.sql"),
+        include_str!("../../queries/segments/high_value_active.sql"),
     ),
     (
         "queries/segments/abandoned_checkout.sql",
-        include_str!("../queries/segments/abandoned_checkout.sql"),
+        include_str!("../../queries/segments/abandoned_checkout.sql"),
     ),
     (
         "queries/segments/valuable_at_risk.sql",
-        include_str!("../queries/segments/valuable_at_risk.sql"),
+        include_str!("../../queries/segments/valuable_at_risk.sql"),
     ),
     (
         "queries/segments/champions.sql",
-        include_str!("../queries/segments/champions.sql"),
+        include_str!("../../queries/segments/champions.sql"),
     ),
     (
         "queries/reports/checkout_funnel.sql",
-        include_str!("../queries/reports/checkout_funnel.sql"),
+        include_str!("../../queries/reports/checkout_funnel.sql"),
     ),
     (
         "queries/reports/after_add_to_cart.sql",
-        include_str!("../queries/reports/after_add_to_cart.sql"),
+        include_str!("../../queries/reports/after_add_to_cart.sql"),
     ),
     (
         "queries/reports/rfm_overview.sql",
-        include_str!("../queries/reports/rfm_overview.sql"),
+        include_str!("../../queries/reports/rfm_overview.sql"),
     ),
     (".gitignore", "/out\n"),
 ];

@@ -11,8 +11,10 @@
 //!                        runs ─► publish: every table's commit, `runs` last ─► release lease
 //! ```
 //!
-//! Every table is written to a stage first ([`crate::publish`]); nothing is visible to
+//! Every table is written to a stage first ([`crate::output::publish`]); nothing is visible to
 //! readers until [`Stage::publish`] runs at the end.
+
+pub mod runs;
 
 use std::time::Duration;
 
@@ -21,13 +23,13 @@ use chrono::Utc;
 use crate::config::Project;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::identity;
-use crate::lease::Lease;
+use crate::output::lease::Lease;
+use crate::output::publish::Stage;
+use crate::output::state;
 use crate::output::{Outputs, WriteMode};
+use crate::pipeline::runs::{RunReport, RunStatus};
 use crate::progress::Progress;
-use crate::publish::Stage;
-use crate::runs::{RunReport, RunStatus};
-use crate::state;
+use crate::stages::identity;
 use crate::tables;
 
 /// Choices for one run.
@@ -70,15 +72,15 @@ pub async fn run_on(
     report.as_of = options.as_of.unwrap_or(report.started_at);
     engine
         .ctx
-        .register_udf(crate::functions::as_of(report.as_of));
+        .register_udf(crate::sql::functions::as_of(report.as_of));
     let place = engine.outputs.place().clone();
-    crate::lease::check_conditional_writes(&place).await?;
+    crate::output::lease::check_conditional_writes(&place).await?;
     let ttl = Duration::from_secs(engine.project.config.run.lease_seconds);
     let lease = Lease::acquire(&place, &report.run_id, ttl).await?;
     tracing::info!(run_id = %report.run_id, full = options.full, "run started");
     // Only a run sweeps: other commands are often run by hand beside a scheduled one, and
     // must not delete anything.
-    crate::scratch::sweep(&engine.limits.scratch_parent());
+    crate::output::scratch::sweep(&engine.limits.scratch_parent());
     let result = leased(engine, options, progress, &lease, &mut report).await;
     lease.release().await;
     result.map(|()| report)
@@ -92,7 +94,7 @@ async fn leased(
     report: &mut RunReport,
 ) -> Result<()> {
     let place = engine.outputs.place().clone();
-    report.finished_publishes = crate::publish::roll_forward(&place).await?;
+    report.finished_publishes = crate::output::publish::roll_forward(&place).await?;
     let seen = if options.full {
         None
     } else {
@@ -115,7 +117,7 @@ async fn leased(
         // files, skip them, and run once more. With none found, the first error stands.
         let corrupt = match &outcome {
             Err(Error::ShortScan(files)) => files.clone(),
-            _ => crate::ingest::find_corrupt(&engine.events, seen.as_ref())
+            _ => crate::stages::ingest::find_corrupt(&engine.events, seen.as_ref())
                 .await
                 .unwrap_or_default(),
         };
@@ -240,7 +242,7 @@ fn in_stage<'a>(engine: &'a Engine, stage: &'static str) -> impl Fn(Error) -> Er
 /// did not fit in the memory limit: the segment's own SQL decides how many rows there are.
 fn in_segment<'a>(
     engine: &'a Engine,
-    segment: &'a crate::segments::SegmentQuery,
+    segment: &'a crate::stages::segments::SegmentQuery,
 ) -> impl Fn(Error) -> Error + 'a {
     move |e| {
         out_of_memory(
@@ -285,7 +287,7 @@ async fn stages(
     stage: &Stage,
     report: &mut RunReport,
     progress: Progress,
-    known_bad: &[crate::ingest::SkippedFile],
+    known_bad: &[crate::error::SkippedFile],
     seen: Option<&state::Seen>,
 ) -> Result<Work> {
     let outputs = &Outputs::new(stage.place().clone());
@@ -297,7 +299,7 @@ async fn stages(
         bar.set_length(total);
         bar.set_position(done);
     };
-    let ingested = engine.ingest(known_bad, seen, &on_file).await?;
+    let ingested = crate::stages::ingest::ingest(engine, known_bad, seen, &on_file).await?;
     bar.finish_and_clear();
     let inventory = &ingested.inventory;
     report.input_files = inventory.files.iter().map(|f| f.url.clone()).collect();
@@ -328,10 +330,10 @@ async fn stages(
         progress.spinner("quarantining rejected events, adding new events to the history");
     // One pass over the input feeds both tables (see `ingest::split`). An incremental run
     // also keeps the message_ids it read, so sessions know which profiles got events.
-    let split = crate::ingest::split(ctx, &ingested, seen.is_some())?;
+    let split = crate::stages::ingest::split(ctx, &ingested, seen.is_some())?;
     // A forgotten person's rows stop here, before the history and the quarantine: whatever
     // file brings them (redelivered, or read again by `--full`), see `forget`.
-    let suppression = crate::forget::Suppression::load(engine).await?;
+    let suppression = crate::stages::forget::Suppression::load(engine).await?;
     let (split_events, split_rejected) = match &suppression {
         Some(s) => (s.filter(split.events)?, s.filter(split.rejected)?),
         None => (split.events, split.rejected),
@@ -368,7 +370,7 @@ async fn stages(
     // that fails first stops the reading, and then the writer's error says why.
     let read = match read_ids {
         Ok(read) => read,
-        Err(e) if crate::ingest::stopped_by_writer(&e) => {
+        Err(e) if crate::stages::ingest::stopped_by_writer(&e) => {
             rejected.map_err(in_stage(engine, "rejected_events"))?;
             history.map_err(in_stage(engine, "event history"))?;
             return Err(e);
@@ -393,7 +395,10 @@ async fn stages(
     report.tables.insert(state::EVENTS.to_string(), committed);
     let files = engine
         .ctx
-        .read_batch(state::input_files_batch(&inventory.files, &report.run_id)?)?;
+        .read_batch(crate::stages::ingest::input_files_batch(
+            &inventory.files,
+            &report.run_id,
+        )?)?;
     let committed = outputs.write(ctx, state::INPUT_FILES, files, mode).await?;
     report
         .tables
@@ -499,7 +504,7 @@ async fn stages(
     // An incremental run names the events it added, so sessions are cut again only where
     // they can have changed.
     let added = match (seen, changed_identities) {
-        (Some(_), Some(changed_profiles)) => Some(crate::journeys::Changes {
+        (Some(_), Some(changed_profiles)) => Some(crate::stages::journeys::Changes {
             new_events: message_ids(ctx, read_ids)?,
             changed_profiles,
         }),
@@ -508,7 +513,7 @@ async fn stages(
     let (built, predictions) = engine
         .in_time(
             "Tessera's journeys stage (sessions, rfm, predictions)",
-            crate::journeys::build(engine, outputs, &report.run_id, report.as_of, added),
+            crate::stages::journeys::build(engine, outputs, &report.run_id, report.as_of, added),
         )
         .await
         .map_err(in_stage(engine, "journeys"))?;
@@ -524,11 +529,11 @@ async fn stages(
     let spinner = progress.spinner("building profiles");
     let as_of = report.as_of.timestamp_micros();
     // Unreadable state costs only time: every trait file then runs over every profile.
-    let carry = match crate::incremental_traits::Carry::open(
+    let carry = match crate::stages::incremental_traits::Carry::open(
         ctx,
         &engine.outputs,
         as_of,
-        crate::journeys::changed(engine).await?,
+        crate::stages::journeys::changed(engine).await?,
     )
     .await
     {
@@ -537,16 +542,17 @@ async fn stages(
             tracing::warn!(
                 error = %e,
                 "could not read {}: computing every trait for every profile",
-                crate::incremental_traits::STATE
+                crate::stages::incremental_traits::STATE
             );
             None
         }
     };
     // Read once: `_state/traits` records the very text the traits were computed with.
     let trait_files = engine.project.query_files("traits")?;
-    let profiles = crate::profiles::build(engine, &graph_for_sql, &trait_files, carry.as_ref())
-        .await
-        .map_err(in_stage(engine, "profiles"))?;
+    let profiles =
+        crate::stages::profiles::build(engine, &graph_for_sql, &trait_files, carry.as_ref())
+            .await
+            .map_err(in_stage(engine, "profiles"))?;
     // Written while segments and reports run (they read the profiles held in memory): the
     // table is encoded on one task, and at 100M events that took 4-5 s of a core.
     let mut profiles_write = tokio::task::JoinSet::new();
@@ -556,48 +562,49 @@ async fn stages(
         tables::PROFILES.to_string(),
         profiles,
     ));
-    crate::journeys::release_changed(engine)?;
+    crate::stages::journeys::release_changed(engine)?;
     // What the next incremental run needs to know to carry these traits over.
     let mut recorded = trait_files;
-    recorded.push(crate::profiles::last_known_state(&engine.project));
-    let state = crate::incremental_traits::state_batch(&recorded, as_of)?;
+    recorded.push(crate::stages::profiles::last_known_state(&engine.project));
+    let state = crate::stages::incremental_traits::state_batch(&recorded, as_of)?;
     let committed = outputs
         .write(
             ctx,
-            crate::incremental_traits::STATE,
+            crate::stages::incremental_traits::STATE,
             ctx.read_batch(state)?,
             WriteMode::Replace,
         )
         .await?;
-    report
-        .tables
-        .insert(crate::incremental_traits::STATE.to_string(), committed);
+    report.tables.insert(
+        crate::stages::incremental_traits::STATE.to_string(),
+        committed,
+    );
     spinner.finish_and_clear();
     report.stages.push(meter.finish("profiles", report.events));
 
     // Segments, each after the segments it reads.
     let meter = engine.meter();
-    crate::segments::ensure_schema(engine, tables::SEGMENTS)?;
-    let mut changes = crate::segments::Changes::new(
+    engine.ensure_schema(tables::SEGMENTS)?;
+    let mut changes = crate::stages::segments::Changes::new(
         &ctx.runtime_env().memory_pool,
         &report.run_id,
         report.started_at,
     );
     let mut writes = tokio::task::JoinSet::new();
-    for segment in crate::segments::ordered(engine)? {
+    for segment in crate::stages::segments::ordered(engine)? {
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let t0 = std::time::Instant::now();
         let (members, ids) = engine
             .in_time(
                 &segment.file,
-                crate::segments::materialise(engine, &segment),
+                crate::stages::segments::materialise(engine, &segment),
             )
             .await
             .map_err(in_segment(engine, &segment))?;
         tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
-        let before = crate::segments::published_members(engine, &segment)
+        let before = crate::stages::segments::published_members(engine, &segment)
             .await
             .map_err(in_segment(engine, &segment))?;
         changes
@@ -635,14 +642,14 @@ async fn stages(
 
     // Reports: any read-only query over the run's tables, written for BI tools.
     let meter = engine.meter();
-    crate::segments::ensure_schema(engine, tables::REPORTS)?;
-    for query in crate::reports::list(engine)? {
+    engine.ensure_schema(tables::REPORTS)?;
+    for query in crate::stages::reports::list(engine)? {
         let spinner = progress.spinner(&format!("report {}", query.name));
         let t0 = std::time::Instant::now();
         let (table, committed) = engine
             .in_time(
                 &query.file,
-                crate::reports::materialise(engine, outputs, &query),
+                crate::stages::reports::materialise(engine, outputs, &query),
             )
             .await
             .map_err(in_stage(engine, "reports"))?;

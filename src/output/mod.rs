@@ -1,6 +1,11 @@
 //! Output tables: Delta Lake tables under `storage.output`, each replaced or appended in one
 //! commit, with plain types every BI tool reads (UTF-8 strings, µs UTC timestamps).
 
+pub mod lease;
+pub mod publish;
+pub mod scratch;
+pub mod state;
+
 use std::sync::{Arc, OnceLock};
 
 use datafusion::common::Column;
@@ -19,8 +24,8 @@ use object_store::ObjectStoreExt;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::ingest::plain_type;
 use crate::storage::Place;
+use crate::tables::plain_type;
 
 /// How a table is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +53,7 @@ pub struct Committed {
 /// filter prunes files by a JSON document's text range.
 fn writer_properties(table: &str) -> parquet::file::properties::WriterProperties {
     use parquet::file::properties::EnabledStatistics;
-    let compression = if table == crate::state::EVENTS {
+    let compression = if table == crate::tables::state::EVENTS {
         parquet::basic::Compression::LZ4_RAW
     } else {
         parquet::basic::Compression::SNAPPY
@@ -383,10 +388,10 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
                 .map(|n| format!("{folder}/{n}")),
         );
     }
-    names.push(crate::state::EVENTS.into());
-    names.push(crate::state::INPUT_FILES.into());
-    names.push(crate::incremental_traits::STATE.into());
-    names.push(crate::forget::SUPPRESSED.into());
+    names.push(crate::tables::state::EVENTS.into());
+    names.push(crate::tables::state::INPUT_FILES.into());
+    names.push(crate::tables::state::TRAITS.into());
+    names.push(crate::tables::state::SUPPRESSED.into());
     Ok(names)
 }
 

@@ -14,15 +14,15 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::cli::generate::{generate, GenerateOptions};
 use crate::config::CONFIG_FILE;
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions};
 use crate::metrics::{Meter, StageStats};
 use crate::progress::Progress;
 use crate::storage::Place;
 
 /// The DuckDB baseline, written next to the work folders when it runs.
-const DUCKDB_SCRIPT: &str = include_str!("../benches/duckdb_pipeline.py");
+const DUCKDB_SCRIPT: &str = include_str!("../../benches/duckdb_pipeline.py");
 /// Generated days per size; people are chosen so that the events come to about the size.
 const DAYS: u32 = 30;
 /// Events the generator makes per person over [`DAYS`] days (measured: 322,580 people give
@@ -436,7 +436,7 @@ fn cut_file(file: &Path, at: u64, dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .unwrap_or("events");
     let write = |part: &str, batches: &[arrow::array::RecordBatch]| -> Result<PathBuf> {
         let path = dir.join(format!("{stem}-{part}.parquet"));
-        let bytes = crate::generate::parquet_bytes(schema.clone(), batches)?;
+        let bytes = crate::cli::generate::parquet_bytes(schema.clone(), batches)?;
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
         Ok(path)
     };
@@ -652,7 +652,7 @@ mod tests {
             .collect();
         std::fs::write(
             path,
-            crate::generate::parquet_bytes(schema, &batches).unwrap(),
+            crate::cli::generate::parquet_bytes(schema, &batches).unwrap(),
         )
         .unwrap();
         path.to_path_buf()
