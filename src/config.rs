@@ -44,6 +44,10 @@ pub struct Config {
     /// `[export]`: what `tessera export --hash-pii` does to each column.
     #[serde(default)]
     pub export: ExportConfig,
+    /// The top-level sections the file wrote out (`sessions`, `predictions`, …), defaults
+    /// or not: a built-in table is computed when its section is present or a query reads it.
+    #[serde(skip)]
+    pub declared: std::collections::BTreeSet<String>,
 }
 
 /// `[sessions]`
@@ -607,6 +611,10 @@ impl Config {
                 key,
             }
         })?;
+        let mut config = config;
+        if let Ok(toml::Value::Table(top)) = text.parse::<toml::Value>() {
+            config.declared = top.keys().cloned().collect();
+        }
         config.check(file)?;
         Ok(config)
     }

@@ -421,10 +421,16 @@ impl Engine {
 
     /// Registers the output tables that exist, so SQL can read them.
     pub async fn register_outputs(&self) -> Result<Vec<String>> {
+        // A table a run retired stays on disk until the retention passes; it is not shown.
+        let live = crate::output::published(&self.outputs, &self.ctx).await?;
+        let shown = |name: &str| live.as_ref().is_none_or(|l| l.contains(name));
         for folder in [tables::SEGMENTS, tables::REPORTS] {
             self.ensure_schema(folder)?;
             for name in self.outputs.folder_tables(folder).await? {
                 let table = format!("{folder}/{name}");
+                if !shown(&table) {
+                    continue;
+                }
                 if let Some(provider) = self.outputs.provider(&self.ctx, &table).await? {
                     let reference =
                         datafusion::common::TableReference::partial(folder, name.as_str());
@@ -432,9 +438,12 @@ impl Engine {
                 }
             }
         }
-        self.outputs
-            .register(&self.ctx, tables::OUTPUT_TABLES)
-            .await
+        let names: Vec<&str> = tables::OUTPUT_TABLES
+            .iter()
+            .copied()
+            .filter(|n| *n == tables::RUNS || *n == tables::FORGET_REQUESTS || shown(n))
+            .collect();
+        self.outputs.register(&self.ctx, &names).await
     }
 
     /// Runs `work`, the query `what` names (a SQL file, or one of Tessera's own stages),

@@ -49,6 +49,8 @@ pub mod state {
     pub const TRAITS: &str = "_state/traits";
     /// Digests of forgotten people's identifiers, kept out of every later run.
     pub const SUPPRESSED: &str = "_state/suppressed";
+    /// The graph of the last published run: each node, its inputs and fingerprint.
+    pub const NODES: &str = "_state/nodes";
 }
 
 /// One row per `tessera forget` request: digests of the identifiers, rows deleted per table.

@@ -85,6 +85,16 @@ pub enum Command {
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
+    /// Say what the next run would recompute and why (new events, a changed SQL file or
+    /// config key, a moved as-of, an upstream change, a removed file); write nothing.
+    Plan {
+        /// Plan a `--full` run.
+        #[arg(long)]
+        full: bool,
+        /// The as-of time the run would use (RFC 3339 or YYYY-MM-DD, UTC); default: now.
+        #[arg(long, value_name = "TIME")]
+        as_of: Option<String>,
+    },
     /// Explain an identifier's profile: its identifiers, the links that joined them, refused links.
     Explain {
         /// The identifier as TYPE:VALUE, e.g. email:alice@example.com (normalised like the data).
@@ -362,6 +372,17 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
+        Command::Plan { full, as_of } => {
+            let engine = Engine::open(Project::load(&project_dir)?).await?;
+            let as_of = as_of.as_deref().map(parse_as_of).transpose()?;
+            let plan = crate::pipeline::plan(&engine, &RunOptions { full, as_of }).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&plan).unwrap_or_default());
+            } else {
+                print!("{}", plan.render());
+            }
+            Ok(0)
+        }
         Command::Status { runs } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
             let status = crate::cli::status::status(&engine, runs).await?;
@@ -628,9 +649,10 @@ fn print_report(report: &RunReport, json: bool) {
         println!("    changed {}: {}", changed.file, changed.reason);
     }
     if report.status == crate::pipeline::runs::RunStatus::Unchanged {
-        println!("  no new event files since the last run: nothing to do, no table changed");
+        println!("  nothing to recompute: no new event files, and no SQL file, config key or time-dependent node changed; no table written");
         return;
     }
+    print_nodes(&report.nodes, &report.skipped_nodes);
     println!(
         "  rows    {} read, {} rejected, {} duplicates, {} events",
         report.rows_read, report.rows_rejected, report.rows_duplicate, report.events
@@ -672,10 +694,43 @@ fn print_report(report: &RunReport, json: bool) {
         );
     }
     for (name, committed) in &report.tables {
+        if committed.carried {
+            println!("  table   {name:<18} version {:<4} kept", committed.version);
+        } else {
+            println!(
+                "  table   {name:<18} version {:<4} {} rows written",
+                committed.version, committed.rows
+            );
+        }
+    }
+}
+
+/// One line per node recomputed or retired, with why; then what was kept and skipped.
+fn print_nodes(
+    nodes: &[crate::pipeline::graph::Step],
+    skipped: &[crate::pipeline::graph::Skipped],
+) {
+    use crate::pipeline::graph::Action;
+    let mut kept = 0;
+    for step in nodes {
+        let verb = match step.action {
+            Action::Keep => {
+                kept += 1;
+                continue;
+            }
+            Action::Recompute => "recomputed",
+            Action::Retire => "retired",
+        };
+        println!("  {verb:<10} {}: {}", step.node, step.reasons.join("; "));
+    }
+    if kept > 0 {
         println!(
-            "  table   {name:<18} version {:<4} {} rows written",
-            committed.version, committed.rows
+            "  kept       {kept} unchanged node{}",
+            if kept == 1 { "" } else { "s" }
         );
+    }
+    for s in skipped {
+        println!("  skipped    {}: {}", s.node, s.reason);
     }
 }
 

@@ -60,7 +60,7 @@ pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
     let inventory =
         crate::stages::ingest::discover(&engine.events, &[], Some(&seen), &|_, _| {}).await?;
     let mut tables = BTreeMap::new();
-    for name in crate::output::all_tables(&engine.outputs).await? {
+    for name in crate::output::published_tables(&engine.outputs, &engine.ctx).await? {
         if let Some(table) = engine.outputs.open(&name).await? {
             tables.insert(name, table.version().unwrap_or(0));
         }

@@ -43,6 +43,10 @@ pub struct Committed {
     pub version: u64,
     /// Rows written by this commit.
     pub rows: u64,
+    /// Not written by this run: the table's node was unchanged, and this is the version it
+    /// carried over (with the rows of the commit that wrote it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub carried: bool,
 }
 
 /// How table files are encoded: snappy (as delta-rs does by default; several times faster
@@ -219,7 +223,11 @@ impl Outputs {
         let version = table.version().unwrap_or(0);
         let rows = last_commit_rows(&table).await;
         tracing::debug!(table = name, version, rows, "committed");
-        Ok(Committed { version, rows })
+        Ok(Committed {
+            version,
+            rows,
+            carried: false,
+        })
     }
 
     /// Refuses to create table `name` in a folder that holds anything but the data files a
@@ -392,7 +400,65 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
     names.push(crate::tables::state::INPUT_FILES.into());
     names.push(crate::tables::state::TRAITS.into());
     names.push(crate::tables::state::SUPPRESSED.into());
+    names.push(crate::tables::state::NODES.into());
     Ok(names)
+}
+
+/// Tables that stay published whatever the run's graph holds: the run log, forget's log
+/// and Tessera's own state.
+fn always_published(name: &str) -> bool {
+    name == crate::tables::RUNS
+        || name == crate::tables::FORGET_REQUESTS
+        || name.starts_with("_state/")
+}
+
+/// The tables the last published run left published: every node's tables as
+/// `_state/nodes` lists them; `None` before a run recorded its graph (then every table
+/// under the output is published).
+pub async fn published(
+    outputs: &Outputs,
+    ctx: &SessionContext,
+) -> Result<Option<std::collections::BTreeSet<String>>> {
+    use arrow::array::AsArray;
+    let Some(df) = outputs.read(ctx, crate::tables::state::NODES).await? else {
+        return Ok(None);
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for batch in df.select_columns(&["tables"])?.collect().await? {
+        let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+        for value in column.as_string::<i32>().iter().flatten() {
+            names.extend(serde_json::from_str::<Vec<String>>(value).unwrap_or_default());
+        }
+    }
+    Ok(Some(names))
+}
+
+/// The tables under the output that are published now (see [`published`]).
+pub async fn published_tables(outputs: &Outputs, ctx: &SessionContext) -> Result<Vec<String>> {
+    let all = all_tables(outputs).await?;
+    Ok(match published(outputs, ctx).await? {
+        Some(live) => all
+            .into_iter()
+            .filter(|n| always_published(n) || live.contains(n))
+            .collect(),
+        None => all,
+    })
+}
+
+/// The tables under the output that a run retired: no longer published, waiting for the
+/// retention to pass before their files are deleted.
+pub async fn retired_tables(outputs: &Outputs, ctx: &SessionContext) -> Result<Vec<String>> {
+    let Some(live) = published(outputs, ctx).await? else {
+        return Ok(Vec::new());
+    };
+    let mut retired = Vec::new();
+    for name in all_tables(outputs).await? {
+        if !always_published(&name) && !live.contains(&name) && outputs.open(&name).await?.is_some()
+        {
+            retired.push(name);
+        }
+    }
+    Ok(retired)
 }
 
 /// Checkpoints written and files deleted by [`Outputs::tidy`].
@@ -455,6 +521,45 @@ impl Outputs {
             }
         }
         Ok(done)
+    }
+}
+
+impl Outputs {
+    /// Deletes retired table `name` once its last commit is older than `retention`: the data
+    /// files Tessera wrote, then its log. Files of any other name are left where they are,
+    /// and a table Tessera did not write is not touched. Returns the files deleted.
+    pub async fn remove_retired(&self, name: &str, retention: std::time::Duration) -> Result<u64> {
+        use futures::TryStreamExt;
+        let Some(table) = self.open(name).await? else {
+            return Ok(0);
+        };
+        self.check_owned(name, &table)?;
+        let folder = self.place.child(name);
+        let log = folder.clone().join("_delta_log");
+        let entries: Vec<object_store::ObjectMeta> =
+            self.place.store.list(Some(&log)).try_collect().await?;
+        let newest = entries.iter().map(|m| m.last_modified).max();
+        let age = newest
+            .map(|t| chrono::Utc::now() - t)
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or_default();
+        if age < retention {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        let listing = self.place.store.list_with_delimiter(Some(&folder)).await?;
+        let data = listing
+            .objects
+            .into_iter()
+            .filter(|m| m.location.filename().is_some_and(is_written_data_file));
+        for meta in data.chain(entries) {
+            match self.place.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(table = name, files = deleted, "deleted a retired table");
+        Ok(deleted)
     }
 }
 

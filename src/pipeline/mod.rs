@@ -14,9 +14,14 @@
 //! Every table is written to a stage first ([`crate::output::publish`]); nothing is visible to
 //! readers until [`Stage::publish`] runs at the end.
 
+pub mod graph;
 pub mod runs;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arrow::array::{AsArray, RecordBatch};
 
 use chrono::Utc;
 
@@ -26,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::output::lease::Lease;
 use crate::output::publish::Stage;
 use crate::output::state;
-use crate::output::{Outputs, WriteMode};
+use crate::output::{Committed, Outputs, WriteMode};
 use crate::pipeline::runs::{RunReport, RunStatus};
 use crate::progress::Progress;
 use crate::stages::identity;
@@ -108,7 +113,16 @@ async fn leased(
     .into();
 
     let mut stage = Stage::new(&place);
-    let mut outcome = stages(engine, &stage, report, progress, &[], seen.as_ref()).await;
+    let mut outcome = stages(
+        engine,
+        &stage,
+        report,
+        progress,
+        &[],
+        seen.as_ref(),
+        options.full,
+    )
+    .await;
     // A query stopped at its time limit was not failed by a file: the run ends at once rather
     // than read every event file again looking for corrupt ones.
     let timed_out = matches!(outcome, Err(Error::QueryTimeout { .. }));
@@ -128,14 +142,23 @@ async fn leased(
             report.tables.clear();
             report.stages.clear();
             stage = Stage::new(&place);
-            outcome = stages(engine, &stage, report, progress, &corrupt, seen.as_ref()).await;
+            outcome = stages(
+                engine,
+                &stage,
+                report,
+                progress,
+                &corrupt,
+                seen.as_ref(),
+                options.full,
+            )
+            .await;
         }
     }
     report.finished_at = Utc::now();
     match outcome {
         Ok(Work::Nothing) => {
             report.status = RunStatus::Unchanged;
-            tracing::info!(run_id = %report.run_id, "no new event files; nothing to do");
+            tracing::info!(run_id = %report.run_id, "nothing to recompute; nothing written");
             Ok(())
         }
         Ok(Work::Done) => {
@@ -188,7 +211,11 @@ async fn tidy(engine: &Engine) {
     let retention = Duration::from_secs(engine.project.config.run.retention_hours * 3600);
     let result = async {
         let names = crate::output::all_tables(&engine.outputs).await?;
-        engine.outputs.tidy(&names, retention).await
+        let mut done = engine.outputs.tidy(&names, retention).await?;
+        for name in crate::output::retired_tables(&engine.outputs, &engine.ctx).await? {
+            done.files_deleted += engine.outputs.remove_retired(&name, retention).await?;
+        }
+        Ok::<_, Error>(done)
     }
     .await;
     match result {
@@ -289,6 +316,7 @@ async fn stages(
     progress: Progress,
     known_bad: &[crate::error::SkippedFile],
     seen: Option<&state::Seen>,
+    full: bool,
 ) -> Result<Work> {
     let outputs = &Outputs::new(stage.place().clone());
     let ctx = &engine.ctx;
@@ -315,22 +343,512 @@ async fn stages(
         bytes = inventory.bytes(),
         "event files checked"
     );
-    if seen.is_some() && inventory.files.is_empty() {
+
+    // What needs recomputing, and why.
+    let (graph, plan, fingerprints) =
+        plan_run(engine, inventory.files.len(), report.as_of, full).await?;
+    report.nodes = plan.steps.clone();
+    report.skipped_nodes = plan.skipped.clone();
+    for step in plan.recomputed() {
+        tracing::info!(node = %step.node, reasons = %step.reasons.join("; "), "recompute");
+    }
+    if !plan.has_work() {
         return Ok(Work::Nothing);
     }
-    let mode = if seen.is_some() {
-        WriteMode::Append
-    } else {
-        WriteMode::Replace
-    };
     report.stages.push(meter.finish("ingest", report.rows_read));
+    let previous = previous_run(engine).await?;
+    // Every published table stands in for its node until (unless) the node is recomputed;
+    // the tables of retired nodes and of built-in nodes nothing needs are not read.
+    engine.register_outputs().await?;
+    for table in plan
+        .steps
+        .iter()
+        .filter(|s| s.action == graph::Action::Retire)
+        .flat_map(|s| s.tables.iter().cloned())
+        .chain(plan.skipped.iter().flat_map(|s| skipped_tables(&s.node)))
+    {
+        deregister(ctx, &table)?;
+    }
 
+    // The event history.
     let meter = engine.meter();
-    let spinner =
-        progress.spinner("quarantining rejected events, adding new events to the history");
+    let read_ids = if plan.recomputes("events") {
+        let mode = if seen.is_some() {
+            WriteMode::Append
+        } else {
+            WriteMode::Replace
+        };
+        let spinner =
+            progress.spinner("quarantining rejected events, adding new events to the history");
+        let read_ids = event_history(engine, outputs, &ingested, seen, mode, report).await?;
+        spinner.finish_and_clear();
+        Some(read_ids)
+    } else {
+        report.rows_read = 0;
+        None
+    };
+    // The history as this run leaves it: published, plus what this run staged.
+    let history = outputs.provider(ctx, state::EVENTS).await?.ok_or_else(|| {
+        Error::Usage("the event history table was not written; run `tessera run --full`".into())
+    })?;
+    ctx.deregister_table(tables::EVENTS)?;
+    ctx.register_table(tables::EVENTS, history)?;
+    if read_ids.is_some() || previous.is_none() {
+        report.events = ctx.table(tables::EVENTS).await?.count().await? as u64;
+    } else if let Some(previous) = &previous {
+        report.events = previous.events;
+    }
+    report.stages.push(meter.finish("events", report.rows_read));
+
+    // Identity: links from SQL, rules, union-find, stable profile ids.
+    let reads_events = |step: &graph::Step| {
+        graph
+            .node(&step.node)
+            .is_some_and(|n| n.reads.contains("events") && n.reads.contains("identity"))
+    };
+    let events_needed = plan.recomputed().into_iter().any(|s| reads_events(s));
+    let mut changed_identities = None;
+    let identity_graph: Option<RecordBatch> = if plan.recomputes("identity") {
+        let meter = engine.meter();
+        let spinner = progress.spinner("resolving identities");
+        let identity = resolve_in_time(engine, &report.run_id, report.started_at)
+            .await
+            .map_err(in_stage(engine, "identity"))?;
+        report.stages.push(meter.finish("identity", report.events));
+        changed_identities = identity.changed_profiles;
+        let graph_for_sql = identity.graph.clone();
+        let meter = engine.meter();
+        spinner.set_message("writing identity tables");
+        // The four tables are written at once: each writer encodes on one task, so one after
+        // the other they left a core idle.
+        let writes = [
+            (
+                tables::IDENTITY_GRAPH,
+                identity.graph.clone(),
+                WriteMode::Replace,
+            ),
+            (tables::IDENTITY_LINKS, identity.links, WriteMode::Replace),
+            (
+                tables::IDENTITY_CONFLICTS,
+                identity.conflicts,
+                WriteMode::Replace,
+            ),
+            (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
+        ]
+        .map(|(name, batch, mode)| async move {
+            let df = ctx.read_batch(batch)?;
+            let committed = outputs.write(ctx, name, df, mode).await?;
+            Ok::<_, Error>((name, committed))
+        });
+        for (name, committed) in futures::future::try_join_all(writes).await? {
+            report.tables.insert(name.to_string(), committed);
+            register_staged(ctx, outputs, name).await?;
+        }
+        spinner.finish_and_clear();
+        report
+            .stages
+            .push(meter.finish("identity_tables", identity.stats.identifiers));
+        let events = ctx.table(tables::EVENTS).await?;
+        let rules = identity::graph::Rules::from_config(&engine.project.config.identity);
+        let resolved =
+            identity::resolve_events(events, identity.event_profiles, &graph_for_sql, &rules)?;
+        ctx.deregister_table(tables::EVENTS)?;
+        ctx.register_table(tables::EVENTS, resolved.into_view())?;
+        materialise_events(engine, report).await?;
+        ctx.deregister_table(tables::IDENTITY_GRAPH)?;
+        ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql.clone())?;
+        report.events_without_profile = ctx
+            .table(tables::EVENTS)
+            .await?
+            .filter(datafusion::prelude::col(tables::event::PROFILE_ID).is_null())?
+            .count()
+            .await? as u64;
+        report.identity = identity.stats;
+        report.identity.events_with_profile = report.events - report.events_without_profile;
+        tracing::info!(
+            identifiers = report.identity.identifiers,
+            profiles = report.identity.profiles,
+            refused = report.identity.links_refused,
+            merged = report.identity.profiles_merged,
+            "identities resolved"
+        );
+        Some(graph_for_sql)
+    } else {
+        // Kept: the published graph maps the events to their profiles, when anything
+        // recomputed reads them.
+        if let Some(previous) = &previous {
+            report.identity = previous.identity.clone();
+            report.events_without_profile = previous.events_without_profile;
+        }
+        if events_needed {
+            let events = ctx.table(tables::EVENTS).await?;
+            if let Some(resolved) = identity::events_with_published_profiles(engine, events).await?
+            {
+                ctx.deregister_table(tables::EVENTS)?;
+                ctx.register_table(tables::EVENTS, resolved.into_view())?;
+                materialise_events(engine, report).await?;
+            }
+        }
+        None
+    };
+
+    // Journeys and predictions, before profiles so traits and segments can read them.
+    let which = crate::stages::journeys::Which {
+        sessions: plan.recomputes("sessions"),
+        rfm: plan.recomputes("rfm"),
+        predictions: plan.recomputes("predictions"),
+    };
+    if which.sessions || which.rfm || which.predictions {
+        let meter = engine.meter();
+        let spinner = progress.spinner("sessions, RFM and predictions");
+        // An incremental run names the events it added, so sessions are cut again only where
+        // they can have changed.
+        let added = match (seen, changed_identities, read_ids) {
+            (Some(_), Some(changed_profiles), Some(read_ids)) => {
+                Some(crate::stages::journeys::Changes {
+                    new_events: message_ids(ctx, read_ids)?,
+                    changed_profiles,
+                })
+            }
+            _ => None,
+        };
+        let (built, predictions) = engine
+            .in_time(
+                "Tessera's journeys stage (sessions, rfm, predictions)",
+                crate::stages::journeys::build(
+                    engine,
+                    outputs,
+                    &report.run_id,
+                    report.as_of,
+                    added,
+                    which,
+                ),
+            )
+            .await
+            .map_err(in_stage(engine, "journeys"))?;
+        for (name, committed) in built {
+            report.tables.insert(name, committed);
+        }
+        report.predictions = predictions;
+        spinner.finish_and_clear();
+        report.stages.push(meter.finish("journeys", report.events));
+    }
+
+    // Profiles: identifiers, last-known traits, computed traits.
+    let mut profiles_write = tokio::task::JoinSet::new();
+    if plan.recomputes("profiles") {
+        let meter = engine.meter();
+        let spinner = progress.spinner("building profiles");
+        let as_of = report.as_of.timestamp_micros();
+        let graph_batch = match identity_graph {
+            Some(batch) => batch,
+            None => published_identity_graph(engine).await?,
+        };
+        // With the events and identities as published, no profile changed: every trait file
+        // whose text and as-of are the ones recorded keeps its published values.
+        let changed = if plan.recomputes("events") || plan.recomputes("identity") {
+            crate::stages::journeys::changed(engine).await?
+        } else {
+            let none = ctx
+                .table(tables::EVENTS)
+                .await?
+                .filter(datafusion::prelude::lit(false))?;
+            let profiles = none.clone().select_columns(&[tables::event::PROFILE_ID])?;
+            Some((profiles, none.into_view()))
+        };
+        // Unreadable state costs only time: every trait file then runs over every profile.
+        let carry = match crate::stages::incremental_traits::Carry::open(
+            ctx,
+            &engine.outputs,
+            as_of,
+            changed,
+        )
+        .await
+        {
+            Ok(carry) => carry,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "could not read {}: computing every trait for every profile",
+                    crate::stages::incremental_traits::STATE
+                );
+                None
+            }
+        };
+        // Read once: `_state/traits` records the very text the traits were computed with.
+        let trait_files = engine.project.query_files("traits")?;
+        let profiles =
+            crate::stages::profiles::build(engine, &graph_batch, &trait_files, carry.as_ref())
+                .await
+                .map_err(in_stage(engine, "profiles"))?;
+        // Written while segments and reports run (they read the profiles held in memory):
+        // the table is encoded on one task, and at 100M events that took 4-5 s of a core.
+        profiles_write.spawn(replace_table(
+            engine,
+            outputs,
+            tables::PROFILES.to_string(),
+            profiles,
+        ));
+        crate::stages::journeys::release_changed(engine)?;
+        // What the next incremental run needs to know to carry these traits over.
+        let mut recorded = trait_files;
+        recorded.push(crate::stages::profiles::last_known_state(&engine.project));
+        let state = crate::stages::incremental_traits::state_batch(&recorded, as_of)?;
+        let committed = outputs
+            .write(
+                ctx,
+                crate::stages::incremental_traits::STATE,
+                ctx.read_batch(state)?,
+                WriteMode::Replace,
+            )
+            .await?;
+        report.tables.insert(
+            crate::stages::incremental_traits::STATE.to_string(),
+            committed,
+        );
+        spinner.finish_and_clear();
+        report.stages.push(meter.finish("profiles", report.events));
+    }
+
+    // Segments, each after the segments it reads; retired segments' members all exit.
+    let meter = engine.meter();
+    engine.ensure_schema(tables::SEGMENTS)?;
+    let mut changes = crate::stages::segments::Changes::new(
+        &ctx.runtime_env().memory_pool,
+        &report.run_id,
+        report.started_at,
+    );
+    let mut writes = tokio::task::JoinSet::new();
+    let mut segments_changed = false;
+    for segment in crate::stages::segments::ordered(engine)? {
+        let node = format!("{}/{}", tables::SEGMENTS, segment.name);
+        if !plan.recomputes(&node) {
+            continue;
+        }
+        segments_changed = true;
+        let spinner = progress.spinner(&format!("segment {}", segment.name));
+        let t0 = std::time::Instant::now();
+        let (members, ids) = engine
+            .in_time(
+                &segment.file,
+                crate::stages::segments::materialise(engine, &segment),
+            )
+            .await
+            .map_err(in_segment(engine, &segment))?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
+        // Compared with the version published by the previous run: a profile merged away is
+        // gone from the new members, so it exits; its survivor enters only if it qualifies.
+        // A segment that was not published (new, or retired before) had no members.
+        let before = if published_before(&plan, &node) {
+            crate::stages::segments::published_members(engine, &segment)
+                .await
+                .map_err(in_segment(engine, &segment))?
+        } else {
+            crate::stages::segments::Members::default()
+        };
+        changes
+            .add(&segment.name, &before, &ids)
+            .map_err(in_segment(engine, &segment))?;
+        drop(before);
+        // Written while the next segment runs (a table is encoded on one task; later
+        // segments read this one from memory, not from its table).
+        writes.spawn(replace_table(engine, outputs, node, members));
+        spinner.finish_and_clear();
+    }
+    for step in &plan.steps {
+        if step.action != graph::Action::Retire || step.kind != graph::Kind::Segment {
+            continue;
+        }
+        let name = step
+            .node
+            .strip_prefix(&format!("{}/", tables::SEGMENTS))
+            .unwrap_or(&step.node)
+            .to_string();
+        segments_changed = true;
+        let retired = crate::stages::segments::SegmentQuery {
+            name: name.clone(),
+            file: step.file.clone().unwrap_or_else(|| step.node.clone()),
+            sql: String::new(),
+            needs: Default::default(),
+        };
+        let before = crate::stages::segments::published_members(engine, &retired)
+            .await
+            .map_err(in_segment(engine, &retired))?;
+        changes
+            .add(&name, &before, &Default::default())
+            .map_err(in_segment(engine, &retired))?;
+        ctx.deregister_table(datafusion::common::TableReference::partial(
+            tables::SEGMENTS,
+            name.as_str(),
+        ))?;
+    }
+    while let Some(done) = writes.join_next().await {
+        let (table, committed) =
+            done.map_err(|e| Error::Usage(format!("writing a segment table stopped: {e}")))??;
+        report.tables.insert(table, committed);
+    }
+    if segments_changed {
+        let (batches, held) = changes
+            .take()
+            .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
+        let committed = outputs
+            .write(
+                ctx,
+                tables::SEGMENT_CHANGES,
+                ctx.read_batches(batches)?,
+                WriteMode::Append,
+            )
+            .await
+            .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
+        drop(held);
+        report
+            .tables
+            .insert(tables::SEGMENT_CHANGES.to_string(), committed);
+        register_staged(ctx, outputs, tables::SEGMENT_CHANGES).await?;
+        report.stages.push(meter.finish("segments", report.events));
+    }
+
+    // Reports: any read-only query over the run's tables, written for BI tools.
+    let meter = engine.meter();
+    engine.ensure_schema(tables::REPORTS)?;
+    for query in crate::stages::reports::list(engine)? {
+        if !plan.recomputes(&format!("{}/{}", tables::REPORTS, query.name)) {
+            continue;
+        }
+        let spinner = progress.spinner(&format!("report {}", query.name));
+        let t0 = std::time::Instant::now();
+        let (table, committed) = engine
+            .in_time(
+                &query.file,
+                crate::stages::reports::materialise(engine, outputs, &query),
+            )
+            .await
+            .map_err(in_stage(engine, "reports"))?;
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, rows = committed.rows, "report");
+        report.tables.insert(table, committed);
+        spinner.finish_and_clear();
+    }
+    // Any of the profiles write still running counts to the reports stage.
+    if let Some(done) = profiles_write.join_next().await {
+        let (_, committed) =
+            done.map_err(|e| Error::Usage(format!("writing the profiles table stopped: {e}")))??;
+        report.profiles_written = committed.rows;
+        report
+            .tables
+            .insert(tables::PROFILES.to_string(), committed);
+    }
+    report.stages.push(meter.finish("reports", report.events));
+
+    // The graph as this run leaves it, and the tables it carries over unchanged.
+    let nodes = graph::state_batch(&graph, &fingerprints, report.as_of)?;
+    let committed = outputs
+        .write(
+            ctx,
+            graph::STATE,
+            ctx.read_batch(nodes)?,
+            WriteMode::Replace,
+        )
+        .await?;
+    report.tables.insert(graph::STATE.to_string(), committed);
+    carry_tables(engine, &plan, previous.as_ref(), report).await?;
+    Ok(Work::Done)
+}
+
+/// The tables of a built-in node that a run skips.
+fn skipped_tables(node: &str) -> Vec<String> {
+    match node {
+        "sessions" => vec![tables::SESSIONS.into()],
+        "rfm" => vec![tables::RFM.into()],
+        "predictions" => vec![tables::PREDICTIONS.into(), tables::PREDICTION_MODELS.into()],
+        _ => Vec::new(),
+    }
+}
+
+/// Removes output table `name` (`segments/x` included) from the context, if registered.
+fn deregister(ctx: &datafusion::prelude::SessionContext, name: &str) -> Result<()> {
+    match name.split_once('/') {
+        Some((folder, table)) if folder == tables::SEGMENTS || folder == tables::REPORTS => {
+            ctx.deregister_table(datafusion::common::TableReference::partial(folder, table))?;
+        }
+        Some(_) => {}
+        None => {
+            ctx.deregister_table(name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Registers the version of `name` this run staged, so later SQL in the run reads it.
+async fn register_staged(
+    ctx: &datafusion::prelude::SessionContext,
+    outputs: &Outputs,
+    name: &str,
+) -> Result<()> {
+    if let Some(provider) = outputs.provider(ctx, name).await? {
+        ctx.deregister_table(name)?;
+        ctx.register_table(name, provider)?;
+    }
+    Ok(())
+}
+
+/// Whether node `name`'s table held its previous members: not when its file is new (a
+/// table left by a file retired earlier had every member exit then).
+fn published_before(plan: &graph::Plan, name: &str) -> bool {
+    !plan
+        .step(name)
+        .is_some_and(|s| s.reasons.iter().any(|r| r.starts_with("new file")))
+}
+
+/// Records the published version of every table of a kept node in this run's `runs` row.
+async fn carry_tables(
+    engine: &Engine,
+    plan: &graph::Plan,
+    previous: Option<&PreviousRun>,
+    report: &mut RunReport,
+) -> Result<()> {
+    for step in &plan.steps {
+        if step.action != graph::Action::Keep {
+            continue;
+        }
+        for table in &step.tables {
+            if report.tables.contains_key(table) {
+                continue;
+            }
+            let Some(opened) = engine.outputs.open(table).await? else {
+                continue;
+            };
+            let version = opened.version().unwrap_or(0).max(0) as u64;
+            let rows = previous
+                .and_then(|p| p.tables.get(table))
+                .map_or(0, |c| c.rows);
+            report.tables.insert(
+                table.clone(),
+                Committed {
+                    version,
+                    rows,
+                    carried: true,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes the new events to the history and rejected rows to `rejected_events`, and records
+/// the files read; returns the message ids read (sessions use them on incremental runs).
+async fn event_history(
+    engine: &Engine,
+    outputs: &Outputs,
+    ingested: &crate::stages::ingest::Ingested,
+    seen: Option<&state::Seen>,
+    mode: WriteMode,
+    report: &mut RunReport,
+) -> Result<Vec<arrow::array::ArrayRef>> {
+    let ctx = &engine.ctx;
+    let inventory = &ingested.inventory;
     // One pass over the input feeds both tables (see `ingest::split`). An incremental run
     // also keeps the message_ids it read, so sessions know which profiles got events.
-    let split = crate::stages::ingest::split(ctx, &ingested, seen.is_some())?;
+    let split = crate::stages::ingest::split(ctx, ingested, seen.is_some())?;
     // A forgotten person's rows stop here, before the history and the quarantine: whatever
     // file brings them (redelivered, or read again by `--full`), see `forget`.
     let suppression = crate::stages::forget::Suppression::load(engine).await?;
@@ -390,29 +908,18 @@ async fn stages(
     report
         .tables
         .insert(tables::REJECTED_EVENTS.to_string(), committed);
+    register_staged(ctx, outputs, tables::REJECTED_EVENTS).await?;
     let committed = history.map_err(in_stage(engine, "event history"))?;
     report.new_events = committed.rows;
     report.tables.insert(state::EVENTS.to_string(), committed);
-    let files = engine
-        .ctx
-        .read_batch(crate::stages::ingest::input_files_batch(
-            &inventory.files,
-            &report.run_id,
-        )?)?;
+    let files = ctx.read_batch(crate::stages::ingest::input_files_batch(
+        &inventory.files,
+        &report.run_id,
+    )?)?;
     let committed = outputs.write(ctx, state::INPUT_FILES, files, mode).await?;
     report
         .tables
         .insert(state::INPUT_FILES.to_string(), committed);
-    let history = outputs
-        .provider(ctx, state::EVENTS)
-        .await?
-        .ok_or_else(|| Error::Usage("the event history table was not written".into()))?;
-    ctx.deregister_table(tables::EVENTS)?;
-    ctx.register_table(tables::EVENTS, history)?;
-    report.events = ctx.table(tables::EVENTS).await?.count().await? as u64;
-    spinner.finish_and_clear();
-    report.stages.push(meter.finish("events", report.rows_read));
-
     // Every row read is either rejected or valid; copies are the valid rows not kept.
     report.suppressed = suppression.as_ref().map_or(0, |s| s.dropped());
     if report.suppressed > 0 {
@@ -423,52 +930,11 @@ async fn stages(
     }
     let valid = report.rows_read.saturating_sub(report.rows_rejected);
     report.rows_duplicate = valid.saturating_sub(report.new_events + report.suppressed);
+    Ok(read_ids)
+}
 
-    // Identity: links from SQL, rules, union-find, stable profile ids.
-    let meter = engine.meter();
-    let spinner = progress.spinner("resolving identities");
-    let identity = resolve_in_time(engine, &report.run_id, report.started_at)
-        .await
-        .map_err(in_stage(engine, "identity"))?;
-    report.stages.push(meter.finish("identity", report.events));
-    let changed_identities = identity.changed_profiles;
-    let graph_for_sql = identity.graph.clone();
-    let meter = engine.meter();
-    spinner.set_message("writing identity tables");
-    // The four tables are written at once: each writer encodes on one task, so one after the
-    // other they left a core idle.
-    let writes = [
-        (
-            tables::IDENTITY_GRAPH,
-            identity.graph.clone(),
-            WriteMode::Replace,
-        ),
-        (tables::IDENTITY_LINKS, identity.links, WriteMode::Replace),
-        (
-            tables::IDENTITY_CONFLICTS,
-            identity.conflicts,
-            WriteMode::Replace,
-        ),
-        (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
-    ]
-    .map(|(name, batch, mode)| async move {
-        let df = ctx.read_batch(batch)?;
-        let committed = outputs.write(ctx, name, df, mode).await?;
-        Ok::<_, Error>((name, committed))
-    });
-    for (name, committed) in futures::future::try_join_all(writes).await? {
-        report.tables.insert(name.to_string(), committed);
-    }
-    spinner.finish_and_clear();
-    report
-        .stages
-        .push(meter.finish("identity_tables", identity.stats.identifiers));
-    let events = ctx.table(tables::EVENTS).await?;
-    let rules = identity::graph::Rules::from_config(&engine.project.config.identity);
-    let resolved =
-        identity::resolve_events(events, identity.event_profiles, &graph_for_sql, &rules)?;
-    ctx.deregister_table(tables::EVENTS)?;
-    ctx.register_table(tables::EVENTS, resolved.into_view())?;
+/// Copies the resolved events once for the many stages that read them.
+async fn materialise_events(engine: &Engine, report: &mut RunReport) -> Result<()> {
     let meter = engine.meter();
     engine
         .in_time(
@@ -480,196 +946,141 @@ async fn stages(
     report
         .stages
         .push(meter.finish("resolved_events", report.events));
-    ctx.deregister_table(tables::IDENTITY_GRAPH)?;
-    ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql.clone())?;
-    report.events_without_profile = ctx
-        .table(tables::EVENTS)
-        .await?
-        .filter(datafusion::prelude::col(tables::event::PROFILE_ID).is_null())?
-        .count()
-        .await? as u64;
-    report.identity = identity.stats;
-    report.identity.events_with_profile = report.events - report.events_without_profile;
-    tracing::info!(
-        identifiers = report.identity.identifiers,
-        profiles = report.identity.profiles,
-        refused = report.identity.links_refused,
-        merged = report.identity.profiles_merged,
-        "identities resolved"
-    );
-
-    // Journeys and predictions, before profiles so traits and segments can read them.
-    let meter = engine.meter();
-    let spinner = progress.spinner("sessions, RFM and predictions");
-    // An incremental run names the events it added, so sessions are cut again only where
-    // they can have changed.
-    let added = match (seen, changed_identities) {
-        (Some(_), Some(changed_profiles)) => Some(crate::stages::journeys::Changes {
-            new_events: message_ids(ctx, read_ids)?,
-            changed_profiles,
-        }),
-        _ => None,
-    };
-    let (built, predictions) = engine
-        .in_time(
-            "Tessera's journeys stage (sessions, rfm, predictions)",
-            crate::stages::journeys::build(engine, outputs, &report.run_id, report.as_of, added),
-        )
-        .await
-        .map_err(in_stage(engine, "journeys"))?;
-    for (name, committed) in built {
-        report.tables.insert(name, committed);
-    }
-    report.predictions = Some(predictions);
-    spinner.finish_and_clear();
-    report.stages.push(meter.finish("journeys", report.events));
-
-    // Profiles: identifiers, last-known traits, computed traits.
-    let meter = engine.meter();
-    let spinner = progress.spinner("building profiles");
-    let as_of = report.as_of.timestamp_micros();
-    // Unreadable state costs only time: every trait file then runs over every profile.
-    let carry = match crate::stages::incremental_traits::Carry::open(
-        ctx,
-        &engine.outputs,
-        as_of,
-        crate::stages::journeys::changed(engine).await?,
-    )
-    .await
-    {
-        Ok(carry) => carry,
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "could not read {}: computing every trait for every profile",
-                crate::stages::incremental_traits::STATE
-            );
-            None
-        }
-    };
-    // Read once: `_state/traits` records the very text the traits were computed with.
-    let trait_files = engine.project.query_files("traits")?;
-    let profiles =
-        crate::stages::profiles::build(engine, &graph_for_sql, &trait_files, carry.as_ref())
-            .await
-            .map_err(in_stage(engine, "profiles"))?;
-    // Written while segments and reports run (they read the profiles held in memory): the
-    // table is encoded on one task, and at 100M events that took 4-5 s of a core.
-    let mut profiles_write = tokio::task::JoinSet::new();
-    profiles_write.spawn(replace_table(
-        engine,
-        outputs,
-        tables::PROFILES.to_string(),
-        profiles,
-    ));
-    crate::stages::journeys::release_changed(engine)?;
-    // What the next incremental run needs to know to carry these traits over.
-    let mut recorded = trait_files;
-    recorded.push(crate::stages::profiles::last_known_state(&engine.project));
-    let state = crate::stages::incremental_traits::state_batch(&recorded, as_of)?;
-    let committed = outputs
-        .write(
-            ctx,
-            crate::stages::incremental_traits::STATE,
-            ctx.read_batch(state)?,
-            WriteMode::Replace,
-        )
-        .await?;
-    report.tables.insert(
-        crate::stages::incremental_traits::STATE.to_string(),
-        committed,
-    );
-    spinner.finish_and_clear();
-    report.stages.push(meter.finish("profiles", report.events));
-
-    // Segments, each after the segments it reads.
-    let meter = engine.meter();
-    engine.ensure_schema(tables::SEGMENTS)?;
-    let mut changes = crate::stages::segments::Changes::new(
-        &ctx.runtime_env().memory_pool,
-        &report.run_id,
-        report.started_at,
-    );
-    let mut writes = tokio::task::JoinSet::new();
-    for segment in crate::stages::segments::ordered(engine)? {
-        let spinner = progress.spinner(&format!("segment {}", segment.name));
-        let t0 = std::time::Instant::now();
-        let (members, ids) = engine
-            .in_time(
-                &segment.file,
-                crate::stages::segments::materialise(engine, &segment),
-            )
-            .await
-            .map_err(in_segment(engine, &segment))?;
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
-        // Compared with the version published by the previous run: a profile merged away is
-        // gone from the new members, so it exits; its survivor enters only if it qualifies.
-        let before = crate::stages::segments::published_members(engine, &segment)
-            .await
-            .map_err(in_segment(engine, &segment))?;
-        changes
-            .add(&segment.name, &before, &ids)
-            .map_err(in_segment(engine, &segment))?;
-        drop(before);
-        // Written while the next segment runs (a table is encoded on one task; later
-        // segments read this one from memory, not from its table).
-        let table = format!("{}/{}", tables::SEGMENTS, segment.name);
-        writes.spawn(replace_table(engine, outputs, table, members));
-        spinner.finish_and_clear();
-    }
-    while let Some(done) = writes.join_next().await {
-        let (table, committed) =
-            done.map_err(|e| Error::Usage(format!("writing a segment table stopped: {e}")))??;
-        report.tables.insert(table, committed);
-    }
-    let (batches, held) = changes
-        .take()
-        .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
-    let committed = outputs
-        .write(
-            ctx,
-            tables::SEGMENT_CHANGES,
-            ctx.read_batches(batches)?,
-            WriteMode::Append,
-        )
-        .await
-        .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
-    drop(held);
-    report
-        .tables
-        .insert(tables::SEGMENT_CHANGES.to_string(), committed);
-    report.stages.push(meter.finish("segments", report.events));
-
-    // Reports: any read-only query over the run's tables, written for BI tools.
-    let meter = engine.meter();
-    engine.ensure_schema(tables::REPORTS)?;
-    for query in crate::stages::reports::list(engine)? {
-        let spinner = progress.spinner(&format!("report {}", query.name));
-        let t0 = std::time::Instant::now();
-        let (table, committed) = engine
-            .in_time(
-                &query.file,
-                crate::stages::reports::materialise(engine, outputs, &query),
-            )
-            .await
-            .map_err(in_stage(engine, "reports"))?;
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %query.file, rows = committed.rows, "report");
-        report.tables.insert(table, committed);
-        spinner.finish_and_clear();
-    }
-    // Any of the profiles write still running counts to the reports stage.
-    if let Some(done) = profiles_write.join_next().await {
-        let (_, committed) =
-            done.map_err(|e| Error::Usage(format!("writing the profiles table stopped: {e}")))??;
-        report.profiles_written = committed.rows;
-        report
-            .tables
-            .insert(tables::PROFILES.to_string(), committed);
-    }
-    report.stages.push(meter.finish("reports", report.events));
-    Ok(Work::Done)
+    Ok(())
 }
 
+/// The published identity graph in one batch (for profiles, when identity is kept).
+async fn published_identity_graph(engine: &Engine) -> Result<RecordBatch> {
+    let df = engine
+        .outputs
+        .read(&engine.ctx, tables::IDENTITY_GRAPH)
+        .await?
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "the published {} is missing; run `tessera run --full`",
+                tables::IDENTITY_GRAPH
+            ))
+        })?;
+    let df = crate::output::plain_columns(df)?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok(arrow::compute::concat_batches(&schema, &batches)?)
+}
+
+/// What the last succeeded run recorded that a run keeping its nodes reports again.
+struct PreviousRun {
+    events: u64,
+    events_without_profile: u64,
+    identity: crate::stages::identity::IdentityStats,
+    tables: BTreeMap<String, Committed>,
+}
+
+/// The last succeeded run's counts and tables; `None` before any.
+async fn previous_run(engine: &Engine) -> Result<Option<PreviousRun>> {
+    let Some(runs) = engine.outputs.read(&engine.ctx, tables::RUNS).await? else {
+        return Ok(None);
+    };
+    let wanted = [
+        "events",
+        "events_without_profile",
+        "identifiers",
+        "profiles",
+        "links_accepted",
+        "links_refused",
+        "profiles_merged",
+        "tables",
+    ];
+    let batches = runs
+        .filter(datafusion::prelude::col("status").eq(datafusion::prelude::lit("succeeded")))?
+        .sort(vec![
+            datafusion::prelude::col("started_at").sort(false, false)
+        ])?
+        .limit(0, Some(1))?
+        .select_columns(&wanted)?
+        .collect()
+        .await?;
+    let Some(batch) = batches.into_iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let int = |name: &str| -> u64 {
+        batch
+            .column_by_name(name)
+            .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).ok())
+            .map(|c| {
+                c.as_primitive::<arrow::datatypes::Int64Type>()
+                    .value(0)
+                    .max(0) as u64
+            })
+            .unwrap_or(0)
+    };
+    let tables_json = batch
+        .column_by_name("tables")
+        .and_then(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8).ok())
+        .map(|c| c.as_string::<i32>().value(0).to_string())
+        .unwrap_or_default();
+    Ok(Some(PreviousRun {
+        events: int("events"),
+        events_without_profile: int("events_without_profile"),
+        identity: crate::stages::identity::IdentityStats {
+            identifiers: int("identifiers"),
+            profiles: int("profiles"),
+            links_accepted: int("links_accepted"),
+            links_refused: int("links_refused"),
+            profiles_merged: int("profiles_merged"),
+            ..Default::default()
+        },
+        tables: serde_json::from_str(&tables_json).unwrap_or_default(),
+    }))
+}
+
+/// The graph, what the next run would do with each node, and the nodes' fingerprints.
+async fn plan_run(
+    engine: &Engine,
+    new_files: usize,
+    as_of: chrono::DateTime<Utc>,
+    full: bool,
+) -> Result<(graph::Graph, graph::Plan, BTreeMap<String, String>)> {
+    let graph = graph::Graph::build(engine).await?;
+    let recorded = graph::recorded(engine).await?;
+    let (mut plan, fingerprints) = graph::plan(&graph, recorded.as_ref(), new_files, as_of, full);
+    if recorded.is_none() {
+        // Before the graph was recorded, a segment or report whose file was deleted stayed
+        // published: retire it now.
+        for (folder, kind) in [
+            (tables::SEGMENTS, graph::Kind::Segment),
+            (tables::REPORTS, graph::Kind::Report),
+        ] {
+            for name in engine.outputs.folder_tables(folder).await? {
+                let node = format!("{folder}/{name}");
+                if graph.node(&node).is_none() {
+                    plan.steps.push(graph::Step {
+                        reasons: vec![format!("no file in queries/{folder}/ defines it any more")],
+                        tables: vec![node.clone()],
+                        node,
+                        kind,
+                        file: None,
+                        action: graph::Action::Retire,
+                    });
+                }
+            }
+        }
+    }
+    Ok((graph, plan, fingerprints))
+}
+
+/// What the next run would recompute and why, without running it (`tessera plan`).
+pub async fn plan(engine: &Engine, options: &RunOptions) -> Result<graph::Plan> {
+    let as_of = options.as_of.unwrap_or_else(Utc::now);
+    let seen = if options.full {
+        None
+    } else {
+        state::seen(&engine.outputs, &engine.ctx).await?
+    };
+    let inventory =
+        crate::stages::ingest::discover(&engine.events, &[], seen.as_ref(), &|_, _| {}).await?;
+    let (_, plan, _) = plan_run(engine, inventory.files.len(), as_of, options.full).await?;
+    Ok(plan)
+}
 /// Replaces table `name` with `batches`. The future owns what it needs, so it can run on a
 /// task of its own while the next work goes on (a table is encoded on one task).
 fn replace_table(

@@ -22,7 +22,7 @@ pub enum RunStatus {
     Succeeded,
     /// A stage failed; see `error`.
     Failed,
-    /// An incremental run found no new event files and changed nothing (not stored in `runs`).
+    /// Nothing needed recomputing, so nothing was written (not stored in `runs`).
     Unchanged,
 }
 
@@ -88,6 +88,10 @@ pub struct RunReport {
     pub predictions: Option<crate::stages::predict::PredictionRun>,
     /// Rows dropped because they hold the identifiers of a forgotten person (`tessera forget`).
     pub suppressed: u64,
+    /// Every node of the run's graph: recomputed (and why), kept or retired.
+    pub nodes: Vec<crate::pipeline::graph::Step>,
+    /// Built-in tables not computed, and why.
+    pub skipped_nodes: Vec<crate::pipeline::graph::Skipped>,
 }
 
 impl RunReport {
@@ -120,6 +124,8 @@ impl RunReport {
             finished_publishes: Vec::new(),
             predictions: None,
             suppressed: 0,
+            nodes: Vec::new(),
+            skipped_nodes: Vec::new(),
         }
     }
 
@@ -154,6 +160,8 @@ impl RunReport {
             Field::new("new_events", DataType::Int64, true),
             text("changed_file_list", true),
             Field::new("suppressed", DataType::Int64, true),
+            Field::new("as_of", timestamp_type(), true),
+            text("nodes", true),
         ]))
     }
 
@@ -199,6 +207,8 @@ impl RunReport {
             i(self.new_events),
             json(&self.changed_files),
             i(self.suppressed),
+            t(&self.as_of),
+            json(&self.nodes),
         ];
         Ok(RecordBatch::try_new(Self::schema(), columns)?)
     }
@@ -228,6 +238,7 @@ mod tests {
             Committed {
                 version: 3,
                 rows: 7,
+                carried: false,
             },
         );
         r.stages.push(crate::metrics::StageStats {

@@ -419,9 +419,10 @@ pub async fn build(
     run_id: &str,
     as_of: chrono::DateTime<chrono::Utc>,
     changes: Option<Changes>,
+    which: Which,
 ) -> Result<(
     Vec<(String, Committed)>,
-    crate::stages::predict::PredictionRun,
+    Option<crate::stages::predict::PredictionRun>,
 )> {
     let config = &engine.project.config;
     let schema = events_schema(engine).await?;
@@ -429,34 +430,44 @@ pub async fn build(
     // Registered again below only if this run finds which profiles changed (see `changed`).
     release_changed(engine)?;
 
-    let started = std::time::Instant::now();
-    let sessions = match changes {
-        Some(changes) => incremental_sessions(engine, &schema, changes).await?,
-        None => None,
-    };
-    let (sessions, rebuilt) = match sessions {
-        Some(sessions) => (sessions, "changed profiles"),
-        None => (
-            self::sessions(engine, &schema, &config.sessions, tables::EVENTS).await?,
-            "every profile",
-        ),
-    };
-    write_and_register(engine, outputs, tables::SESSIONS, sessions, &mut built).await?;
-    tracing::info!(
-        ms = started.elapsed().as_millis() as u64,
-        rebuilt,
-        "sessions"
-    );
+    if which.sessions {
+        let started = std::time::Instant::now();
+        let sessions = match changes {
+            Some(changes) => incremental_sessions(engine, &schema, changes).await?,
+            None => None,
+        };
+        let (sessions, rebuilt) = match sessions {
+            Some(sessions) => (sessions, "changed profiles"),
+            None => (
+                self::sessions(engine, &schema, &config.sessions, tables::EVENTS).await?,
+                "every profile",
+            ),
+        };
+        write_and_register(engine, outputs, tables::SESSIONS, sessions, &mut built).await?;
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            rebuilt,
+            "sessions"
+        );
+    }
+    if !which.rfm && !which.predictions {
+        return Ok((built, None));
+    }
 
     // Without an `event` column nothing is a purchase: the tables are written empty.
     let purchases = purchases_sql(&schema, &config.predictions).unwrap_or_else(|| {
         r#"SELECT profile_id, "timestamp", CAST(NULL AS DOUBLE) AS value FROM events WHERE false"#
             .to_string()
     });
-    let started = std::time::Instant::now();
-    let rfm = plan(engine, tables::RFM, &rfm_sql(&purchases)).await?;
-    write_and_register(engine, outputs, tables::RFM, rfm, &mut built).await?;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "rfm");
+    if which.rfm {
+        let started = std::time::Instant::now();
+        let rfm = plan(engine, tables::RFM, &rfm_sql(&purchases)).await?;
+        write_and_register(engine, outputs, tables::RFM, rfm, &mut built).await?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "rfm");
+    }
+    if !which.predictions {
+        return Ok((built, None));
+    }
 
     let started = std::time::Instant::now();
     let summary = plan(
@@ -520,7 +531,18 @@ pub async fn build(
         predict_ms,
         models,
     };
-    Ok((built, run))
+    Ok((built, Some(run)))
+}
+
+/// Which of the journeys tables a run computes (the others it keeps, or nothing needs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Which {
+    /// `sessions`.
+    pub sessions: bool,
+    /// `rfm`.
+    pub rfm: bool,
+    /// `predictions` and `prediction_models`.
+    pub predictions: bool,
 }
 
 #[cfg(test)]
