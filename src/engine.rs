@@ -441,7 +441,7 @@ impl Engine {
         let names: Vec<&str> = tables::OUTPUT_TABLES
             .iter()
             .copied()
-            .filter(|n| *n == tables::RUNS || *n == tables::FORGET_REQUESTS || shown(n))
+            .filter(|n| crate::output::always_published(n) || shown(n))
             .collect();
         self.outputs.register(&self.ctx, &names).await
     }

@@ -404,11 +404,12 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Tables that stay published whatever the run's graph holds: the run log, forget's log
-/// and Tessera's own state.
-fn always_published(name: &str) -> bool {
+/// Tables that stay published whatever the run's graph holds: the logs (runs, segment
+/// changes, forget requests) and Tessera's own state.
+pub fn always_published(name: &str) -> bool {
     name == crate::tables::RUNS
         || name == crate::tables::FORGET_REQUESTS
+        || name == crate::tables::SEGMENT_CHANGES
         || name.starts_with("_state/")
 }
 
@@ -557,6 +558,11 @@ impl Outputs {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
                 Err(e) => return Err(e.into()),
             }
+        }
+        // A local folder left empty goes too (object stores have no folders to leave).
+        if let Some(dir) = self.local_dir(name) {
+            let _ = std::fs::remove_dir(dir.join("_delta_log"));
+            let _ = std::fs::remove_dir(&dir);
         }
         tracing::info!(table = name, files = deleted, "deleted a retired table");
         Ok(deleted)

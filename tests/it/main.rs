@@ -7,6 +7,7 @@ mod export;
 mod faults;
 mod forget;
 mod generator;
+mod graph;
 mod identity;
 mod identity_props;
 mod ingest;
