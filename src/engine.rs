@@ -325,7 +325,7 @@ impl Engine {
         let mut read_parts = Vec::new();
         while let Some(done) = tasks.join_next().await {
             let (i, batches) = done.map_err(|e| {
-                Error::Usage(format!("reading `{name}` into memory stopped: {e}"))
+                Error::Internal(format!("reading `{name}` into memory stopped: {e}"))
             })??;
             let Some(batches) = batches else {
                 tracing::info!(
@@ -404,7 +404,7 @@ impl Engine {
         let catalog = self
             .ctx
             .catalog("datafusion")
-            .ok_or_else(|| Error::Usage("the default catalog is missing".into()))?;
+            .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?;
         if catalog.schema(schema).is_none() {
             catalog.register_schema(
                 schema,
@@ -519,7 +519,7 @@ impl Engine {
         self.ctx
             .sql_with_options(sql, read_only())
             .await
-            .map_err(|e| Error::query(file, e))
+            .map_err(|e| Error::query_failed(file, e))
     }
 
     /// Runs `df`, `file`'s query, to the end. At debug level (`-vv`) the plan it ran is logged
@@ -530,10 +530,10 @@ impl Engine {
         let plan = df
             .create_physical_plan()
             .await
-            .map_err(|e| Error::query(file, e))?;
+            .map_err(|e| Error::query_failed(file, e))?;
         let batches = datafusion::physical_plan::collect(plan.clone(), task)
             .await
-            .map_err(|e| Error::query(file, e))?;
+            .map_err(|e| Error::query_failed(file, e))?;
         self.log_plan(&plan, file);
         Ok(batches)
     }

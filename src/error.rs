@@ -70,7 +70,7 @@ pub enum Error {
 
     /// An error from the query engine outside a user's SQL file.
     #[error("query engine: {0}")]
-    DataFusion(#[from] DataFusionError),
+    DataFusion(DataFusionError),
 
     /// An Arrow error (casting, building batches).
     #[error("arrow: {0}")]
@@ -142,6 +142,37 @@ pub enum Error {
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+
+    /// A table writer stopped before the event files were read to the end; the writer's own
+    /// error says why.
+    #[error("a table writer stopped before the event files were read")]
+    WriterStopped,
+
+    /// Not the input's, the config's or the SQL's fault: a task of Tessera's that stopped, a
+    /// table it wrote that is not there. Run again; if it persists, it is a defect to report.
+    #[error("internal error (not caused by your data or config; run again, and report it if it persists): {0}")]
+    Internal(String),
+}
+
+impl From<DataFusionError> for Error {
+    /// The query engine's error; running out of the memory pool becomes [`Error::Memory`]
+    /// (its stage and limit named by whoever catches it), whatever wraps it.
+    fn from(e: DataFusionError) -> Self {
+        if resources_exhausted(&e) {
+            return Error::Memory {
+                stage: String::new(),
+                limit: String::new(),
+                message: e.to_string(),
+                narrow: None,
+            };
+        }
+        Error::DataFusion(e)
+    }
+}
+
+/// Whether `e`, or an error it wraps, is the memory pool refusing a reservation.
+pub fn resources_exhausted(e: &DataFusionError) -> bool {
+    matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
 }
 
 impl Error {
@@ -154,9 +185,24 @@ impl Error {
     }
 
     /// A Delta error on `table`.
+    ///
+    /// delta-rs turns the query engine's errors into text (`DeltaTableError::Generic`), so the
+    /// memory pool's refusal can only be recognised by DataFusion's own wording here, the one
+    /// place it enters; everywhere else it is [`Error::Memory`].
     pub fn delta(table: impl Into<String>, source: deltalake::DeltaTableError) -> Self {
+        let table = table.into();
+        if let deltalake::DeltaTableError::Generic(text) = &source {
+            if text.contains("Resources exhausted") {
+                return Error::Memory {
+                    stage: format!("table `{table}`"),
+                    limit: String::new(),
+                    message: text.clone(),
+                    narrow: None,
+                };
+            }
+        }
         Error::Delta {
-            table: table.into(),
+            table,
             source: Box::new(source),
         }
     }
@@ -166,6 +212,30 @@ impl Error {
         Error::Query {
             file: file.into(),
             message: message.to_string(),
+        }
+    }
+
+    /// A query engine error in SQL file `file`: [`Error::Memory`] when the memory pool
+    /// refused it, else [`Error::Query`].
+    pub fn query_failed(file: impl Into<String>, e: DataFusionError) -> Self {
+        let file = file.into();
+        if resources_exhausted(&e) {
+            return Error::Memory {
+                stage: file,
+                limit: String::new(),
+                message: e.to_string(),
+                narrow: None,
+            };
+        }
+        Error::query(file, e)
+    }
+
+    /// Whether this is the memory pool refusing a reservation.
+    pub fn is_memory(&self) -> bool {
+        match self {
+            Error::Memory { .. } => true,
+            Error::DataFusion(e) => resources_exhausted(e),
+            _ => false,
         }
     }
 
@@ -179,6 +249,7 @@ impl Error {
             | Error::Identifier { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
+            Error::Internal(_) => 4,
             _ => 1,
         }
     }
@@ -191,4 +262,41 @@ pub struct SkippedFile {
     pub file: String,
     /// Why it was skipped, and what to do about it.
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_memory_is_told_by_the_error_not_its_text() {
+        let refused = DataFusionError::ResourcesExhausted("pool".into());
+        let wrapped = DataFusionError::Context("sorting".into(), Box::new(refused));
+        assert!(matches!(Error::from(wrapped), Error::Memory { .. }));
+        // A message that merely mentions it is not one.
+        let other = DataFusionError::Plan("Resources exhausted is a phrase".into());
+        assert!(!Error::from(other).is_memory());
+        let failed = Error::query_failed(
+            "queries/segments/x.sql",
+            DataFusionError::ResourcesExhausted("pool".into()),
+        );
+        assert!(
+            matches!(&failed, Error::Memory { stage, .. } if stage == "queries/segments/x.sql")
+        );
+        // delta-rs hands the engine's errors over as text: recognised where they enter.
+        let delta = Error::delta(
+            "sessions",
+            deltalake::DeltaTableError::Generic(
+                "Not enough memory to continue external sort.\ncaused by\nResources exhausted: Additional allocation failed".into(),
+            ),
+        );
+        assert!(delta.is_memory());
+    }
+
+    #[test]
+    fn failures_that_are_not_the_users_fault_have_their_own_exit_code() {
+        assert_eq!(Error::Internal("a task stopped".into()).exit_code(), 4);
+        assert_eq!(Error::Usage("bad flag".into()).exit_code(), 2);
+        assert_ne!(Error::WriterStopped.exit_code(), 2);
+    }
 }

@@ -450,9 +450,7 @@ impl Graph {
             .collect();
         let mut skipped = Vec::new();
         let built_in = |name: &str, section_name: &str| -> Option<String> {
-            if config.declared.contains(section_name) {
-                None
-            } else if read_anywhere.contains(name) {
+            if config.declared.contains(section_name) || read_anywhere.contains(name) {
                 None
             } else {
                 Some(format!(

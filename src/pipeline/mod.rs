@@ -233,10 +233,6 @@ async fn tidy(engine: &Engine) {
 /// How the query time limit names the writing of the event history and rejected_events.
 const BUILT_IN_EVENTS: &str = "Tessera's event history (checking new events, rejected_events)";
 
-fn is_memory(e: &Error) -> bool {
-    e.to_string().contains("Resources exhausted")
-}
-
 /// A one-column (`message_id`) table of `ids`.
 fn message_ids(
     ctx: &datafusion::prelude::SessionContext,
@@ -281,15 +277,24 @@ fn in_segment<'a>(
     }
 }
 
+/// A memory error from below, named by the stage that caught it (a segment names itself more
+/// precisely than the query that failed inside it) and the limit in force; one already named
+/// by a stage passes through.
 fn out_of_memory(engine: &Engine, stage: String, narrow: Option<String>, e: Error) -> Error {
-    if matches!(e, Error::Memory { .. }) || !is_memory(&e) {
-        return e;
-    }
-    Error::Memory {
-        stage,
-        limit: engine.limits.memory_text.clone(),
-        message: e.to_string(),
-        narrow,
+    match e {
+        Error::Memory { limit, message, .. } if limit.is_empty() => Error::Memory {
+            stage,
+            limit: engine.limits.memory_text.clone(),
+            message,
+            narrow,
+        },
+        e @ Error::DataFusion(_) if e.is_memory() => Error::Memory {
+            stage,
+            limit: engine.limits.memory_text.clone(),
+            message: e.to_string(),
+            narrow,
+        },
+        e => e,
     }
 }
 
@@ -388,9 +393,10 @@ async fn stages(
         None
     };
     // The history as this run leaves it: published, plus what this run staged.
-    let history = outputs.provider(ctx, state::EVENTS).await?.ok_or_else(|| {
-        Error::Usage("the event history table was not written; run `tessera run --full`".into())
-    })?;
+    let history = outputs
+        .provider(ctx, state::EVENTS)
+        .await?
+        .ok_or_else(|| Error::Internal("the event history table was not written".into()))?;
     ctx.deregister_table(tables::EVENTS)?;
     ctx.register_table(tables::EVENTS, history)?;
     if read_ids.is_some() || previous.is_none() {
@@ -406,7 +412,7 @@ async fn stages(
             .node(&step.node)
             .is_some_and(|n| n.reads.contains("events") && n.reads.contains("identity"))
     };
-    let events_needed = plan.recomputed().into_iter().any(|s| reads_events(s));
+    let events_needed = plan.recomputed().into_iter().any(reads_events);
     let mut changed_identities = None;
     let identity_graph: Option<RecordBatch> = if plan.recomputes("identity") {
         let meter = engine.meter();
@@ -498,20 +504,21 @@ async fn stages(
         rfm: plan.recomputes("rfm"),
         predictions: plan.recomputes("predictions"),
     };
+    // An incremental run names the events it added and the profiles identity changed, so
+    // sessions are cut again, and per-profile traits computed again, only where they can have
+    // changed.
+    crate::stages::journeys::release_changed(engine)?;
+    if let (Some(_), Some(changed_profiles), Some(read_ids)) = (seen, changed_identities, read_ids)
+    {
+        let changes = crate::stages::journeys::Changes {
+            new_events: message_ids(ctx, read_ids)?,
+            changed_profiles,
+        };
+        crate::stages::journeys::register_changes(engine, changes).await?;
+    }
     if which.sessions || which.rfm || which.predictions {
         let meter = engine.meter();
         let spinner = progress.spinner("sessions, RFM and predictions");
-        // An incremental run names the events it added, so sessions are cut again only where
-        // they can have changed.
-        let added = match (seen, changed_identities, read_ids) {
-            (Some(_), Some(changed_profiles), Some(read_ids)) => {
-                Some(crate::stages::journeys::Changes {
-                    new_events: message_ids(ctx, read_ids)?,
-                    changed_profiles,
-                })
-            }
-            _ => None,
-        };
         let (built, predictions) = engine
             .in_time(
                 "Tessera's journeys stage (sessions, rfm, predictions)",
@@ -520,7 +527,6 @@ async fn stages(
                     outputs,
                     &report.run_id,
                     report.as_of,
-                    added,
                     which,
                 ),
             )
@@ -609,6 +615,7 @@ async fn stages(
         spinner.finish_and_clear();
         report.stages.push(meter.finish("profiles", report.events));
     }
+    crate::stages::journeys::release_changed(engine)?;
 
     // Segments, each after the segments it reads; retired segments' members all exit.
     let meter = engine.meter();
@@ -684,10 +691,18 @@ async fn stages(
     }
     while let Some(done) = writes.join_next().await {
         let (table, committed) =
-            done.map_err(|e| Error::Usage(format!("writing a segment table stopped: {e}")))??;
+            done.map_err(|e| Error::Internal(format!("writing a segment table stopped: {e}")))??;
         report.tables.insert(table, committed);
     }
-    if segments_changed {
+    // Written when a segment changed, and on the first run whatever the project has, so the
+    // table is always there to read.
+    if segments_changed
+        || engine
+            .outputs
+            .open(tables::SEGMENT_CHANGES)
+            .await?
+            .is_none()
+    {
         let (batches, held) = changes
             .take()
             .map_err(in_stage(engine, tables::SEGMENT_CHANGES))?;
@@ -731,7 +746,7 @@ async fn stages(
     // Any of the profiles write still running counts to the reports stage.
     if let Some(done) = profiles_write.join_next().await {
         let (_, committed) =
-            done.map_err(|e| Error::Usage(format!("writing the profiles table stopped: {e}")))??;
+            done.map_err(|e| Error::Internal(format!("writing the profiles table stopped: {e}")))??;
         report.profiles_written = committed.rows;
         report
             .tables
@@ -817,7 +832,7 @@ async fn carry_tables(
             let Some(opened) = engine.outputs.open(table).await? else {
                 continue;
             };
-            let version = opened.version().unwrap_or(0).max(0) as u64;
+            let version = opened.version().unwrap_or(0);
             let rows = previous
                 .and_then(|p| p.tables.get(table))
                 .map_or(0, |c| c.rows);
@@ -888,10 +903,10 @@ async fn event_history(
     // that fails first stops the reading, and then the writer's error says why.
     let read = match read_ids {
         Ok(read) => read,
-        Err(e) if crate::stages::ingest::stopped_by_writer(&e) => {
+        Err(Error::WriterStopped) => {
             rejected.map_err(in_stage(engine, "rejected_events"))?;
             history.map_err(in_stage(engine, "event history"))?;
-            return Err(e);
+            return Err(Error::WriterStopped);
         }
         Err(e) => return Err(in_stage(engine, "event history")(e)),
     };

@@ -934,7 +934,7 @@ pub async fn plan(ctx: &SessionContext, inventory: Inventory) -> Result<Ingested
         });
     }
     while let Some(done) = tasks.join_next().await {
-        done.map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
+        done.map_err(|e| Error::Internal(format!("reading the event files stopped: {e}")))??;
     }
     let repeated = Arc::into_inner(sets)
         .expect("every writer has finished")
@@ -1201,8 +1201,9 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
             let mut copies = Vec::new();
             let mut read = Read::default();
             while let Some(done) = tasks.join_next().await {
-                let (c, i, rows) = done
-                    .map_err(|e| Error::Usage(format!("reading the event files stopped: {e}")))??;
+                let (c, i, rows) = done.map_err(|e| {
+                    Error::Internal(format!("reading the event files stopped: {e}"))
+                })??;
                 copies.extend(c);
                 read.ids.extend(i);
                 read.add_rows(rows);
@@ -1246,22 +1247,14 @@ pub fn split(ctx: &SessionContext, ingested: &Ingested, want_ids: bool) -> Resul
 
 type Batches = tokio::sync::mpsc::Sender<datafusion::error::Result<RecordBatch>>;
 
-/// The error [`split`]'s driver returns when a writer went away first.
-const WRITER_STOPPED: &str = "a table writer stopped before the event files were read";
-
-/// True when `e` is [`split`]'s driver stopping because a writer failed first (the writer's
-/// own error then says why).
-pub fn stopped_by_writer(e: &Error) -> bool {
-    matches!(e, Error::Usage(text) if text == WRITER_STOPPED)
-}
-
 async fn send(tx: &Batches, batch: RecordBatch) -> Result<()> {
     if batch.num_rows() == 0 {
         return Ok(());
     }
     tx.send(Ok(batch))
         .await
-        .map_err(|_| Error::Usage(WRITER_STOPPED.into()))
+        // The writer went away first: its own error says why.
+        .map_err(|_| Error::WriterStopped)
 }
 
 fn cast_utf8(array: &ArrayRef) -> Result<ArrayRef> {

@@ -463,7 +463,7 @@ fn write_object(
     out: &mut Vec<u8>,
     traits: &BTreeMap<String, (i64, serde_json::Value)>,
 ) -> Result<()> {
-    let failed = |e: serde_json::Error| Error::Usage(format!("writing identify traits: {e}"));
+    let failed = |e: serde_json::Error| Error::Internal(format!("writing identify traits: {e}"));
     out.push(b'{');
     for (i, (k, (_, v))) in traits.iter().enumerate() {
         if i > 0 {
@@ -613,7 +613,7 @@ async fn last_known_traits(engine: &Engine, events: DataFrame) -> Result<RecordB
     let mut latest = Latest::default();
     while let Some(done) = tasks.join_next().await {
         let mut part =
-            done.map_err(|e| Error::Usage(format!("reading identify traits stopped: {e}")))??;
+            done.map_err(|e| Error::Internal(format!("reading identify traits stopped: {e}")))??;
         // Walk the smaller map.
         if part.len() > latest.len() {
             std::mem::swap(&mut latest, &mut part);

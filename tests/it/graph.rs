@@ -26,12 +26,16 @@ fn fresh_full(p: &TempProject, as_of: &str) -> TempProject {
     let q = TempProject::new(&config);
     copy_dir(&p.path().join("queries"), &q.path().join("queries"));
     copy_dir(&p.events(), &q.events());
-    ok(run(&mut q.cmd(&["run", "--full", "--quiet", "--as-of", as_of])));
+    ok(run(
+        &mut q.cmd(&["run", "--full", "--quiet", "--as-of", as_of])
+    ));
     q
 }
 
 fn run_at(p: &TempProject, as_of: &str) -> serde_json::Value {
-    let text = ok(run(&mut p.cmd(&["run", "--json", "--quiet", "--as-of", as_of])));
+    let text = ok(run(
+        &mut p.cmd(&["run", "--json", "--quiet", "--as-of", as_of])
+    ));
     serde_json::from_str(text.trim()).unwrap()
 }
 
@@ -162,7 +166,10 @@ fn edited_new_and_deleted_sql_files_are_applied_by_the_next_run() {
     let report = run_at(&p, AS_OF);
     assert_eq!(report["status"], "succeeded");
     let recomputed = nodes_with(&report["nodes"], "recompute");
-    assert_eq!(planned, recomputed, "plan lists exactly what run recomputes");
+    assert_eq!(
+        planned, recomputed,
+        "plan lists exactly what run recomputes"
+    );
     for node in [
         "segments/high_value",
         "traits/revenue",
@@ -170,7 +177,10 @@ fn edited_new_and_deleted_sql_files_are_applied_by_the_next_run() {
         "reports/checkout_funnel",
         "segments/big_spenders",
     ] {
-        assert!(recomputed.contains(node), "{node} recomputed: {recomputed:?}");
+        assert!(
+            recomputed.contains(node),
+            "{node} recomputed: {recomputed:?}"
+        );
     }
     for node in ["events", "identity", "sessions", "rfm", "predictions"] {
         assert!(!recomputed.contains(node), "{node} kept: {recomputed:?}");
@@ -212,7 +222,10 @@ fn edited_new_and_deleted_sql_files_are_applied_by_the_next_run() {
         .iter()
         .map(|r| r["profile_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(exits, champions, "every member of the deleted segment exited");
+    assert_eq!(
+        exits, champions,
+        "every member of the deleted segment exited"
+    );
     let out = run(&mut p.cmd(&["query", "SELECT * FROM segments.champions"]));
     assert!(!out.status.success(), "a retired segment is not queryable");
     assert!(
@@ -263,11 +276,16 @@ fn a_changed_identifier_limit_re_resolves_identity() {
     let full = fresh_full(&p, AS_OF);
     let grouping = |p: &TempProject| -> BTreeSet<Vec<String>> {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for row in p.query("SELECT identifier_type, identifier_value, profile_id FROM identity_graph") {
+        for row in
+            p.query("SELECT identifier_type, identifier_value, profile_id FROM identity_graph")
+        {
             groups
                 .entry(row["profile_id"].as_str().unwrap().to_string())
                 .or_default()
-                .push(format!("{}:{}", row["identifier_type"], row["identifier_value"]));
+                .push(format!(
+                    "{}:{}",
+                    row["identifier_type"], row["identifier_value"]
+                ));
         }
         groups
             .into_values()
@@ -278,8 +296,15 @@ fn a_changed_identifier_limit_re_resolves_identity() {
             .collect()
     };
     assert_eq!(grouping(&p), grouping(&full));
-    let count = |p: &TempProject, table: &str| p.query(&format!("SELECT count(*) AS n FROM {table}"))[0]["n"].clone();
-    for table in ["profiles", "identity_conflicts", "sessions", "segments.active_30d"] {
+    let count = |p: &TempProject, table: &str| {
+        p.query(&format!("SELECT count(*) AS n FROM {table}"))[0]["n"].clone()
+    };
+    for table in [
+        "profiles",
+        "identity_conflicts",
+        "sessions",
+        "segments.active_30d",
+    ] {
         assert_eq!(count(&p, table), count(&full, table), "{table}");
     }
 }
@@ -304,7 +329,10 @@ fn a_later_as_of_recomputes_time_dependent_nodes_only() {
         "sessions",
         "reports/checkout_funnel",
     ] {
-        assert_eq!(before[table], after[table], "{table} is not time-dependent: kept");
+        assert_eq!(
+            before[table], after[table],
+            "{table} is not time-dependent: kept"
+        );
     }
     assert!(after["segments/active_30d"] > before["segments/active_30d"]);
     assert_ne!(

@@ -34,8 +34,15 @@ fn track(id: &str, user: &'static str, event: &'static str, ts: i64) -> Ev {
 }
 
 fn project(files: &[&[Ev]], config_extra: &str) -> TempProject {
+    // The tables under test are computed because their sections are declared.
+    let mut extra = config_extra.to_string();
+    for section in ["[sessions]", "[predictions]"] {
+        if !extra.contains(section) {
+            extra.push_str(&format!("\n{section}\n"));
+        }
+    }
     let p = TempProject::new(&format!(
-        "[storage]\nevents = \"data/events\"\noutput = \"out\"\n{config_extra}"
+        "[storage]\nevents = \"data/events\"\noutput = \"out\"\n{extra}"
     ));
     for (i, rows) in files.iter().enumerate() {
         write_parquet(
@@ -258,7 +265,9 @@ fn incremental_runs_cut_sessions_again_only_where_events_changed() {
     // Another gap: an incremental run cuts every profile again.
     let config = p.path().join("tessera.toml");
     let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, format!("{text}\n[sessions]\ngap_minutes = 5\n")).expect("write");
+    assert!(text.contains("[sessions]\n"));
+    let edited = text.replacen("[sessions]\n", "[sessions]\ngap_minutes = 5\n", 1);
+    std::fs::write(&config, edited).expect("write");
     write_parquet(
         &p.events().join("part-10.parquet"),
         &[events_batch(&[track(

@@ -141,7 +141,9 @@ fn outputs_read_back_in_python_with_the_promised_types() {
 #[tokio::test]
 async fn outputs_read_back_in_datafusion_with_the_promised_types() {
     use arrow::datatypes::{DataType, TimeUnit};
-    let p = TempProject::local();
+    let p = TempProject::new(
+        "[storage]\nevents = \"data/events\"\noutput = \"out\"\n[sessions]\n[predictions]\n",
+    );
     generate(&p.path().join("data"), 100, 3, 8);
     let bad = Ev {
         kind: Some("Track"),

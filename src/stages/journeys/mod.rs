@@ -203,11 +203,10 @@ pub struct Changes {
 /// which links the limits refuse). Both are known: the new events' profiles, and the profiles
 /// identity resolution found changed against the published graph. The result equals a
 /// rebuild of every profile (tested).
-pub async fn incremental_sessions(
-    engine: &Engine,
-    schema: &Schema,
-    changes: Changes,
-) -> Result<Option<DataFrame>> {
+pub async fn incremental_sessions(engine: &Engine, schema: &Schema) -> Result<Option<DataFrame>> {
+    if changed(engine).await?.is_none() {
+        return Ok(None);
+    }
     let ctx = &engine.ctx;
     let gap = engine.project.config.sessions.gap_minutes;
     let Some(previous) = engine.outputs.read(ctx, tables::SESSIONS).await? else {
@@ -242,6 +241,42 @@ pub async fn incremental_sessions(
         );
         return Ok(None);
     }
+    ctx.deregister_table(PREVIOUS_SESSIONS)?;
+    ctx.register_table(PREVIOUS_SESSIONS, previous.into_view())?;
+    let fresh = sessions(
+        engine,
+        schema,
+        &engine.project.config.sessions,
+        CHANGED_EVENTS,
+    )
+    .await?;
+    // The kept rows take the types the new ones have (the published table has plain types).
+    let kept = plan(
+        engine,
+        tables::SESSIONS,
+        &format!(
+            "SELECT s.* FROM {PREVIOUS_SESSIONS} s LEFT ANTI JOIN {CHANGED_PROFILES} c ON s.profile_id = c.profile_id"
+        ),
+    )
+    .await?;
+    let columns: Vec<_> = fresh
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            datafusion::prelude::cast(datafusion::prelude::col(f.name()), f.data_type().clone())
+                .alias(f.name())
+        })
+        .collect();
+    Ok(Some(kept.select(columns)?.union(fresh)?))
+}
+
+/// Registers the profiles an incremental run changed (those with a new event, and those
+/// identity resolution moved an identifier into or out of) and their events, for sessions
+/// and the trait files that can be carried over ([`changed`]).
+pub async fn register_changes(engine: &Engine, changes: Changes) -> Result<()> {
+    let ctx = &engine.ctx;
+    release_changed(engine)?;
     let identity_changed = datafusion::arrow::array::RecordBatch::try_new(
         std::sync::Arc::new(Schema::new(vec![datafusion::arrow::datatypes::Field::new(
             "profile_id",
@@ -254,13 +289,8 @@ pub async fn incremental_sessions(
     )?;
     ctx.deregister_table(IDENTITY_CHANGED)?;
     ctx.register_batch(IDENTITY_CHANGED, identity_changed)?;
-    for (name, df) in [
-        (PREVIOUS_SESSIONS, previous),
-        (NEW_EVENTS, changes.new_events),
-    ] {
-        ctx.deregister_table(name)?;
-        ctx.register_table(name, df.into_view())?;
-    }
+    ctx.deregister_table(NEW_EVENTS)?;
+    ctx.register_table(NEW_EVENTS, changes.new_events.into_view())?;
     let changed = plan(
         engine,
         tables::SESSIONS,
@@ -318,32 +348,7 @@ SELECT DISTINCT profile_id FROM (
     {
         ctx.register_table(CHANGED_EVENTS, changed_events.into_view())?;
     }
-    let fresh = sessions(
-        engine,
-        schema,
-        &engine.project.config.sessions,
-        CHANGED_EVENTS,
-    )
-    .await?;
-    // The kept rows take the types the new ones have (the published table has plain types).
-    let kept = plan(
-        engine,
-        tables::SESSIONS,
-        &format!(
-            "SELECT s.* FROM {PREVIOUS_SESSIONS} s LEFT ANTI JOIN {CHANGED_PROFILES} c ON s.profile_id = c.profile_id"
-        ),
-    )
-    .await?;
-    let columns: Vec<_> = fresh
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| {
-            datafusion::prelude::cast(datafusion::prelude::col(f.name()), f.data_type().clone())
-                .alias(f.name())
-        })
-        .collect();
-    Ok(Some(kept.select(columns)?.union(fresh)?))
+    Ok(())
 }
 
 /// The profiles this run found changed and their events, when it found them (an incremental
@@ -410,15 +415,13 @@ async fn write_and_register(
 /// Builds `sessions`, `rfm`, `predictions` and `prediction_models` from the resolved events,
 /// writes them and registers them for traits, segments and reports.
 ///
-/// On an incremental run `changes` says what the run added and which profiles identity
-/// resolution changed; sessions are then cut again only for the profiles they could have
-/// changed (see [`incremental_sessions`]).
+/// When an incremental run registered what it changed ([`register_changes`]), sessions are
+/// cut again only for the profiles they could have changed (see [`incremental_sessions`]).
 pub async fn build(
     engine: &Engine,
     outputs: &Outputs,
     run_id: &str,
     as_of: chrono::DateTime<chrono::Utc>,
-    changes: Option<Changes>,
     which: Which,
 ) -> Result<(
     Vec<(String, Committed)>,
@@ -427,15 +430,10 @@ pub async fn build(
     let config = &engine.project.config;
     let schema = events_schema(engine).await?;
     let mut built = Vec::new();
-    // Registered again below only if this run finds which profiles changed (see `changed`).
-    release_changed(engine)?;
 
     if which.sessions {
         let started = std::time::Instant::now();
-        let sessions = match changes {
-            Some(changes) => incremental_sessions(engine, &schema, changes).await?,
-            None => None,
-        };
+        let sessions = incremental_sessions(engine, &schema).await?;
         let (sessions, rebuilt) = match sessions {
             Some(sessions) => (sessions, "changed profiles"),
             None => (
