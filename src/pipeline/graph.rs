@@ -34,6 +34,23 @@ use crate::tables;
 /// Where the graph of the last published run is kept.
 pub const STATE: &str = tables::state::NODES;
 
+/// The names of the built-in nodes (SQL nodes are `traits/<name>`, `segments/<name>`,
+/// `reports/<name>`).
+pub mod node {
+    /// The event history.
+    pub const EVENTS: &str = "events";
+    /// Identity resolution.
+    pub const IDENTITY: &str = "identity";
+    /// Sessions.
+    pub const SESSIONS: &str = "sessions";
+    /// RFM scores.
+    pub const RFM: &str = "rfm";
+    /// Predictions and their models.
+    pub const PREDICTIONS: &str = "predictions";
+    /// Profiles.
+    pub const PROFILES: &str = "profiles";
+}
+
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -242,29 +259,29 @@ fn reads_of(engine: &Engine, file: &QueryFile) -> Result<Reads> {
             }
             _ => match table.as_str() {
                 tables::EVENTS => {
-                    reads.nodes.insert("events".into());
-                    reads.nodes.insert("identity".into());
+                    reads.nodes.insert(node::EVENTS.into());
+                    reads.nodes.insert(node::IDENTITY.into());
                 }
                 tables::REJECTED_EVENTS => {
-                    reads.nodes.insert("events".into());
+                    reads.nodes.insert(node::EVENTS.into());
                 }
                 tables::IDENTITY_GRAPH
                 | tables::IDENTITY_LINKS
                 | tables::IDENTITY_CONFLICTS
                 | tables::PROFILE_MERGES => {
-                    reads.nodes.insert("identity".into());
+                    reads.nodes.insert(node::IDENTITY.into());
                 }
                 tables::SESSIONS => {
-                    reads.nodes.insert("sessions".into());
+                    reads.nodes.insert(node::SESSIONS.into());
                 }
                 tables::RFM => {
-                    reads.nodes.insert("rfm".into());
+                    reads.nodes.insert(node::RFM.into());
                 }
                 tables::PREDICTIONS | tables::PREDICTION_MODELS => {
-                    reads.nodes.insert("predictions".into());
+                    reads.nodes.insert(node::PREDICTIONS.into());
                 }
                 tables::PROFILES => {
-                    reads.nodes.insert("profiles".into());
+                    reads.nodes.insert(node::PROFILES.into());
                 }
                 tables::RUNS => reads.runs = true,
                 tables::SEGMENT_CHANGES => reads.segment_changes = true,
@@ -360,7 +377,7 @@ impl Graph {
 
         // The event history.
         nodes.push(Node {
-            name: "events".into(),
+            name: node::EVENTS.into(),
             kind: Kind::Events,
             file: None,
             tables: vec![
@@ -369,7 +386,7 @@ impl Graph {
                 tables::state::INPUT_FILES.into(),
             ],
             reads: BTreeSet::new(),
-            code: built_in_code("events"),
+            code: built_in_code(node::EVENTS),
             config: BTreeMap::from([(
                 "storage.events".to_string(),
                 serde_json::Value::String(config.storage.events.clone()).to_string(),
@@ -398,7 +415,7 @@ impl Graph {
         let sources = source_digests(&identity_sources).await?;
         digests.extend(sources.clone());
         nodes.push(Node {
-            name: "identity".into(),
+            name: node::IDENTITY.into(),
             kind: Kind::Identity,
             file: None,
             tables: vec![
@@ -407,7 +424,7 @@ impl Graph {
                 tables::IDENTITY_CONFLICTS.into(),
                 tables::PROFILE_MERGES.into(),
             ],
-            reads: BTreeSet::from(["events".to_string()]),
+            reads: BTreeSet::from([node::EVENTS.to_string()]),
             code: digest(&identity_code),
             config: identity_config,
             time_dependent: false,
@@ -458,10 +475,11 @@ impl Graph {
                 ))
             }
         };
-        let events_and_identity = BTreeSet::from(["events".to_string(), "identity".to_string()]);
+        let events_and_identity =
+            BTreeSet::from([node::EVENTS.to_string(), node::IDENTITY.to_string()]);
         for (name, kind, section_name, tables_written, time_dependent, keys) in [
             (
-                "sessions",
+                node::SESSIONS,
                 Kind::Sessions,
                 "sessions",
                 vec![tables::SESSIONS.to_string()],
@@ -469,7 +487,7 @@ impl Graph {
                 section("sessions", &config.sessions),
             ),
             (
-                "rfm",
+                node::RFM,
                 Kind::Rfm,
                 "predictions",
                 vec![tables::RFM.to_string()],
@@ -477,7 +495,7 @@ impl Graph {
                 section("predictions", &config.predictions),
             ),
             (
-                "predictions",
+                node::PREDICTIONS,
                 Kind::Predictions,
                 "predictions",
                 vec![
@@ -535,7 +553,7 @@ impl Graph {
         let mut profile_reads = events_and_identity.clone();
         profile_reads.extend(trait_names);
         nodes.push(Node {
-            name: "profiles".into(),
+            name: node::PROFILES.into(),
             kind: Kind::Profiles,
             file: None,
             tables: vec![tables::PROFILES.into(), tables::state::TRAITS.into()],
@@ -1114,6 +1132,107 @@ mod tests {
             "SELECT \"now\", 'as_of' AS label, as_of_date FROM profiles",
             d
         ));
+    }
+
+    fn sql_node(name: &str, reads: &[&str], time_dependent: bool) -> Node {
+        Node {
+            name: name.into(),
+            kind: Kind::Segment,
+            file: Some(format!("queries/{name}.sql")),
+            tables: vec![name.into()],
+            reads: reads.iter().map(|r| r.to_string()).collect(),
+            code: digest(name),
+            config: BTreeMap::new(),
+            time_dependent,
+            reads_runs: false,
+            sources: BTreeMap::new(),
+        }
+    }
+
+    fn recorded_from(
+        graph: &Graph,
+        prints: &BTreeMap<String, String>,
+        as_of: DateTime<Utc>,
+    ) -> BTreeMap<String, Recorded> {
+        graph
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    Recorded {
+                        kind: n.kind.as_str().into(),
+                        file: n.file.clone(),
+                        tables: n.tables.clone(),
+                        reads: n.reads.clone(),
+                        code: n.code.clone(),
+                        config: n.config.clone(),
+                        as_of: n.time_dependent.then(|| as_of.timestamp_micros()),
+                        sources: n.sources.clone(),
+                        fingerprint: prints[&n.name].clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_recomputes_what_changed_and_what_reads_it_and_keeps_the_rest() {
+        let mut identity = sql_node("identity", &[], false);
+        identity.kind = Kind::Identity;
+        identity.file = None;
+        identity
+            .config
+            .insert("identity.identifiers[0].limit".into(), "3".into());
+        let graph = Graph {
+            nodes: vec![
+                identity,
+                sql_node("segments/a", &["identity"], false),
+                sql_node("segments/b", &["segments/a"], false),
+                sql_node("segments/window", &[], true),
+                sql_node("segments/gone", &[], false),
+            ],
+            skipped: Vec::new(),
+        };
+        let t0 = DateTime::<Utc>::from_timestamp(1_790_000_000, 0).unwrap();
+        let (first, prints) = plan(&graph, None, 0, t0, false);
+        assert!(first.steps.iter().all(|s| s.action == Action::Recompute));
+        let recorded = recorded_from(&graph, &prints, t0);
+
+        // Nothing changed: every node kept, the same fingerprints.
+        let (same, same_prints) = plan(&graph, Some(&recorded), 0, t0, false);
+        assert!(!same.has_work(), "{}", same.render());
+        assert_eq!(same_prints, prints);
+
+        // A config key of identity, a moved as-of and a removed file.
+        let mut changed = graph.clone();
+        changed.nodes[0]
+            .config
+            .insert("identity.identifiers[0].limit".into(), "1".into());
+        changed.nodes.retain(|n| n.name != "segments/gone");
+        let t1 = t0 + chrono::Duration::days(1);
+        let (next, next_prints) = plan(&changed, Some(&recorded), 0, t1, false);
+        let action = |name: &str| next.step(name).map(|s| s.action);
+        assert_eq!(action("identity"), Some(Action::Recompute));
+        assert!(next.step("identity").unwrap().reasons[0]
+            .contains("identity.identifiers[0].limit changed (3 → 1)"));
+        assert_eq!(action("segments/a"), Some(Action::Recompute));
+        assert_eq!(
+            action("segments/b"),
+            Some(Action::Recompute),
+            "two levels down"
+        );
+        assert_eq!(action("segments/window"), Some(Action::Recompute));
+        assert!(next.step("segments/window").unwrap().reasons[0].starts_with("as-of moved"));
+        assert_eq!(action("segments/gone"), Some(Action::Retire));
+        assert_ne!(next_prints["segments/b"], prints["segments/b"]);
+
+        // --full recomputes every node, each for that one reason.
+        let (full, _) = plan(&graph, Some(&recorded), 0, t0, true);
+        assert!(full
+            .steps
+            .iter()
+            .all(|s| s.action == Action::Recompute && s.reasons.len() == 1));
     }
 
     #[test]

@@ -377,7 +377,7 @@ async fn stages(
 
     // The event history.
     let meter = engine.meter();
-    let read_ids = if plan.recomputes("events") {
+    let read_ids = if plan.recomputes(graph::node::EVENTS) {
         let mode = if seen.is_some() {
             WriteMode::Append
         } else {
@@ -408,13 +408,13 @@ async fn stages(
 
     // Identity: links from SQL, rules, union-find, stable profile ids.
     let reads_events = |step: &graph::Step| {
-        graph
-            .node(&step.node)
-            .is_some_and(|n| n.reads.contains("events") && n.reads.contains("identity"))
+        graph.node(&step.node).is_some_and(|n| {
+            n.reads.contains(graph::node::EVENTS) && n.reads.contains(graph::node::IDENTITY)
+        })
     };
     let events_needed = plan.recomputed().into_iter().any(reads_events);
     let mut changed_identities = None;
-    let identity_graph: Option<RecordBatch> = if plan.recomputes("identity") {
+    let identity_graph: Option<RecordBatch> = if plan.recomputes(graph::node::IDENTITY) {
         let meter = engine.meter();
         let spinner = progress.spinner("resolving identities");
         let identity = resolve_in_time(engine, &report.run_id, report.started_at)
@@ -500,9 +500,9 @@ async fn stages(
 
     // Journeys and predictions, before profiles so traits and segments can read them.
     let which = crate::stages::journeys::Which {
-        sessions: plan.recomputes("sessions"),
-        rfm: plan.recomputes("rfm"),
-        predictions: plan.recomputes("predictions"),
+        sessions: plan.recomputes(graph::node::SESSIONS),
+        rfm: plan.recomputes(graph::node::RFM),
+        predictions: plan.recomputes(graph::node::PREDICTIONS),
     };
     // An incremental run names the events it added and the profiles identity changed, so
     // sessions are cut again, and per-profile traits computed again, only where they can have
@@ -542,7 +542,7 @@ async fn stages(
 
     // Profiles: identifiers, last-known traits, computed traits.
     let mut profiles_write = tokio::task::JoinSet::new();
-    if plan.recomputes("profiles") {
+    if plan.recomputes(graph::node::PROFILES) {
         let meter = engine.meter();
         let spinner = progress.spinner("building profiles");
         let as_of = report.as_of.timestamp_micros();
@@ -552,16 +552,17 @@ async fn stages(
         };
         // With the events and identities as published, no profile changed: every trait file
         // whose text and as-of are the ones recorded keeps its published values.
-        let changed = if plan.recomputes("events") || plan.recomputes("identity") {
-            crate::stages::journeys::changed(engine).await?
-        } else {
-            let none = ctx
-                .table(tables::EVENTS)
-                .await?
-                .filter(datafusion::prelude::lit(false))?;
-            let profiles = none.clone().select_columns(&[tables::event::PROFILE_ID])?;
-            Some((profiles, none.into_view()))
-        };
+        let changed =
+            if plan.recomputes(graph::node::EVENTS) || plan.recomputes(graph::node::IDENTITY) {
+                crate::stages::journeys::changed(engine).await?
+            } else {
+                let none = ctx
+                    .table(tables::EVENTS)
+                    .await?
+                    .filter(datafusion::prelude::lit(false))?;
+                let profiles = none.clone().select_columns(&[tables::event::PROFILE_ID])?;
+                Some((profiles, none.into_view()))
+            };
         // Unreadable state costs only time: every trait file then runs over every profile.
         let carry = match crate::stages::incremental_traits::Carry::open(
             ctx,
@@ -772,9 +773,11 @@ async fn stages(
 /// The tables of a built-in node that a run skips.
 fn skipped_tables(node: &str) -> Vec<String> {
     match node {
-        "sessions" => vec![tables::SESSIONS.into()],
-        "rfm" => vec![tables::RFM.into()],
-        "predictions" => vec![tables::PREDICTIONS.into(), tables::PREDICTION_MODELS.into()],
+        graph::node::SESSIONS => vec![tables::SESSIONS.into()],
+        graph::node::RFM => vec![tables::RFM.into()],
+        graph::node::PREDICTIONS => {
+            vec![tables::PREDICTIONS.into(), tables::PREDICTION_MODELS.into()]
+        }
         _ => Vec::new(),
     }
 }
