@@ -1056,7 +1056,6 @@ pub fn state_batch(
         Field::new("sources", DataType::Utf8, false),
         Field::new("fingerprint", DataType::Utf8, false),
     ]));
-    let json = |v: &dyn erased_json::Json| v.to_json();
     let nodes = &graph.nodes;
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(nodes.iter().map(|n| &n.name))),
@@ -1099,15 +1098,9 @@ pub fn state_batch(
     Ok(RecordBatch::try_new(schema, columns)?)
 }
 
-mod erased_json {
-    pub trait Json {
-        fn to_json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_else(|_| "null".into())
-        }
-    }
+/// `value` as JSON text (a list or map of strings cannot fail to serialise).
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
 }
 
 #[cfg(test)]
