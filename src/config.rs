@@ -781,7 +781,10 @@ impl Config {
             if !is_sql_name(&block.name) || !names.insert(block.name.as_str()) {
                 return Err(fail(
                     format!("{key}.name"),
-                    format!("\"{}\" must be a unique name of lowercase letters, digits and _", block.name),
+                    format!(
+                        "\"{}\" must be a unique name of lowercase letters, digits and _",
+                        block.name
+                    ),
                 ));
             }
             match (&block.source, &block.query) {

@@ -105,13 +105,23 @@ mod tests {
         assert_eq!(parse_date("1984-03-02"), d);
         assert_eq!(parse_date("19840302"), d);
         assert_eq!(parse_date("1984/03/02"), d);
-        for bad in ["1984-13-02", "19840230", "84-03-02", "", "1984-03/02", "abcd0302"] {
+        for bad in [
+            "1984-13-02",
+            "19840230",
+            "84-03-02",
+            "",
+            "1984-03/02",
+            "abcd0302",
+        ] {
             assert_eq!(parse_date(bad), None, "{bad}");
         }
         let a = NaiveDate::from_ymd_opt(1984, 3, 2).unwrap();
         let b = NaiveDate::from_ymd_opt(1984, 2, 3).unwrap();
         assert!(swapped_day_month(a, b));
         assert!(!swapped_day_month(a, a));
-        assert!(!swapped_day_month(a, NaiveDate::from_ymd_opt(1985, 2, 3).unwrap()));
+        assert!(!swapped_day_month(
+            a,
+            NaiveDate::from_ymd_opt(1985, 2, 3).unwrap()
+        ));
     }
 }

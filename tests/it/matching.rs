@@ -76,7 +76,10 @@ fn crm_project(config: &str) -> TempProject {
     write_parquet(
         &p.path().join("data/crm.parquet"),
         &[records(&[
-            ("contact_id", vec![Some("c1"), Some("c2"), Some("c3"), Some("c4")]),
+            (
+                "contact_id",
+                vec![Some("c1"), Some("c2"), Some("c3"), Some("c4")],
+            ),
             (
                 "email",
                 vec![
@@ -86,8 +89,14 @@ fn crm_project(config: &str) -> TempProject {
                     None,
                 ],
             ),
-            ("given_name", vec![Some("jon"), Some("john"), Some("mary"), Some("jon")]),
-            ("surname", vec![Some("smyth"), Some("smith"), Some("jones"), None]),
+            (
+                "given_name",
+                vec![Some("jon"), Some("john"), Some("mary"), Some("jon")],
+            ),
+            (
+                "surname",
+                vec![Some("smyth"), Some("smith"), Some("jones"), None],
+            ),
             (
                 "dob",
                 vec![
@@ -97,7 +106,10 @@ fn crm_project(config: &str) -> TempProject {
                     Some("1984-03-02"),
                 ],
             ),
-            ("postcode", vec![Some("2000"), Some("2000"), Some("2000"), Some("9999")]),
+            (
+                "postcode",
+                vec![Some("2000"), Some("2000"), Some("2000"), Some("9999")],
+            ),
         ])],
     );
     // Web events: each CRM email was seen on its own device.
@@ -112,7 +124,12 @@ fn crm_project(config: &str) -> TempProject {
         &p.events().join("e.parquet"),
         &[events_batch(&[
             identify("m1", "dev-a", r#"{"email": "jon@example.com"}"#, T0),
-            identify("m2", "dev-b", r#"{"email": "John.Smith@work.example"}"#, T0 + 1),
+            identify(
+                "m2",
+                "dev-b",
+                r#"{"email": "John.Smith@work.example"}"#,
+                T0 + 1,
+            ),
             identify("m3", "dev-c", r#"{"email": "mary@example.com"}"#, T0 + 2),
         ])],
     );
@@ -194,6 +211,75 @@ fn probabilistic_link_scores_as_fellegi_sunter_and_merges_web_profiles() {
     assert_eq!(value("prior"), 0.5);
     assert_eq!(value("m dob: swapped_day_month"), 0.05);
     assert_eq!(value("candidate_pairs"), 3.0);
+
+    // explain shows the link's evidence, comparison by comparison.
+    let text = ok(run(&mut p.cmd(&[
+        "explain",
+        "email:john.smith@work.example",
+        "--quiet",
+    ])));
+    assert!(text.contains("by <probabilistic: crm_people>"), "{text}");
+    assert!(text.contains("dob swapped_day_month"), "{text}");
+    assert!(
+        text.contains(&format!("{:+7.2}  dob", (0.05f64 / 0.0001).log2())),
+        "{text}"
+    );
+    let json = ok(run(&mut p.cmd(&[
+        "explain",
+        "email:john.smith@work.example",
+        "--json",
+        "--quiet",
+    ])));
+    let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let link = json["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["query"] == "<probabilistic: crm_people>")
+        .expect("the probabilistic link");
+    let weights = &link["match_weights"];
+    assert!((weights["match_weight"].as_f64().unwrap() - want).abs() < 1e-9);
+    assert_eq!(weights["prior_weight"].as_f64().unwrap(), 0.0);
+    assert_eq!(weights["comparisons"].as_array().unwrap().len(), 3);
+}
+
+/// Records from an SQL file in queries/identity/ (not read as a link query), and the identity
+/// node recomputed when that file or the records of a [[sources]] table change.
+#[test]
+fn record_sources_are_identity_inputs() {
+    let config = CRM_CONFIG.replace("source = \"crm\"", "query = \"crm_records.sql\"");
+    let p = crm_project(&config);
+    let sql = p.path().join("queries/identity/crm_records.sql");
+    std::fs::create_dir_all(sql.parent().unwrap()).unwrap();
+    std::fs::write(&sql, "SELECT * FROM crm").unwrap();
+    p.run_json();
+    let same = |p: &TempProject| {
+        profile_of(p, "anonymous_id", "dev-a") == profile_of(p, "anonymous_id", "dev-b")
+    };
+    assert!(same(&p));
+    std::fs::write(&sql, "SELECT * FROM crm WHERE contact_id <> 'c2'").unwrap();
+    p.run_json();
+    assert!(!same(&p), "the edited record query is used");
+
+    let p = crm_project(CRM_CONFIG);
+    p.run_json();
+    assert!(same(&p));
+    write_parquet(
+        &p.path().join("data/crm.parquet"),
+        &[records(&[
+            ("contact_id", vec![Some("c1"), Some("c2")]),
+            (
+                "email",
+                vec![Some("jon@example.com"), Some("john.smith@work.example")],
+            ),
+            ("given_name", vec![Some("jon"), Some("maria")]),
+            ("surname", vec![Some("smyth"), Some("garcia")]),
+            ("dob", vec![Some("1984-03-02"), Some("1971-11-30")]),
+            ("postcode", vec![Some("2000"), Some("2000")]),
+        ])],
+    );
+    p.run_json();
+    assert!(!same(&p), "the changed records are matched again");
 }
 
 /// Without the probabilistic block the two Jons stay apart: the merge above is the block's.
@@ -232,7 +318,11 @@ fn probabilistic_config_errors_name_the_key() {
             "identifiers = { email = \"phone\" }",
             "identity.probabilistic[0].identifiers.email",
         ),
-        ("threshold = 0.9", "threshold = 1.5", "identity.probabilistic[0].threshold"),
+        (
+            "threshold = 0.9",
+            "threshold = 1.5",
+            "identity.probabilistic[0].threshold",
+        ),
         (
             "m = [0.9, 0.05, 0.03, 0.02]",
             "m = [0.9, 0.1]",
@@ -251,7 +341,8 @@ fn probabilistic_config_errors_name_the_key() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("birth_date") && err.contains("identity.probabilistic[0].comparisons[2].column"),
+        err.contains("birth_date")
+            && err.contains("identity.probabilistic[0].comparisons[2].column"),
         "{err}"
     );
 }
@@ -391,13 +482,15 @@ fn prf(ids: &[String], found: &BTreeSet<(String, String)>) -> (f64, f64, f64, us
         *by_entity.entry(entity(id)).or_default() += 1;
     }
     let truth: usize = by_entity.values().map(|n| n * (n - 1) / 2).sum();
-    let hits = found
-        .iter()
-        .filter(|(a, b)| entity(a) == entity(b))
-        .count();
+    let hits = found.iter().filter(|(a, b)| entity(a) == entity(b)).count();
     let precision = hits as f64 / found.len().max(1) as f64;
     let recall = hits as f64 / truth as f64;
-    (precision, recall, 2.0 * precision * recall / (precision + recall), truth)
+    (
+        precision,
+        recall,
+        2.0 * precision * recall / (precision + recall),
+        truth,
+    )
 }
 
 /// Pairwise precision, recall and F1 at match probability 0.5 on febrl1 and febrl2 (dedupe),
@@ -435,7 +528,9 @@ fn febrl_dedupe_precision_and_recall() {
         let seconds = started.elapsed().as_secs_f64();
         let _ = out;
         let pairs: BTreeSet<(String, String)> = p
-            .query("SELECT left_record, right_record FROM match_scores WHERE match_probability >= 0.5")
+            .query(
+                "SELECT left_record, right_record FROM match_scores WHERE match_probability >= 0.5",
+            )
             .iter()
             .map(|r| {
                 let (a, b) = (

@@ -76,8 +76,7 @@ struct Comparison {
 
 impl Comparison {
     fn value(&self, i: usize) -> Option<&str> {
-        (self.text.is_valid(i) && !self.text.value(i).trim().is_empty())
-            .then(|| self.text.value(i))
+        (self.text.is_valid(i) && !self.text.value(i).trim().is_empty()).then(|| self.text.value(i))
     }
 
     /// The first level the pair reaches, or [`NULL`].
@@ -86,12 +85,16 @@ impl Comparison {
             return NULL;
         };
         let dates = self.dates.as_ref().map(|d| (d[i], d[j]));
+        // Each measure once per pair, however many of its thresholds the levels test.
+        let (mut jw, mut lev) = (None, None);
         for (k, level) in self.levels.iter().enumerate() {
             let hit = match *level {
                 MatchLevel::Exact => a == b,
-                MatchLevel::JaroWinkler(x) => jaro_winkler(a, b) >= x,
-                MatchLevel::Levenshtein(n) => levenshtein(a, b) <= n,
-                MatchLevel::Days(n) => matches!(dates, Some((Some(x), Some(y))) if (x - y).num_days().abs() <= n),
+                MatchLevel::JaroWinkler(x) => *jw.get_or_insert_with(|| jaro_winkler(a, b)) >= x,
+                MatchLevel::Levenshtein(n) => *lev.get_or_insert_with(|| levenshtein(a, b)) <= n,
+                MatchLevel::Days(n) => {
+                    matches!(dates, Some((Some(x), Some(y))) if (x - y).num_days().abs() <= n)
+                }
                 MatchLevel::SwappedDayMonth => {
                     matches!(dates, Some((Some(x), Some(y))) if swapped_day_month(x, y))
                 }
@@ -228,7 +231,11 @@ pub async fn match_block(
             .any(|l| matches!(l, MatchLevel::Days(_) | MatchLevel::SwappedDayMonth));
         let dates = dated.then(|| {
             (0..n)
-                .map(|i| text.is_valid(i).then(|| parse_date(text.value(i))).flatten())
+                .map(|i| {
+                    text.is_valid(i)
+                        .then(|| parse_date(text.value(i)))
+                        .flatten()
+                })
                 .collect()
         });
         let mut comparison = Comparison {
@@ -256,6 +263,7 @@ pub async fn match_block(
     let pairs = candidate_pairs(engine, &key, block, &batch).await?;
 
     // u from random pairs, seeded: almost every random pair is two different people.
+    let u_started = std::time::Instant::now();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(block.seed);
     let all_pairs = (n as u64).saturating_mul(n.saturating_sub(1) as u64) / 2;
     let samples = block.u_pairs.min(all_pairs) as usize;
@@ -282,7 +290,10 @@ pub async fn match_block(
             }
             // Laplace smoothing: a level never seen among random pairs is rare, not impossible.
             let total: f64 = counts.iter().sum::<f64>() + counts.len() as f64;
-            counts.iter().map(|x| ((x + 1.0) / total).max(FLOOR)).collect()
+            counts
+                .iter()
+                .map(|x| ((x + 1.0) / total).max(FLOOR))
+                .collect()
         })
         .collect();
     for (k, config) in block.comparisons.iter().enumerate() {
@@ -291,6 +302,7 @@ pub async fn match_block(
         }
     }
 
+    let u_ms = u_started.elapsed().as_millis() as u64;
     let started = std::time::Instant::now();
     let levels = levels_of(&comparisons, &pairs);
     let (m, prior, iterations) = train_m(block, &comparisons, &levels, &u);
@@ -307,6 +319,8 @@ pub async fn match_block(
         block = block.name,
         records = n,
         pairs = pairs.len(),
+        u_pairs = random.len(),
+        u_ms,
         iterations,
         ms = (seconds * 1000.0) as u64,
         pairs_per_second = pairs_per_second as u64,
@@ -403,7 +417,10 @@ async fn candidate_pairs(
                     b.as_any().downcast_ref::<UInt32Array>(),
                 );
                 let (Some(a), Some(b)) = (a, b) else {
-                    return Err(Error::query(&rule_key, "the join returned no record numbers"));
+                    return Err(Error::query(
+                        &rule_key,
+                        "the join returned no record numbers",
+                    ));
                 };
                 found.extend(
                     a.values()
@@ -445,7 +462,13 @@ fn train_m(
         .map(|x| {
             let l = x.levels.len();
             let raw: Vec<f64> = (0..l)
-                .map(|k| if k + 1 == l { 0.05 } else { 0.5f64.powi(k as i32) })
+                .map(|k| {
+                    if k + 1 == l {
+                        0.05
+                    } else {
+                        0.5f64.powi(k as i32)
+                    }
+                })
                 .collect();
             let total: f64 = raw.iter().sum();
             raw.iter().map(|r| r / total).collect()
@@ -572,11 +595,18 @@ fn scores_batch(
     let kept: Vec<usize> = (0..pairs.len())
         .filter(|&p| scored.probability[p] >= block.report_floor)
         .collect();
-    let record = |i: u32| ids.is_valid(i as usize).then(|| ids.value(i as usize).to_string());
+    let record = |i: u32| {
+        ids.is_valid(i as usize)
+            .then(|| ids.value(i as usize).to_string())
+    };
+    // As identity_links shows it: normalised.
     let identifier = |i: u32| {
-        record_ids[i as usize]
-            .first()
-            .map(|(t, v)| format!("{}:{}", rules.types[*t as usize].name, v))
+        record_ids[i as usize].first().map(|(t, v)| {
+            let v = rules
+                .clean(*t, v)
+                .unwrap_or(std::borrow::Cow::Borrowed(v.as_str()));
+            format!("{}:{}", rules.types[*t as usize].name, v)
+        })
     };
     let mut fields = vec![
         Field::new("block", DataType::Utf8, false),
@@ -590,29 +620,55 @@ fn scores_batch(
     ];
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![block.name.as_str(); kept.len()])),
-        Arc::new(StringArray::from_iter(kept.iter().map(|&p| record(pairs[p].0)))),
-        Arc::new(StringArray::from_iter(kept.iter().map(|&p| record(pairs[p].1)))),
-        Arc::new(StringArray::from_iter(kept.iter().map(|&p| identifier(pairs[p].0)))),
-        Arc::new(StringArray::from_iter(kept.iter().map(|&p| identifier(pairs[p].1)))),
-        Arc::new(Float64Array::from_iter_values(kept.iter().map(|&p| scored.probability[p]))),
-        Arc::new(Float64Array::from_iter_values(kept.iter().map(|&p| scored.total[p]))),
+        Arc::new(StringArray::from_iter(
+            kept.iter().map(|&p| record(pairs[p].0)),
+        )),
+        Arc::new(StringArray::from_iter(
+            kept.iter().map(|&p| record(pairs[p].1)),
+        )),
+        Arc::new(StringArray::from_iter(
+            kept.iter().map(|&p| identifier(pairs[p].0)),
+        )),
+        Arc::new(StringArray::from_iter(
+            kept.iter().map(|&p| identifier(pairs[p].1)),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            kept.iter().map(|&p| scored.probability[p]),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            kept.iter().map(|&p| scored.total[p]),
+        )),
         Arc::new(BooleanArray::from_iter(
-            kept.iter().map(|&p| Some(scored.probability[p] >= block.threshold)),
+            kept.iter()
+                .map(|&p| Some(scored.probability[p] >= block.threshold)),
         )),
     ];
     for (k, x) in comparisons.iter().enumerate() {
-        fields.push(Field::new(format!("{}_level", x.column), DataType::Utf8, true));
-        fields.push(Field::new(format!("{}_weight", x.column), DataType::Float64, true));
+        fields.push(Field::new(
+            format!("{}_level", x.column),
+            DataType::Utf8,
+            true,
+        ));
+        fields.push(Field::new(
+            format!("{}_weight", x.column),
+            DataType::Float64,
+            true,
+        ));
         let level = |p: usize| {
             let l = levels[p * c + k];
             (l != NULL).then(|| x.levels[l as usize].label())
         };
-        columns.push(Arc::new(StringArray::from_iter(kept.iter().map(|&p| level(p)))));
+        columns.push(Arc::new(StringArray::from_iter(
+            kept.iter().map(|&p| level(p)),
+        )));
         columns.push(Arc::new(Float64Array::from_iter(kept.iter().map(|&p| {
             (levels[p * c + k] != NULL).then(|| scored.weights[p * c + k])
         }))));
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 /// Every block's `match_scores` rows in one batch: each block's comparison columns, null in
