@@ -376,6 +376,14 @@ pub struct ProbabilisticConfig {
     /// A fixed share of candidate pairs that match, instead of the EM estimate.
     #[serde(default)]
     pub prior: Option<f64>,
+    /// Most candidate pairs the blocking rules may produce: a rule too loose to be useful
+    /// stops the run with an error naming it, instead of exhausting memory.
+    #[serde(default = "default_max_pairs")]
+    pub max_pairs: u64,
+}
+
+fn default_max_pairs() -> u64 {
+    100_000_000
 }
 
 fn default_threshold() -> f64 {
@@ -874,17 +882,41 @@ impl Config {
                     ));
                 }
             }
+            if block.report_floor > block.threshold {
+                return Err(fail(
+                    format!("{key}.report_floor"),
+                    format!(
+                        "{} is above the threshold {}: every linked pair must be reported",
+                        block.report_floor, block.threshold
+                    ),
+                ));
+            }
             if block.prior.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
                 return Err(fail(
                     format!("{key}.prior"),
                     "must be a probability between 0 and 1 (exclusive)".into(),
                 ));
             }
-            if block.u_pairs == 0 || block.max_iterations == 0 {
-                return Err(fail(
-                    format!("{key}.u_pairs"),
-                    "u_pairs and max_iterations must be at least 1".into(),
-                ));
+            for (field, value) in [
+                ("u_pairs", block.u_pairs),
+                ("max_iterations", u64::from(block.max_iterations)),
+                ("max_pairs", block.max_pairs),
+            ] {
+                if value == 0 {
+                    return Err(fail(format!("{key}.{field}"), "must be at least 1".into()));
+                }
+            }
+            let mut columns = std::collections::HashSet::new();
+            for (c, comparison) in block.comparisons.iter().enumerate() {
+                if !columns.insert(comparison.column.as_str()) {
+                    return Err(fail(
+                        format!("{key}.comparisons[{c}].column"),
+                        format!(
+                            "\"{}\" is compared twice: give one comparison all its levels",
+                            comparison.column
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

@@ -328,6 +328,16 @@ fn probabilistic_config_errors_name_the_key() {
             "m = [0.9, 0.1]",
             "identity.probabilistic[0].comparisons[2].m",
         ),
+        (
+            "report_floor = 0.000001",
+            "report_floor = 0.95",
+            "identity.probabilistic[0].report_floor",
+        ),
+        (
+            "column = \"surname\"",
+            "column = \"given_name\"",
+            "identity.probabilistic[0].comparisons[1].column",
+        ),
     ] {
         assert!(CRM_CONFIG.contains(from), "{from}");
         let p = crm_project(&CRM_CONFIG.replace(from, to));
@@ -335,6 +345,18 @@ fn probabilistic_config_errors_name_the_key() {
         assert!(!out.status.success(), "{to} accepted");
         assert!(stderr(&out).contains(key), "{to}: {}", stderr(&out));
     }
+    // A blocking rule too loose for max_pairs is named.
+    let p = crm_project(&CRM_CONFIG.replace(
+        "blocking = [\"l.postcode = r.postcode\"]",
+        "blocking = [\"l.postcode = r.postcode\", \"true\"]\nmax_pairs = 4",
+    ));
+    let out = run(&mut p.cmd(&["run", "--quiet"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("identity.probabilistic[0].blocking[1]") && err.contains("max_pairs"),
+        "{err}"
+    );
     // A column the records lack is named with the key that asked for it.
     let p = crm_project(&CRM_CONFIG.replace("column = \"dob\"", "column = \"birth_date\""));
     let out = run(&mut p.cmd(&["run", "--quiet"]));

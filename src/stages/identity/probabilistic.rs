@@ -428,6 +428,15 @@ async fn candidate_pairs(
                         .zip(b.values())
                         .map(|(&a, &b)| (u64::from(a) << 32) | u64::from(b)),
                 );
+                if found.len() as u64 > block.max_pairs {
+                    return Err(Error::query(
+                        &rule_key,
+                        format!(
+                            "the blocking rules produce more than {} candidate pairs ({key}.max_pairs); make this rule narrower (join on more columns) or raise max_pairs",
+                            block.max_pairs
+                        ),
+                    ));
+                }
             }
         }
         found.sort_unstable();
