@@ -282,6 +282,28 @@ fn record_sources_are_identity_inputs() {
     assert!(!same(&p), "the changed records are matched again");
 }
 
+/// `tessera forget` finds a person's pairs in match_scores by either side's profile: Mary's
+/// pairs go, the pair of the two Jons (another person) stays.
+#[test]
+fn forget_removes_a_persons_match_scores() {
+    let p = crm_project(CRM_CONFIG);
+    p.run_json();
+    let mary = profile_of(&p, "email", "mary@example.com");
+    let sides = p.query(&format!(
+        "SELECT count(*) AS n FROM match_scores WHERE left_profile_id = '{mary}' OR right_profile_id = '{mary}'"
+    ));
+    assert_eq!(sides[0]["n"], 2, "Mary is in two scored pairs");
+    ok(run(&mut p.cmd(&[
+        "forget",
+        "email:mary@example.com",
+        "--quiet",
+    ])));
+    let left = p.query("SELECT left_record, right_record FROM match_scores");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["left_record"], "c1");
+    assert_eq!(left[0]["right_record"], "c2");
+}
+
 /// Without the probabilistic block the two Jons stay apart: the merge above is the block's.
 #[test]
 fn without_the_block_the_records_do_not_merge() {

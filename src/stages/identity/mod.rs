@@ -319,7 +319,10 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
         "identity: profile ids assigned"
     );
     let mut tables = build_tables(&resolution, &ids, &labels, events, run_id, now)?;
-    tables.matching = matching;
+    tables.matching = match matching {
+        Some((model, scores)) => Some((model, scores_with_profiles(scores, &resolution, &ids)?)),
+        None => None,
+    };
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: tables built"
@@ -329,6 +332,41 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     }
     tables.changed_profiles = changed_profiles;
     Ok(tables)
+}
+
+/// `match_scores` with the profile of each side's identifier (null when it has none), so
+/// that a pair is found by either person's profile id, as `tessera forget` finds rows.
+fn scores_with_profiles(
+    scores: RecordBatch,
+    res: &Resolution,
+    ids: &ProfileIds,
+) -> Result<RecordBatch> {
+    let profile = |spec: Option<&str>| -> Option<&str> {
+        let (t, v) = spec?.split_once(':')?;
+        let node = res.lookup(res.rules().type_index(t)?, v)?;
+        Some(ids.ids[ids.of(res.component(node)?)].as_str())
+    };
+    let side = |name: &str| -> Result<ArrayRef> {
+        let text = scores
+            .column_by_name(name)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| Error::Internal(format!("match_scores has no text column {name}")))?;
+        let out: StringArray = text.iter().map(profile).collect();
+        Ok(Arc::new(out))
+    };
+    let (left, right) = (side("left_identifier")?, side("right_identifier")?);
+    let schema = scores.schema();
+    let at = schema.index_of("right_identifier")? + 1;
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = scores.columns().to_vec();
+    fields.insert(at, Field::new("right_profile_id", DataType::Utf8, true));
+    fields.insert(at, Field::new("left_profile_id", DataType::Utf8, true));
+    columns.insert(at, right);
+    columns.insert(at, left);
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
 /// Runs every `[[identity.probabilistic]]` block and adds its records and links to the
