@@ -212,6 +212,20 @@ fn probabilistic_link_scores_as_fellegi_sunter_and_merges_web_profiles() {
     assert_eq!(value("m dob: swapped_day_month"), 0.05);
     assert_eq!(value("candidate_pairs"), 3.0);
 
+    // The comparison function is SQL too (MARTHA/MARHTA: 0.961 in Winkler's examples).
+    let sql = p.query(
+        "SELECT jaro_winkler('MARTHA', 'MARHTA') AS a, jaro_winkler(given_name, 'jon') AS b \
+         FROM crm WHERE contact_id = 'c2'",
+    );
+    assert!(
+        (sql[0]["a"].as_f64().unwrap() - 0.961).abs() < 0.001,
+        "{sql:?}"
+    );
+    assert!(
+        (sql[0]["b"].as_f64().unwrap() - 0.9333).abs() < 0.001,
+        "{sql:?}"
+    );
+
     // explain shows the link's evidence, comparison by comparison.
     let text = ok(run(&mut p.cmd(&[
         "explain",
