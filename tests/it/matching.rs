@@ -563,7 +563,8 @@ fn febrl_dedupe_precision_and_recall() {
     if febrl(&python, data.path()).is_none() {
         return;
     }
-    // Measured: febrl1 and febrl2 F1 are printed below; the floors sit under them.
+    // Measured F1 at 0.5: febrl1 1.0000, febrl2 0.9972 (profiles 1.0000, 0.9964); the floors
+    // leave room for a changed seed or level, not for a broken model.
     for (set, floor) in [("dataset1", 0.97), ("dataset2", 0.97)] {
         let p = TempProject::new(FEBRL_CONFIG);
         std::fs::create_dir_all(p.path().join("data")).unwrap();
