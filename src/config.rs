@@ -4,6 +4,7 @@
 //! keys are refused rather than ignored: a misspelt `limt = 1` that silently did nothing would
 //! merge profiles the user meant to keep apart.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -316,6 +317,10 @@ pub struct IdentityConfig {
     /// Country calling code used to complete phone numbers written without one (e.g. `"1"`, `"44"`).
     #[serde(default = "default_country_code")]
     pub default_country_code: String,
+    /// `[[identity.probabilistic]]`: records linked by Fellegi-Sunter matching (see
+    /// `docs/matching.md`). Empty: identity is deterministic only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probabilistic: Vec<ProbabilisticConfig>,
 }
 
 impl Default for IdentityConfig {
@@ -323,12 +328,169 @@ impl Default for IdentityConfig {
         IdentityConfig {
             identifiers: default_identifiers(),
             default_country_code: default_country_code(),
+            probabilistic: Vec::new(),
         }
     }
 }
 
 fn default_country_code() -> String {
     "1".to_string()
+}
+
+/// One `[[identity.probabilistic]]` block: a record source, how to pair its records, how to
+/// compare them, and the match probability above which a pair links.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbabilisticConfig {
+    /// Names the block in `match_model`, `match_scores` and `identity_links.query`.
+    pub name: String,
+    /// A `[[sources]]` table holding the records (or use `query`).
+    #[serde(default)]
+    pub source: Option<String>,
+    /// An SQL file under `queries/identity/` returning the records (or use `source`).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// The column that identifies a record.
+    pub record_id: String,
+    /// Columns that carry identifiers: column name → identifier type of `[identity]`.
+    pub identifiers: BTreeMap<String, String>,
+    /// SQL join conditions over `l` and `r`; a pair is a candidate when any of them holds.
+    pub blocking: Vec<String>,
+    /// How pairs are compared.
+    pub comparisons: Vec<ComparisonConfig>,
+    /// Pairs with at least this match probability link.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Pairs with at least this probability get a `match_scores` row.
+    #[serde(default = "default_report_floor")]
+    pub report_floor: f64,
+    /// Seeds the random pairs u is estimated from.
+    #[serde(default)]
+    pub seed: u64,
+    /// How many random pairs estimate u.
+    #[serde(default = "default_u_pairs")]
+    pub u_pairs: u64,
+    /// Most EM iterations for m.
+    #[serde(default = "default_em_iterations")]
+    pub max_iterations: u32,
+    /// A fixed share of candidate pairs that match, instead of the EM estimate.
+    #[serde(default)]
+    pub prior: Option<f64>,
+    /// Most candidate pairs the blocking rules may produce: a rule too loose to be useful
+    /// stops the run with an error naming it, instead of exhausting memory.
+    #[serde(default = "default_max_pairs")]
+    pub max_pairs: u64,
+}
+
+fn default_max_pairs() -> u64 {
+    100_000_000
+}
+
+fn default_threshold() -> f64 {
+    0.5
+}
+fn default_report_floor() -> f64 {
+    0.01
+}
+fn default_u_pairs() -> u64 {
+    1_000_000
+}
+fn default_em_iterations() -> u32 {
+    50
+}
+
+/// One comparison of a probabilistic block: a column and its levels, best first.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComparisonConfig {
+    /// The record column compared.
+    pub column: String,
+    /// Levels, best first: `exact`, `jaro_winkler >= 0.92`, `levenshtein <= 2`,
+    /// `days <= 30`, `swapped_day_month`; `else` is added when missing.
+    pub levels: Vec<String>,
+    /// Weigh exact agreement on common values less (a common surname).
+    #[serde(default)]
+    pub term_frequency: bool,
+    /// Fixed m per level (else included) instead of the EM estimate.
+    #[serde(default)]
+    pub m: Option<Vec<f64>>,
+    /// Fixed u per level (else included) instead of the random-pair estimate.
+    #[serde(default)]
+    pub u: Option<Vec<f64>>,
+}
+
+/// A comparison level, parsed from its text in `levels`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MatchLevel {
+    /// Equal text.
+    Exact,
+    /// Jaro-Winkler similarity at least this.
+    JaroWinkler(f64),
+    /// Levenshtein distance at most this.
+    Levenshtein(usize),
+    /// Both dates, at most this many days apart.
+    Days(i64),
+    /// Both dates, equal once day and month of one are swapped.
+    SwappedDayMonth,
+    /// Anything else.
+    Else,
+}
+
+impl MatchLevel {
+    /// Parses `exact`, `jaro_winkler >= 0.9`, `levenshtein <= 2`, `days <= 30`,
+    /// `swapped_day_month` or `else`.
+    pub fn parse(text: &str) -> std::result::Result<MatchLevel, String> {
+        let t = text.trim().to_ascii_lowercase();
+        let words: Vec<&str> = t.split_whitespace().collect();
+        let bad = || {
+            format!("\"{text}\" is not a level: write exact, \"jaro_winkler >= 0.92\", \"levenshtein <= 2\", \"days <= 30\", swapped_day_month or else")
+        };
+        match words.as_slice() {
+            ["exact"] => Ok(MatchLevel::Exact),
+            ["else"] => Ok(MatchLevel::Else),
+            ["swapped_day_month"] => Ok(MatchLevel::SwappedDayMonth),
+            ["jaro_winkler", ">=", x] => match x.parse::<f64>() {
+                Ok(v) if (0.0..=1.0).contains(&v) => Ok(MatchLevel::JaroWinkler(v)),
+                _ => Err(format!("{}: the similarity must be between 0 and 1", bad())),
+            },
+            ["levenshtein", "<=", x] => x.parse().map(MatchLevel::Levenshtein).map_err(|_| bad()),
+            ["days", "<=", x] => match x.parse::<i64>() {
+                Ok(v) if v >= 0 => Ok(MatchLevel::Days(v)),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+
+    /// The level as written in `match_model` and `match_scores`.
+    pub fn label(&self) -> String {
+        match self {
+            MatchLevel::Exact => "exact".into(),
+            MatchLevel::JaroWinkler(x) => format!("jaro_winkler >= {x}"),
+            MatchLevel::Levenshtein(n) => format!("levenshtein <= {n}"),
+            MatchLevel::Days(n) => format!("days <= {n}"),
+            MatchLevel::SwappedDayMonth => "swapped_day_month".into(),
+            MatchLevel::Else => "else".into(),
+        }
+    }
+}
+
+impl ComparisonConfig {
+    /// The levels, parsed, ending with `else`.
+    pub fn parsed_levels(&self) -> std::result::Result<Vec<MatchLevel>, (usize, String)> {
+        let mut out = Vec::with_capacity(self.levels.len() + 1);
+        for (i, text) in self.levels.iter().enumerate() {
+            let level = MatchLevel::parse(text).map_err(|e| (i, e))?;
+            if level == MatchLevel::Else && i + 1 != self.levels.len() {
+                return Err((i, "else must be the last level".into()));
+            }
+            out.push(level);
+        }
+        if out.last() != Some(&MatchLevel::Else) {
+            out.push(MatchLevel::Else);
+        }
+        Ok(out)
+    }
 }
 
 /// The Segment-spec identifiers: user_id (one per profile), email, anonymous_id.
@@ -619,6 +781,147 @@ impl Config {
         Ok(config)
     }
 
+    /// `[[identity.probabilistic]]`: sources, identifier types, levels and probabilities.
+    fn check_probabilistic(&self, fail: &dyn Fn(String, String) -> Error) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for (b, block) in self.identity.probabilistic.iter().enumerate() {
+            let key = format!("identity.probabilistic[{b}]");
+            if !is_sql_name(&block.name) || !names.insert(block.name.as_str()) {
+                return Err(fail(
+                    format!("{key}.name"),
+                    format!(
+                        "\"{}\" must be a unique name of lowercase letters, digits and _",
+                        block.name
+                    ),
+                ));
+            }
+            match (&block.source, &block.query) {
+                (Some(source), None) => {
+                    if !self.sources.iter().any(|s| &s.name == source) {
+                        return Err(fail(
+                            format!("{key}.source"),
+                            format!("no [[sources]] table is named \"{source}\": add one, or name an SQL file with `query`"),
+                        ));
+                    }
+                }
+                (None, Some(query)) => {
+                    if !query.ends_with(".sql") || query.contains('/') || query.contains('\\') {
+                        return Err(fail(
+                            format!("{key}.query"),
+                            format!("\"{query}\" must be the name of an .sql file in queries/identity/"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(fail(
+                        format!("{key}.source"),
+                        "set exactly one of `source` (a [[sources]] table) or `query` (an SQL file in queries/identity/)".into(),
+                    ))
+                }
+            }
+            if block.identifiers.is_empty() {
+                return Err(fail(
+                    format!("{key}.identifiers"),
+                    "name at least one column that carries an identifier, e.g. identifiers = { customer_id = \"user_id\" }".into(),
+                ));
+            }
+            for (column, kind) in &block.identifiers {
+                if !self.identity.identifiers.iter().any(|t| &t.name == kind) {
+                    return Err(fail(
+                        format!("{key}.identifiers.{column}"),
+                        format!("\"{kind}\" is not an identifier type in [[identity.identifiers]]"),
+                    ));
+                }
+            }
+            if block.blocking.is_empty() || block.blocking.iter().any(|r| r.trim().is_empty()) {
+                return Err(fail(
+                    format!("{key}.blocking"),
+                    "give at least one join condition over l and r, e.g. \"l.postcode = r.postcode\"".into(),
+                ));
+            }
+            if block.comparisons.is_empty() {
+                return Err(fail(
+                    format!("{key}.comparisons"),
+                    "give at least one [[identity.probabilistic.comparisons]] with a column and its levels".into(),
+                ));
+            }
+            for (c, comparison) in block.comparisons.iter().enumerate() {
+                let ckey = format!("{key}.comparisons[{c}]");
+                let levels = comparison
+                    .parsed_levels()
+                    .map_err(|(i, e)| fail(format!("{ckey}.levels[{i}]"), e))?;
+                if levels.len() < 2 {
+                    return Err(fail(
+                        format!("{ckey}.levels"),
+                        "give at least one level before else, e.g. [\"exact\"]".into(),
+                    ));
+                }
+                for (which, fixed) in [("m", &comparison.m), ("u", &comparison.u)] {
+                    let Some(values) = fixed else { continue };
+                    if values.len() != levels.len()
+                        || values.iter().any(|v| !(*v > 0.0 && *v <= 1.0))
+                    {
+                        return Err(fail(
+                            format!("{ckey}.{which}"),
+                            format!(
+                                "give {} probabilities above 0 and at most 1, one per level with else last",
+                                levels.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+            for (field, value) in [
+                ("threshold", block.threshold),
+                ("report_floor", block.report_floor),
+            ] {
+                if !(value > 0.0 && value < 1.0) {
+                    return Err(fail(
+                        format!("{key}.{field}"),
+                        format!("{value} is not a probability between 0 and 1 (exclusive)"),
+                    ));
+                }
+            }
+            if block.report_floor > block.threshold {
+                return Err(fail(
+                    format!("{key}.report_floor"),
+                    format!(
+                        "{} is above the threshold {}: every linked pair must be reported",
+                        block.report_floor, block.threshold
+                    ),
+                ));
+            }
+            if block.prior.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
+                return Err(fail(
+                    format!("{key}.prior"),
+                    "must be a probability between 0 and 1 (exclusive)".into(),
+                ));
+            }
+            for (field, value) in [
+                ("u_pairs", block.u_pairs),
+                ("max_iterations", u64::from(block.max_iterations)),
+                ("max_pairs", block.max_pairs),
+            ] {
+                if value == 0 {
+                    return Err(fail(format!("{key}.{field}"), "must be at least 1".into()));
+                }
+            }
+            let mut columns = std::collections::HashSet::new();
+            for (c, comparison) in block.comparisons.iter().enumerate() {
+                if !columns.insert(comparison.column.as_str()) {
+                    return Err(fail(
+                        format!("{key}.comparisons[{c}].column"),
+                        format!(
+                            "\"{}\" is compared twice: give one comparison all its levels",
+                            comparison.column
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that go beyond types: names, duplicates, ranges.
     fn check(&self, file: &Path) -> Result<()> {
         let fail = |key: String, message: String| Error::Config {
@@ -671,6 +974,7 @@ impl Config {
                 format!("\"{cc}\" is not a country calling code: use 1 to 3 digits, e.g. \"1\" or \"44\""),
             ));
         }
+        self.check_probabilistic(&fail)?;
         for (key, value) in [
             ("run.memory_limit", &self.run.memory_limit),
             ("run.max_spill", &self.run.max_spill),

@@ -20,6 +20,10 @@ pub const IDENTITY_LINKS: &str = "identity_links";
 pub const IDENTITY_CONFLICTS: &str = "identity_conflicts";
 /// One row per profile merged into an older one.
 pub const PROFILE_MERGES: &str = "profile_merges";
+/// Probabilistic matching's trained parameters: (block, parameter, value).
+pub const MATCH_MODEL: &str = "match_model";
+/// One row per candidate pair above a block's reporting floor, with its weight per comparison.
+pub const MATCH_SCORES: &str = "match_scores";
 
 /// One row per profile.
 pub const PROFILES: &str = "profiles";
@@ -65,6 +69,8 @@ pub const RESERVED: &[&str] = &[
     IDENTITY_LINKS,
     IDENTITY_CONFLICTS,
     PROFILE_MERGES,
+    MATCH_MODEL,
+    MATCH_SCORES,
     PROFILES,
     SEGMENTS,
     SEGMENT_CHANGES,
@@ -83,6 +89,8 @@ pub const OUTPUT_TABLES: &[&str] = &[
     IDENTITY_LINKS,
     IDENTITY_CONFLICTS,
     PROFILE_MERGES,
+    MATCH_MODEL,
+    MATCH_SCORES,
     PROFILES,
     SEGMENT_CHANGES,
     SESSIONS,

@@ -268,7 +268,9 @@ fn reads_of(engine: &Engine, file: &QueryFile) -> Result<Reads> {
                 tables::IDENTITY_GRAPH
                 | tables::IDENTITY_LINKS
                 | tables::IDENTITY_CONFLICTS
-                | tables::PROFILE_MERGES => {
+                | tables::PROFILE_MERGES
+                | tables::MATCH_MODEL
+                | tables::MATCH_SCORES => {
                     reads.nodes.insert(node::IDENTITY.into());
                 }
                 tables::SESSIONS => {
@@ -406,6 +408,21 @@ impl Graph {
             identity_code.push('\u{0}');
             identity_code.push_str(&sql_code(file));
         }
+        // Probabilistic blocks' record sources are the identity node's inputs too.
+        for block in &config.identity.probabilistic {
+            if let Some(source) = &block.source {
+                identity_sources.insert(source.clone());
+            }
+        }
+        let mut identity_tables = vec![
+            tables::IDENTITY_GRAPH.to_string(),
+            tables::IDENTITY_LINKS.into(),
+            tables::IDENTITY_CONFLICTS.into(),
+            tables::PROFILE_MERGES.into(),
+        ];
+        if !config.identity.probabilistic.is_empty() {
+            identity_tables.extend([tables::MATCH_MODEL.into(), tables::MATCH_SCORES.into()]);
+        }
         let mut identity_config = section("identity", &config.identity);
         for (i, source) in config.sources.iter().enumerate() {
             if identity_sources.contains(&source.name) {
@@ -418,12 +435,7 @@ impl Graph {
             name: node::IDENTITY.into(),
             kind: Kind::Identity,
             file: None,
-            tables: vec![
-                tables::IDENTITY_GRAPH.into(),
-                tables::IDENTITY_LINKS.into(),
-                tables::IDENTITY_CONFLICTS.into(),
-                tables::PROFILE_MERGES.into(),
-            ],
+            tables: identity_tables,
             reads: BTreeSet::from([node::EVENTS.to_string()]),
             code: digest(&identity_code),
             config: identity_config,

@@ -450,6 +450,14 @@ async fn stages(
             report.tables.insert(name.to_string(), committed);
             register_staged(ctx, outputs, name).await?;
         }
+        if let Some((model, scores)) = identity.matching {
+            for (name, batch) in [(tables::MATCH_MODEL, model), (tables::MATCH_SCORES, scores)] {
+                let df = ctx.read_batch(batch)?;
+                let committed = outputs.write(ctx, name, df, WriteMode::Replace).await?;
+                report.tables.insert(name.to_string(), committed);
+                register_staged(ctx, outputs, name).await?;
+            }
+        }
         spinner.finish_and_clear();
         report
             .stages

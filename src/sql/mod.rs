@@ -11,6 +11,7 @@ pub mod json_check;
 pub mod json_skip;
 pub mod plan_rules;
 pub mod shift_window;
+pub mod similarity;
 pub mod window_args;
 
 use std::sync::Arc;
@@ -27,7 +28,7 @@ pub fn add_rules(state: SessionStateBuilder) -> SessionStateBuilder {
 }
 
 /// Registers every function Tessera adds to SQL on `ctx`: the JSON getters, `is_json`,
-/// `most_frequent`, `funnel`, the sessions' first-touch reader and `as_of()` (set to now; a
+/// `most_frequent`, `funnel`, `jaro_winkler`, the sessions' first-touch reader and `as_of()` (set to now; a
 /// run registers its own as-of over it).
 pub fn register_functions(ctx: &mut SessionContext) -> datafusion::error::Result<()> {
     datafusion_functions_json::register_all(ctx)?;
@@ -35,6 +36,7 @@ pub fn register_functions(ctx: &mut SessionContext) -> datafusion::error::Result
         ctx.register_udf(udf);
     }
     ctx.register_udf(json_check::is_json_udf());
+    ctx.register_udf(similarity::jaro_winkler_udf());
     ctx.register_udaf(functions::most_frequent());
     ctx.register_udaf(funnel::funnel());
     ctx.register_udf(first_touch::first_touch_udf());

@@ -28,6 +28,7 @@ fn rules(limits: [Option<u64>; 3], max_links: Option<u64>, blocklist: &[&str]) -
     Rules::from_config(&IdentityConfig {
         identifiers,
         default_country_code: "1".into(),
+        probabilistic: Vec::new(),
     })
 }
 

@@ -13,6 +13,7 @@ mod identity_props;
 mod ingest;
 mod journeys;
 mod limits;
+mod matching;
 mod profiles;
 mod readers;
 mod reliability;

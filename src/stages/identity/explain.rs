@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use arrow::array::{Array, AsArray, RecordBatch, TimestampMicrosecondArray};
 use arrow::datatypes::DataType;
+use arrow::datatypes::Float64Type;
 use chrono::DateTime;
 use datafusion::dataframe::DataFrame;
 use datafusion::logical_expr::{cast, col, lit, Expr};
@@ -60,6 +61,135 @@ pub struct Link {
     /// Why it was refused (refused links only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How a probabilistic link was weighed (its `match_scores` row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub match_weights: Option<MatchWeights>,
+}
+
+/// A probabilistic link's evidence: the prior, then each comparison's weight (log2 of m/u),
+/// adding up to the match weight.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatchWeights {
+    /// The pair's match probability.
+    pub probability: f64,
+    /// The sum of the prior and comparison weights.
+    pub match_weight: f64,
+    /// log2 of the prior odds.
+    pub prior_weight: f64,
+    /// Each comparison: column, level reached (none when a side was null) and weight.
+    pub comparisons: Vec<ComparisonWeight>,
+}
+
+/// One comparison's part of a [`MatchWeights`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ComparisonWeight {
+    /// The compared column.
+    pub column: String,
+    /// The level the pair reached; none when either side was null.
+    pub level: Option<String>,
+    /// Its weight (0 for nulls).
+    pub weight: f64,
+}
+
+/// The label prefix of probabilistic links in `identity_links.query`.
+const PROBABILISTIC: &str = "<probabilistic: ";
+
+/// Fills in the weights of the probabilistic links among `links` from `match_scores`.
+async fn add_match_weights(engine: &Engine, links: &mut [Link]) -> Result<()> {
+    let wanted: Vec<Expr> = links
+        .iter()
+        .filter(|l| l.query.starts_with(PROBABILISTIC))
+        .flat_map(|l| [lit(l.from.to_string()), lit(l.to.to_string())])
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let Some(df) = table(engine, tables::MATCH_SCORES).await? else {
+        return Ok(());
+    };
+    let mut exprs = Vec::new();
+    let mut comparisons = Vec::new();
+    for field in df.schema().fields() {
+        let name = field.name().as_str();
+        if ["block", "left_identifier", "right_identifier"].contains(&name) {
+            exprs.push(cast(col(name), DataType::Utf8).alias(name));
+        } else if name == "match_probability" || name == "match_weight" {
+            exprs.push(cast(col(name), DataType::Float64).alias(name));
+        } else if let Some(column) = name.strip_suffix("_level") {
+            comparisons.push(column.to_string());
+            exprs.push(cast(col(name), DataType::Utf8).alias(name));
+            let weight = format!("{column}_weight");
+            exprs.push(cast(col(weight.as_str()), DataType::Float64).alias(weight));
+        }
+    }
+    let found = df
+        .select(exprs)?
+        .filter(
+            col("left_identifier")
+                .in_list(wanted.clone(), false)
+                .and(col("right_identifier").in_list(wanted, false)),
+        )?
+        .collect()
+        .await?;
+    let number = |b: &RecordBatch, name: &str, r: usize| -> Option<f64> {
+        let a = b.column_by_name(name)?.as_primitive_opt::<Float64Type>()?;
+        a.is_valid(r).then(|| a.value(r))
+    };
+    let text = |b: &RecordBatch, name: &str, r: usize| -> Option<String> {
+        let a = b.column_by_name(name)?.as_string_opt::<i32>()?;
+        a.is_valid(r).then(|| a.value(r).to_string())
+    };
+    for b in &found {
+        for r in 0..b.num_rows() {
+            let (Some(block), Some(left), Some(right)) = (
+                text(b, "block", r),
+                text(b, "left_identifier", r),
+                text(b, "right_identifier", r),
+            ) else {
+                continue;
+            };
+            let query = format!("{PROBABILISTIC}{block}>");
+            let mut parts = Vec::new();
+            for c in &comparisons {
+                // Columns of other blocks are null in this block's rows.
+                if !block_compares(engine, &block, c) {
+                    continue;
+                }
+                parts.push(ComparisonWeight {
+                    column: c.clone(),
+                    level: text(b, &format!("{c}_level"), r),
+                    weight: number(b, &format!("{c}_weight"), r).unwrap_or(0.0),
+                });
+            }
+            let total = number(b, "match_weight", r).unwrap_or_default();
+            let weights = MatchWeights {
+                probability: number(b, "match_probability", r).unwrap_or_default(),
+                match_weight: total,
+                prior_weight: total - parts.iter().map(|p| p.weight).sum::<f64>(),
+                comparisons: parts,
+            };
+            for l in links.iter_mut() {
+                let (from, to) = (l.from.to_string(), l.to.to_string());
+                if l.query == query
+                    && ((from == left && to == right) || (from == right && to == left))
+                {
+                    l.match_weights = Some(weights.clone());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether block `block` of the config compares `column`.
+fn block_compares(engine: &Engine, block: &str, column: &str) -> bool {
+    engine
+        .project
+        .config
+        .identity
+        .probabilistic
+        .iter()
+        .any(|b| b.name == block && b.comparisons.iter().any(|c| c.column == column))
 }
 
 /// Everything `explain` knows about one identifier.
@@ -237,11 +367,13 @@ pub async fn explain(engine: &Engine, spec: &str) -> Result<Explanation> {
                     seen_at: time_col(&b, 6, r),
                     query: text_col(&b, 5, r).unwrap_or_default(),
                     reason: None,
+                    match_weights: None,
                 });
             }
         }
     }
     links.sort_by(|a, b| (&a.seen_at, &a.to, &a.from).cmp(&(&b.seen_at, &b.to, &b.from)));
+    add_match_weights(engine, &mut links).await?;
 
     let mut around: HashSet<Identifier> = identifiers.iter().map(|m| m.id.clone()).collect();
     around.insert(asked.clone());
@@ -274,6 +406,7 @@ pub async fn explain(engine: &Engine, spec: &str) -> Result<Explanation> {
                         seen_at: time_col(&b, 6, r),
                         query: text_col(&b, 5, r).unwrap_or_default(),
                         reason: text_col(&b, 4, r),
+                        match_weights: None,
                     });
                 }
             }
@@ -372,6 +505,20 @@ impl Explanation {
                     link.query
                 ));
                 let deeper = format!("{prefix}{}", if last { "    " } else { "│   " });
+                if let Some(w) = &link.match_weights {
+                    out.push_str(&format!(
+                        "{deeper}    match probability {:.4}, weight {:+.2} = prior {:+.2}\n",
+                        w.probability, w.match_weight, w.prior_weight
+                    ));
+                    for c in &w.comparisons {
+                        out.push_str(&format!(
+                            "{deeper}      {:+7.2}  {} {}\n",
+                            c.weight,
+                            c.column,
+                            c.level.as_deref().unwrap_or("(null: no evidence)")
+                        ));
+                    }
+                }
                 walk(out, child, &deeper, children, asked);
             }
         }

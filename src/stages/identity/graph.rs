@@ -772,6 +772,7 @@ mod tests {
         Rules::from_config(&IdentityConfig {
             identifiers,
             default_country_code: "1".into(),
+            probabilistic: Vec::new(),
         })
     }
 

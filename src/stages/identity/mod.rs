@@ -19,6 +19,7 @@ pub mod accuracy;
 pub mod explain;
 pub mod graph;
 pub mod normalize;
+pub mod probabilistic;
 
 // foldhash instead of SipHash: these maps hold one entry per identifier or profile (tens of
 // millions at 100M events) and are probed for each.
@@ -53,6 +54,17 @@ pub const DEFAULT_QUERY: &str = "<default identity query>";
 /// The project's identity queries in file-name order, or the default one.
 pub fn load_queries(engine: &Engine) -> Result<Vec<QueryFile>> {
     let mut queries = engine.project.query_files("identity")?;
+    // Record sources of probabilistic blocks are not link queries.
+    let records: Vec<String> = engine
+        .project
+        .config
+        .identity
+        .probabilistic
+        .iter()
+        .filter_map(|b| b.query.as_ref())
+        .map(|f| format!("queries/identity/{f}"))
+        .collect();
+    queries.retain(|q| !records.contains(&q.file.replace('\\', "/")));
     if queries.is_empty() {
         queries.push(QueryFile {
             file: DEFAULT_QUERY.to_string(),
@@ -98,6 +110,8 @@ pub struct IdentityTables {
     /// new, of an identifier that is new, moved to another profile or left the graph. `None`
     /// when there is no published graph to compare with.
     pub changed_profiles: Option<Vec<String>>,
+    /// `match_model` and `match_scores`, when `[[identity.probabilistic]]` blocks are set.
+    pub matching: Option<(RecordBatch, RecordBatch)>,
 }
 
 /// How events get their `profile_id` once identities are resolved.
@@ -259,8 +273,10 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
             }
         }
     }
-    let (resolver, mut events) =
+    let (mut resolver, mut events) =
         read.unwrap_or_else(|| (Resolver::new(rules.clone()), EventIds::default()));
+    let mut labels = queries.clone();
+    let matching = match_records(engine, &rules, &mut resolver, &mut labels).await?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: links read"
@@ -302,7 +318,11 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
         ms = started.elapsed().as_millis() as u64,
         "identity: profile ids assigned"
     );
-    let mut tables = build_tables(&resolution, &ids, &queries, events, run_id, now)?;
+    let mut tables = build_tables(&resolution, &ids, &labels, events, run_id, now)?;
+    tables.matching = match matching {
+        Some((model, scores)) => Some((model, scores_with_profiles(scores, &resolution, &ids)?)),
+        None => None,
+    };
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: tables built"
@@ -312,6 +332,77 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     }
     tables.changed_profiles = changed_profiles;
     Ok(tables)
+}
+
+/// `match_scores` with the profile of each side's identifier (null when it has none), so
+/// that a pair is found by either person's profile id, as `tessera forget` finds rows.
+fn scores_with_profiles(
+    scores: RecordBatch,
+    res: &Resolution,
+    ids: &ProfileIds,
+) -> Result<RecordBatch> {
+    let profile = |spec: Option<&str>| -> Option<&str> {
+        let (t, v) = spec?.split_once(':')?;
+        let node = res.lookup(res.rules().type_index(t)?, v)?;
+        Some(ids.ids[ids.of(res.component(node)?)].as_str())
+    };
+    let side = |name: &str| -> Result<ArrayRef> {
+        let text = scores
+            .column_by_name(name)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| Error::Internal(format!("match_scores has no text column {name}")))?;
+        let out: StringArray = text.iter().map(profile).collect();
+        Ok(Arc::new(out))
+    };
+    let (left, right) = (side("left_identifier")?, side("right_identifier")?);
+    let schema = scores.schema();
+    let at = schema.index_of("right_identifier")? + 1;
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = scores.columns().to_vec();
+    fields.insert(at, Field::new("right_profile_id", DataType::Utf8, true));
+    fields.insert(at, Field::new("left_profile_id", DataType::Utf8, true));
+    columns.insert(at, right);
+    columns.insert(at, left);
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}
+
+/// Runs every `[[identity.probabilistic]]` block and adds its records and links to the
+/// resolver, each block as one more "query" in `labels`. Returns `match_model` and
+/// `match_scores`, or `None` without blocks.
+async fn match_records(
+    engine: &Engine,
+    rules: &Rules,
+    resolver: &mut Resolver,
+    labels: &mut Vec<QueryFile>,
+) -> Result<Option<(RecordBatch, RecordBatch)>> {
+    let blocks = &engine.project.config.identity.probabilistic;
+    if blocks.is_empty() {
+        return Ok(None);
+    }
+    let (mut models, mut scores) = (Vec::new(), Vec::new());
+    let mut nodes = Vec::new();
+    for (b, block) in blocks.iter().enumerate() {
+        let result = probabilistic::match_block(engine, b, block, rules).await?;
+        let query = labels.len() as u16;
+        labels.push(QueryFile {
+            file: probabilistic::query_label(block),
+            sql: String::new(),
+            path: engine.project.queries_dir("identity"),
+        });
+        for row in &result.rows {
+            let row: Vec<(u8, &str)> = row.iter().map(|(t, v)| (*t, v.as_str())).collect();
+            resolver.add_row(&row, NO_TIME, query, &mut nodes);
+        }
+        models.push((block.name.clone(), result.model));
+        scores.push(result.scores);
+    }
+    Ok(Some((
+        probabilistic::model_batch(&models)?,
+        probabilistic::union_scores(&scores)?,
+    )))
 }
 
 /// The expressions that give each event its identifiers, when they can be evaluated on the
@@ -978,6 +1069,7 @@ fn build_tables(
         event_profiles: EventProfiles::Mapping(event_profiles),
         stats,
         changed_profiles: None,
+        matching: None,
     })
 }
 
