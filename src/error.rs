@@ -142,6 +142,15 @@ pub enum Error {
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
+
+    /// A cluster's scheduler or executor could not be reached, started or used.
+    #[error("cluster {address}: {message}")]
+    Cluster {
+        /// The scheduler's address (`df://HOST:PORT`), or the address a server was to bind.
+        address: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
 }
 
 impl Error {
