@@ -311,3 +311,43 @@ fn an_executor_killed_mid_run_costs_a_retry_not_a_wrong_table() {
     same_run(&a, &b);
     assert_same_tables(&local, &remote);
 }
+
+#[test]
+fn a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run() {
+    if !s3_available("a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run") {
+        return;
+    }
+    let local = project(120, 5);
+    let prefix = s3_prefix();
+    ok(run(tessera().args([
+        "generate",
+        "--out",
+        &format!("{prefix}/data"),
+        "--people",
+        "120",
+        "--days",
+        "4",
+        "--seed",
+        "5",
+        "--quiet",
+    ])));
+    let bundled = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
+    let config = bundled
+        .replace(
+            "events = \"data/events\"",
+            &format!("events = \"{prefix}/data/events\""),
+        )
+        .replace("output = \"out\"", &format!("output = \"{prefix}/out\""));
+    assert!(
+        config.contains(&format!("{prefix}/out")),
+        "the bundled config moved"
+    );
+    let remote = TempProject::new(&format!("{config}\n[run]\nspill_dir = \"scratch\"\n"));
+    copy_dir(&repo().join("queries"), &remote.path().join("queries"));
+    let cluster = Cluster::start(2);
+    let a = local_run(&local);
+    let (b, log) = cluster_run(&remote, &cluster);
+    same_run(&a, &b);
+    assert!(sent_to_cluster(&log) > 0, "{log}");
+    assert_same_tables(&local, &remote);
+}
