@@ -67,8 +67,13 @@ impl SplitPlanner {
     }
 
     /// True when every table `plan` reads is a Parquet listing outside the driver-only
-    /// prefixes, it reads at least one (a query of literals is not worth a job), and every
-    /// function it calls is one the servers have.
+    /// prefixes, it reads at least one (a query of literals is not worth a job), every
+    /// function it calls is one the servers have, and it aggregates, joins or windows.
+    ///
+    /// A plain scan (with filters and projections) stays on the driver: its rows would all
+    /// come back through the driver anyway, so the cluster only adds the trip. Ingest's read
+    /// of the new event files is such a scan; sent to one local executor it made the event
+    /// history stage 2.3x slower at 1M events.
     pub fn runs_on_cluster(&self, plan: &LogicalPlan) -> Result<bool> {
         if !matches!(
             plan,
@@ -89,6 +94,7 @@ impl SplitPlanner {
         }
         let mut scans = 0;
         let mut portable = true;
+        let mut reduces = false;
         plan.apply_with_subqueries(|node| {
             match node {
                 LogicalPlan::TableScan(scan) => {
@@ -106,6 +112,10 @@ impl SplitPlanner {
                         portable = false;
                     }
                 }
+                LogicalPlan::Aggregate(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::Window(_)
+                | LogicalPlan::Distinct(_) => reduces = true,
                 LogicalPlan::Extension(_)
                 | LogicalPlan::Dml(_)
                 | LogicalPlan::Ddl(_)
@@ -137,7 +147,7 @@ impl SplitPlanner {
                 TreeNodeRecursion::Stop
             })
         })?;
-        Ok(portable && scans > 0)
+        Ok(portable && scans > 0 && reduces)
     }
 }
 
@@ -163,7 +173,7 @@ impl QueryPlanner for SplitPlanner {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         if self.runs_on_cluster(logical_plan)? {
             self.sent.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("query sent to the cluster");
+            tracing::debug!(plan = %logical_plan.display_indent(), "query sent to the cluster");
             self.cluster
                 .create_physical_plan(logical_plan, session)
                 .await
