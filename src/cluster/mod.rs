@@ -135,8 +135,8 @@ pub fn client_context(
     let state = local.state();
     // Ballista's config extension added before upgrading keeps the upgrade from applying its
     // "restricted" DataFusion settings (no round-robin repartitioning, its join thresholds)
-    // to the queries the driver runs itself: with them, the event history stage ran 2.3x
-    // slower. The scheduler applies what it needs to the queries it plans.
+    // to the queries the driver runs itself, which then plan exactly as on one machine. The
+    // scheduler applies what it needs to the queries it plans.
     let config = state.config().clone();
     let extension = config.ballista_config();
     let config = with_codecs(config.with_option_extension(extension)).upgrade_for_ballista();
