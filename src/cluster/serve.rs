@@ -49,18 +49,20 @@ pub async fn scheduler(options: SchedulerOptions) -> Result<()> {
     let runtime: Arc<RuntimeEnv> = RuntimeEnvBuilder::new()
         .with_object_store_registry(Arc::new(Stores::default()))
         .build_arc()?;
-    let mut config = SchedulerConfig::default();
-    config.bind_host = options.bind.ip().to_string();
-    config.bind_port = options.bind.port();
-    config.external_host = options.bind.ip().to_string();
-    config.executor_timeout_seconds = options.executor_timeout_secs;
-    config.no_executors_grace_period_seconds = options.executor_timeout_secs;
-    config.expire_dead_executor_interval_seconds = (options.executor_timeout_secs / 2).clamp(1, 15);
-    config.override_session_builder = Some(Arc::new(move |session_config| {
-        session_state(session_config, runtime.clone())
-    }));
-    config.override_logical_codec = Some(Arc::new(codec::LogicalCodec::default()));
-    config.override_physical_codec = Some(Arc::new(codec::PhysicalCodec::default()));
+    let config = SchedulerConfig {
+        bind_host: options.bind.ip().to_string(),
+        bind_port: options.bind.port(),
+        external_host: options.bind.ip().to_string(),
+        executor_timeout_seconds: options.executor_timeout_secs,
+        no_executors_grace_period_seconds: options.executor_timeout_secs,
+        expire_dead_executor_interval_seconds: (options.executor_timeout_secs / 2).clamp(1, 15),
+        override_session_builder: Some(Arc::new(move |session_config| {
+            session_state(session_config, runtime.clone())
+        })),
+        override_logical_codec: Some(Arc::new(codec::LogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(codec::PhysicalCodec::default())),
+        ..Default::default()
+    };
     let cluster = BallistaCluster::new_from_config(&config)
         .await
         .map_err(|e| server_error("scheduler", e))?;
@@ -73,43 +75,47 @@ pub async fn scheduler(options: SchedulerOptions) -> Result<()> {
 /// Runs an executor until the process is stopped.
 pub async fn executor(options: ExecutorOptions) -> Result<()> {
     let stores = Arc::new(Stores::default());
-    let mut config = ExecutorProcessConfig::default();
-    config.bind_host = options.bind.ip().to_string();
-    config.port = options.bind.port();
-    config.grpc_port = options.bind.port().checked_add(1).ok_or_else(|| {
+    let grpc_port = options.bind.port().checked_add(1).ok_or_else(|| {
         Error::Usage(format!(
             "--bind {}: the executor also needs the next port; choose a lower one",
             options.bind
         ))
     })?;
-    config.external_host = options
+    let external_host = options
         .external_host
         .clone()
         .or_else(|| (!options.bind.ip().is_unspecified()).then(|| options.bind.ip().to_string()));
-    config.scheduler_host = options.scheduler.host.clone();
-    config.scheduler_port = options.scheduler.port;
-    // Wait for a scheduler that starts after its executors (a compose file starts both).
-    config.scheduler_connect_timeout_seconds = 60;
-    config.executor_heartbeat_interval_seconds = 5;
-    if let Some(tasks) = options.tasks {
-        config.vcores = tasks.max(1);
-    }
-    config.memory_pool_size = options.memory_limit;
-    config.work_dir = options
-        .work_dir
-        .as_ref()
-        .map(|dir| dir.to_string_lossy().into_owned());
     let temp = options.work_dir.clone();
-    config.override_runtime_producer = Some(Arc::new(move |_| {
-        let mut builder = RuntimeEnvBuilder::new().with_object_store_registry(stores.clone());
-        if let Some(dir) = &temp {
-            builder = builder.with_temp_file_path(dir.clone());
-        }
-        builder.build_arc()
-    }));
-    config.override_function_registry = Some(Arc::new(crate::cluster::function_registry()?));
-    config.override_logical_codec = Some(Arc::new(codec::LogicalCodec::default()));
-    config.override_physical_codec = Some(Arc::new(codec::PhysicalCodec::default()));
+    let defaults = ExecutorProcessConfig::default();
+    let config = ExecutorProcessConfig {
+        bind_host: options.bind.ip().to_string(),
+        port: options.bind.port(),
+        grpc_port,
+        external_host,
+        scheduler_host: options.scheduler.host.clone(),
+        scheduler_port: options.scheduler.port,
+        // Wait for a scheduler that starts after its executors (a compose file starts both).
+        scheduler_connect_timeout_seconds: 60,
+        // Often enough that a scheduler with a short --executor-timeout keeps live executors.
+        executor_heartbeat_interval_seconds: 2,
+        vcores: options.tasks.map_or(defaults.vcores, |tasks| tasks.max(1)),
+        memory_pool_size: options.memory_limit,
+        work_dir: options
+            .work_dir
+            .as_ref()
+            .map(|dir| dir.to_string_lossy().into_owned()),
+        override_runtime_producer: Some(Arc::new(move |_| {
+            let mut builder = RuntimeEnvBuilder::new().with_object_store_registry(stores.clone());
+            if let Some(dir) = &temp {
+                builder = builder.with_temp_file_path(dir.clone());
+            }
+            builder.build_arc()
+        })),
+        override_function_registry: Some(Arc::new(crate::cluster::function_registry()?)),
+        override_logical_codec: Some(Arc::new(codec::LogicalCodec::default())),
+        override_physical_codec: Some(Arc::new(codec::PhysicalCodec::default())),
+        ..defaults
+    };
     tracing::info!(bind = %options.bind, scheduler = %options.scheduler, "cluster executor starting");
     start_executor_process(Arc::new(config))
         .await
