@@ -105,16 +105,32 @@ impl Drop for Cluster {
 /// A project over `people` generated people with the bundled config and queries, and a
 /// shared scratch folder (`run.spill_dir`) for the cluster's executors.
 fn project(people: u64, seed: u64) -> TempProject {
-    let bundled = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
-    let p = TempProject::new(&format!("{bundled}\n[run]\nspill_dir = \"scratch\"\n"));
+    let p = with_scratch(TempProject::new(
+        &std::fs::read_to_string(repo().join("tessera.toml")).unwrap(),
+    ));
     generate(&p.path().join("data"), people, 4, seed);
     copy_dir(&repo().join("queries"), &p.path().join("queries"));
     p
 }
 
+/// `p` with a `[run] spill_dir` of its own (an absolute path: a relative one is taken from
+/// the working folder).
+fn with_scratch(p: TempProject) -> TempProject {
+    let config = p.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let scratch = p.path().join("scratch");
+    std::fs::write(
+        &config,
+        format!("{text}\n[run]\nspill_dir = \"{}\"\n", scratch.display()),
+    )
+    .unwrap();
+    p
+}
+
 /// The same project in a second folder.
 fn copy_of(p: &TempProject) -> TempProject {
-    let q = TempProject::new(&std::fs::read_to_string(p.path().join("tessera.toml")).unwrap());
+    let config = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
+    let q = with_scratch(TempProject::new(&config));
     copy_dir(&p.path().join("data"), &q.path().join("data"));
     copy_dir(&p.path().join("queries"), &q.path().join("queries"));
     q
@@ -342,7 +358,7 @@ fn a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run() {
         config.contains(&format!("{prefix}/out")),
         "the bundled config moved"
     );
-    let remote = TempProject::new(&format!("{config}\n[run]\nspill_dir = \"scratch\"\n"));
+    let remote = with_scratch(TempProject::new(&config));
     copy_dir(&repo().join("queries"), &remote.path().join("queries"));
     let cluster = Cluster::start(2);
     let a = local_run(&local);
