@@ -210,6 +210,9 @@ pub struct RunConfig {
     pub retention_hours: u64,
     /// Longest one query of a run may take, e.g. `"30m"`, `"90s"`, `"2h"` (see [`parse_duration`]).
     pub query_timeout: String,
+    /// A cluster scheduler (`df://HOST:PORT`) to run on; default: this machine alone.
+    /// `--cluster` overrides it. See docs/cluster.md.
+    pub cluster: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -221,6 +224,7 @@ impl Default for RunConfig {
             lease_seconds: 300,
             retention_hours: 168,
             query_timeout: "30m".into(),
+            cluster: None,
         }
     }
 }

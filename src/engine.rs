@@ -51,6 +51,9 @@ pub struct Engine {
     scratch: Scratch,
     /// The resolved events written into the scratch folder, replaced on each materialising.
     events_copy: std::sync::Mutex<Option<tempfile::TempDir>>,
+    /// Set on a cluster's driver: the resolved events go to the scratch folder, where the
+    /// executors read them, never into the driver's memory ([`Engine::keep_events_on_disk`]).
+    events_on_disk: std::sync::atomic::AtomicBool,
     /// The memory pool's share each table held in memory takes ([`Engine::hold`]), by name.
     held: std::sync::Mutex<
         std::collections::HashMap<String, datafusion::execution::memory_pool::MemoryReservation>,
@@ -130,12 +133,20 @@ impl Engine {
             limits,
             scratch,
             events_copy: std::sync::Mutex::new(None),
+            events_on_disk: Default::default(),
             held: std::sync::Mutex::new(Default::default()),
             outputs: Outputs::new(output),
             project,
             ctx,
             events,
         })
+    }
+
+    /// Makes [`Engine::materialise_events`] always write the Parquet copy (a cluster's
+    /// executors can read that, not the driver's memory).
+    pub fn keep_events_on_disk(&self) {
+        self.events_on_disk
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes `events` as it is now (checked, deduplicated, with profile_id) to local Parquet
@@ -246,7 +257,11 @@ impl Engine {
     async fn events_in_memory(&self, events: &DataFrame, rows: u64) -> Result<bool> {
         const SAMPLE_ROWS: usize = 8192;
         self.release_memory(tables::EVENTS);
-        if crate::faults::events_on_disk() {
+        if crate::faults::events_on_disk()
+            || self
+                .events_on_disk
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(false);
         }
         let budget = self.limits.memory / 4;

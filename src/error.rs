@@ -152,6 +152,15 @@ pub enum Error {
     /// table it wrote that is not there. Run again; if it persists, it is a defect to report.
     #[error("internal error (not caused by your data or config; run again, and report it if it persists): {0}")]
     Internal(String),
+
+    /// A cluster's scheduler or executor could not be reached, started or used.
+    #[error("cluster {address}: {message}")]
+    Cluster {
+        /// The scheduler's address (`df://HOST:PORT`), or the address a server was to bind.
+        address: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
 }
 
 impl From<DataFusionError> for Error {

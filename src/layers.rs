@@ -16,7 +16,7 @@ fn layer(unit: &str) -> Option<u8> {
         "config" | "digest" | "storage" | "tables" | "error" | "faults" | "metrics"
         | "progress" => 0,
         "sql" => 1,
-        "engine" | "output" => 2,
+        "engine" | "output" | "cluster" => 2,
         "stages" => 3,
         "pipeline" => 4,
         "cli" => 5,

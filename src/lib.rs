@@ -11,7 +11,8 @@
 //! 2. [`sql`]: the DataFusion extensions (functions, optimizer rules, JSON helpers), which
 //!    know no stage;
 //! 3. [`engine`] (the shared `SessionContext`) and, beside it, [`output`] (Delta writes,
-//!    publish, lease, run state, scratch folders);
+//!    publish, lease, run state, scratch folders) and `cluster` (the Ballista scheduler,
+//!    executors and driver context; cargo feature `cluster`);
 //! 4. [`stages`]: one module per stage of a run, each taking its inputs and returning its
 //!    tables;
 //! 5. [`pipeline`]: the run as a graph of nodes, built and walked;
@@ -29,6 +30,8 @@ pub mod tables;
 
 pub mod sql;
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod engine;
 pub mod output;
 

@@ -1,6 +1,8 @@
 //! The `tessera` command line: flags are parsed here, checked, and handed to the library.
 
 pub mod bench;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod export;
 pub mod generate;
 pub mod status;
@@ -64,6 +66,17 @@ pub enum Command {
         /// Longest one query may run, e.g. `30m`, `90s`, `2h` (overrides run.query_timeout).
         #[arg(long, value_name = "TIME")]
         query_timeout: Option<String>,
+        /// Run on the cluster whose scheduler is at df://HOST:PORT (overrides run.cluster;
+        /// see docs/cluster.md).
+        #[arg(long, value_name = "df://HOST:PORT")]
+        cluster: Option<String>,
+    },
+    /// Serve as part of a cluster: its scheduler or one of its executors (docs/cluster.md).
+    #[cfg(feature = "cluster")]
+    Cluster {
+        /// Which role.
+        #[command(subcommand)]
+        role: cluster::Role,
     },
     /// Show the lease, unfinished publishes, new input files, table versions and the last runs.
     Status {
@@ -297,6 +310,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             memory_limit,
             spill_dir,
             query_timeout,
+            cluster,
         } => {
             let mut project = Project::load(&project_dir)?;
             if let Some(limit) = query_timeout {
@@ -314,7 +328,29 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 project.config.run.spill_dir = Some(dir);
             }
             let as_of = as_of.as_deref().map(parse_as_of).transpose()?;
-            let report = pipeline::run(project, &RunOptions { full, as_of }, progress).await?;
+            let options = RunOptions { full, as_of };
+            let cluster = match cluster {
+                Some(address) => Some((address, "--cluster")),
+                None => project
+                    .config
+                    .run
+                    .cluster
+                    .clone()
+                    .map(|a| (a, "run.cluster")),
+            };
+            let report = match cluster {
+                None => pipeline::run(project, &options, progress).await?,
+                #[cfg(feature = "cluster")]
+                Some((address, key)) => {
+                    cluster::run(project, &address, key, &options, progress).await?
+                }
+                #[cfg(not(feature = "cluster"))]
+                Some((_, key)) => {
+                    return Err(Error::Usage(format!(
+                        "{key}: this tessera was built without cluster support; build it with `cargo build --features cluster`, or remove {key} to run on this machine"
+                    )))
+                }
+            };
             print_report(&report, cli.json);
             Ok(0)
         }
@@ -383,6 +419,8 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        #[cfg(feature = "cluster")]
+        Command::Cluster { role } => cluster::serve(role).await.map(|()| 0),
         Command::Status { runs } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
             let status = crate::cli::status::status(&engine, runs).await?;

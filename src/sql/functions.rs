@@ -13,8 +13,8 @@ use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
-    create_udf, Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo,
-    GroupsAccumulator, ScalarUDF, Signature, Volatility,
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, EmitTo, GroupsAccumulator,
+    ScalarUDF, Signature, Volatility,
 };
 
 /// `most_frequent(text) -> text`: the value seen most often; ties go to the alphabetically
@@ -357,21 +357,52 @@ impl Accumulator for MostFrequent {
     }
 }
 
+/// The name `as_of()` is called by in SQL.
+pub const AS_OF: &str = "as_of";
+
 /// `as_of() -> timestamp`: the run's as-of time (`--as-of`, default the run's start).
 pub fn as_of(at: DateTime<Utc>) -> ScalarUDF {
-    let micros = at.timestamp_micros();
-    create_udf(
-        "as_of",
-        vec![],
-        crate::tables::timestamp_type(),
-        Volatility::Stable,
-        Arc::new(move |_: &[ColumnarValue]| {
-            Ok(ColumnarValue::Scalar(ScalarValue::TimestampMicrosecond(
-                Some(micros),
-                Some("UTC".into()),
-            )))
-        }),
-    )
+    ScalarUDF::new_from_impl(AsOf {
+        micros: at.timestamp_micros(),
+        signature: Signature::nullary(Volatility::Stable),
+    })
+}
+
+/// The time an `as_of` function returns (microseconds since the epoch), read back so a plan
+/// sent to another process can carry it; `None` for any other function.
+pub fn as_of_micros(udf: &ScalarUDF) -> Option<i64> {
+    udf.inner().downcast_ref::<AsOf>().map(|as_of| as_of.micros)
+}
+
+/// `as_of()`: a constant the run sets, kept as a value (not a closure) so it can be read back.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct AsOf {
+    micros: i64,
+    signature: Signature,
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for AsOf {
+    fn name(&self) -> &str {
+        AS_OF
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> DfResult<DataType> {
+        Ok(crate::tables::timestamp_type())
+    }
+
+    fn invoke_with_args(
+        &self,
+        _args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> DfResult<ColumnarValue> {
+        Ok(ColumnarValue::Scalar(ScalarValue::TimestampMicrosecond(
+            Some(self.micros),
+            Some("UTC".into()),
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,16 @@ use datafusion::prelude::SessionContext;
 
 /// Adds Tessera's optimizer rules to a session being built.
 pub fn add_rules(state: SessionStateBuilder) -> SessionStateBuilder {
+    add_portable_rules(state).with_physical_optimizer_rule(Arc::new(shift_window::ShiftWindows))
+}
+
+/// The rules whose plans hold only DataFusion's own operators, so a plan can be sent to
+/// another process (a cluster's executors) and read back there. `ShiftWindows` is left out:
+/// its operator has no wire form, and without it the same windows run through DataFusion's
+/// own operator, to the same rows.
+pub fn add_portable_rules(state: SessionStateBuilder) -> SessionStateBuilder {
     state
         .with_optimizer_rule(Arc::new(window_args::WindowArgsAsColumns))
-        .with_physical_optimizer_rule(Arc::new(shift_window::ShiftWindows))
         .with_physical_optimizer_rule(Arc::new(cheap_filters_first::CheapFiltersFirst))
 }
 

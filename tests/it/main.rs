@@ -2,6 +2,8 @@
 //! One test binary, so DataFusion is linked once.
 
 mod cli;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod common;
 mod export;
 mod faults;

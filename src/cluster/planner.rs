@@ -1,0 +1,185 @@
+//! Which queries of a run go to the cluster and which the driver runs itself.
+//!
+//! A query can run on the executors only if every table it reads can be named in a plan and
+//! read by another machine: Parquet folders on a store the executors can reach (DataFusion's
+//! listing tables). Tables a run holds in the driver's memory, Delta tables (delta-rs scans
+//! carry the log the driver read), ingest's file chain and writes (Delta commits, Parquet
+//! copies, all made by the driver under its lease) cannot; a query touching any of them is
+//! planned here with the same local planner a single-machine run uses. So is a query calling a
+//! function the servers do not have: a stage's own functions close over the driver's state
+//! (the event → profile lookup is one). So every query gets
+//! the same answer on a cluster as off one; what differs is only where its work is done, and
+//! [`SplitPlanner::sent`] counts how many went to the cluster.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::listing::ListingTable;
+use datafusion::datasource::source_as_provider;
+use datafusion::error::Result;
+use datafusion::execution::context::QueryPlanner;
+use datafusion::logical_expr::{Expr, LogicalPlan, WindowFunctionDefinition};
+use datafusion::physical_plan::ExecutionPlan;
+
+/// A query planner that sends what executors can run to the cluster and plans the rest
+/// locally.
+#[derive(Debug)]
+pub struct SplitPlanner {
+    cluster: Arc<dyn QueryPlanner + Send + Sync>,
+    local: Arc<dyn QueryPlanner + Send + Sync>,
+    /// URL prefixes only the driver can read (its scratch folder): a scan under one stays here.
+    driver_only: Vec<String>,
+    /// The functions the scheduler and executors have, by name (lowercase).
+    functions: std::collections::HashSet<String>,
+    sent: AtomicU64,
+    kept: AtomicU64,
+}
+
+impl SplitPlanner {
+    /// A planner sending to `cluster` what it can and planning the rest with `local`.
+    pub fn new(
+        cluster: Arc<dyn QueryPlanner + Send + Sync>,
+        local: Arc<dyn QueryPlanner + Send + Sync>,
+        driver_only: Vec<String>,
+        functions: std::collections::HashSet<String>,
+    ) -> SplitPlanner {
+        SplitPlanner {
+            cluster,
+            local,
+            driver_only,
+            functions,
+            sent: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
+        }
+    }
+
+    /// How many queries went to the cluster.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// How many queries the driver planned itself.
+    pub fn kept(&self) -> u64 {
+        self.kept.load(Ordering::Relaxed)
+    }
+
+    /// True when every table `plan` reads is a Parquet listing outside the driver-only
+    /// prefixes, it reads at least one (a query of literals is not worth a job), every
+    /// function it calls is one the servers have, and it aggregates, joins or windows.
+    ///
+    /// A plain scan (with filters and projections) stays on the driver: its rows would all
+    /// come back through the driver anyway, so the cluster only adds the trip. Ingest's read
+    /// of the new event files is such a scan; sent to one local executor it made the event
+    /// history stage 2.3x slower at 1M events.
+    pub fn runs_on_cluster(&self, plan: &LogicalPlan) -> Result<bool> {
+        if !matches!(
+            plan,
+            LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::Window(_)
+                | LogicalPlan::Aggregate(_)
+                | LogicalPlan::Sort(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::Repartition(_)
+                | LogicalPlan::Union(_)
+                | LogicalPlan::TableScan(_)
+                | LogicalPlan::SubqueryAlias(_)
+                | LogicalPlan::Limit(_)
+                | LogicalPlan::Distinct(_)
+        ) {
+            return Ok(false);
+        }
+        let mut scans = 0;
+        let mut portable = true;
+        let mut reduces = false;
+        plan.apply_with_subqueries(|node| {
+            match node {
+                LogicalPlan::TableScan(scan) => {
+                    scans += 1;
+                    let provider = source_as_provider(&scan.source)?;
+                    let readable = provider
+                        .downcast_ref::<ListingTable>()
+                        .is_some_and(|listing| {
+                            listing.table_paths().iter().all(|path| {
+                                let url = path.as_str();
+                                !self.driver_only.iter().any(|p| url.starts_with(p.as_str()))
+                            })
+                        });
+                    if !readable {
+                        portable = false;
+                    }
+                }
+                LogicalPlan::Aggregate(_)
+                | LogicalPlan::Join(_)
+                | LogicalPlan::Window(_)
+                | LogicalPlan::Distinct(_) => reduces = true,
+                LogicalPlan::Extension(_)
+                | LogicalPlan::Dml(_)
+                | LogicalPlan::Ddl(_)
+                | LogicalPlan::Copy(_)
+                | LogicalPlan::Statement(_)
+                | LogicalPlan::Explain(_)
+                | LogicalPlan::Analyze(_)
+                | LogicalPlan::DescribeTable(_)
+                | LogicalPlan::RecursiveQuery(_) => portable = false,
+                _ => {}
+            }
+            if portable {
+                node.apply_expressions(|expr| {
+                    expr.apply(|e| {
+                        if let Some(name) = function_name(e) {
+                            if !self.functions.contains(&name.to_lowercase()) {
+                                tracing::debug!(function = name, "query kept on the driver");
+                                portable = false;
+                                return Ok(TreeNodeRecursion::Stop);
+                            }
+                        }
+                        Ok(TreeNodeRecursion::Continue)
+                    })
+                })?;
+            }
+            Ok(if portable {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
+            })
+        })?;
+        Ok(portable && scans > 0 && reduces)
+    }
+}
+
+/// The name of the function `expr` calls, if it calls one.
+fn function_name(expr: &Expr) -> Option<&str> {
+    match expr {
+        Expr::ScalarFunction(f) => Some(f.func.name()),
+        Expr::AggregateFunction(f) => Some(f.func.name()),
+        Expr::WindowFunction(w) => Some(match &w.fun {
+            WindowFunctionDefinition::AggregateUDF(f) => f.name(),
+            WindowFunctionDefinition::WindowUDF(f) => f.name(),
+        }),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl QueryPlanner for SplitPlanner {
+    async fn create_physical_plan(
+        &self,
+        logical_plan: &LogicalPlan,
+        session: &dyn Session,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if self.runs_on_cluster(logical_plan)? {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(plan = %logical_plan.display_indent(), "query sent to the cluster");
+            self.cluster
+                .create_physical_plan(logical_plan, session)
+                .await
+        } else {
+            self.kept.fetch_add(1, Ordering::Relaxed);
+            self.local.create_physical_plan(logical_plan, session).await
+        }
+    }
+}

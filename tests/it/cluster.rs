@@ -1,0 +1,369 @@
+//! A real cluster: a scheduler and two executors, each the `tessera` binary in its own process on
+//! 127.0.0.1, driven by `tessera run --cluster`; its tables are compared with a local run's.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// A port nothing listens on, and the one after it free too (an executor takes both).
+fn free_ports() -> u16 {
+    loop {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn wait_listening(port: u16, what: &str, child: &mut Child) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before listening");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what} is not listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cluster's processes; killed when dropped.
+struct Cluster {
+    address: String,
+    scheduler: Child,
+    executors: Vec<Child>,
+    work_dirs: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(executors: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports();
+        let logs = dir.path().to_path_buf();
+        let log = move |name: &str| std::fs::File::create(logs.join(name)).unwrap();
+        let mut scheduler = tessera()
+            .args(["cluster", "scheduler", "--bind"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--executor-timeout", "6"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log("scheduler.log"))
+            .spawn()
+            .expect("the scheduler starts");
+        wait_listening(port, "the scheduler", &mut scheduler);
+        let mut cluster = Cluster {
+            address: format!("df://127.0.0.1:{port}"),
+            scheduler,
+            executors: Vec::new(),
+            work_dirs: Vec::new(),
+            _dir: dir,
+        };
+        for n in 0..executors {
+            let bind = free_ports();
+            let work = cluster._dir.path().join(format!("executor-{n}"));
+            std::fs::create_dir_all(&work).unwrap();
+            let mut child = tessera()
+                .args(["cluster", "executor", "--scheduler"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--bind")
+                .arg(format!("127.0.0.1:{bind}"))
+                .args(["--tasks", "2", "--memory-limit", "1GiB", "--work-dir"])
+                .arg(&work)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log(&format!("executor-{n}.log")))
+                .spawn()
+                .expect("an executor starts");
+            wait_listening(bind, "an executor", &mut child);
+            cluster.executors.push(child);
+            cluster.work_dirs.push(work);
+        }
+        cluster
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self._dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.executors.iter_mut().chain([&mut self.scheduler]) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A project over `people` generated people with the bundled config and queries, and a
+/// shared scratch folder (`run.spill_dir`) for the cluster's executors.
+fn project(people: u64, seed: u64) -> TempProject {
+    let p = with_scratch(TempProject::new(
+        &std::fs::read_to_string(repo().join("tessera.toml")).unwrap(),
+    ));
+    generate(&p.path().join("data"), people, 4, seed);
+    copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    p
+}
+
+/// `p` with a `[run] spill_dir` of its own (an absolute path: a relative one is taken from
+/// the working folder).
+fn with_scratch(p: TempProject) -> TempProject {
+    let config = p.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let scratch = p.path().join("scratch");
+    std::fs::write(
+        &config,
+        format!("{text}\n[run]\nspill_dir = \"{}\"\n", scratch.display()),
+    )
+    .unwrap();
+    p
+}
+
+/// The same project in a second folder.
+fn copy_of(p: &TempProject) -> TempProject {
+    let config = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
+    let q = with_scratch(TempProject::new(&config));
+    copy_dir(&p.path().join("data"), &q.path().join("data"));
+    copy_dir(&p.path().join("queries"), &q.path().join("queries"));
+    q
+}
+
+/// A few days after the generated events (from 2026-10-01), so windows and RFM see them.
+const AS_OF: &str = "2026-10-08T00:00:00Z";
+
+fn local_run(p: &TempProject) -> serde_json::Value {
+    let text = ok(run(
+        &mut p.cmd(&["run", "--json", "--quiet", "--as-of", AS_OF])
+    ));
+    serde_json::from_str(text.trim()).unwrap()
+}
+
+/// `tessera run --cluster` with info logs (JSON) on stderr: the report and the log.
+fn cluster_run(p: &TempProject, cluster: &Cluster) -> (serde_json::Value, String) {
+    let out = run(&mut p.cmd(&[
+        "run",
+        "--json",
+        "-v",
+        "--as-of",
+        AS_OF,
+        "--cluster",
+        &cluster.address,
+    ]));
+    let log = stderr(&out);
+    let text = ok(out);
+    (serde_json::from_str(text.trim()).unwrap(), log)
+}
+
+/// How many queries the run's log says went to the cluster.
+fn sent_to_cluster(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|l| l["fields"]["on_cluster"].as_u64())
+        .unwrap_or_else(|| panic!("no `on_cluster` count in the log:\n{log}"))
+}
+
+fn table_text(p: &TempProject, sql: &str) -> String {
+    let rows = p.query(sql);
+    let mut lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Every output table (and the segments folder) of `a` and `b` holds the same rows.
+fn assert_same_tables(a: &TempProject, b: &TempProject) {
+    for sql in [
+        "SELECT * FROM events",
+        "SELECT * FROM identity_graph",
+        "SELECT * FROM identity_links",
+        "SELECT * FROM identity_conflicts",
+        "SELECT * FROM profiles",
+        "SELECT * FROM sessions",
+        "SELECT * FROM rfm",
+        // The file a rejected row came from is in each project's own folder.
+        "SELECT * EXCLUDE (source_file), regexp_replace(source_file, '^.*/data/events/', '') AS file FROM rejected_events",
+        "SELECT * FROM segments.high_value",
+        "SELECT * FROM segments.active_30d",
+        "SELECT * FROM reports.checkout_funnel",
+        "SELECT * FROM reports.after_add_to_cart",
+    ] {
+        let (x, y) = (table_text(a, sql), table_text(b, sql));
+        assert!(!x.is_empty() || sql.contains("rejected"), "{sql}: no rows");
+        assert!(x == y, "{sql}: the cluster run differs from the local run");
+    }
+}
+
+fn same_run(a: &serde_json::Value, b: &serde_json::Value) {
+    for key in [
+        "rows_read",
+        "rows_rejected",
+        "rows_duplicate",
+        "events",
+        "identity",
+    ] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+}
+
+#[test]
+fn a_run_on_a_cluster_gives_the_same_tables_as_a_local_run() {
+    let local = project(120, 7);
+    let remote = copy_of(&local);
+    let cluster = Cluster::start(2);
+    let a = local_run(&local);
+    let (b, log) = cluster_run(&remote, &cluster);
+    same_run(&a, &b);
+    // Not a run that quietly did everything on the driver.
+    assert!(sent_to_cluster(&log) > 0, "{log}");
+    assert_same_tables(&local, &remote);
+    // The executors ran the tasks (the scheduler hands each stage's tasks to free slots).
+    let tasks: Vec<usize> = (0..2)
+        .map(|n| {
+            cluster
+                .log(&format!("executor-{n}.log"))
+                .matches("Execute task")
+                .count()
+        })
+        .collect();
+    eprintln!("tasks run by each executor: {tasks:?}");
+    assert!(tasks.iter().sum::<usize>() > 0, "no executor ran a task");
+}
+
+#[test]
+fn a_run_needs_a_reachable_scheduler_and_a_shared_scratch_folder() {
+    let p = project(20, 3);
+    let port = free_ports();
+    let out = run(&mut p.cmd(&["run", "--cluster", &format!("df://127.0.0.1:{port}")]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!("df://127.0.0.1:{port}"))
+            && text.contains("tessera cluster scheduler"),
+        "{text}"
+    );
+    assert!(!p.path().join("out/runs").exists(), "nothing written");
+
+    let q = TempProject::local();
+    let out = run(&mut q.cmd(&["run", "--cluster", "df://127.0.0.1:1"]));
+    assert!(stderr(&out).contains("run.spill_dir"), "{}", stderr(&out));
+    let out = run(&mut q.cmd(&["run", "--cluster", "http://x:1"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("df://HOST:PORT"), "{}", stderr(&out));
+}
+
+/// Files anywhere under `dir`.
+fn any_file(dir: &Path) -> bool {
+    walk(dir).next().is_some()
+}
+
+fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.into_iter()
+}
+
+#[test]
+fn an_executor_killed_mid_run_costs_a_retry_not_a_wrong_table() {
+    let local = project(400, 11);
+    let remote = copy_of(&local);
+    let mut cluster = Cluster::start(2);
+    let a = local_run(&local);
+    let mut child = remote
+        .cmd(&[
+            "run",
+            "--json",
+            "-v",
+            "--as-of",
+            AS_OF,
+            "--cluster",
+            &cluster.address,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed as soon as it holds shuffle output of this run: later stages need it.
+    let start = Instant::now();
+    while !any_file(&cluster.work_dirs[0]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "executor 0 got no task"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.executors[0].kill().unwrap();
+    cluster.executors[0].wait().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the executor was killed"
+    );
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "the run failed:\n{log}");
+    // The scheduler noticed the loss (Ballista 55's words) and ran the work again elsewhere.
+    let scheduler = cluster.log("scheduler.log");
+    assert!(
+        scheduler.contains("Removing executor"),
+        "the scheduler did not notice the killed executor:\n{scheduler}"
+    );
+    let b: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    same_run(&a, &b);
+    assert_same_tables(&local, &remote);
+}
+
+#[test]
+fn a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run() {
+    if !s3_available("a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run") {
+        return;
+    }
+    let local = project(120, 5);
+    let prefix = s3_prefix();
+    ok(run(tessera().args([
+        "generate",
+        "--out",
+        &format!("{prefix}/data"),
+        "--people",
+        "120",
+        "--days",
+        "4",
+        "--seed",
+        "5",
+        "--quiet",
+    ])));
+    let bundled = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
+    let config = bundled
+        .replace(
+            "events = \"data/events\"",
+            &format!("events = \"{prefix}/data/events\""),
+        )
+        .replace("output = \"out\"", &format!("output = \"{prefix}/out\""));
+    assert!(
+        config.contains(&format!("{prefix}/out")),
+        "the bundled config moved"
+    );
+    let remote = with_scratch(TempProject::new(&config));
+    copy_dir(&repo().join("queries"), &remote.path().join("queries"));
+    let cluster = Cluster::start(2);
+    let a = local_run(&local);
+    let (b, log) = cluster_run(&remote, &cluster);
+    same_run(&a, &b);
+    assert!(sent_to_cluster(&log) > 0, "{log}");
+    assert_same_tables(&local, &remote);
+}
