@@ -313,7 +313,38 @@ async fn build_inner(
 /// One row per profile of `graph` (an `identity_graph` batch ordered by profile, type priority,
 /// value) with one list column per identifier type: its values in order, NULL when it has none.
 /// One pass over the graph; an `array_agg(... ORDER BY ...)` per type took most of the stage.
+/// Whether every value of `ids` (text) sits in one run of equal values.
+fn grouped(ids: &ArrayRef) -> bool {
+    let ids = ids.as_string::<i32>();
+    let mut done: HashSet<&str> = HashSet::new();
+    let mut last: Option<&str> = None;
+    for id in ids.iter().flatten() {
+        if last != Some(id) {
+            if let Some(previous) = last {
+                done.insert(previous);
+            }
+            if done.contains(id) {
+                return false;
+            }
+            last = Some(id);
+        }
+    }
+    true
+}
+
 fn identifier_lists(graph: &RecordBatch, types: &[&str]) -> Result<RecordBatch> {
+    // One profile's identifiers must be next to each other. The identity stage hands them
+    // over that way; the published graph, read back from several files when identity was not
+    // recomputed, need not be, and a profile split in two became two rows of `profiles`.
+    let sorted;
+    let graph = match graph.column_by_name("profile_id") {
+        Some(p) if !grouped(&arrow::compute::cast(p, &DataType::Utf8)?) => {
+            let indices = arrow::compute::sort_to_indices(p, None, None)?;
+            sorted = arrow::compute::take_record_batch(graph, &indices)?;
+            &sorted
+        }
+        _ => graph,
+    };
     let column = |name: &str| -> Result<ArrayRef> {
         let c = graph
             .column_by_name(name)
@@ -665,6 +696,48 @@ async fn last_known_traits(engine: &Engine, events: DataFrame) -> Result<RecordB
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profile_whose_identifiers_are_apart_is_still_one_row() {
+        let graph = RecordBatch::try_from_iter([
+            (
+                "identifier_type",
+                Arc::new(arrow::array::StringArray::from(vec![
+                    "email",
+                    "user_id",
+                    "email",
+                    "anonymous_id",
+                ])) as ArrayRef,
+            ),
+            (
+                "identifier_value",
+                Arc::new(arrow::array::StringArray::from(vec![
+                    "a@x", "u1", "b@x", "d1",
+                ])),
+            ),
+            (
+                "profile_id",
+                Arc::new(arrow::array::StringArray::from(vec![
+                    "p_1", "p_2", "p_2", "p_1",
+                ])),
+            ),
+        ])
+        .unwrap();
+        let lists = identifier_lists(&graph, &["user_id", "email", "anonymous_id"]).unwrap();
+        assert_eq!(lists.num_rows(), 2, "one row per profile");
+        let ids = lists.column(0).as_string::<i32>();
+        let emails = lists.column(2).as_list::<i32>();
+        for row in 0..2 {
+            let email = emails.value(row);
+            let email = email.as_string::<i32>();
+            let want = if ids.value(row) == "p_1" {
+                "a@x"
+            } else {
+                "b@x"
+            };
+            assert_eq!(email.value(0), want);
+        }
+    }
     use serde_json::json;
 
     #[test]
