@@ -351,6 +351,22 @@ async fn source_digest(engine: &Engine, name: &str) -> Result<String> {
     )))
 }
 
+/// The digests of the sources `names`, each listed at most once per graph (`listed`).
+async fn source_digests(
+    engine: &Engine,
+    names: &BTreeSet<String>,
+    listed: &mut BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        if !listed.contains_key(name) {
+            listed.insert(name.clone(), source_digest(engine, name).await?);
+        }
+        out.insert(name.clone(), listed[name].clone());
+    }
+    Ok(out)
+}
+
 impl Graph {
     /// The project's graph: its SQL files and the built-in nodes they or the config need.
     pub async fn build(engine: &Engine) -> Result<Graph> {
@@ -365,17 +381,8 @@ impl Graph {
             .dialect
             .to_string();
         let mut nodes: Vec<Node> = Vec::new();
-        let mut digests: BTreeMap<String, String> = BTreeMap::new();
-        let source_digests = |names: &BTreeSet<String>| {
-            let names = names.clone();
-            async move {
-                let mut out = BTreeMap::new();
-                for name in names {
-                    out.insert(name.clone(), source_digest(engine, &name).await?);
-                }
-                Ok::<_, Error>(out)
-            }
-        };
+        // Each source's files are listed once, however many nodes read it.
+        let mut listed: BTreeMap<String, String> = BTreeMap::new();
 
         // The event history.
         nodes.push(Node {
@@ -429,8 +436,7 @@ impl Graph {
                 identity_config.extend(section(&format!("sources[{i}]"), source));
             }
         }
-        let sources = source_digests(&identity_sources).await?;
-        digests.extend(sources.clone());
+        let sources = source_digests(engine, &identity_sources, &mut listed).await?;
         nodes.push(Node {
             name: node::IDENTITY.into(),
             kind: Kind::Identity,
@@ -547,7 +553,7 @@ impl Graph {
                 rest.push(node);
                 continue;
             }
-            let sources = source_digests(&node.reads.sources).await?;
+            let sources = source_digests(engine, &node.reads.sources, &mut listed).await?;
             trait_names.insert(node.name.clone());
             nodes.push(Node {
                 time_dependent: is_time_dependent(&node.file.sql, &dialect),
@@ -585,7 +591,7 @@ impl Graph {
             .collect();
         let mut pending: Vec<Node> = Vec::new();
         for node in rest {
-            let sources = source_digests(&node.reads.sources).await?;
+            let sources = source_digests(engine, &node.reads.sources, &mut listed).await?;
             let mut reads = node.reads.nodes;
             if node.reads.segment_changes {
                 reads.extend(segment_names.iter().cloned());
@@ -822,17 +828,6 @@ pub async fn recorded(engine: &Engine) -> Result<Option<BTreeMap<String, Recorde
         }
     }
     Ok(Some(out))
-}
-
-/// The published tables of the last run that recorded its graph; `None` before any did
-/// (then every table under the output is published).
-pub async fn published_tables(engine: &Engine) -> Result<Option<BTreeSet<String>>> {
-    Ok(recorded(engine).await?.map(|nodes| {
-        nodes
-            .into_values()
-            .flat_map(|n| n.tables)
-            .collect::<BTreeSet<String>>()
-    }))
 }
 
 fn short_time(micros: i64) -> String {
