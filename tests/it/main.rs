@@ -7,6 +7,7 @@ mod export;
 mod faults;
 mod forget;
 mod generator;
+mod generator_knobs;
 mod identity;
 mod identity_props;
 mod ingest;
