@@ -7,7 +7,10 @@
 //! together) and its adversarial data (shuffled rows, ~3.7 anonymous ids per person, shared
 //! devices), side by side; TESSERA_BENCH_DATA picks one (`friendly` or `adversarial`).
 //! "rows read" is the intake alone (normalising, interning, collecting links: the identity
-//! stage's "links read" on one core); "resolve" adds the rules and union-find. Memory per identifier is the peak RSS growth while resolving, divided by
+//! stage's "links read" on one core); "resolve" adds the rules and union-find. "rows read
+//! before" is the same intake as it was before it went a batch at a time with prefetching
+//! (benches/common/legacy_intake.rs), on the same rows. TESSERA_BENCH_NO_SQL=1 skips the SQL
+//! comparison (minutes at 10M rows) and reports the intake and resolve figures only. Memory per identifier is the peak RSS growth while resolving, divided by
 //! the identifiers interned. The SQL side starts from the same link rows, normalises them in SQL
 //! (trim, lowercase, E.164 for the generator's phone formats), builds the distinct links, and
 //! runs rounds until nothing changes; its grouping is checked against the union-find's (rules
@@ -99,6 +102,43 @@ fn resolve(rules: &Rules, batches: &[RecordBatch]) -> (tessera::identity::graph:
     }
     let read = started.elapsed().as_secs_f64();
     (r.resolve(), read)
+}
+
+/// Seconds the intake as it was before batching takes over the same rows.
+fn legacy_read(rules: &Rules, batches: &[RecordBatch]) -> f64 {
+    let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, rules.type_index(n).unwrap()))
+        .collect();
+    columns.sort_by_key(|(_, t)| *t);
+    let started = Instant::now();
+    let mut intake = common::legacy_intake::LegacyIntake::new(rules.clone());
+    let mut nodes = Vec::new();
+    let mut row: Vec<(u8, &str)> = Vec::with_capacity(4);
+    for b in batches {
+        let cols: Vec<_> = columns
+            .iter()
+            .map(|(i, t)| (b.column(*i).as_string::<i32>(), *t))
+            .collect();
+        let seen = b
+            .column(4)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            row.clear();
+            for (c, t) in &cols {
+                if c.is_valid(i) {
+                    row.push((*t, c.value(i)));
+                }
+            }
+            intake.add_row(&row, seen.value(i), &mut nodes);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert!(intake.len() > 0 && !intake.links.is_empty());
+    secs
 }
 
 /// Connected components by large-star/small-star rounds (Kiveris et al. 2014) in SQL, from
@@ -209,9 +249,9 @@ fn main() {
                 .expect("TESSERA_BENCH_LINK_ROWS holds whole numbers")
         })
         .collect();
-    println!("| link rows | data | distinct links | identifiers | rows read (s) | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut csv = vec!["link_rows,data,distinct_links,identifiers,read_s,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
+    println!("| link rows | data | distinct links | identifiers | rows read before (s) | rows read (s) | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut csv = vec!["link_rows,data,distinct_links,identifiers,legacy_read_s,read_s,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
     for size in sizes {
         for preset in common::data_sets() {
             let data = tessera::bench::data_name(preset);
@@ -259,12 +299,13 @@ fn run_one(target: u64, preset: Preset) {
     let identifiers = res.len();
     let per_id = (peak.saturating_sub(before) * 1024) as f64 / identifiers.max(1) as f64;
     drop(res);
+    let legacy_secs = legacy_read(&rules, &batches);
     if std::env::var_os("TESSERA_BENCH_NO_SQL").is_some() {
         // Intake figures only (the SQL rounds take minutes at 10M rows).
         let data = tessera::bench::data_name(preset);
         let rate = rows as f64 / secs;
         println!(
-            "{rows},{data},–,{identifiers},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},–,–,–"
+            "{rows},{data},–,{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},–,–,–"
         );
         return;
     }
@@ -303,5 +344,5 @@ fn run_one(target: u64, preset: Preset) {
     let rate = rows as f64 / secs;
     let speedup = sql_secs / secs;
     let data = tessera::bench::data_name(preset);
-    println!("{rows},{data},{distinct},{identifiers},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
+    println!("{rows},{data},{distinct},{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
 }

@@ -1,6 +1,8 @@
 //! What the benchmarks share: memory readings and generated events cached between runs.
 #![allow(dead_code)] // each benchmark uses a part
 
+pub mod legacy_intake;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
