@@ -42,7 +42,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::tables::timestamp_type;
 use crate::tables::{self, event};
-use graph::{Node, Resolution, Resolver, Rules, NO_TIME};
+use graph::{Block, Node, Resolution, Resolver, Rules, NO_TIME};
 
 /// The column an identity query may return to order its links.
 pub const SEEN_AT: &str = "seen_at";
@@ -214,18 +214,21 @@ async fn read_links(
         tasks.spawn(async move {
             let mut resolver = Resolver::new(rules.clone());
             let mut events = EventIds::default();
-            read_stream(
-                stream,
-                &schema,
-                &file,
-                &rules,
-                |row, seen_at, message_id, nodes_out| {
-                    resolver.add_row(row, seen_at, query, nodes_out);
-                    if let (Some(m), true) = (message_id, keep_events) {
-                        events.push(m, nodes_out);
+            let (mut nodes, mut ends) = (Vec::new(), Vec::new());
+            // A batch at a time: the resolver cleans and hashes a batch's values, then
+            // interns them with the next ones' memory prefetched (see Resolver::add_block).
+            read_blocks(stream, &schema, &file, &rules, |block, messages| {
+                resolver.add_block(block, query, &mut nodes, &mut ends);
+                if let (Some(m), true) = (messages, keep_events) {
+                    let mut start = 0;
+                    for (r, &end) in ends.iter().enumerate() {
+                        if let Some(id) = m.get(r) {
+                            events.push(id, &nodes[start..end as usize]);
+                        }
+                        start = end as usize;
                     }
-                },
-            )
+                }
+            })
             .await?;
             Ok::<_, Error>((i, resolver, events))
         });
@@ -609,7 +612,7 @@ where
 
 /// [`read_rows`] over one stream of the query's rows.
 async fn read_stream<F>(
-    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    stream: datafusion::physical_plan::SendableRecordBatchStream,
     schema: &Schema,
     file: &str,
     rules: &Rules,
@@ -618,7 +621,29 @@ async fn read_stream<F>(
 where
     F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
 {
-    // In priority order, so every row reaches the resolver already sorted.
+    let mut scratch = Vec::new();
+    read_blocks(stream, schema, file, rules, |block, messages| {
+        for r in 0..block.len() {
+            let message = messages.and_then(|m| m.get(r));
+            each(block.row(r), block.seen_at[r], message, &mut scratch);
+        }
+    })
+    .await
+}
+
+/// Streams a link frame a batch at a time: `each(rows, message_ids)`, the batch's rows of
+/// identifiers in priority order (so every row reaches the resolver already sorted) and their
+/// message_id column when the frame has one.
+async fn read_blocks<F>(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    schema: &Schema,
+    file: &str,
+    rules: &Rules,
+    mut each: F,
+) -> Result<()>
+where
+    F: for<'b> FnMut(&Block<'b>, Option<Texts<'b>>),
+{
     let mut id_columns: Vec<(usize, u8)> = schema
         .fields()
         .iter()
@@ -628,7 +653,6 @@ where
     id_columns.sort_by_key(|(_, t)| *t);
     let seen_col = schema.index_of(SEEN_AT).ok();
     let message_col = schema.index_of(MESSAGE_ID).ok();
-    let mut scratch = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| Error::query(file, e))?;
         let ids: Vec<(Texts, u8)> = id_columns
@@ -644,21 +668,25 @@ where
                 .clone()
         });
         let messages = message_col.map(|i| Texts::of(batch.column(i)));
-        let mut row: Vec<(u8, &str)> = Vec::with_capacity(id_columns.len());
-        for r in 0..batch.num_rows() {
-            row.clear();
+        let rows = batch.num_rows();
+        let mut block = Block {
+            ids: Vec::with_capacity(rows * ids.len()),
+            ends: Vec::with_capacity(rows),
+            seen_at: Vec::with_capacity(rows),
+        };
+        for r in 0..rows {
             for (array, t) in &ids {
                 if let Some(v) = array.get(r) {
-                    row.push((*t, v));
+                    block.ids.push((*t, v));
                 }
             }
             let seen_at = match &seen {
                 Some(a) if a.is_valid(r) => a.value(r),
                 _ => NO_TIME,
             };
-            let message = messages.and_then(|m| m.get(r));
-            each(&row, seen_at, message, &mut scratch);
+            block.end_row(seen_at);
         }
+        each(&block, messages);
     }
     Ok(())
 }
