@@ -254,7 +254,7 @@ fn main() {
     let mut csv = vec!["link_rows,data,distinct_links,identifiers,legacy_read_s,read_s,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
     for size in sizes {
         for preset in common::data_sets() {
-            let data = tessera::bench::data_name(preset);
+            let data = tessera::cli::bench::data_name(preset);
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .env("TESSERA_BENCH_ONE", size.to_string())
                 .env("TESSERA_BENCH_ONE_DATA", data)
@@ -302,7 +302,7 @@ fn run_one(target: u64, preset: Preset) {
     let legacy_secs = legacy_read(&rules, &batches);
     if std::env::var_os("TESSERA_BENCH_NO_SQL").is_some() {
         // Intake figures only (the SQL rounds take minutes at 10M rows).
-        let data = tessera::bench::data_name(preset);
+        let data = tessera::cli::bench::data_name(preset);
         let rate = rows as f64 / secs;
         println!(
             "{rows},{data},–,{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},–,–,–"
@@ -343,6 +343,6 @@ fn run_one(target: u64, preset: Preset) {
     }
     let rate = rows as f64 / secs;
     let speedup = sql_secs / secs;
-    let data = tessera::bench::data_name(preset);
+    let data = tessera::cli::bench::data_name(preset);
     println!("{rows},{data},{distinct},{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
 }

@@ -73,7 +73,7 @@ pub async fn generated_as(people: u64, days: u32, preset: Preset) -> PathBuf {
         Preset::Friendly => format!("people-{people}-days-{days}"),
         other => format!(
             "people-{people}-days-{days}-{}",
-            tessera::bench::data_name(other)
+            tessera::cli::bench::data_name(other)
         ),
     };
     let dir = data_root().join(name);
