@@ -26,8 +26,8 @@ use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 mod common;
 
-use tessera::config::Config;
 use tessera::cli::generate::Preset;
+use tessera::config::Config;
 use tessera::stages::identity::graph::{Block, Node, Resolver, Rules};
 
 const LINK_SQL: &str = "SELECT anonymous_id, user_id, json_get_str(traits, 'email') AS email, \
@@ -59,7 +59,10 @@ fn bundled_rules() -> Rules {
 }
 
 /// The resolution, and the seconds spent reading rows into the resolver (before resolving).
-fn resolve(rules: &Rules, batches: &[RecordBatch]) -> (tessera::stages::identity::graph::Resolution, f64) {
+fn resolve(
+    rules: &Rules,
+    batches: &[RecordBatch],
+) -> (tessera::stages::identity::graph::Resolution, f64) {
     let started = Instant::now();
     // Columns in priority order, as the identity stage hands them over.
     let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]

@@ -18,6 +18,7 @@
 pub mod accuracy;
 pub mod explain;
 pub mod graph;
+pub mod match_state;
 pub mod normalize;
 pub mod probabilistic;
 
@@ -110,8 +111,21 @@ pub struct IdentityTables {
     /// new, of an identifier that is new, moved to another profile or left the graph. `None`
     /// when there is no published graph to compare with.
     pub changed_profiles: Option<Vec<String>>,
-    /// `match_model` and `match_scores`, when `[[identity.probabilistic]]` blocks are set.
-    pub matching: Option<(RecordBatch, RecordBatch)>,
+    /// `match_model`, `match_scores` and their state, when `[[identity.probabilistic]]`
+    /// blocks are set.
+    pub matching: Option<Matching>,
+}
+
+/// What the probabilistic blocks produced.
+pub struct Matching {
+    /// `match_model`
+    pub model: RecordBatch,
+    /// `match_scores`
+    pub scores: RecordBatch,
+    /// `_state/match_model`
+    pub state_model: RecordBatch,
+    /// `_state/match_records`
+    pub state_records: RecordBatch,
 }
 
 /// How events get their `profile_id` once identities are resolved.
@@ -250,7 +264,14 @@ async fn read_links(
 }
 
 /// Runs the identity queries, resolves, and builds the identity tables.
-pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Result<IdentityTables> {
+/// With `full`, probabilistic blocks train again and score every pair instead of reusing the
+/// model the last run kept.
+pub async fn resolve(
+    engine: &Engine,
+    run_id: &str,
+    now: DateTime<Utc>,
+    full: bool,
+) -> Result<IdentityTables> {
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = load_queries(engine)?;
     let started = std::time::Instant::now();
@@ -279,7 +300,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     let (mut resolver, mut events) =
         read.unwrap_or_else(|| (Resolver::new(rules.clone()), EventIds::default()));
     let mut labels = queries.clone();
-    let matching = match_records(engine, &rules, &mut resolver, &mut labels).await?;
+    let matching = match_records(engine, &rules, &mut resolver, &mut labels, full).await?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: links read"
@@ -323,7 +344,10 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     );
     let mut tables = build_tables(&resolution, &ids, &labels, events, run_id, now)?;
     tables.matching = match matching {
-        Some((model, scores)) => Some((model, scores_with_profiles(scores, &resolution, &ids)?)),
+        Some(mut m) => {
+            m.scores = scores_with_profiles(m.scores, &resolution, &ids)?;
+            Some(m)
+        }
         None => None,
     };
     tracing::info!(
@@ -373,22 +397,29 @@ fn scores_with_profiles(
 }
 
 /// Runs every `[[identity.probabilistic]]` block and adds its records and links to the
-/// resolver, each block as one more "query" in `labels`. Returns `match_model` and
-/// `match_scores`, or `None` without blocks.
+/// resolver, each block as one more "query" in `labels`. Returns the matching tables, or
+/// `None` without blocks. Unless `full`, blocks reuse the model the last run kept.
 async fn match_records(
     engine: &Engine,
     rules: &Rules,
     resolver: &mut Resolver,
     labels: &mut Vec<QueryFile>,
-) -> Result<Option<(RecordBatch, RecordBatch)>> {
+    full: bool,
+) -> Result<Option<Matching>> {
     let blocks = &engine.project.config.identity.probabilistic;
     if blocks.is_empty() {
         return Ok(None);
     }
-    let (mut models, mut scores) = (Vec::new(), Vec::new());
+    let kept = if full {
+        Default::default()
+    } else {
+        match_state::load(engine).await?
+    };
+    let (mut models, mut scores, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut nodes = Vec::new();
     for (b, block) in blocks.iter().enumerate() {
-        let result = probabilistic::match_block(engine, b, block, rules).await?;
+        let result =
+            probabilistic::match_block(engine, b, block, rules, kept.get(&block.name)).await?;
         let query = labels.len() as u16;
         labels.push(QueryFile {
             file: probabilistic::query_label(block),
@@ -401,11 +432,15 @@ async fn match_records(
         }
         models.push((block.name.clone(), result.model));
         scores.push(result.scores);
+        keeps.push(result.keep);
     }
-    Ok(Some((
-        probabilistic::model_batch(&models)?,
-        probabilistic::union_scores(&scores)?,
-    )))
+    let (state_model, state_records) = match_state::batches(&keeps)?;
+    Ok(Some(Matching {
+        model: probabilistic::model_batch(&models)?,
+        scores: probabilistic::union_scores(&scores)?,
+        state_model,
+        state_records,
+    }))
 }
 
 /// The expressions that give each event its identifiers, when they can be evaluated on the
