@@ -158,6 +158,7 @@ pub fn client_context(
         deltalake::delta_datafusion::planner::DeltaPlanner::new(),
         driver_only,
         functions,
+        address.to_string(),
     ));
     let config = config.with_ballista_query_planner(split.clone());
     let state = SessionStateBuilder::new_from_existing(state)

@@ -21,8 +21,11 @@ use datafusion::datasource::listing::ListingTable;
 use datafusion::datasource::source_as_provider;
 use datafusion::error::Result;
 use datafusion::execution::context::QueryPlanner;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, WindowFunctionDefinition};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::StreamExt;
 
 /// A query planner that sends what executors can run to the cluster and plans the rest
 /// locally.
@@ -34,6 +37,8 @@ pub struct SplitPlanner {
     driver_only: Vec<String>,
     /// The functions the scheduler and executors have, by name (lowercase).
     functions: std::collections::HashSet<String>,
+    /// The scheduler, as the user wrote it, for errors.
+    address: String,
     sent: AtomicU64,
     kept: AtomicU64,
 }
@@ -45,12 +50,14 @@ impl SplitPlanner {
         local: Arc<dyn QueryPlanner + Send + Sync>,
         driver_only: Vec<String>,
         functions: std::collections::HashSet<String>,
+        address: String,
     ) -> SplitPlanner {
         SplitPlanner {
             cluster,
             local,
             driver_only,
             functions,
+            address,
             sent: AtomicU64::new(0),
             kept: AtomicU64::new(0),
         }
@@ -174,12 +181,100 @@ impl QueryPlanner for SplitPlanner {
         if self.runs_on_cluster(logical_plan)? {
             self.sent.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(plan = %logical_plan.display_indent(), "query sent to the cluster");
-            self.cluster
+            let plan = self
+                .cluster
                 .create_physical_plan(logical_plan, session)
                 .await
+                .map_err(|e| on_cluster(&self.address, e))?;
+            Ok(Arc::new(OnCluster {
+                inner: plan,
+                address: self.address.clone(),
+            }))
         } else {
             self.kept.fetch_add(1, Ordering::Relaxed);
             self.local.create_physical_plan(logical_plan, session).await
         }
+    }
+}
+
+/// A query engine error from the cluster, saying so and what to do: the scheduler keeps a
+/// job's state in its memory, so a lost scheduler (or every executor) fails the query, and
+/// with it the run, which publishes nothing.
+fn on_cluster(
+    address: &str,
+    e: datafusion::error::DataFusionError,
+) -> datafusion::error::DataFusionError {
+    e.context(format!(
+        "a query sent to the cluster at {address} failed; check that its scheduler \
+         (`tessera cluster scheduler`) and executors (`tessera cluster executor`) are running, \
+         then run again (a failed run publishes nothing)"
+    ))
+}
+
+/// The cluster's plan for one query, whose errors say they came from the cluster.
+#[derive(Debug)]
+struct OnCluster {
+    inner: Arc<dyn ExecutionPlan>,
+    address: String,
+}
+
+impl DisplayAs for OnCluster {
+    fn fmt_as(&self, _: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "OnCluster: {}", self.address)
+    }
+}
+
+impl ExecutionPlan for OnCluster {
+    fn name(&self) -> &str {
+        "OnCluster"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.inner.properties()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(
+            &Arc<dyn datafusion::physical_plan::PhysicalExpr>,
+        ) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.inner]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match children.pop() {
+            Some(inner) if children.is_empty() => Ok(Arc::new(OnCluster {
+                inner,
+                address: self.address.clone(),
+            })),
+            _ => Err(datafusion::error::DataFusionError::Internal(
+                "OnCluster takes one child".into(),
+            )),
+        }
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let address = self.address.clone();
+        let stream = self
+            .inner
+            .execute(partition, context)
+            .map_err(|e| on_cluster(&address, e))?;
+        let schema = stream.schema();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |batch| batch.map_err(|e| on_cluster(&address, e))),
+        )))
     }
 }

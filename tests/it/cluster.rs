@@ -367,3 +367,69 @@ fn a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run() {
     assert!(sent_to_cluster(&log) > 0, "{log}");
     assert_same_tables(&local, &remote);
 }
+
+/// The scheduler dies while a run's job is on the cluster: Ballista keeps job state in the
+/// scheduler's memory, so the job is lost. The run must end (not wait for ever) with an error
+/// naming the cluster, publish nothing, and a rerun on a new scheduler must give the local
+/// run's tables.
+#[test]
+fn a_scheduler_killed_mid_run_fails_the_run_and_publishes_nothing() {
+    let local = project(400, 12);
+    let remote = copy_of(&local);
+    let mut cluster = Cluster::start(1);
+    let mut child = remote
+        .cmd(&[
+            "run",
+            "--json",
+            "--quiet",
+            "--as-of",
+            AS_OF,
+            "--cluster",
+            &cluster.address,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !any_file(&cluster.work_dirs[0]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the executor got no task"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cluster.scheduler.kill().unwrap();
+    cluster.scheduler.wait().unwrap();
+    let killed = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if killed.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("the run still waits 180 s after its scheduler died");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success(),
+        "the run succeeded without its scheduler:\n{text}"
+    );
+    assert!(
+        text.contains("cluster") || text.contains("scheduler"),
+        "the error does not say the cluster failed:\n{text}"
+    );
+    let published =
+        run(&mut remote.cmd(&["query", "SELECT count(*) AS n FROM profiles", "--quiet"]));
+    assert!(
+        !published.status.success(),
+        "a failed first run published profiles: {}",
+        stdout(&published)
+    );
+    drop(cluster);
+
+    let cluster = Cluster::start(1);
+    local_run(&local);
+    cluster_run(&remote, &cluster);
+    assert_same_tables(&local, &remote);
+}
