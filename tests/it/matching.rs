@@ -612,6 +612,20 @@ fn new_records_are_scored_against_all_and_equal_a_run_over_every_record() {
     assert_eq!(model_value(&p, "incremental"), 0.0);
     assert_eq!(model_value(&p, "pairs_scored"), 7.0);
     assert_eq!(scored_pairs(&p), scored_pairs(&fresh));
+
+    // New events and no new record: identity runs again, scores no pair, keeps every row.
+    write_parquet(
+        &p.events().join("later.parquet"),
+        &[events_batch(&[Ev {
+            anonymous_id: Some("dev-a"),
+            ..Ev::track("m9", T0 + 9)
+        }])],
+    );
+    p.run_json();
+    assert_eq!(model_value(&p, "incremental"), 1.0);
+    assert_eq!(model_value(&p, "pairs_scored"), 0.0);
+    assert_eq!(scored_pairs(&p), scored_pairs(&fresh));
+    assert_eq!(groups(&p), groups(&fresh));
 }
 
 /// A trained model is kept while the records grow less than `retrain_after_growth`, and

@@ -317,7 +317,11 @@ pub async fn match_block(
     }
 
     let new = incremental.as_ref().map(|(_, new, _)| new.as_slice());
-    let pairs = candidate_pairs(engine, &key, block, &batch, new).await?;
+    let pairs = match new {
+        // Nothing new: every pair's row is kept, and the blocking joins need not run.
+        Some(new) if !new.contains(&true) => Vec::new(),
+        _ => candidate_pairs(engine, &key, block, &batch, new).await?,
+    };
     let started = std::time::Instant::now();
     let levels = levels_of(&comparisons, &pairs);
     let mut scoring = started.elapsed();
