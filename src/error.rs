@@ -153,6 +153,15 @@ pub enum Error {
     #[error("internal error (not caused by your data or config; run again, and report it if it persists): {0}")]
     Internal(String),
 
+    /// `tessera serve` cannot start or keep serving as asked.
+    #[error("serve on {bind}: {message}")]
+    Serve {
+        /// The address it was to listen on, as given.
+        bind: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+
     /// A cluster's scheduler or executor could not be reached, started or used.
     #[error("cluster {address}: {message}")]
     Cluster {
@@ -256,6 +265,7 @@ impl Error {
             | Error::Query { .. }
             | Error::Export { .. }
             | Error::Identifier { .. }
+            | Error::Serve { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             Error::Internal(_) => 4,

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cluster;
 pub mod export;
 pub mod generate;
+pub mod serve;
 pub mod status;
 
 use std::io::{IsTerminal, Write};
@@ -98,6 +99,15 @@ pub enum Command {
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
+    /// Serve the published tables over Arrow Flight SQL for BI tools (docs/serve.md).
+    Serve {
+        /// The address to listen on. Beyond loopback a token is required.
+        #[arg(long, default_value = "127.0.0.1:50051", value_name = "IP:PORT")]
+        bind: String,
+        /// The token clients send as `authorization: Bearer <token>`.
+        #[arg(long, env = "TESSERA_SERVE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Say what the next run would recompute and why (new events, a changed SQL file or
     /// config key, a moved as-of, an upstream change, a removed file); write nothing.
     Plan {
@@ -408,6 +418,10 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
+        Command::Serve { bind, token } => {
+            serve::serve(Project::load(&project_dir)?, &bind, token).await?;
+            Ok(0)
+        }
         Command::Plan { full, as_of } => {
             let engine = Engine::open(Project::load(&project_dir)?).await?;
             let as_of = as_of.as_deref().map(parse_as_of).transpose()?;

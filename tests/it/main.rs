@@ -20,5 +20,6 @@ mod profiles;
 mod readers;
 mod reliability;
 mod s3;
+mod serve;
 mod slt;
 mod trust;
