@@ -153,6 +153,14 @@ pub enum Error {
     #[error("internal error (not caused by your data or config; run again, and report it if it persists): {0}")]
     Internal(String),
 
+    /// Data tests of severity `error` found rows breaking their rule: the run published
+    /// nothing.
+    #[error("data tests failed, so this run published nothing (the tables stay as the last run left them):\n  {failed}\nFix the data or the rule; a test whose failures should only be reported takes `-- severity: warn` (or severity = \"warn\" in tessera.toml)")]
+    DataTest {
+        /// One line per failed test: its name, how many rows break it, the first few.
+        failed: String,
+    },
+
     /// `tessera serve` cannot start or keep serving as asked.
     #[error("serve on {bind}: {message}")]
     Serve {

@@ -703,6 +703,7 @@ fn print_report(report: &RunReport, json: bool) {
     }
     if report.status == crate::pipeline::runs::RunStatus::Unchanged {
         println!("  nothing to recompute: no new event files, and no SQL file, config key or time-dependent node changed; no table written");
+        print_data_tests(report);
         return;
     }
     print_nodes(&report.nodes, &report.skipped_nodes);
@@ -746,6 +747,7 @@ fn print_report(report: &RunReport, json: bool) {
             p.predict_ms
         );
     }
+    print_data_tests(report);
     for (name, committed) in &report.tables {
         if committed.carried {
             println!("  table   {name:<18} version {:<4} kept", committed.version);
@@ -755,6 +757,23 @@ fn print_report(report: &RunReport, json: bool) {
                 committed.version, committed.rows
             );
         }
+    }
+}
+
+/// One line per failing data test, and how many passed.
+fn print_data_tests(report: &RunReport) {
+    for outcome in &report.data_tests {
+        if outcome.failing_rows > 0 {
+            println!("  test    {}", outcome.describe());
+        }
+    }
+    let passed = report
+        .data_tests
+        .iter()
+        .filter(|o| o.failing_rows == 0)
+        .count();
+    if passed > 0 {
+        println!("  tests   {passed} data tests passed");
     }
 }
 
@@ -903,7 +922,20 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
         findings.sql_files += engine.project.query_files(kind)?.len();
     }
     // The rest against the schemas the run would give them (see plan_sql).
-    let planned = plan_sql::plan_all(&engine, &[]).await?;
+    let mut tests = engine
+        .project
+        .query_files(crate::pipeline::data_tests::FOLDER)?;
+    findings.sql_files += tests.len();
+    for (i, declared) in engine.project.config.tests.iter().enumerate() {
+        for test in crate::pipeline::data_tests::compile(i, declared) {
+            tests.push(crate::config::QueryFile {
+                file: format!("{} {}", CONFIG_FILE, test.name),
+                sql: test.sql,
+                path: engine.project.dir.join(CONFIG_FILE),
+            });
+        }
+    }
+    let planned = plan_sql::plan_all(&engine, &tests).await?;
     findings.errors.extend(planned.errors);
     findings.notes.extend(planned.notes);
     let code = if !findings.errors.is_empty() {
