@@ -489,7 +489,7 @@ impl FlightSqlService for Server {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> std::result::Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         Self::info(
             &schema,
             query.as_any().encode_to_vec(),
