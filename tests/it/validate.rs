@@ -55,9 +55,19 @@ fn validate_finds_misspelt_columns_and_missing_segments_with_their_place() {
         "queries/segments/loyal.sql",
         "SELECT profile_id\nFROM segments.viewer\n",
     );
+    write(
+        &p,
+        "queries/tests/known_users.sql",
+        "SELECT message_id\nFROM events\nWHERE usr_id IS NULL\n",
+    );
     let out = run(&mut p.cmd(&["validate", "--quiet"]));
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("queries/tests/known_users.sql:3:7: ")
+            && text.contains("Did you mean 'events.user_id'?"),
+        "{text}"
+    );
     assert!(
         text.contains("queries/traits/buyers.sql:5:7: ")
             && text.contains("Did you mean 'events.event'?"),
@@ -67,7 +77,8 @@ fn validate_finds_misspelt_columns_and_missing_segments_with_their_place() {
         text.contains("queries/segments/loyal.sql:2:6: reads segments.viewer, which no file in queries/segments/ defines; did you mean segments.viewers?"),
         "{text}"
     );
-    assert!(text.contains("2 errors"), "{text}");
+    assert!(text.contains("3 errors"), "{text}");
+    std::fs::remove_file(p.path().join("queries/tests/known_users.sql")).unwrap();
 
     // After a run: a segment's misspelt profile column (a trait's column) is found.
     std::fs::remove_file(p.path().join("queries/traits/buyers.sql")).unwrap();
