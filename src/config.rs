@@ -45,10 +45,95 @@ pub struct Config {
     /// `[export]`: what `tessera export --hash-pii` does to each column.
     #[serde(default)]
     pub export: ExportConfig,
+    /// `[[tests]]`: declared checks on the run's tables (docs/data-tests.md).
+    #[serde(default)]
+    pub tests: Vec<DeclaredTest>,
+    /// `[audits]`: the identity graph's built-in checks (docs/data-tests.md).
+    #[serde(default)]
+    pub audits: AuditsConfig,
     /// The top-level sections the file wrote out (`sessions`, `predictions`, …), defaults
     /// or not: a built-in table is computed when its section is present or a query reads it.
     #[serde(skip)]
     pub declared: std::collections::BTreeSet<String>,
+}
+
+/// What a failing data test does to the run.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// The run fails and publishes nothing.
+    #[default]
+    Error,
+    /// The run publishes; the summary and the JSON report list the failure.
+    Warn,
+}
+
+impl Severity {
+    /// `error` or `warn`, as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warn => "warn",
+        }
+    }
+}
+
+/// One `[[tests]]` entry: checks on one column of one table, each compiled to a query
+/// returning the rows that break it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeclaredTest {
+    /// The table, as SQL names it (`profiles`, `segments.high_value`).
+    pub table: String,
+    /// The column checked.
+    pub column: String,
+    /// No two rows share a value.
+    #[serde(default)]
+    pub unique: bool,
+    /// No row has it null.
+    #[serde(default)]
+    pub not_null: bool,
+    /// Every non-null value is one of these.
+    #[serde(default)]
+    pub accepted_values: Option<Vec<String>>,
+    /// Every non-null value is found in another table's column.
+    #[serde(default)]
+    pub relationships: Option<Relationship>,
+    /// What a failure does (default `error`).
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+/// `relationships = { to = "profiles", field = "profile_id" }`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Relationship {
+    /// The table the values must be found in.
+    pub to: String,
+    /// Its column.
+    pub field: String,
+}
+
+/// `[audits]`: checks of the identity graph after each run that resolves it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditsConfig {
+    /// Run the audits at all.
+    pub enabled: bool,
+    /// No profile holds more identifiers (of all types) than this; unset: not checked.
+    pub max_profile_size: Option<u64>,
+    /// What a failed audit does.
+    pub severity: Severity,
+}
+
+impl Default for AuditsConfig {
+    fn default() -> Self {
+        AuditsConfig {
+            enabled: true,
+            max_profile_size: None,
+            severity: Severity::Error,
+        }
+    }
 }
 
 /// `[sessions]`
@@ -1071,6 +1156,37 @@ impl Config {
                     p.discount_rate
                 ),
             ));
+        }
+        for (i, test) in self.tests.iter().enumerate() {
+            if !(test.unique
+                || test.not_null
+                || test.accepted_values.is_some()
+                || test.relationships.is_some())
+            {
+                return Err(fail(
+                    format!("tests[{i}]"),
+                    "checks nothing: add unique = true, not_null = true, accepted_values = [...] or relationships = { to = \"TABLE\", field = \"COLUMN\" }".into(),
+                ));
+            }
+            let names = [("table", &test.table), ("column", &test.column)]
+                .into_iter()
+                .chain(test.relationships.iter().flat_map(|r| {
+                    [
+                        ("relationships.to", &r.to),
+                        ("relationships.field", &r.field),
+                    ]
+                }));
+            for (key, name) in names {
+                let plain = name.split('.').all(|part| {
+                    !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+                if !plain {
+                    return Err(fail(
+                        format!("tests[{i}].{key}"),
+                        format!("\"{name}\" is not a table or column name: letters, digits and _ (a table may be SEGMENTS_OR_REPORTS.NAME)"),
+                    ));
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, source) in self.sources.iter().enumerate() {

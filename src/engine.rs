@@ -403,12 +403,19 @@ impl Engine {
         let mut read: std::collections::HashSet<String> =
             NATIVE_COLUMNS.iter().map(|c| c.to_string()).collect();
         let dialect = self.ctx.state().config().options().sql_parser.dialect;
-        for kind in ["traits", tables::SEGMENTS, tables::REPORTS] {
+        // Data tests (`queries/tests/`, `[[tests]]`) read the events as later stages do.
+        for kind in ["traits", tables::SEGMENTS, tables::REPORTS, "tests"] {
             for query in self.project.query_files(kind)? {
                 match names_in_sql(&query.sql, dialect) {
                     Some(names) => read.extend(names),
                     None => return Ok(None),
                 }
+            }
+        }
+        for test in &self.project.config.tests {
+            read.insert(test.column.to_lowercase());
+            if let Some(to) = &test.relationships {
+                read.insert(to.field.to_lowercase());
             }
         }
         Ok(Some(read))

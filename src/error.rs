@@ -153,6 +153,23 @@ pub enum Error {
     #[error("internal error (not caused by your data or config; run again, and report it if it persists): {0}")]
     Internal(String),
 
+    /// Data tests of severity `error` found rows breaking their rule: the run published
+    /// nothing.
+    #[error("data tests failed, so this run published nothing (the tables stay as the last run left them):\n  {failed}\nFix the data or the rule; a test whose failures should only be reported takes `-- severity: warn` (or severity = \"warn\" in tessera.toml)")]
+    DataTest {
+        /// One line per failed test: its name, how many rows break it, the first few.
+        failed: String,
+    },
+
+    /// `tessera serve` cannot start or keep serving as asked.
+    #[error("serve on {bind}: {message}")]
+    Serve {
+        /// The address it was to listen on, as given.
+        bind: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+
     /// A cluster's scheduler or executor could not be reached, started or used.
     #[error("cluster {address}: {message}")]
     Cluster {
@@ -256,6 +273,7 @@ impl Error {
             | Error::Query { .. }
             | Error::Export { .. }
             | Error::Identifier { .. }
+            | Error::Serve { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             Error::Internal(_) => 4,

@@ -14,6 +14,7 @@
 //! Every table is written to a stage first ([`crate::output::publish`]); nothing is visible to
 //! readers until [`Stage::publish`] runs at the end.
 
+pub mod data_tests;
 pub mod graph;
 pub mod runs;
 
@@ -359,6 +360,9 @@ async fn stages(
         tracing::info!(node = %step.node, reasons = %step.reasons.join("; "), "recompute");
     }
     if !plan.has_work() {
+        // Nothing to recompute, but a test may be new: tests check the published tables.
+        engine.register_outputs().await?;
+        run_data_tests(engine, progress, report).await?;
         return Ok(Work::Nothing);
     }
     report.stages.push(meter.finish("ingest", report.rows_read));
@@ -769,6 +773,10 @@ async fn stages(
     }
     report.stages.push(meter.finish("reports", report.events));
 
+    // Data tests read the tables as this run would publish them; a failing `error` test
+    // stops the publish.
+    run_data_tests(engine, progress, report).await?;
+
     // The graph as this run leaves it, and the tables it carries over unchanged.
     let nodes = graph::state_batch(&graph, &fingerprints, report.as_of)?;
     let committed = outputs
@@ -782,6 +790,23 @@ async fn stages(
     report.tables.insert(graph::STATE.to_string(), committed);
     carry_tables(engine, &plan, previous.as_ref(), report).await?;
     Ok(Work::Done)
+}
+
+/// Runs the project's data tests over the tables registered now; an `error` test that finds
+/// rows fails the run.
+async fn run_data_tests(engine: &Engine, progress: Progress, report: &mut RunReport) -> Result<()> {
+    let tests = data_tests::collect(&engine.project)?;
+    if tests.is_empty() {
+        return Ok(());
+    }
+    let spinner = progress.spinner("data tests");
+    let outcomes = data_tests::run_all(engine, &tests).await?;
+    spinner.finish_and_clear();
+    report.data_tests = outcomes;
+    match data_tests::blocking(&report.data_tests) {
+        Some(failed) => Err(failed),
+        None => Ok(()),
+    }
 }
 
 /// The tables of a built-in node that a run skips.

@@ -92,6 +92,9 @@ pub struct RunReport {
     pub nodes: Vec<crate::pipeline::graph::Step>,
     /// Built-in tables not computed, and why.
     pub skipped_nodes: Vec<crate::pipeline::graph::Skipped>,
+    /// What each data test found (docs/data-tests.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_tests: Vec<crate::pipeline::data_tests::Outcome>,
 }
 
 impl RunReport {
@@ -126,6 +129,7 @@ impl RunReport {
             suppressed: 0,
             nodes: Vec::new(),
             skipped_nodes: Vec::new(),
+            data_tests: Vec::new(),
         }
     }
 

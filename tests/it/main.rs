@@ -21,5 +21,7 @@ mod profiles;
 mod readers;
 mod reliability;
 mod s3;
+mod serve;
 mod slt;
 mod trust;
+mod validate;
