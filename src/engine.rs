@@ -42,6 +42,9 @@ pub struct Engine {
     pub ctx: SessionContext,
     /// Where events are read from.
     pub events: Place,
+    /// Every place read as events: `storage.events`, then each `[[sources]]` with an event
+    /// format, each with its layout.
+    pub event_places: Vec<crate::storage::EventPlace>,
     /// Where tables are written.
     pub outputs: Outputs,
     /// The memory and spill limits from `[run]` (for messages; the context enforces them).
@@ -110,24 +113,35 @@ impl Engine {
         }
         events.register(&ctx);
         output.register(&ctx);
+        let mut event_places = vec![crate::storage::EventPlace {
+            place: events.clone(),
+            format: storage.events_format,
+        }];
         for (i, source) in project.config.sources.iter().enumerate() {
             let key = format!("sources[{i}].location");
             let place = Place::open_with(&source.location, &project.dir, &key, retry)?;
             place.register(&ctx);
-            let url = place.url();
-            // A location naming a file has no trailing slash; a folder keeps its own.
-            let url = if source.location.trim_end().ends_with(".parquet") {
-                url.as_str().trim_end_matches('/').to_string()
+            if source.format == crate::config::SourceFormat::Snowplow {
+                register_delta_source(&ctx, &place, &source.name, &key, &source.location).await?;
             } else {
-                url.to_string()
-            };
-            ctx.register_parquet(source.name.as_str(), url.as_str(), Default::default())
-                .await
-                .map_err(|e| Error::Location {
-                    key: key.clone(),
-                    location: source.location.clone(),
-                    message: format!("cannot register source `{}`: {e}", source.name),
-                })?;
+                let url = place.url();
+                // A location naming a file has no trailing slash; a folder keeps its own.
+                let url = if source.location.trim_end().ends_with(".parquet") {
+                    url.as_str().trim_end_matches('/').to_string()
+                } else {
+                    url.to_string()
+                };
+                ctx.register_parquet(source.name.as_str(), url.as_str(), Default::default())
+                    .await
+                    .map_err(|e| Error::Location {
+                        key: key.clone(),
+                        location: source.location.clone(),
+                        message: format!("cannot register source `{}`: {e}", source.name),
+                    })?;
+            }
+            if let Some(format) = source.format.events() {
+                event_places.push(crate::storage::EventPlace { place, format });
+            }
         }
         Ok(Engine {
             limits,
@@ -139,6 +153,7 @@ impl Engine {
             project,
             ctx,
             events,
+            event_places,
         })
     }
 
@@ -910,4 +925,41 @@ mod tests {
             assert!(err.starts_with("queries/x.sql:"), "{sql}: {err}");
         }
     }
+}
+
+/// Registers a source that is a Delta table (the Snowplow lake loader's) under its name, so SQL
+/// reads its live files as the table's log says, with its partition columns.
+async fn register_delta_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+    key: &str,
+    location: &str,
+) -> Result<()> {
+    let fail = |message: String| Error::Location {
+        key: key.to_string(),
+        location: location.to_string(),
+        message,
+    };
+    let url = place.url();
+    let table = deltalake::DeltaTableBuilder::from_url(url.clone())
+        .map_err(|e| fail(format!("cannot open source `{name}` as a Delta table: {e}")))?
+        .with_storage_backend(place.store.clone(), url)
+        .load()
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot open source `{name}` as a Delta table ({e}); format = \"snowplow\" reads the lake loader's Delta table: point location at the folder holding _delta_log"
+            ))
+        })?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    ctx.register_table(name, provider)
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    Ok(())
 }
