@@ -123,6 +123,19 @@ impl Engine {
             place.register(&ctx);
             if source.format == crate::config::SourceFormat::Snowplow {
                 register_delta_source(&ctx, &place, &source.name, &key, &source.location).await?;
+            } else if source.format.events().is_some() {
+                // A producer's lake nests its files in table and time folders, which a folder
+                // registered as one table would not look into.
+                if let Err(e) = register_lake_source(&ctx, &place, &source.name).await {
+                    // Its tables' columns need not agree (one writes a time as INT64, another
+                    // as a timestamp): its events are still read file by file, so only the
+                    // combined SQL table is given up.
+                    tracing::warn!(
+                        source = %source.name,
+                        error = %e,
+                        "the source's files do not make one SQL table; its events are still read"
+                    );
+                }
             } else {
                 let url = place.url();
                 // A location naming a file has no trailing slash; a folder keeps its own.
@@ -961,5 +974,50 @@ async fn register_delta_source(
         .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
     ctx.register_table(name, provider)
         .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    Ok(())
+}
+
+/// Registers every Parquet file below `place` (at any depth, markers and hidden files left
+/// out) as one SQL table named `name`, its columns merged from the files' own.
+async fn register_lake_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+) -> datafusion::error::Result<()> {
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    use futures::TryStreamExt;
+    let listed: Vec<object_store::ObjectMeta> = place
+        .store
+        .list(Some(&place.prefix))
+        .try_collect()
+        .await?;
+    let mut urls = Vec::new();
+    for meta in listed {
+        let hidden = meta
+            .location
+            .prefix_match(&place.prefix)
+            .is_some_and(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])));
+        if meta.location.as_ref().ends_with(".parquet") && !hidden {
+            let url = place.url_of(&meta.location);
+            urls.push(ListingTableUrl::parse(url.as_str().trim_end_matches('/'))?);
+        }
+    }
+    if urls.is_empty() {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "no Parquet files below its location".into(),
+        ));
+    }
+    let state = ctx.state();
+    let options = ListingOptions::new(Arc::new(
+        datafusion::datasource::file_format::parquet::ParquetFormat::default(),
+    ))
+    .with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .infer_schema(&state)
+        .await?;
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
 }

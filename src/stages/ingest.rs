@@ -247,7 +247,16 @@ pub async fn discover(
         };
         let (mapping, columns) = match &folders {
             Err(_) => (None, schema.clone()),
-            Ok(folders) => match crate::stages::formats::map(*format, &names, &schema, folders) {
+            Ok(folders) => match crate::stages::formats::map(
+                *format,
+                &meta
+                    .location
+                    .parts()
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>(),
+                &schema,
+                folders,
+            ) {
                 Ok(None) => (None, schema.clone()),
                 Ok(Some(Mapped::NotEvents)) => continue,
                 Ok(Some(Mapped::Events(mapping))) => {

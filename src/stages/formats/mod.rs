@@ -44,19 +44,20 @@ pub enum Mapped {
     NotEvents,
 }
 
-/// Maps one file of `format`: `names` are its folders below the format's location and its file
-/// name, `raw` its own schema, `partitions` the `key=value` folders above it. `Err` says why
+/// Maps one file of `format`: `path` is its path's parts inside its store (folders, then the
+/// file name), `raw` its own schema, `partitions` the `key=value` folders between the format's
+/// location and the file (or the table log's partition values). `Err` says why
 /// the file cannot be read as events (it is skipped with that reason); `None` for Segment-spec
 /// files, which need no mapping.
 pub fn map(
     format: EventFormat,
-    names: &[String],
+    path: &[String],
     raw: &Schema,
     partitions: &[(String, String)],
 ) -> std::result::Result<Option<Mapped>, String> {
     let built = match format {
         EventFormat::Segment => return Ok(None),
-        EventFormat::Rudderstack => rudderstack::map(names, raw)?,
+        EventFormat::Rudderstack => rudderstack::map(path, raw)?,
         EventFormat::SegmentDatalake => segment_datalake::map(raw, partitions)?,
         EventFormat::Snowplow => snowplow::map(raw, partitions)?,
     };

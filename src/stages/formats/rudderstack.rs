@@ -36,7 +36,8 @@ const RESERVED: &[&str] = &[
     "channel",
 ];
 
-/// `None` for the tables that hold no events of their own.
+/// `None` for the tables that hold no events of their own. `path` is the file's whole path, so a
+/// location pointing at one table's folder still names it.
 pub(crate) fn map(
     names: &[String],
     raw: &Schema,

@@ -106,14 +106,19 @@ pub(crate) fn map(
         .otherwise(first_of(unstruct, null_text()))
         .map_err(|e| e.to_string())?;
 
-    let used: Vec<&str> = ["event_id", "event_name", "user_id"]
+    // `load_tstamp` is the loader's bookkeeping, not part of the event.
+    let used: Vec<&str> = ["event_id", "event_name", "user_id", "load_tstamp"]
         .into_iter()
         .chain(TIME_COLUMNS.iter().copied())
         .chain(IDENTIFIER_COLUMNS.iter().copied())
         .chain(PAGE_PROPERTIES.iter().map(|(_, c)| *c))
         .chain(STRUCT_PROPERTIES.iter().map(|(_, c)| *c))
         .collect();
-    let context: Vec<(String, Json)> = raw
+    let mut context: Vec<(String, Json)> = vec![(
+        "page".to_string(),
+        Json::Object(present(PAGE_PROPERTIES)),
+    )];
+    context.extend(raw
         .fields()
         .iter()
         .filter(|f| {
@@ -121,8 +126,8 @@ pub(crate) fn map(
                 && !f.name().starts_with("unstruct_event_")
                 && json_writable(f.data_type())
         })
-        .map(|f| (f.name().clone(), Json::Value(col(f.name()))))
-        .collect();
+        .map(|f| (f.name().clone(), Json::Value(col(f.name())))),
+    );
 
     let columns = EventColumns {
         message_id,
