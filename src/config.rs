@@ -154,7 +154,7 @@ pub struct StorageConfig {
     pub output: String,
     /// How the files under `events` are laid out: which producer wrote them
     /// (see `docs/formats.md`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "EventFormat::is_segment")]
     pub events_format: EventFormat,
     /// `[storage.retry]`: how S3 requests are retried and timed out.
     #[serde(default)]
@@ -337,6 +337,10 @@ pub enum EventFormat {
 }
 
 impl EventFormat {
+    fn is_segment(&self) -> bool {
+        *self == EventFormat::Segment
+    }
+
     /// The name as written in `tessera.toml`.
     pub fn name(self) -> &'static str {
         match self {
