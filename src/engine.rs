@@ -153,6 +153,13 @@ impl Engine {
                     })?;
             }
             if let Some(format) = source.format.events() {
+                if output.location.overlaps(&place.location) {
+                    return Err(Error::Location {
+                        key,
+                        location: source.location.clone(),
+                        message: "overlaps storage.output: a source read as events must not hold Tessera's own tables, nor sit inside them".into(),
+                    });
+                }
                 event_places.push(crate::storage::EventPlace { place, format });
             }
         }
@@ -819,6 +826,85 @@ pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<St
     }
 }
 
+/// Registers a source that is a Delta table (the Snowplow lake loader's) under its name, so SQL
+/// reads its live files as the table's log says, with its partition columns.
+async fn register_delta_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+    key: &str,
+    location: &str,
+) -> Result<()> {
+    let fail = |message: String| Error::Location {
+        key: key.to_string(),
+        location: location.to_string(),
+        message,
+    };
+    let url = place.url();
+    let table = deltalake::DeltaTableBuilder::from_url(url.clone())
+        .map_err(|e| fail(format!("cannot open source `{name}` as a Delta table: {e}")))?
+        .with_storage_backend(place.store.clone(), url)
+        .load()
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot open source `{name}` as a Delta table ({e}); format = \"snowplow\" reads the lake loader's Delta table: point location at the folder holding _delta_log"
+            ))
+        })?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    ctx.register_table(name, provider)
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    Ok(())
+}
+
+/// Registers every Parquet file below `place` (at any depth, markers and hidden files left
+/// out) as one SQL table named `name`, its columns merged from the files' own.
+async fn register_lake_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+) -> datafusion::error::Result<()> {
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    use futures::TryStreamExt;
+    let listed: Vec<object_store::ObjectMeta> =
+        place.store.list(Some(&place.prefix)).try_collect().await?;
+    let mut urls = Vec::new();
+    for meta in listed {
+        let hidden = meta
+            .location
+            .prefix_match(&place.prefix)
+            .is_some_and(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])));
+        if meta.location.as_ref().ends_with(".parquet") && !hidden {
+            let url = place.url_of(&meta.location);
+            urls.push(ListingTableUrl::parse(url.as_str().trim_end_matches('/'))?);
+        }
+    }
+    if urls.is_empty() {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "no Parquet files below its location".into(),
+        ));
+    }
+    let state = ctx.state();
+    let options = ListingOptions::new(Arc::new(
+        datafusion::datasource::file_format::parquet::ParquetFormat::default(),
+    ))
+    .with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .infer_schema(&state)
+        .await?;
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -938,86 +1024,4 @@ mod tests {
             assert!(err.starts_with("queries/x.sql:"), "{sql}: {err}");
         }
     }
-}
-
-/// Registers a source that is a Delta table (the Snowplow lake loader's) under its name, so SQL
-/// reads its live files as the table's log says, with its partition columns.
-async fn register_delta_source(
-    ctx: &SessionContext,
-    place: &Place,
-    name: &str,
-    key: &str,
-    location: &str,
-) -> Result<()> {
-    let fail = |message: String| Error::Location {
-        key: key.to_string(),
-        location: location.to_string(),
-        message,
-    };
-    let url = place.url();
-    let table = deltalake::DeltaTableBuilder::from_url(url.clone())
-        .map_err(|e| fail(format!("cannot open source `{name}` as a Delta table: {e}")))?
-        .with_storage_backend(place.store.clone(), url)
-        .load()
-        .await
-        .map_err(|e| {
-            fail(format!(
-                "cannot open source `{name}` as a Delta table ({e}); format = \"snowplow\" reads the lake loader's Delta table: point location at the folder holding _delta_log"
-            ))
-        })?;
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
-    let provider = table
-        .table_provider()
-        .await
-        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
-    ctx.register_table(name, provider)
-        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
-    Ok(())
-}
-
-/// Registers every Parquet file below `place` (at any depth, markers and hidden files left
-/// out) as one SQL table named `name`, its columns merged from the files' own.
-async fn register_lake_source(
-    ctx: &SessionContext,
-    place: &Place,
-    name: &str,
-) -> datafusion::error::Result<()> {
-    use datafusion::datasource::listing::{
-        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-    };
-    use futures::TryStreamExt;
-    let listed: Vec<object_store::ObjectMeta> = place
-        .store
-        .list(Some(&place.prefix))
-        .try_collect()
-        .await?;
-    let mut urls = Vec::new();
-    for meta in listed {
-        let hidden = meta
-            .location
-            .prefix_match(&place.prefix)
-            .is_some_and(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])));
-        if meta.location.as_ref().ends_with(".parquet") && !hidden {
-            let url = place.url_of(&meta.location);
-            urls.push(ListingTableUrl::parse(url.as_str().trim_end_matches('/'))?);
-        }
-    }
-    if urls.is_empty() {
-        return Err(datafusion::error::DataFusionError::Plan(
-            "no Parquet files below its location".into(),
-        ));
-    }
-    let state = ctx.state();
-    let options = ListingOptions::new(Arc::new(
-        datafusion::datasource::file_format::parquet::ParquetFormat::default(),
-    ))
-    .with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .infer_schema(&state)
-        .await?;
-    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
-    Ok(())
 }

@@ -85,8 +85,14 @@ fn rudderstack_lake(root: &Path) {
         &[batch(vec![
             ("id", strs(&[Some("m-r2"), Some("m-r3")])),
             ("user_id", strs(&[None, None])),
-            ("event", strs(&[Some("Product Viewed"), Some("Product Viewed")])),
-            ("event_text", strs(&[Some("Product Viewed"), Some("Product Viewed")])),
+            (
+                "event",
+                strs(&[Some("Product Viewed"), Some("Product Viewed")]),
+            ),
+            (
+                "event_text",
+                strs(&[Some("Product Viewed"), Some("Product Viewed")]),
+            ),
             ("_timestamp", ints(&[Some(T0 + 60 * SECOND), None])),
             (
                 "original_timestamp",
@@ -113,7 +119,10 @@ fn rudderstack_lake(root: &Path) {
         &lake.join("tracks/dt=2026-12-01/tracks.1.parquet"),
         &[batch(vec![
             ("id", strs(&[Some("m-r2"), Some("m-r3")])),
-            ("event", strs(&[Some("Product Viewed"), Some("Product Viewed")])),
+            (
+                "event",
+                strs(&[Some("Product Viewed"), Some("Product Viewed")]),
+            ),
             (
                 "original_timestamp",
                 ints(&[Some(T0 + 59 * SECOND), Some(T0 + 120 * SECOND)]),
@@ -212,8 +221,14 @@ fn segment_datalake(root: &Path) {
         &source.join("segment_type=order_completed/day=2026-12-01/hr=11/part-0.parquet"),
         &[batch(vec![
             ("message_id", strs(&[Some("m-s2"), Some("m-s3")])),
-            ("event", strs(&[Some("Order Completed"), Some("Order Completed")])),
-            ("anonymous_id", strs(&[Some("sd-anon-1"), Some("sd-anon-2")])),
+            (
+                "event",
+                strs(&[Some("Order Completed"), Some("Order Completed")]),
+            ),
+            (
+                "anonymous_id",
+                strs(&[Some("sd-anon-1"), Some("sd-anon-2")]),
+            ),
             ("user_id", strs(&[Some("u-bob"), None])),
             (
                 "timestamp",
@@ -304,7 +319,10 @@ fn snowplow_batch(rows: &[Snow]) -> RecordBatch {
     let roles = StructArray::new(
         Fields::from(vec![Field::new("role", DataType::Utf8, true)]),
         vec![strs(
-            &rows.iter().filter_map(|r| r.role.map(Some)).collect::<Vec<_>>(),
+            &rows
+                .iter()
+                .filter_map(|r| r.role.map(Some))
+                .collect::<Vec<_>>(),
         )],
         None,
     );
@@ -321,9 +339,18 @@ fn snowplow_batch(rows: &[Snow]) -> RecordBatch {
             "collector_tstamp",
             times(&rows.iter().map(|r| r.collector).collect::<Vec<_>>()),
         ),
-        ("event", strs(&rows.iter().map(|r| Some(r.event)).collect::<Vec<_>>())),
-        ("event_id", strs(&rows.iter().map(|r| r.event_id).collect::<Vec<_>>())),
-        ("user_id", strs(&rows.iter().map(|r| r.user_id).collect::<Vec<_>>())),
+        (
+            "event",
+            strs(&rows.iter().map(|r| Some(r.event)).collect::<Vec<_>>()),
+        ),
+        (
+            "event_id",
+            strs(&rows.iter().map(|r| r.event_id).collect::<Vec<_>>()),
+        ),
+        (
+            "user_id",
+            strs(&rows.iter().map(|r| r.user_id).collect::<Vec<_>>()),
+        ),
         (
             "domain_userid",
             strs(&rows.iter().map(|r| r.domain_userid).collect::<Vec<_>>()),
@@ -333,7 +360,10 @@ fn snowplow_batch(rows: &[Snow]) -> RecordBatch {
             strs(&rows.iter().map(|r| r.network_userid).collect::<Vec<_>>()),
         ),
         ("domain_sessionid", strs(&vec![Some("sess-1"); rows.len()])),
-        ("page_url", strs(&vec![Some("https://shop.example/"); rows.len()])),
+        (
+            "page_url",
+            strs(&vec![Some("https://shop.example/"); rows.len()]),
+        ),
         (
             "page_title",
             strs(&rows.iter().map(|r| r.page_title).collect::<Vec<_>>()),
@@ -585,8 +615,7 @@ identifiers = [
         "[storage]\nevents = \"data/events\"\noutput = \"out\"\n{identity}"
     ));
     let default_query =
-        std::fs::read_to_string(crate::common::repo().join("queries/identity/events.sql"))
-            .unwrap();
+        std::fs::read_to_string(crate::common::repo().join("queries/identity/events.sql")).unwrap();
     // The Snowplow cookies, linked to each other and to the user id on the same event.
     let network = "SELECT message_id, network_userid, anonymous_id, user_id, \
                    \"timestamp\" AS seen_at FROM events WHERE network_userid IS NOT NULL\n";
@@ -658,7 +687,9 @@ identifiers = [
     let rudder = project.query("SELECT id, email, context_traits_email FROM rudder");
     assert_eq!(
         rudder,
-        [json!({"id": "m-r1", "email": "ann@example.com", "context_traits_email": "ann@example.com"})]
+        [
+            json!({"id": "m-r1", "email": "ann@example.com", "context_traits_email": "ann@example.com"})
+        ]
     );
 }
 
@@ -702,7 +733,10 @@ fn broken_inputs_of_each_format_are_skipped_or_quarantined_with_reasons() {
         &rudder.join("identifies/2026/12/01/10/good.parquet"),
         &[batch(vec![
             ("id", strs(&[Some("m-r1"), None])),
-            ("anonymous_id", strs(&[Some("rs-anon-1"), Some("rs-anon-9")])),
+            (
+                "anonymous_id",
+                strs(&[Some("rs-anon-1"), Some("rs-anon-9")]),
+            ),
             ("timestamp", times(&[Some(T0), Some(T0)])),
         ])],
     );
@@ -778,9 +812,7 @@ fn broken_inputs_of_each_format_are_skipped_or_quarantined_with_reasons() {
     assert!(r.contains("not a readable Parquet file"), "{r}");
     assert_eq!(skipped.len(), 6, "{skipped:?}");
 
-    let rejected = project.query(
-        "SELECT reason, source_file FROM rejected_events ORDER BY reason",
-    );
+    let rejected = project.query("SELECT reason, source_file FROM rejected_events ORDER BY reason");
     assert_eq!(rejected.len(), 2, "{rejected:?}");
     assert_eq!(rejected[0]["reason"], json!("missing message_id"));
     assert!(rejected[0]["source_file"]

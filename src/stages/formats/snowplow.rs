@@ -114,19 +114,17 @@ pub(crate) fn map(
         .chain(PAGE_PROPERTIES.iter().map(|(_, c)| *c))
         .chain(STRUCT_PROPERTIES.iter().map(|(_, c)| *c))
         .collect();
-    let mut context: Vec<(String, Json)> = vec![(
-        "page".to_string(),
-        Json::Object(present(PAGE_PROPERTIES)),
-    )];
-    context.extend(raw
-        .fields()
-        .iter()
-        .filter(|f| {
-            !used.contains(&f.name().as_str())
-                && !f.name().starts_with("unstruct_event_")
-                && json_writable(f.data_type())
-        })
-        .map(|f| (f.name().clone(), Json::Value(col(f.name())))),
+    let mut context: Vec<(String, Json)> =
+        vec![("page".to_string(), Json::Object(present(PAGE_PROPERTIES)))];
+    context.extend(
+        raw.fields()
+            .iter()
+            .filter(|f| {
+                !used.contains(&f.name().as_str())
+                    && !f.name().starts_with("unstruct_event_")
+                    && json_writable(f.data_type())
+            })
+            .map(|f| (f.name().clone(), Json::Value(col(f.name())))),
     );
 
     let columns = EventColumns {
