@@ -837,3 +837,58 @@ fn broken_inputs_of_each_format_are_skipped_or_quarantined_with_reasons() {
     );
     let _ = ok(run(&mut project.cmd(&["status"])));
 }
+
+/// The Snowplow table is read through its Delta log: a later commit's file is read by the next
+/// (incremental) run, files already read are not read again, and a Parquet file in the table's
+/// folders that the log does not hold (left behind by a compaction or a failed write) is never
+/// read.
+#[test]
+fn snowplow_reads_the_files_its_delta_log_holds_run_after_run() {
+    let project = TempProject::new(
+        "[storage]\nevents = \"snowplow\"\nevents_format = \"snowplow\"\noutput = \"out\"\n",
+    );
+    let table = project.path().join("snowplow");
+    let rows = snowplow_rows();
+    let (first, second) = rows.split_at(1);
+    snowplow_table(&table, first);
+    let report = project.run_json();
+    assert_eq!(report["events"], json!(1), "{report}");
+
+    let url = url::Url::from_directory_path(&table).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        deltalake::DeltaTableBuilder::from_url(url)
+            .unwrap()
+            .load()
+            .await
+            .unwrap()
+            .write(vec![snowplow_batch(second)])
+            .with_partition_columns(["load_tstamp_date", "event_name"])
+            .await
+            .unwrap();
+    });
+    // A file the log does not hold, with an event of its own.
+    let orphan = Snow {
+        event_id: Some("0b1c7a52-0000-4000-8000-00000000dead"),
+        ..snowplow_rows().remove(0)
+    };
+    let mut orphan_batch = snowplow_batch(&[orphan]);
+    for partition in ["event_name", "load_tstamp_date"] {
+        orphan_batch.remove_column(orphan_batch.schema().index_of(partition).unwrap());
+    }
+    write_parquet(
+        &table.join("load_tstamp_date=2026-12-01/event_name=page_view/part-orphan.parquet"),
+        &[orphan_batch],
+    );
+
+    let again = project.run_json();
+    assert_eq!(again["mode"], json!("incremental"), "{again}");
+    assert_eq!(again["new_events"], json!(1), "{again}");
+    let ids = project.query("SELECT message_id FROM events ORDER BY message_id");
+    assert_eq!(
+        ids,
+        [
+            json!({"message_id": "0b1c7a52-0000-4000-8000-000000000001"}),
+            json!({"message_id": "0b1c7a52-0000-4000-8000-000000000002"})
+        ]
+    );
+}

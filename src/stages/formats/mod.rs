@@ -149,15 +149,26 @@ pub(crate) fn first_of(mut exprs: Vec<Expr>, null: Expr) -> Expr {
     }
 }
 
-/// Whether a column can be written into JSON text (binary columns cannot).
+/// Whether a column of type `dt` can be written into JSON text. Binary cannot (it is not text);
+/// for the rest, the JSON writer itself is asked, so a type it cannot encode (wherever it is
+/// nested) leaves the column out of the JSON rather than failing the scan of every file.
 pub(crate) fn json_writable(dt: &DataType) -> bool {
-    !matches!(
+    if matches!(
         dt,
         DataType::Binary
             | DataType::LargeBinary
             | DataType::BinaryView
             | DataType::FixedSizeBinary(_)
-    )
+    ) {
+        return false;
+    }
+    let column = arrow::array::new_null_array(dt, 1);
+    let schema = Arc::new(Schema::new(vec![Field::new("c", dt.clone(), true)]));
+    let Ok(batch) = RecordBatch::try_new(schema, vec![column]) else {
+        return false;
+    };
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+    writer.write(&batch).is_ok() && writer.finish().is_ok()
 }
 
 /// One key of a JSON object being built: a value, or an object of further keys.
@@ -304,4 +315,38 @@ impl EventColumns {
 /// A NULL timestamp.
 pub(crate) fn null_time() -> Expr {
     lit(ScalarValue::TimestampMicrosecond(None, Some("UTC".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray, StructArray};
+    use arrow::datatypes::Fields;
+
+    #[test]
+    fn json_text_leaves_out_nulls_and_gives_null_for_empty_or_null_objects() {
+        let fields = Fields::from(vec![
+            Field::new("sku", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]);
+        let s = StructArray::new(
+            fields,
+            vec![
+                Arc::new(StringArray::from(vec![Some("a\nb"), None, Some("c")])),
+                Arc::new(Int64Array::from(vec![Some(2), None, Some(3)])),
+            ],
+            Some(vec![true, true, false].into()),
+        );
+        let out = json_text(&(Arc::new(s) as ArrayRef)).unwrap();
+        let out = out.as_string::<i32>();
+        assert_eq!(out.value(0), r#"{"sku":"a\nb","n":2}"#);
+        assert!(out.is_null(1), "an object with no keys is NULL");
+        assert!(out.is_null(2), "a NULL struct is NULL");
+    }
+
+    #[test]
+    fn binary_is_not_carried_into_json() {
+        assert!(json_writable(&DataType::Utf8));
+        assert!(!json_writable(&DataType::Binary));
+    }
 }

@@ -6,7 +6,7 @@
 //! Its live files come from the Delta log, not from listing the folder: compaction and deletes
 //! leave files on disk that the table no longer holds.
 
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use datafusion::logical_expr::{lit, when, Expr};
 use object_store::path::Path as ObjectPath;
 
@@ -98,7 +98,11 @@ pub(crate) fn map(
     let mut unstruct: Vec<Expr> = raw
         .fields()
         .iter()
-        .filter(|f| f.name().starts_with("unstruct_event_") && f.data_type().is_nested())
+        .filter(|f| {
+            f.name().starts_with("unstruct_event_")
+                && matches!(f.data_type(), DataType::Struct(_))
+                && json_writable(f.data_type())
+        })
         .map(|f| json_text_udf().call(vec![col(f.name())]))
         .collect();
     unstruct.push(json_object(present(STRUCT_PROPERTIES)));
