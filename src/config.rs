@@ -1369,6 +1369,24 @@ mod tests {
     }
 
     #[test]
+    fn formats_parse_and_unknown_ones_name_their_key() {
+        let c = parse(
+            "[storage]\nevents_format = \"snowplow\"\n[[sources]]\nname = \"rs\"\nlocation = \"l\"\nformat = \"rudderstack\"\n[[sources]]\nname = \"t\"\nlocation = \"m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.events_format, EventFormat::Snowplow);
+        assert_eq!(c.sources[0].format.events(), Some(EventFormat::Rudderstack));
+        assert_eq!(c.sources[1].format, SourceFormat::Parquet);
+        assert_eq!(
+            parse("").unwrap().storage.events_format,
+            EventFormat::Segment
+        );
+        let (key, msg) = err("[storage]\nevents_format = \"mixpanel\"\n");
+        assert_eq!(key.as_deref(), Some("storage.events_format"), "{msg}");
+        assert!(msg.contains("segment_datalake"), "{msg}");
+    }
+
+    #[test]
     fn storage_only_gets_segment_defaults() {
         let c = parse("[storage]\nevents = \"e\"\noutput = \"o\"\n").unwrap();
         assert_eq!(c.storage.events, "e");

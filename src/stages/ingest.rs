@@ -148,7 +148,14 @@ pub async fn discover(
                 return Err(Error::Location {
                     key: place.key.clone(),
                     location: dir.display().to_string(),
-                    message: "the folder does not exist; point storage.events at your event files, or make a sample with `tessera generate --out data`".into(),
+                    message: if place.key == "storage.events" {
+                        "the folder does not exist; point storage.events at your event files, or make a sample with `tessera generate --out data`".into()
+                    } else {
+                        format!(
+                            "the folder does not exist; point {} at the source's files",
+                            place.key
+                        )
+                    },
                 });
             }
         }
