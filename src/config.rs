@@ -237,6 +237,10 @@ pub struct StorageConfig {
     /// Where output tables are written.
     #[serde(default = "default_output")]
     pub output: String,
+    /// How the files under `events` are laid out: which producer wrote them
+    /// (see `docs/formats.md`).
+    #[serde(default, skip_serializing_if = "EventFormat::is_segment")]
+    pub events_format: EventFormat,
     /// `[storage.retry]`: how S3 requests are retried and timed out.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -373,6 +377,7 @@ impl Default for StorageConfig {
         StorageConfig {
             events: default_events(),
             output: default_output(),
+            events_format: EventFormat::default(),
             retry: RetryConfig::default(),
         }
     }
@@ -392,8 +397,78 @@ fn default_output() -> String {
 pub struct SourceConfig {
     /// The table name SQL sees.
     pub name: String,
-    /// A Parquet file or folder.
+    /// A Parquet file or folder (a Delta table for `snowplow`).
     pub location: String,
+    /// How its files are laid out. `parquet`: a plain table for SQL. An event format also
+    /// maps its rows to events, which join the event history.
+    #[serde(default, skip_serializing_if = "SourceFormat::is_parquet")]
+    pub format: SourceFormat,
+}
+
+/// A producer's event layout: how its files map onto Tessera's event columns
+/// (`docs/formats.md` has each mapping).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum EventFormat {
+    /// Segment-spec Parquet: Tessera's own columns, JSON text in traits/properties/context.
+    #[default]
+    Segment,
+    /// RudderStack's object-storage data lake (one folder per table, flattened columns).
+    Rudderstack,
+    /// Segment Data Lakes (`segment_type=…/day=…/hr=…`, flattened columns).
+    SegmentDatalake,
+    /// The Snowplow lake loader's Delta table.
+    Snowplow,
+}
+
+impl EventFormat {
+    fn is_segment(&self) -> bool {
+        *self == EventFormat::Segment
+    }
+
+    /// The name as written in `tessera.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventFormat::Segment => "segment",
+            EventFormat::Rudderstack => "rudderstack",
+            EventFormat::SegmentDatalake => "segment_datalake",
+            EventFormat::Snowplow => "snowplow",
+        }
+    }
+}
+
+/// `[[sources]] format`: a plain table, or one of the event formats.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    /// A plain Parquet table that SQL reads.
+    #[default]
+    Parquet,
+    /// Segment-spec event Parquet.
+    Segment,
+    /// RudderStack's object-storage data lake.
+    Rudderstack,
+    /// Segment Data Lakes.
+    SegmentDatalake,
+    /// The Snowplow lake loader's Delta table.
+    Snowplow,
+}
+
+impl SourceFormat {
+    /// The event format whose rows join the event history; `None` for a plain table.
+    pub fn events(self) -> Option<EventFormat> {
+        match self {
+            SourceFormat::Parquet => None,
+            SourceFormat::Segment => Some(EventFormat::Segment),
+            SourceFormat::Rudderstack => Some(EventFormat::Rudderstack),
+            SourceFormat::SegmentDatalake => Some(EventFormat::SegmentDatalake),
+            SourceFormat::Snowplow => Some(EventFormat::Snowplow),
+        }
+    }
+
+    fn is_parquet(&self) -> bool {
+        *self == SourceFormat::Parquet
+    }
 }
 
 /// `[identity]`
@@ -1426,6 +1501,24 @@ mod tests {
             }
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn formats_parse_and_unknown_ones_name_their_key() {
+        let c = parse(
+            "[storage]\nevents_format = \"snowplow\"\n[[sources]]\nname = \"rs\"\nlocation = \"l\"\nformat = \"rudderstack\"\n[[sources]]\nname = \"t\"\nlocation = \"m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.events_format, EventFormat::Snowplow);
+        assert_eq!(c.sources[0].format.events(), Some(EventFormat::Rudderstack));
+        assert_eq!(c.sources[1].format, SourceFormat::Parquet);
+        assert_eq!(
+            parse("").unwrap().storage.events_format,
+            EventFormat::Segment
+        );
+        let (key, msg) = err("[storage]\nevents_format = \"mixpanel\"\n");
+        assert_eq!(key.as_deref(), Some("storage.events_format"), "{msg}");
+        assert!(msg.contains("segment_datalake"), "{msg}");
     }
 
     #[test]

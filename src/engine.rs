@@ -42,6 +42,9 @@ pub struct Engine {
     pub ctx: SessionContext,
     /// Where events are read from.
     pub events: Place,
+    /// Every place read as events: `storage.events`, then each `[[sources]]` with an event
+    /// format, each with its layout.
+    pub event_places: Vec<crate::storage::EventPlace>,
     /// Where tables are written.
     pub outputs: Outputs,
     /// The memory and spill limits from `[run]` (for messages; the context enforces them).
@@ -110,24 +113,55 @@ impl Engine {
         }
         events.register(&ctx);
         output.register(&ctx);
+        let mut event_places = vec![crate::storage::EventPlace {
+            place: events.clone(),
+            format: storage.events_format,
+        }];
         for (i, source) in project.config.sources.iter().enumerate() {
             let key = format!("sources[{i}].location");
             let place = Place::open_with(&source.location, &project.dir, &key, retry)?;
             place.register(&ctx);
-            let url = place.url();
-            // A location naming a file has no trailing slash; a folder keeps its own.
-            let url = if source.location.trim_end().ends_with(".parquet") {
-                url.as_str().trim_end_matches('/').to_string()
+            if source.format == crate::config::SourceFormat::Snowplow {
+                register_delta_source(&ctx, &place, &source.name, &key, &source.location).await?;
+            } else if source.format.events().is_some() {
+                // A producer's lake nests its files in table and time folders, which a folder
+                // registered as one table would not look into.
+                if let Err(e) = register_lake_source(&ctx, &place, &source.name).await {
+                    // Its tables' columns need not agree (one writes a time as INT64, another
+                    // as a timestamp): its events are still read file by file, so only the
+                    // combined SQL table is given up.
+                    tracing::warn!(
+                        source = %source.name,
+                        error = %e,
+                        "the source's files do not make one SQL table; its events are still read"
+                    );
+                }
             } else {
-                url.to_string()
-            };
-            ctx.register_parquet(source.name.as_str(), url.as_str(), Default::default())
-                .await
-                .map_err(|e| Error::Location {
-                    key: key.clone(),
-                    location: source.location.clone(),
-                    message: format!("cannot register source `{}`: {e}", source.name),
-                })?;
+                let url = place.url();
+                // A location naming a file has no trailing slash; a folder keeps its own.
+                let url = if source.location.trim_end().ends_with(".parquet") {
+                    url.as_str().trim_end_matches('/').to_string()
+                } else {
+                    url.to_string()
+                };
+                ctx.register_parquet(source.name.as_str(), url.as_str(), Default::default())
+                    .await
+                    .map_err(|e| Error::Location {
+                        key: key.clone(),
+                        location: source.location.clone(),
+                        message: format!("cannot register source `{}`: {e}", source.name),
+                    })?;
+            }
+            if let Some(format) = source.format.events() {
+                if output.location.overlaps(&place.location) {
+                    return Err(Error::Location {
+                        key,
+                        location: source.location.clone(),
+                        message: "overlaps storage.output: a source read as events must not hold Tessera's own tables, nor sit inside them".into(),
+                    });
+                }
+                event_places.push(crate::storage::EventPlace { place, format });
+            }
         }
         Ok(Engine {
             limits,
@@ -139,6 +173,7 @@ impl Engine {
             project,
             ctx,
             events,
+            event_places,
         })
     }
 
@@ -796,6 +831,85 @@ pub fn check_read_only(ctx: &SessionContext, sql: &str, file: &str) -> Result<St
             ))
         }
     }
+}
+
+/// Registers a source that is a Delta table (the Snowplow lake loader's) under its name, so SQL
+/// reads its live files as the table's log says, with its partition columns.
+async fn register_delta_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+    key: &str,
+    location: &str,
+) -> Result<()> {
+    let fail = |message: String| Error::Location {
+        key: key.to_string(),
+        location: location.to_string(),
+        message,
+    };
+    let url = place.url();
+    let table = deltalake::DeltaTableBuilder::from_url(url.clone())
+        .map_err(|e| fail(format!("cannot open source `{name}` as a Delta table: {e}")))?
+        .with_storage_backend(place.store.clone(), url)
+        .load()
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot open source `{name}` as a Delta table ({e}); format = \"snowplow\" reads the lake loader's Delta table: point location at the folder holding _delta_log"
+            ))
+        })?;
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    ctx.register_table(name, provider)
+        .map_err(|e| fail(format!("cannot register source `{name}`: {e}")))?;
+    Ok(())
+}
+
+/// Registers every Parquet file below `place` (at any depth, markers and hidden files left
+/// out) as one SQL table named `name`, its columns merged from the files' own.
+async fn register_lake_source(
+    ctx: &SessionContext,
+    place: &Place,
+    name: &str,
+) -> datafusion::error::Result<()> {
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    use futures::TryStreamExt;
+    let listed: Vec<object_store::ObjectMeta> =
+        place.store.list(Some(&place.prefix)).try_collect().await?;
+    let mut urls = Vec::new();
+    for meta in listed {
+        let hidden = meta
+            .location
+            .prefix_match(&place.prefix)
+            .is_some_and(|mut parts| parts.any(|p| p.as_ref().starts_with(['_', '.'])));
+        if meta.location.as_ref().ends_with(".parquet") && !hidden {
+            let url = place.url_of(&meta.location);
+            urls.push(ListingTableUrl::parse(url.as_str().trim_end_matches('/'))?);
+        }
+    }
+    if urls.is_empty() {
+        return Err(datafusion::error::DataFusionError::Plan(
+            "no Parquet files below its location".into(),
+        ));
+    }
+    let state = ctx.state();
+    let options = ListingOptions::new(Arc::new(
+        datafusion::datasource::file_format::parquet::ParquetFormat::default(),
+    ))
+    .with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .infer_schema(&state)
+        .await?;
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
 }
 
 #[cfg(test)]

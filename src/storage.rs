@@ -441,3 +441,12 @@ mod tests {
         assert_eq!(m.url_of(&m.child("runs")).as_str(), "memory:///x/runs/");
     }
 }
+
+/// A place whose files are read as events, and the producer layout they are in.
+#[derive(Clone, Debug)]
+pub struct EventPlace {
+    /// Where the files are.
+    pub place: Place,
+    /// How they map onto Tessera's event columns.
+    pub format: crate::config::EventFormat,
+}

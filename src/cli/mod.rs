@@ -950,7 +950,7 @@ async fn validate(project_dir: &Path, json: bool) -> Result<i32> {
     let engine = Engine::open(project).await?;
     let mut findings = Findings::default();
     // A full read of every file: validate is where a file with corrupt rows should show up.
-    let corrupt = crate::stages::ingest::find_corrupt(&engine.events, None)
+    let corrupt = crate::stages::ingest::find_corrupt(&engine.event_places, None)
         .await
         .unwrap_or_default();
     match crate::stages::ingest::ingest(&engine, &corrupt, None, &|_, _| {}).await {

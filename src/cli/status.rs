@@ -58,7 +58,7 @@ pub async fn status(engine: &Engine, last_runs: usize) -> Result<Status> {
         .await?
         .unwrap_or_default();
     let inventory =
-        crate::stages::ingest::discover(&engine.events, &[], Some(&seen), &|_, _| {}).await?;
+        crate::stages::ingest::discover(&engine.event_places, &[], Some(&seen), &|_, _| {}).await?;
     let mut tables = BTreeMap::new();
     for name in crate::output::published_tables(&engine.outputs, &engine.ctx).await? {
         if let Some(table) = engine.outputs.open(&name).await? {

@@ -396,10 +396,7 @@ impl Graph {
             ],
             reads: BTreeSet::new(),
             code: built_in_code(node::EVENTS),
-            config: BTreeMap::from([(
-                "storage.events".to_string(),
-                serde_json::Value::String(config.storage.events.clone()).to_string(),
-            )]),
+            config: events_config(config),
             time_dependent: false,
             reads_runs: false,
             sources: BTreeMap::new(),
@@ -1113,6 +1110,28 @@ pub fn state_batch(
 /// `value` as JSON text (a list or map of strings cannot fail to serialise).
 fn json<T: Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// What the event history is read from: `storage.events`, and (only when set, so a project's
+/// digests stay as they were without them) its format and the sources with an event format.
+fn events_config(config: &crate::config::Config) -> BTreeMap<String, String> {
+    let text = |v: &str| serde_json::Value::String(v.to_string()).to_string();
+    let mut out = BTreeMap::from([("storage.events".to_string(), text(&config.storage.events))]);
+    if config.storage.events_format != crate::config::EventFormat::Segment {
+        out.insert(
+            "storage.events_format".into(),
+            text(config.storage.events_format.name()),
+        );
+    }
+    for (i, source) in config.sources.iter().enumerate() {
+        if let Some(format) = source.format.events() {
+            out.insert(
+                format!("sources[{i}]"),
+                text(&format!("{} {}", format.name(), source.location)),
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]

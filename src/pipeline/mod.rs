@@ -132,7 +132,7 @@ async fn leased(
         // files, skip them, and run once more. With none found, the first error stands.
         let corrupt = match &outcome {
             Err(Error::ShortScan(files)) => files.clone(),
-            _ => crate::stages::ingest::find_corrupt(&engine.events, seen.as_ref())
+            _ => crate::stages::ingest::find_corrupt(&engine.event_places, seen.as_ref())
                 .await
                 .unwrap_or_default(),
         };
@@ -1134,7 +1134,8 @@ pub async fn plan(engine: &Engine, options: &RunOptions) -> Result<graph::Plan> 
         state::seen(&engine.outputs, &engine.ctx).await?
     };
     let inventory =
-        crate::stages::ingest::discover(&engine.events, &[], seen.as_ref(), &|_, _| {}).await?;
+        crate::stages::ingest::discover(&engine.event_places, &[], seen.as_ref(), &|_, _| {})
+            .await?;
     let (_, plan, _) = plan_run(engine, inventory.files.len(), as_of, options.full).await?;
     Ok(plan)
 }

@@ -1136,7 +1136,8 @@ pub async fn held_files(engine: &Engine) -> Result<(u64, Vec<HeldFile>)> {
     if matcher.is_empty() {
         return Ok((0, Vec::new()));
     }
-    let inventory = crate::stages::ingest::discover(&engine.events, &[], None, &|_, _| {}).await?;
+    let inventory =
+        crate::stages::ingest::discover(&engine.event_places, &[], None, &|_, _| {}).await?;
     let mut held = Vec::new();
     for file in &inventory.files {
         let df = engine

@@ -27,8 +27,10 @@ use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
 #[allow(deprecated)] // its replacement (a hand-written AsyncFileReader) buys nothing here yet
 use parquet::arrow::async_reader::ParquetObjectReader;
 
+use crate::config::EventFormat;
 use crate::error::{Error, Result};
-use crate::storage::{Location, Place};
+use crate::stages::formats::Mapped;
+use crate::storage::{EventPlace, Location, Place};
 use crate::tables::{column, event};
 
 /// Internal column carrying each row's input file through the plan.
@@ -86,7 +88,14 @@ pub struct EventFile {
     /// The URL DataFusion scans it by: [`EventFile::url`] with every character that a URL
     /// parser would read as syntax escaped, so the scan reads exactly `path`.
     scan_url: String,
+    /// The file's own schema, as its footer gives it.
     schema: SchemaRef,
+    /// The store holding it.
+    store: Arc<dyn object_store::ObjectStore>,
+    /// How its rows become event rows, when it is not Segment-spec.
+    mapping: Option<Arc<crate::stages::formats::Mapping>>,
+    /// The columns its scan gives: the mapping's, or its own.
+    columns: SchemaRef,
 }
 
 /// The event files found under `storage.events`, checked.
@@ -116,7 +125,8 @@ impl Inventory {
     }
 }
 
-/// Lists the Parquet files under `place`, reads each footer and checks each schema.
+/// Lists the event files of every place, reads each footer and checks each schema (through
+/// its format's mapping, for places that are not Segment-spec).
 ///
 /// `on_file` is called once per file examined (for progress).
 ///
@@ -124,31 +134,48 @@ impl Inventory {
 /// With `seen` (the files earlier runs processed: URL → size and ETag), only other files are
 /// read; a seen file whose size or ETag differs is listed in `changed`.
 pub async fn discover(
-    place: &Place,
+    places: &[EventPlace],
     known_bad: &[SkippedFile],
     seen: Option<&crate::output::state::Seen>,
     on_file: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Inventory> {
-    if let Location::Local(dir) = &place.location {
-        if !dir.exists() {
-            return Err(Error::Location {
-                key: place.key.clone(),
-                location: dir.display().to_string(),
-                message: "the folder does not exist; point storage.events at your event files, or make a sample with `tessera generate --out data`".into(),
-            });
+    let mut metas = Vec::new();
+    let mut unreadable = Vec::new();
+    for (i, event_place) in places.iter().enumerate() {
+        let place = &event_place.place;
+        if let Location::Local(dir) = &place.location {
+            if !dir.exists() {
+                return Err(Error::Location {
+                    key: place.key.clone(),
+                    location: dir.display().to_string(),
+                    message: if place.key == "storage.events" {
+                        "the folder does not exist; point storage.events at your event files, or make a sample with `tessera generate --out data`".into()
+                    } else {
+                        format!(
+                            "the folder does not exist; point {} at the source's files",
+                            place.key
+                        )
+                    },
+                });
+            }
         }
+        let mut listing = if event_place.format == EventFormat::Snowplow {
+            list_delta(place).await?
+        } else {
+            list_event_files(place).await?
+        };
+        listing
+            .files
+            .sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
+        metas.extend(listing.files.into_iter().map(|l| (i, l)));
+        unreadable.extend(listing.unreadable);
     }
-    let Listing {
-        files: mut metas,
-        unreadable,
-    } = list_event_files(place).await?;
-    metas.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
     let mut changed = Vec::new();
     let mut already_processed = 0;
     if let Some(seen) = seen {
-        metas.retain(|listed| {
+        metas.retain(|(i, listed)| {
             let meta = &listed.meta;
-            let url = object_url(place, &meta.location);
+            let url = object_url(&places[*i].place, &meta.location);
             let Some(before) = seen.get(&url) else {
                 return true;
             };
@@ -174,15 +201,15 @@ pub async fn discover(
     let total = metas.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
 
-    let footers: Vec<(Listed, Footer)> = futures::stream::iter(metas)
-        .map(|listed| {
-            let store = place.store.clone();
+    let footers: Vec<((usize, Listed), Footer)> = futures::stream::iter(metas)
+        .map(|(i, listed)| {
+            let store = places[i].place.store.clone();
             let done = &done;
             async move {
                 let footer = read_footer(store, &listed.meta).await;
                 let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 on_file(n, total);
-                (listed, footer)
+                ((i, listed), footer)
             }
         })
         .buffered(FOOTER_CONCURRENCY)
@@ -195,7 +222,19 @@ pub async fn discover(
     let mut first_seen: BTreeMap<String, String> = BTreeMap::new();
     let mut partition_keys: Vec<String> = Vec::new();
 
-    for (Listed { meta, names }, footer) in footers {
+    for (
+        (
+            i,
+            Listed {
+                meta,
+                names,
+                partitions: logged,
+            },
+        ),
+        footer,
+    ) in footers
+    {
+        let EventPlace { place, format } = &places[i];
         let url = object_url(place, &meta.location);
         if let Some(bad) = known_bad.iter().find(|b| b.file == url) {
             skipped.push(bad.clone());
@@ -209,7 +248,37 @@ pub async fn discover(
                 continue;
             }
         };
-        match check_schema(&schema, &extra, &first_seen) {
+        let folders = match logged {
+            Some(logged) => Ok(logged),
+            None => hive_partitions(&names),
+        };
+        let (mapping, columns) = match &folders {
+            Err(_) => (None, schema.clone()),
+            Ok(folders) => match crate::stages::formats::map(
+                *format,
+                &meta
+                    .location
+                    .parts()
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>(),
+                &schema,
+                folders,
+            ) {
+                Ok(None) => (None, schema.clone()),
+                Ok(Some(Mapped::NotEvents)) => continue,
+                Ok(Some(Mapped::Events(mapping))) => {
+                    let columns = mapping.schema.clone();
+                    (Some(Arc::new(mapping)), columns)
+                }
+                Err(reason) => {
+                    let reason = format!("not readable as {} events: {reason}", format.name());
+                    tracing::warn!(file = %url, %reason, "skipping event file");
+                    skipped.push(SkippedFile { file: url, reason });
+                    continue;
+                }
+            },
+        };
+        match check_schema(&columns, &extra, &first_seen) {
             Ok(widened) => {
                 for field in widened {
                     match extra.iter_mut().find(|f| f.name() == field.name()) {
@@ -227,7 +296,13 @@ pub async fn discover(
                 continue;
             }
         }
-        let partitions: Vec<(String, String)> = match hive_partitions(&names) {
+        // A mapped file's folders are part of its layout, already read by the mapping.
+        let folders = if mapping.is_some() {
+            Ok(Vec::new())
+        } else {
+            folders
+        };
+        let partitions: Vec<(String, String)> = match folders {
             Ok(found) => found
                 .into_iter()
                 .filter(|(k, _)| schema.field_with_name(k).is_err())
@@ -252,6 +327,9 @@ pub async fn discover(
             rows,
             partitions,
             schema,
+            store: place.store.clone(),
+            mapping,
+            columns,
         });
     }
 
@@ -281,13 +359,13 @@ pub async fn discover(
 /// and it fails the whole scan. A run that fails calls this, skips what it finds, and tries
 /// once more, so one bad file never takes a run down.
 pub async fn find_corrupt(
-    place: &Place,
+    places: &[EventPlace],
     seen: Option<&crate::output::state::Seen>,
 ) -> Result<Vec<SkippedFile>> {
     use parquet::arrow::ParquetRecordBatchStreamBuilder;
-    let inventory = discover(place, &[], seen, &|_, _| {}).await?;
+    let inventory = discover(places, &[], seen, &|_, _| {}).await?;
     let checks = inventory.files.iter().map(|file| {
-        let store = place.store.clone();
+        let store = file.store.clone();
         async move {
             #[allow(deprecated)]
             let reader =
@@ -327,6 +405,8 @@ struct Listed {
     /// The folder names below the events folder, then the file name, as the store holds
     /// them (not as object_store encodes them into a path).
     names: Vec<String>,
+    /// Its partition values when a table's log gives them (Delta), rather than its folders.
+    partitions: Option<Vec<(String, String)>>,
 }
 
 /// What listing the events folder found.
@@ -365,7 +445,11 @@ async fn list_event_files(place: &Place) -> Result<Listing> {
                         .prefix_match(&place.prefix)?
                         .map(|p| p.as_ref().to_string())
                         .collect();
-                    is_event_file(&names).then_some(Listed { meta, names })
+                    is_event_file(&names).then_some(Listed {
+                        meta,
+                        names,
+                        partitions: None,
+                    })
                 })
                 .collect();
             return Ok(Listing {
@@ -407,12 +491,39 @@ async fn list_event_files(place: &Place) -> Result<Listing> {
     let mut files = Vec::with_capacity(heads.len());
     for (names, shown, head) in heads {
         match head {
-            Ok(meta) => files.push(Listed { meta, names }),
+            Ok(meta) => files.push(Listed {
+                meta,
+                names,
+                partitions: None,
+            }),
             // Removed since it was listed: it is simply not there any more.
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => unreadable.push(SkippedFile {
                 file: shown,
                 reason: format!("cannot be read ({e}); check its permissions, or rename it"),
+            }),
+        }
+    }
+    Ok(Listing { files, unreadable })
+}
+
+/// The live files of the Delta table at `place` (the Snowplow lake loader's), from its log.
+async fn list_delta(place: &Place) -> Result<Listing> {
+    let found = crate::stages::formats::list_delta_files(place).await?;
+    let mut files = Vec::with_capacity(found.len());
+    let mut unreadable = Vec::new();
+    for file in found {
+        match place.store.head(&file.path).await {
+            Ok(meta) => files.push(Listed {
+                meta,
+                names: file.names,
+                partitions: Some(file.partitions),
+            }),
+            Err(e) => unreadable.push(SkippedFile {
+                file: object_url(place, &file.path),
+                reason: format!(
+                    "the Delta log lists it but it cannot be read ({e}); repair the table (its log and files disagree)"
+                ),
             }),
         }
     }
@@ -664,12 +775,15 @@ async fn scan_all(ctx: &SessionContext, inventory: &Inventory) -> Result<DataFra
     let mut plans = Vec::with_capacity(inventory.files.len());
     for file in &inventory.files {
         let options = ParquetReadOptions::default().schema(&file.schema);
-        let df = ctx.read_parquet(file.scan_url.as_str(), options).await?;
+        let mut df = ctx.read_parquet(file.scan_url.as_str(), options).await?;
+        if let Some(mapping) = &file.mapping {
+            df = df.select(mapping.exprs.clone())?;
+        }
         let mut exprs = Vec::with_capacity(inventory.schema.fields().len() + 2);
         let mut time_problem = when(lit(false), lit(ScalarValue::Utf8(None)));
         for field in inventory.schema.fields() {
             let name = field.name();
-            let expr = if let Ok(source) = file.schema.field_with_name(name) {
+            let expr = if let Ok(source) = file.columns.field_with_name(name) {
                 if source.data_type() == field.data_type() {
                     ident(name)
                 } else if is_time(source.data_type()) {
@@ -1410,7 +1524,7 @@ pub async fn ingest(
     seen: Option<&crate::output::state::Seen>,
     on_file: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<Ingested> {
-    let inventory = discover(&engine.events, known_bad, seen, on_file).await?;
+    let inventory = discover(&engine.event_places, known_bad, seen, on_file).await?;
     let ingested = plan(&engine.ctx, inventory).await?;
     engine.ctx.deregister_table(crate::tables::EVENTS)?;
     engine
@@ -1424,7 +1538,9 @@ pub async fn ingest_skipping_corrupt(engine: &crate::engine::Engine) -> Result<I
     match ingest(engine, &[], None, &|_, _| {}).await {
         Ok(ingested) => Ok(ingested),
         Err(e) => {
-            let corrupt = find_corrupt(&engine.events, None).await.unwrap_or_default();
+            let corrupt = find_corrupt(&engine.event_places, None)
+                .await
+                .unwrap_or_default();
             if corrupt.is_empty() {
                 return Err(e);
             }
@@ -1556,7 +1672,11 @@ mod tests {
             Place::open(dir.path().to_str().unwrap(), dir.path(), "storage.events").unwrap();
         let ctx = crate::engine::new_context().unwrap();
         place.register(&ctx);
-        let inventory = discover(&place, &[], None, &|_, _| {}).await.unwrap();
+        let places = [EventPlace {
+            place,
+            format: EventFormat::Segment,
+        }];
+        let inventory = discover(&places, &[], None, &|_, _| {}).await.unwrap();
         let ingested = plan(&ctx, inventory).await.unwrap();
         let mut events = Vec::new();
         for batch in ingested.events.clone().collect().await.unwrap() {

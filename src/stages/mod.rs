@@ -3,6 +3,7 @@
 //! decides whether it runs: [`crate::pipeline`] does.
 
 pub mod forget;
+pub mod formats;
 pub mod identity;
 pub mod incremental_traits;
 pub mod ingest;

@@ -8,6 +8,7 @@ mod common;
 mod export;
 mod faults;
 mod forget;
+mod formats;
 mod generator;
 mod generator_knobs;
 mod graph;
