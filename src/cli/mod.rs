@@ -398,13 +398,15 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     .explain(false, true)
                     .map_err(|e| Error::query("<query>", e))?;
             }
+            // An empty result still has columns: printed as a header with no rows.
+            let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
             let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
             if explain && !cli.json {
                 print_plan(&batches);
                 return Ok(0);
             }
             let format = if cli.json { Format::Json } else { format };
-            print_batches(&batches, format)?;
+            print_batches(schema, &batches, format)?;
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
@@ -731,6 +733,9 @@ fn print_report(report: &RunReport, json: bool) {
             p.predict_ms
         );
     }
+    for w in &report.warnings {
+        println!("  warning {}: {}", w.subject, w.message);
+    }
     for (name, committed) in &report.tables {
         if committed.carried {
             println!("  table   {name:<18} version {:<4} kept", committed.version);
@@ -786,13 +791,24 @@ fn print_plan(batches: &[arrow::array::RecordBatch]) {
     }
 }
 
-/// Prints batches in `format` to stdout.
-pub fn print_batches(batches: &[RecordBatch], format: Format) -> Result<()> {
+/// Prints batches in `format` to stdout; `schema` gives the header when there are no rows.
+pub fn print_batches(
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+    format: Format,
+) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let empty;
+    let batches = if batches.iter().all(|b| b.num_rows() == 0) {
+        empty = [RecordBatch::new_empty(schema.clone())];
+        &empty[..]
+    } else {
+        batches
+    };
     match format {
         Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            let table = arrow::util::pretty::pretty_format_batches_with_schema(schema, batches)?;
             writeln!(out, "{table}").map_err(|e| Error::io("<stdout>", e))?;
         }
         Format::Csv => {

@@ -16,6 +16,7 @@
 
 pub mod graph;
 pub mod runs;
+pub mod warnings;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -163,6 +164,17 @@ async fn leased(
         }
         Ok(Work::Done) => {
             report.status = RunStatus::Succeeded;
+            // Only a warning hangs on it: a failure to read the time is logged, not fatal.
+            let newest = newest_event(engine).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not read the newest event's time");
+                None
+            });
+            report.warnings.extend(warnings::as_of_gap(
+                newest,
+                report.as_of,
+                &engine.project.config.warnings,
+            ));
+            report.warnings.sort_by(|a, b| a.subject.cmp(&b.subject));
             let meter = engine.meter();
             let outputs = Outputs::new(stage.place().clone());
             let runs = engine.ctx.read_batch(report.to_batch()?)?;
@@ -191,6 +203,30 @@ async fn leased(
             Err(e)
         }
     }
+}
+
+/// The time of the newest event in the run's event history; `None` when there are none.
+async fn newest_event(engine: &Engine) -> Result<Option<chrono::DateTime<Utc>>> {
+    use arrow::array::{Array, AsArray};
+    let df = engine
+        .ctx
+        .sql(&format!(
+            "SELECT max(\"{}\") FROM {}",
+            crate::tables::event::TIMESTAMP,
+            tables::EVENTS
+        ))
+        .await?;
+    for batch in df.collect().await? {
+        let column = arrow::compute::cast(
+            batch.column(0),
+            &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+        )?;
+        let values = column.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        if !values.is_empty() && !values.is_null(0) {
+            return Ok(chrono::DateTime::from_timestamp_micros(values.value(0)));
+        }
+    }
+    Ok(None)
 }
 
 /// Publishes only the failed run's `runs` row: nothing else of it becomes visible.
@@ -543,6 +579,9 @@ async fn stages(
         for (name, committed) in built {
             report.tables.insert(name, committed);
         }
+        if let Some(p) = &predictions {
+            report.warnings.extend(warnings::models(&p.models));
+        }
         report.predictions = predictions;
         spinner.finish_and_clear();
         report.stages.push(meter.finish("journeys", report.events));
@@ -665,6 +704,13 @@ async fn stages(
         changes
             .add(&segment.name, &before, &ids)
             .map_err(in_segment(engine, &segment))?;
+        let had = published_before(&plan, &node).then(|| before.len());
+        report.warnings.extend(warnings::segment_size(
+            &segment.name,
+            had,
+            ids.len(),
+            &engine.project.config.warnings,
+        ));
         drop(before);
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).

@@ -92,6 +92,9 @@ pub struct RunReport {
     pub nodes: Vec<crate::pipeline::graph::Step>,
     /// Built-in tables not computed, and why.
     pub skipped_nodes: Vec<crate::pipeline::graph::Skipped>,
+    /// What the user should look at: an as-of far after the events, a degenerate model fit,
+    /// an empty segment or one that changed sharply (docs/report.md).
+    pub warnings: Vec<crate::pipeline::warnings::Warning>,
 }
 
 impl RunReport {
@@ -126,6 +129,7 @@ impl RunReport {
             suppressed: 0,
             nodes: Vec::new(),
             skipped_nodes: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -162,6 +166,7 @@ impl RunReport {
             Field::new("suppressed", DataType::Int64, true),
             Field::new("as_of", timestamp_type(), true),
             text("nodes", true),
+            text("warnings", true),
         ]))
     }
 
@@ -209,6 +214,7 @@ impl RunReport {
             i(self.suppressed),
             t(&self.as_of),
             json(&self.nodes),
+            json(&self.warnings),
         ];
         Ok(RecordBatch::try_new(Self::schema(), columns)?)
     }
