@@ -181,6 +181,7 @@ async fn leased(
             let committed = outputs
                 .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
                 .await?;
+            stage_manifests(engine, &stage, &outputs, report).await?;
             let spinner = progress.spinner("publishing");
             let entries = stage.publish(&report.run_id, lease, tables::RUNS).await?;
             report.tables.insert(tables::RUNS.to_string(), committed);
@@ -227,6 +228,33 @@ async fn newest_event(engine: &Engine) -> Result<Option<chrono::DateTime<Utc>>> 
         }
     }
     Ok(None)
+}
+
+/// Stages the current-files manifests of the tables this run publishes (docs/readers.md).
+async fn stage_manifests(
+    engine: &Engine,
+    stage: &Stage,
+    staged: &Outputs,
+    report: &RunReport,
+) -> Result<()> {
+    let mut written = vec![tables::RUNS.to_string()];
+    let mut carried = Vec::new();
+    for (name, committed) in &report.tables {
+        if committed.carried {
+            carried.push(name.clone());
+        } else {
+            written.push(name.clone());
+        }
+    }
+    let retired: Vec<String> = report
+        .nodes
+        .iter()
+        .filter(|s| s.action == graph::Action::Retire)
+        .flat_map(|s| s.tables.iter().cloned())
+        .filter(|t| !crate::output::always_published(t))
+        .collect();
+    crate::output::manifest::stage(stage, staged, &engine.outputs, &written, &carried, &retired)
+        .await
 }
 
 /// Publishes only the failed run's `runs` row: nothing else of it becomes visible.
