@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cluster;
 pub mod export;
 pub mod generate;
+pub mod report;
 pub mod status;
 
 use std::io::{IsTerminal, Write};
@@ -95,6 +96,16 @@ pub enum Command {
         /// memory, spill) instead of its result: for finding what makes a trait slow.
         #[arg(long)]
         explain: bool,
+    },
+    /// Write the HTML report of the published output: the last run, segments over time,
+    /// identity health, funnels, the RFM grid and customer value (docs/report.md).
+    Report {
+        /// The file to write (default: `[report] path`, else report.html at the top of the output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// How many of the last runs the charts over time show (default: `[report] runs`).
+        #[arg(long, value_name = "N")]
+        runs: Option<usize>,
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
@@ -352,6 +363,25 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 }
             };
             print_report(&report, cli.json);
+            after_run_report(&project_dir, &report).await;
+            Ok(0)
+        }
+        Command::Report { out, runs } => {
+            let project = Project::load(&project_dir)?;
+            let target = match out {
+                Some(path) => report::Target::File(path),
+                None => {
+                    report::Target::configured(&project.dir, project.config.report.path.as_deref())
+                }
+            };
+            let runs = runs.unwrap_or(project.config.report.runs).max(1);
+            let engine = Engine::open(project).await?;
+            let written = report::write(&engine, &target, runs).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "report": written }));
+            } else {
+                println!("wrote {written}");
+            }
             Ok(0)
         }
         Command::Query {
@@ -658,6 +688,32 @@ fn print_models(models: &crate::stages::predict::Models) {
         }
         (None, Some(e)) => println!("Gamma-Gamma  not fitted: {e}"),
         (None, None) => {}
+    }
+}
+
+/// Writes the HTML report after a run that changed something, when `[report]` asks for it. The
+/// run is published by then: a report that cannot be written is a warning, not a failed run.
+async fn after_run_report(project_dir: &Path, run: &RunReport) {
+    if run.status != crate::pipeline::runs::RunStatus::Succeeded {
+        return;
+    }
+    let result = async {
+        let project = Project::load(project_dir)?;
+        let config = project.config.report.clone();
+        if !project.config.declared.contains("report") || !config.enabled {
+            return Ok(None);
+        }
+        let target = report::Target::configured(&project.dir, config.path.as_deref());
+        let engine = Engine::open(project).await?;
+        report::write(&engine, &target, config.runs).await.map(Some)
+    }
+    .await;
+    match result {
+        Ok(Some(written)) => eprintln!("wrote the report to {written}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("warning: the run is published, but its report could not be written: {e}")
+        }
     }
 }
 
