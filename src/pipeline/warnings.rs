@@ -114,8 +114,8 @@ pub fn models(models: &Models) -> Vec<Warning> {
             subject: "gamma_gamma".into(),
             message: format!(
                 "Gamma-Gamma fit is degenerate ({why}); it is marked not converged. \
-                 `expected_spend` and `clv` are the buyers' own averages at best: rank by them, \
-                 do not plan with them"
+                 The data do not pin down how spend varies between buyers, so `expected_spend` and \
+                 `clv` lean on an arbitrary prior: rank buyers by them, do not plan revenue with them"
             ),
         });
     }

@@ -19,6 +19,7 @@ mod matching;
 mod profiles;
 mod readers;
 mod reliability;
+mod report;
 mod s3;
 mod slt;
 mod trust;
