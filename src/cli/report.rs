@@ -469,8 +469,22 @@ impl Page {
         if run.timings.is_empty() {
             self.absent("This run recorded no stage times.");
         } else {
-            let items: Vec<(String, f64, String)> = run
-                .timings
+            // In the order a run goes through them (the stored map is alphabetical).
+            const ORDER: [&str; 10] = [
+                "ingest",
+                "events",
+                "identity",
+                "identity_tables",
+                "resolved_events",
+                "journeys",
+                "profiles",
+                "segments",
+                "reports",
+                "publish",
+            ];
+            let mut timings = run.timings.clone();
+            timings.sort_by_key(|(s, _)| ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()));
+            let items: Vec<(String, f64, String)> = timings
                 .iter()
                 .map(|(s, ms)| (s.clone(), *ms, format!("{} ms", num(*ms))))
                 .collect();
@@ -656,8 +670,9 @@ impl Page {
         } else if merges.iter().all(|m| m.1 == 0.0) {
             let _ = write!(
                 self.body,
-                "<p class=\"ok\">No profile was merged in the last {} successful runs.</p>",
-                merges.len()
+                "<p class=\"ok\">No profile was merged in the last {} successful run{}.</p>",
+                merges.len(),
+                if merges.len() == 1 { "" } else { "s" }
             );
         } else {
             self.push(&vbars("merges", &merges, PALETTE[4], "run started"));
@@ -807,7 +822,7 @@ impl Page {
             let mut sorted = clv.clone();
             sorted.sort_by(f64::total_cmp);
             let hi = sorted[((sorted.len() - 1) as f64 * 0.99) as usize].max(sorted[0]);
-            let lo = sorted[0].min(0.0);
+            let lo = sorted[0];
             self.push(&vbars(
                 "clv",
                 &histogram(&clv, lo, hi, 20),
@@ -949,8 +964,8 @@ fn vbars(id: &str, items: &[(String, f64)], color: &str, x_title: &str) -> Strin
         height - 4.0,
         esc(x_title)
     );
-    // Labels are thinned so they do not overlap: at most about 20 shown.
-    let every = (items.len() as f64 / 20.0).ceil().max(1.0) as usize;
+    // Labels are thinned so they do not overlap: at most about 12 shown.
+    let every = (items.len() as f64 / 12.0).ceil().max(1.0) as usize;
     for (i, (label, v)) in items.iter().enumerate() {
         let h = if max > 0.0 { plot_h * v / max } else { 0.0 };
         let x = left + slot * i as f64 + slot * 0.1;
@@ -1005,20 +1020,22 @@ fn paired_bars(id: &str, entered: &[(String, f64)], exited: &[f64]) -> String {
         num(max)
     );
     let every = (entered.len() as f64 / 12.0).ceil().max(1.0) as usize;
+    // Bars at most 48 wide, centred in their slot: one run does not fill the chart.
+    let bar = (slot * 0.7).min(48.0);
     for (i, ((label, e), x_out)) in entered.iter().zip(exited).enumerate() {
-        let x = left + slot * i as f64 + slot * 0.15;
+        let x = left + slot * i as f64 + (slot - bar) / 2.0;
         let scale = |v: f64| if max > 0.0 { half * v / max } else { 0.0 };
         let _ = write!(
             svg,
             "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}: {} entered</title></rect>\
              <rect x=\"{x:.1}\" y=\"{mid}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}: {} exited</title></rect>",
             mid - scale(*e),
-            slot * 0.7,
+            bar,
             scale(*e),
             PALETTE[2],
             esc(label),
             num(*e),
-            slot * 0.7,
+            bar,
             scale(*x_out),
             PALETTE[3],
             esc(label),
@@ -1028,7 +1045,7 @@ fn paired_bars(id: &str, entered: &[(String, f64)], exited: &[f64]) -> String {
             let _ = write!(
                 svg,
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
-                x + slot * 0.35,
+                x + bar / 2.0,
                 height - 8.0,
                 esc(label)
             );
@@ -1169,8 +1186,21 @@ fn sparkline(values: &[Option<f64>]) -> String {
             None => pen_down = false,
         }
     }
+    // A lone value is a dot (a path of one point draws nothing).
+    let dot = match values.iter().rposition(Option::is_some) {
+        Some(i) => {
+            let v = values[i].unwrap_or(0.0);
+            let y = h - 2.0 - if max > 0.0 { (h - 4.0) * v / max } else { 0.0 };
+            format!(
+                "<circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"2\" fill=\"{}\"/>",
+                step * i as f64,
+                PALETTE[0]
+            )
+        }
+        None => String::new(),
+    };
     format!(
-        "<svg class=\"spark\" data-chart=\"sparkline\" viewBox=\"-2 0 {} {h}\" width=\"{}\" height=\"{h}\"><path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/></svg>",
+        "<svg class=\"spark\" data-chart=\"sparkline\" viewBox=\"-2 0 {} {h}\" width=\"{}\" height=\"{h}\"><path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/>{dot}</svg>",
         w + 4.0,
         w + 4.0,
         path.trim_end(),
