@@ -114,8 +114,9 @@ pub fn models(models: &Models) -> Vec<Warning> {
             subject: "gamma_gamma".into(),
             message: format!(
                 "Gamma-Gamma fit is degenerate ({why}); it is marked not converged. \
-                 The data do not pin down how spend varies between buyers, so `expected_spend` and \
-                 `clv` lean on an arbitrary prior: rank buyers by them, do not plan revenue with them"
+                 The data show no spread in spend between buyers: `expected_spend` is about the \
+                 population's mean spend for every buyer, so `clv` ranks buyers only by their \
+                 expected purchases"
             ),
         });
     }
