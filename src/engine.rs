@@ -62,7 +62,7 @@ pub struct Engine {
 
 /// A report table as its query returned it: sorted by [`tables::REPORT_ORDER`], which is
 /// left out. A table written before reports kept their order is returned as it is.
-fn in_report_order(
+pub fn in_report_order(
     ctx: &SessionContext,
     provider: Arc<dyn datafusion::catalog::TableProvider>,
 ) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {

@@ -104,9 +104,16 @@ pub async fn materialise(
     let reference =
         datafusion::common::TableReference::partial(tables::REPORTS, report.name.as_str());
     let committed = outputs
-        .write_registered(&engine.ctx, &table, reference, df)
+        .write_registered(&engine.ctx, &table, reference.clone(), df)
         .await
         .map_err(|e| Error::query(&report.file, e))?;
+    // Later reports read this one as `tessera query` shows it: in order, without the column.
+    let provider = engine.ctx.table_provider(reference.clone()).await?;
+    engine.ctx.deregister_table(reference.clone())?;
+    engine.ctx.register_table(
+        reference,
+        crate::engine::in_report_order(&engine.ctx, provider)?,
+    )?;
     drop(held);
     Ok((table, committed))
 }

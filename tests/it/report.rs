@@ -260,6 +260,15 @@ fn an_as_of_far_after_the_events_and_sharp_segment_changes_warn() {
         "SELECT profile_id FROM profiles WHERE event_count > 1000",
     )
     .unwrap();
+    // A report reading another reads it as a user sees it: in order, without `report_row`.
+    let reports = p.path().join("queries/reports");
+    std::fs::create_dir_all(&reports).unwrap();
+    std::fs::write(
+        reports.join("a_top.sql"),
+        "SELECT profile_id, event_count FROM profiles ORDER BY profile_id DESC",
+    )
+    .unwrap();
+    std::fs::write(reports.join("b_copy.sql"), "SELECT * FROM reports.a_top").unwrap();
     people_file(&p, "a.parquet", &["m1", "m2"], JAN_1_2026);
     let first = ok(run(&mut p.cmd(&[
         "run",
@@ -290,6 +299,17 @@ fn an_as_of_far_after_the_events_and_sharp_segment_changes_warn() {
     );
     assert!(text.contains("58 days after the newest event"), "{text}");
     assert!(text.contains("from 2 to 5 members"), "{text}");
+    let copy = p.query("SELECT * FROM reports.b_copy");
+    assert_eq!(copy.len(), 5, "{copy:?}");
+    assert!(
+        copy.iter().all(|r| r.as_object().unwrap().len() == 2),
+        "{copy:?}"
+    );
+    let ids: Vec<&str> = copy
+        .iter()
+        .map(|r| r["profile_id"].as_str().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
     let rows = p.query("SELECT warnings FROM runs ORDER BY started_at");
     let last: serde_json::Value =
         serde_json::from_str(rows[1]["warnings"].as_str().unwrap()).unwrap();
