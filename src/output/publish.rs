@@ -515,6 +515,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn files_replaced_or_deleted_by_a_publish_change_only_when_it_publishes() {
+        let real = place("others");
+        let manifest = real.child("t/_symlink_format_manifest/manifest");
+        let gone = real.child("old/_symlink_format_manifest/manifest");
+        real.store.put(&manifest, "v1\n".into()).await.unwrap();
+        real.store.put(&gone, "old\n".into()).await.unwrap();
+        let stage = Stage::new(&real);
+        let entry = real.child("t/_delta_log").join(format!("{:020}.json", 1));
+        stage
+            .place()
+            .store
+            .put_opts(&entry, "commit".into(), PutMode::Create.into())
+            .await
+            .unwrap();
+        stage.replace_on_publish(&manifest, "v2\n".into());
+        stage.delete_on_publish(&gone);
+        let body = real
+            .store
+            .get(&manifest)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            body,
+            "v1\n".as_bytes(),
+            "nothing changes before the publish"
+        );
+        assert!(exists(&real, &gone).await);
+
+        let lease = Lease::acquire(&real, "r2", std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(stage.publish("r2", &lease, "runs").await.unwrap(), 3);
+        let body = real
+            .store
+            .get(&manifest)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body, "v2\n".as_bytes());
+        assert!(!exists(&real, &gone).await);
+        lease.release().await;
+    }
+
+    #[tokio::test]
     async fn a_half_done_publish_is_finished_once_and_a_foreign_entry_is_a_conflict() {
         let real = place("roll");
         let entry = |table: &str, v: u64| Entry {

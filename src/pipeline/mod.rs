@@ -265,6 +265,9 @@ async fn record_failure(engine: &Engine, lease: &Lease, report: &RunReport) -> R
     outputs
         .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
         .await?;
+    let runs_table = [tables::RUNS.to_string()];
+    crate::output::manifest::stage(&stage, &outputs, &engine.outputs, &runs_table, &[], &[])
+        .await?;
     stage.publish(&report.run_id, lease, tables::RUNS).await?;
     Ok(())
 }
