@@ -1235,8 +1235,7 @@ fn heatmap(id: &str, grid: &[[(f64, f64); 5]; 5]) -> String {
             y + cell_h / 2.0 + 4.0,
             f + 1
         );
-        for r in 0..5 {
-            let (buyers, revenue) = grid[f][r];
+        for (r, &(buyers, revenue)) in grid[f].iter().enumerate() {
             let shade = if max > 0.0 { buyers / max } else { 0.0 };
             let x = left + cell_w * r as f64;
             // From a pale to a deep blue; text turns white on the dark cells.
