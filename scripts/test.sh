@@ -20,4 +20,11 @@ eval "$(scripts/s3-server.sh start "$state")"
 export TESSERA_TEST_PYTHON="$TESSERA_VENV/bin/python"
 # With this set, a test that needs S3 or Python fails instead of skipping.
 export TESSERA_TEST_REQUIRE_ALL=1
+
+# The HTML report test renders the page in headless Chromium: install Debian's when missing.
+if [ -n "${TESSERA_TEST_REQUIRE_ALL:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+fi
 cargo test --locked "$@"

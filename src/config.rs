@@ -51,6 +51,12 @@ pub struct Config {
     /// `[audits]`: the identity graph's built-in checks (docs/data-tests.md).
     #[serde(default)]
     pub audits: AuditsConfig,
+    /// `[report]`: the HTML run report written after each `tessera run` (docs/report.md).
+    #[serde(default)]
+    pub report: ReportConfig,
+    /// `[warnings]`: when a run warns about its as-of and its segments (docs/report.md).
+    #[serde(default)]
+    pub warnings: WarningsConfig,
     /// The top-level sections the file wrote out (`sessions`, `predictions`, …), defaults
     /// or not: a built-in table is computed when its section is present or a query reads it.
     #[serde(skip)]
@@ -132,6 +138,48 @@ impl Default for AuditsConfig {
             enabled: true,
             max_profile_size: None,
             severity: Severity::Error,
+        }
+    }
+}
+
+/// `[report]`: the section's presence turns the report on after every run.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// `false` keeps the section without writing the report after runs.
+    pub enabled: bool,
+    /// Where to write it: a local file, relative to the project folder; default
+    /// `report.html` at the top of `storage.output` (on S3 too).
+    pub path: Option<String>,
+    /// How many of the last runs the charts over time show.
+    pub runs: usize,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            enabled: true,
+            path: None,
+            runs: 30,
+        }
+    }
+}
+
+/// `[warnings]`: thresholds of the warnings a run gives.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarningsConfig {
+    /// Warn when the as-of is more than this many days after the newest event.
+    pub as_of_gap_days: u32,
+    /// Warn when a segment's size changes by more than this percentage in one run.
+    pub segment_change_percent: f64,
+}
+
+impl Default for WarningsConfig {
+    fn default() -> Self {
+        WarningsConfig {
+            as_of_gap_days: 7,
+            segment_change_percent: 50.0,
         }
     }
 }
@@ -1112,6 +1160,20 @@ impl Config {
             message: format!("key `{key}`: {message}"),
             key: Some(key),
         };
+        if !(self.warnings.segment_change_percent > 0.0
+            && self.warnings.segment_change_percent.is_finite())
+        {
+            return Err(fail(
+                "warnings.segment_change_percent".into(),
+                "must be a percentage above 0, e.g. 50".into(),
+            ));
+        }
+        if self.report.runs == 0 {
+            return Err(fail(
+                "report.runs".into(),
+                "must be at least 1 (how many runs the report's charts show)".into(),
+            ));
+        }
         if self.identity.identifiers.is_empty() {
             return Err(fail(
                 "identity.identifiers".into(),

@@ -63,6 +63,24 @@ pub struct Engine {
     >,
 }
 
+/// A report table as its query returned it: sorted by [`tables::REPORT_ORDER`], which is
+/// left out. A table written before reports kept their order is returned as it is.
+pub fn in_report_order(
+    ctx: &SessionContext,
+    provider: Arc<dyn datafusion::catalog::TableProvider>,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    if provider.schema().index_of(tables::REPORT_ORDER).is_err() {
+        return Ok(provider);
+    }
+    let view = ctx
+        .read_table(provider)?
+        .sort(vec![
+            datafusion::prelude::col(tables::REPORT_ORDER).sort(true, false)
+        ])?
+        .drop_columns(&[tables::REPORT_ORDER])?;
+    Ok(view.into_view())
+}
+
 impl Engine {
     /// Opens `project`: resolves its locations and registers their stores and its sources.
     ///
@@ -491,6 +509,11 @@ impl Engine {
                 if let Some(provider) = self.outputs.provider(&self.ctx, &table).await? {
                     let reference =
                         datafusion::common::TableReference::partial(folder, name.as_str());
+                    let provider = if folder == tables::REPORTS {
+                        in_report_order(&self.ctx, provider)?
+                    } else {
+                        provider
+                    };
                     self.ctx.register_table(reference, provider)?;
                 }
             }

@@ -42,6 +42,8 @@ pub const PREDICTIONS: &str = "predictions";
 pub const PREDICTION_MODELS: &str = "prediction_models";
 /// The schema (and output folder) of `queries/reports/<name>.sql` results: `reports.<name>`.
 pub const REPORTS: &str = "reports";
+/// The column of every report table holding the row's place in its query's `ORDER BY`.
+pub const REPORT_ORDER: &str = "report_row";
 
 /// Tessera's own state, kept under `<output>/_state/` and published with the run's tables.
 pub mod state {

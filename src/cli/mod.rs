@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod export;
 pub mod generate;
 pub mod plan_sql;
+pub mod report;
 pub mod serve;
 pub mod status;
 
@@ -97,6 +98,16 @@ pub enum Command {
         /// memory, spill) instead of its result: for finding what makes a trait slow.
         #[arg(long)]
         explain: bool,
+    },
+    /// Write the HTML report of the published output: the last run, segments over time,
+    /// identity health, funnels, the RFM grid and customer value (docs/report.md).
+    Report {
+        /// The file to write (default: `[report] path`, else report.html at the top of the output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// How many of the last runs the charts over time show (default: `[report] runs`).
+        #[arg(long, value_name = "N")]
+        runs: Option<usize>,
     },
     /// Check the config, the SQL files and the event files; write nothing.
     Validate,
@@ -442,6 +453,25 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 }
             };
             print_report(&report, cli.json);
+            after_run_report(&project_dir, &report).await;
+            Ok(0)
+        }
+        Command::Report { out, runs } => {
+            let project = Project::load(&project_dir)?;
+            let target = match out {
+                Some(path) => report::Target::File(path),
+                None => {
+                    report::Target::configured(&project.dir, project.config.report.path.as_deref())
+                }
+            };
+            let runs = runs.unwrap_or(project.config.report.runs).max(1);
+            let engine = Engine::open(project).await?;
+            let written = report::write(&engine, &target, runs).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "report": written }));
+            } else {
+                println!("wrote {written}");
+            }
             Ok(0)
         }
         Command::Query {
@@ -488,13 +518,15 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     .explain(false, true)
                     .map_err(|e| Error::query("<query>", e))?;
             }
+            // An empty result still has columns: printed as a header with no rows.
+            let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
             let batches = df.collect().await.map_err(|e| Error::query("<query>", e))?;
             if explain && !cli.json {
                 print_plan(&batches);
                 return Ok(0);
             }
             let format = if cli.json { Format::Json } else { format };
-            print_batches(&batches, format)?;
+            print_batches(schema, &batches, format)?;
             Ok(0)
         }
         Command::Validate => validate(&project_dir, cli.json).await,
@@ -756,6 +788,32 @@ fn print_models(models: &crate::stages::predict::Models) {
     }
 }
 
+/// Writes the HTML report after a run that changed something, when `[report]` asks for it. The
+/// run is published by then: a report that cannot be written is a warning, not a failed run.
+async fn after_run_report(project_dir: &Path, run: &RunReport) {
+    if run.status != crate::pipeline::runs::RunStatus::Succeeded {
+        return;
+    }
+    let result = async {
+        let project = Project::load(project_dir)?;
+        let config = project.config.report.clone();
+        if !project.config.declared.contains("report") || !config.enabled {
+            return Ok(None);
+        }
+        let target = report::Target::configured(&project.dir, config.path.as_deref());
+        let engine = Engine::open(project).await?;
+        report::write(&engine, &target, config.runs).await.map(Some)
+    }
+    .await;
+    match result {
+        Ok(Some(written)) => eprintln!("wrote the report to {written}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("warning: the run is published, but its report could not be written: {e}")
+        }
+    }
+}
+
 fn print_report(report: &RunReport, json: bool) {
     if json {
         println!("{}", serde_json::to_string(report).unwrap_or_default());
@@ -830,6 +888,9 @@ fn print_report(report: &RunReport, json: bool) {
         );
     }
     print_data_tests(report);
+    for w in &report.warnings {
+        println!("  warning {}: {}", w.subject, w.message);
+    }
     for (name, committed) in &report.tables {
         if committed.carried {
             println!("  table   {name:<18} version {:<4} kept", committed.version);
@@ -902,13 +963,24 @@ fn print_plan(batches: &[arrow::array::RecordBatch]) {
     }
 }
 
-/// Prints batches in `format` to stdout.
-pub fn print_batches(batches: &[RecordBatch], format: Format) -> Result<()> {
+/// Prints batches in `format` to stdout; `schema` gives the header when there are no rows.
+pub fn print_batches(
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+    format: Format,
+) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let empty;
+    let batches = if batches.iter().all(|b| b.num_rows() == 0) {
+        empty = [RecordBatch::new_empty(schema.clone())];
+        &empty[..]
+    } else {
+        batches
+    };
     match format {
         Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            let table = arrow::util::pretty::pretty_format_batches_with_schema(schema, batches)?;
             writeln!(out, "{table}").map_err(|e| Error::io("<stdout>", e))?;
         }
         Format::Csv => {

@@ -2,6 +2,7 @@
 //! commit, with plain types every BI tool reads (UTF-8 strings, µs UTC timestamps).
 
 pub mod lease;
+pub mod manifest;
 pub mod publish;
 pub mod scratch;
 pub mod state;
@@ -561,8 +562,15 @@ impl Outputs {
                 Err(e) => return Err(e.into()),
             }
         }
+        // A manifest left by a run that did not delete it would keep the folder from reuse.
+        let manifest = manifest::path(self, name);
+        match self.place.store.delete(&manifest).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         // A local folder left empty goes too (object stores have no folders to leave).
         if let Some(dir) = self.local_dir(name) {
+            let _ = std::fs::remove_dir(dir.join(manifest::DIR));
             let _ = std::fs::remove_dir(dir.join("_delta_log"));
             let _ = std::fs::remove_dir(&dir);
         }

@@ -8,6 +8,10 @@
 //! `<output>/_state/publish/<run_id>.json` in one PUT, then creates each log entry with a
 //! conditional PUT (the `runs` table's last) and deletes the manifest.
 //!
+//! Besides log entries, a publish can replace or delete named files ([`Stage::replace_on_publish`],
+//! [`Stage::delete_on_publish`]): the current-files manifests of plain-Parquet readers
+//! ([`crate::output::manifest`]) change in the same publish as the tables they list.
+//!
 //! A run that dies before its manifest exists published nothing. One that dies after it is
 //! finished by the next run ([`roll_forward`]): re-creating an entry that already landed finds
 //! the same bytes there and moves on, so publishing twice is harmless.
@@ -194,6 +198,8 @@ pub struct Stage {
     real: Place,
     staged: Arc<InMemory>,
     place: Place,
+    /// Files replaced or deleted by the publish, beside the log entries.
+    others: std::sync::Mutex<Vec<Entry>>,
 }
 
 /// What a publish manifest holds: each log entry to create, in order.
@@ -204,12 +210,34 @@ struct Manifest {
     entries: Vec<Entry>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
     /// The object path inside the output store.
     path: String,
-    /// The log entry (Delta commits are JSON text).
+    /// The log entry (Delta commits are JSON text), or the file's new text.
     body: String,
+    /// What to do with `path`; log entries are created once.
+    #[serde(default, skip_serializing_if = "Op::is_create")]
+    op: Op,
+}
+
+/// How an entry is applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    /// Created unless the same bytes are there (a Delta log entry).
+    #[default]
+    Create,
+    /// Written over whatever is there (a manifest that names the current files).
+    Replace,
+    /// Deleted if there.
+    Delete,
+}
+
+impl Op {
+    fn is_create(&self) -> bool {
+        *self == Op::Create
+    }
 }
 
 impl Stage {
@@ -226,6 +254,33 @@ impl Stage {
             real: place.clone(),
             staged,
             place: staged_place,
+            others: Default::default(),
+        }
+    }
+
+    /// Has the publish write `body` to `path` (overwriting it), after the log entries of the
+    /// table `path` lies in.
+    pub fn replace_on_publish(&self, path: &Path, body: String) {
+        self.push_other(Entry {
+            path: path.to_string(),
+            body,
+            op: Op::Replace,
+        });
+    }
+
+    /// Has the publish delete `path` (if it is there).
+    pub fn delete_on_publish(&self, path: &Path) {
+        self.push_other(Entry {
+            path: path.to_string(),
+            body: String::new(),
+            op: Op::Delete,
+        });
+    }
+
+    fn push_other(&self, entry: Entry) {
+        match self.others.lock() {
+            Ok(mut others) => others.push(entry),
+            Err(poisoned) => poisoned.into_inner().push(entry),
         }
     }
 
@@ -252,15 +307,21 @@ impl Stage {
             entries.push(Entry {
                 path: meta.location.to_string(),
                 body,
+                op: Op::Create,
             });
         }
+        entries.extend(match self.others.lock() {
+            Ok(others) => others.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        });
         if entries.is_empty() {
             return Ok(0);
         }
-        let runs_log = self.real.child(last).join("_delta_log");
+        // `last`'s log entries (then its manifest) go after every other table's.
+        let runs_folder = self.real.child(last);
         entries.sort_by_key(|e| {
             let path = Path::from(e.path.as_str());
-            (path.prefix_matches(&runs_log), e.path.clone())
+            (path.prefix_matches(&runs_folder), e.path.clone())
         });
         let manifest = Manifest {
             run_id: run_id.to_string(),
@@ -322,7 +383,21 @@ async fn delete_with_retry(place: &Place, path: &Path) -> Result<()> {
 async fn apply(place: &Place, manifest: &Manifest) -> Result<()> {
     for entry in &manifest.entries {
         let path = Path::from(entry.path.as_str());
-        create_once(place, &path, Bytes::from(entry.body.clone())).await?;
+        let body = Bytes::from(entry.body.clone());
+        match entry.op {
+            Op::Create => create_once(place, &path, body).await?,
+            // Applying again (a roll-forward) writes the same bytes: harmless.
+            Op::Replace => {
+                retry_write(path.as_ref(), 4, |_| {
+                    place
+                        .store
+                        .put_opts(&path, body.clone().into(), PutMode::Overwrite.into())
+                })
+                .await?;
+                faults::wrote(path.as_ref());
+            }
+            Op::Delete => delete_with_retry(place, &path).await?,
+        }
     }
     Ok(())
 }
@@ -440,6 +515,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn files_replaced_or_deleted_by_a_publish_change_only_when_it_publishes() {
+        let real = place("others");
+        let manifest = real.child("t/_symlink_format_manifest/manifest");
+        let gone = real.child("old/_symlink_format_manifest/manifest");
+        real.store.put(&manifest, "v1\n".into()).await.unwrap();
+        real.store.put(&gone, "old\n".into()).await.unwrap();
+        let stage = Stage::new(&real);
+        let entry = real.child("t/_delta_log").join(format!("{:020}.json", 1));
+        stage
+            .place()
+            .store
+            .put_opts(&entry, "commit".into(), PutMode::Create.into())
+            .await
+            .unwrap();
+        stage.replace_on_publish(&manifest, "v2\n".into());
+        stage.delete_on_publish(&gone);
+        let body = real
+            .store
+            .get(&manifest)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(
+            body,
+            "v1\n".as_bytes(),
+            "nothing changes before the publish"
+        );
+        assert!(exists(&real, &gone).await);
+
+        let lease = Lease::acquire(&real, "r2", std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(stage.publish("r2", &lease, "runs").await.unwrap(), 3);
+        let body = real
+            .store
+            .get(&manifest)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body, "v2\n".as_bytes());
+        assert!(!exists(&real, &gone).await);
+        lease.release().await;
+    }
+
+    #[tokio::test]
     async fn a_half_done_publish_is_finished_once_and_a_foreign_entry_is_a_conflict() {
         let real = place("roll");
         let entry = |table: &str, v: u64| Entry {
@@ -449,6 +573,7 @@ mod tests {
                 .join(format!("{v:020}.json"))
                 .to_string(),
             body: format!("{table} {v}"),
+            op: Op::Create,
         };
         let manifest = Manifest {
             run_id: "dead".into(),
@@ -482,6 +607,7 @@ mod tests {
             entries: vec![Entry {
                 path: manifest.entries[1].path.clone(),
                 body: "different".into(),
+                op: Op::Create,
             }],
         };
         let path = real.child(PUBLISH_DIR).join("late.json");

@@ -17,6 +17,7 @@
 pub mod data_tests;
 pub mod graph;
 pub mod runs;
+pub mod warnings;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -164,12 +165,24 @@ async fn leased(
         }
         Ok(Work::Done) => {
             report.status = RunStatus::Succeeded;
+            // Only a warning hangs on it: a failure to read the time is logged, not fatal.
+            let newest = newest_event(engine).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not read the newest event's time");
+                None
+            });
+            report.warnings.extend(warnings::as_of_gap(
+                newest,
+                report.as_of,
+                &engine.project.config.warnings,
+            ));
+            report.warnings.sort_by(|a, b| a.subject.cmp(&b.subject));
             let meter = engine.meter();
             let outputs = Outputs::new(stage.place().clone());
             let runs = engine.ctx.read_batch(report.to_batch()?)?;
             let committed = outputs
                 .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
                 .await?;
+            stage_manifests(engine, &stage, &outputs, report).await?;
             let spinner = progress.spinner("publishing");
             let entries = stage.publish(&report.run_id, lease, tables::RUNS).await?;
             report.tables.insert(tables::RUNS.to_string(), committed);
@@ -194,6 +207,57 @@ async fn leased(
     }
 }
 
+/// The time of the newest event in the run's event history; `None` when there are none.
+async fn newest_event(engine: &Engine) -> Result<Option<chrono::DateTime<Utc>>> {
+    use arrow::array::{Array, AsArray};
+    let df = engine
+        .ctx
+        .sql(&format!(
+            "SELECT max(\"{}\") FROM {}",
+            crate::tables::event::TIMESTAMP,
+            tables::EVENTS
+        ))
+        .await?;
+    for batch in df.collect().await? {
+        let column = arrow::compute::cast(
+            batch.column(0),
+            &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+        )?;
+        let values = column.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+        if !values.is_empty() && !values.is_null(0) {
+            return Ok(chrono::DateTime::from_timestamp_micros(values.value(0)));
+        }
+    }
+    Ok(None)
+}
+
+/// Stages the current-files manifests of the tables this run publishes (docs/readers.md).
+async fn stage_manifests(
+    engine: &Engine,
+    stage: &Stage,
+    staged: &Outputs,
+    report: &RunReport,
+) -> Result<()> {
+    let mut written = vec![tables::RUNS.to_string()];
+    let mut carried = Vec::new();
+    for (name, committed) in &report.tables {
+        if committed.carried {
+            carried.push(name.clone());
+        } else {
+            written.push(name.clone());
+        }
+    }
+    let retired: Vec<String> = report
+        .nodes
+        .iter()
+        .filter(|s| s.action == graph::Action::Retire)
+        .flat_map(|s| s.tables.iter().cloned())
+        .filter(|t| !crate::output::always_published(t))
+        .collect();
+    crate::output::manifest::stage(stage, staged, &engine.outputs, &written, &carried, &retired)
+        .await
+}
+
 /// Publishes only the failed run's `runs` row: nothing else of it becomes visible.
 async fn record_failure(engine: &Engine, lease: &Lease, report: &RunReport) -> Result<()> {
     let stage = Stage::new(engine.outputs.place());
@@ -201,6 +265,9 @@ async fn record_failure(engine: &Engine, lease: &Lease, report: &RunReport) -> R
     let runs = engine.ctx.read_batch(report.to_batch()?)?;
     outputs
         .write(&engine.ctx, tables::RUNS, runs, WriteMode::Append)
+        .await?;
+    let runs_table = [tables::RUNS.to_string()];
+    crate::output::manifest::stage(&stage, &outputs, &engine.outputs, &runs_table, &[], &[])
         .await?;
     stage.publish(&report.run_id, lease, tables::RUNS).await?;
     Ok(())
@@ -553,6 +620,9 @@ async fn stages(
         for (name, committed) in built {
             report.tables.insert(name, committed);
         }
+        if let Some(p) = &predictions {
+            report.warnings.extend(warnings::models(&p.models));
+        }
         report.predictions = predictions;
         spinner.finish_and_clear();
         report.stages.push(meter.finish("journeys", report.events));
@@ -675,6 +745,13 @@ async fn stages(
         changes
             .add(&segment.name, &before, &ids)
             .map_err(in_segment(engine, &segment))?;
+        let had = published_before(&plan, &node).then(|| before.len());
+        report.warnings.extend(warnings::segment_size(
+            &segment.name,
+            had,
+            ids.len(),
+            &engine.project.config.warnings,
+        ));
         drop(before);
         // Written while the next segment runs (a table is encoded on one task; later
         // segments read this one from memory, not from its table).

@@ -95,6 +95,9 @@ pub struct RunReport {
     /// What each data test found (docs/data-tests.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_tests: Vec<crate::pipeline::data_tests::Outcome>,
+    /// What the user should look at: an as-of far after the events, a degenerate model fit,
+    /// an empty segment or one that changed sharply (docs/report.md).
+    pub warnings: Vec<crate::pipeline::warnings::Warning>,
 }
 
 impl RunReport {
@@ -130,6 +133,7 @@ impl RunReport {
             nodes: Vec::new(),
             skipped_nodes: Vec::new(),
             data_tests: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -166,6 +170,7 @@ impl RunReport {
             Field::new("suppressed", DataType::Int64, true),
             Field::new("as_of", timestamp_type(), true),
             text("nodes", true),
+            text("warnings", true),
         ]))
     }
 
@@ -213,6 +218,7 @@ impl RunReport {
             i(self.suppressed),
             t(&self.as_of),
             json(&self.nodes),
+            json(&self.warnings),
         ];
         Ok(RecordBatch::try_new(Self::schema(), columns)?)
     }

@@ -933,6 +933,9 @@ async fn apply(
             WriteMode::Append,
         )
         .await?;
+    // The tables' plain-Parquet manifests name the rewritten files in the same publish.
+    let rewritten: Vec<String> = report.rows_deleted.keys().cloned().collect();
+    crate::output::manifest::stage(&stage, &staged, &engine.outputs, &rewritten, &[], &[]).await?;
     stage.publish(&report.request_id, lease, SUPPRESSED).await?;
 
     // Older versions: their data files and log entries, in every table.

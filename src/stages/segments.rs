@@ -133,6 +133,16 @@ impl Members {
         self.ids.iter().map(|a| a.len()).sum()
     }
 
+    /// How many members (for the run's warnings about segment sizes).
+    pub fn len(&self) -> usize {
+        self.rows()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.rows() == 0
+    }
+
     /// Every member id (nulls skipped), in row order.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.ids.iter().flat_map(|a| a.iter().flatten())

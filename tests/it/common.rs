@@ -236,6 +236,26 @@ pub fn python(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// Debian's headless Chromium; `None` skips (or fails under scripts/test.sh, which installs it).
+pub fn chromium(test: &str) -> Option<PathBuf> {
+    for name in ["chromium", "chromium-browser"] {
+        let found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        });
+        if found.is_some() {
+            return found;
+        }
+    }
+    assert!(
+        !required(),
+        "{test} needs Chromium (`apt-get install chromium`; scripts/test.sh installs it)"
+    );
+    eprintln!("SKIPPED {test}: no chromium on PATH");
+    None
+}
+
 /// A fresh key prefix in the S3 test bucket.
 pub fn s3_prefix() -> String {
     format!("s3://tessera-test/{}", uuid::Uuid::new_v4().simple())

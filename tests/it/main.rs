@@ -21,6 +21,7 @@ mod matching;
 mod profiles;
 mod readers;
 mod reliability;
+mod report;
 mod s3;
 mod serve;
 mod slt;

@@ -169,17 +169,68 @@ pub struct FitSummary<P> {
     pub iterations: u32,
     /// Customers the model was fitted on.
     pub customers: usize,
-    /// Whether the optimiser met its tolerance.
+    /// Whether the optimiser met its tolerance and the fit is not degenerate.
     pub converged: bool,
+    /// Why the fit is degenerate (a parameter at a bound of the search, or no drop-out at
+    /// all), when it is: the optimum exists but the data do not pin the model down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degenerate: Option<String>,
 }
 
-fn summary<P, Q>(fit: &Fit<P>, params: Q) -> FitSummary<Q> {
+/// Parameters within this factor of the search's bounds (1e-6 and 1e6) sit at a bound.
+const NEAR_BOUND: f64 = 10.0;
+/// A mean drop-out probability per purchase below this says nobody ever leaves.
+const NO_DROP_OUT: f64 = 1e-4;
+
+/// Names the parameters that sit at a bound of the search.
+fn at_bound(named: &[(&str, f64)]) -> Option<String> {
+    let (lo, hi) = model::param_bounds();
+    let stuck: Vec<String> = named
+        .iter()
+        .filter(|(_, v)| !v.is_finite() || *v <= lo * NEAR_BOUND || *v >= hi / NEAR_BOUND)
+        .map(|(n, v)| format!("{n} = {v:.3e} at a bound of the search"))
+        .collect();
+    (!stuck.is_empty()).then(|| stuck.join(", "))
+}
+
+/// Why a BG/NBD fit is degenerate, if it is.
+fn bgnbd_degenerate(p: &BgNbdParams) -> Option<String> {
+    let drop_out = p.a / (p.a + p.b);
+    let mut why: Vec<String> = at_bound(&[("r", p.r), ("alpha", p.alpha), ("a", p.a), ("b", p.b)])
+        .into_iter()
+        .collect();
+    if drop_out < NO_DROP_OUT {
+        why.push(format!(
+            "a = {:.3e} and b = {:.3e} give a mean drop-out probability per purchase of {drop_out:.1e}: \
+             the model says buyers never leave",
+            p.a, p.b
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// Why a Gamma-Gamma fit is degenerate, if it is.
+fn gamma_gamma_degenerate(p: &GammaGammaParams) -> Option<String> {
+    let mut why: Vec<String> = at_bound(&[("p", p.p), ("q", p.q), ("gamma", p.gamma)])
+        .into_iter()
+        .collect();
+    if p.q <= 1.0 {
+        why.push(format!(
+            "q = {:.3} is at most 1: the mean spend is infinite",
+            p.q
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+fn summary<P, Q>(fit: &Fit<P>, params: Q, degenerate: Option<String>) -> FitSummary<Q> {
     FitSummary {
         params,
         log_likelihood: fit.log_likelihood,
         iterations: fit.iterations,
         customers: fit.customers,
-        converged: fit.converged,
+        converged: fit.converged && degenerate.is_none(),
+        degenerate,
     }
 }
 
@@ -196,7 +247,7 @@ pub fn fit(
                 a: f.params.a,
                 b: f.params.b,
             };
-            let s = summary(&f, p);
+            let s = summary(&f, p, bgnbd_degenerate(&p));
             (Some(f.params), Ok(s))
         }
         Err(e) => (None, Err(e.to_string())),
@@ -216,7 +267,7 @@ pub fn fit(
                 q: f.params.q,
                 gamma: f.params.gamma,
             };
-            let s = summary(&f, p);
+            let s = summary(&f, p, gamma_gamma_degenerate(&p));
             (Some(f.params), Ok(s))
         }
         Err(e) => (None, Err(e.to_string())),

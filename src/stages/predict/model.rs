@@ -1028,6 +1028,11 @@ struct OptResult {
     converged: bool,
 }
 
+/// The box the fits search parameters in: a parameter found at an edge is not pinned down.
+pub fn param_bounds() -> (f64, f64) {
+    (PARAM_MIN, PARAM_MAX)
+}
+
 fn log_bounds() -> (f64, f64) {
     (PARAM_MIN.ln(), PARAM_MAX.ln())
 }
