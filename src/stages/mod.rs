@@ -4,6 +4,7 @@
 
 pub mod forget;
 pub mod identity;
+pub mod incremental_segments;
 pub mod incremental_traits;
 pub mod ingest;
 pub mod journeys;
