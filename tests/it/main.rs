@@ -12,6 +12,7 @@ mod generator;
 mod graph;
 mod identity;
 mod identity_props;
+mod incremental;
 mod ingest;
 mod journeys;
 mod limits;
