@@ -198,7 +198,11 @@ pub async fn differing_tables(a: &Path, b: &Path) -> Result<Vec<String>> {
                 Ok(crate::output::plain_columns(df.select(columns)?)?)
             };
         let (da, db) = (canon(da)?, canon(db)?);
-        let rows_b = db.collect().await?;
+        let schema_b = std::sync::Arc::new(db.schema().as_arrow().clone());
+        let mut rows_b = db.collect().await?;
+        if rows_b.is_empty() {
+            rows_b.push(RecordBatch::new_empty(schema_b));
+        }
         let db = ea.ctx.read_batches(rows_b)?;
         let (na, nb) = (da.clone().count().await?, db.clone().count().await?);
         if na != nb {
