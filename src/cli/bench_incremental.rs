@@ -195,7 +195,7 @@ pub async fn differing_tables(a: &Path, b: &Path) -> Result<Vec<String>> {
                         }
                     })
                     .collect();
-                Ok(crate::output::plain_columns(df.select(columns)?)?)
+                crate::output::plain_columns(df.select(columns)?)
             };
         let (da, db) = (canon(da)?, canon(db)?);
         let schema_b = std::sync::Arc::new(db.schema().as_arrow().clone());
