@@ -206,7 +206,7 @@ fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-pub(crate) fn footer_rows(files: &[PathBuf]) -> Result<u64> {
+fn footer_rows(files: &[PathBuf]) -> Result<u64> {
     let mut rows = 0;
     for f in files {
         let file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
