@@ -88,6 +88,9 @@ pub struct BenchReport {
     /// Engines that failed at a size and data set (size, "data: engine", error): the others'
     /// figures still count.
     pub failures: Vec<(u64, String, String)>,
+    /// Per size, how the incremental run's tables compared with a `--full` run's over the
+    /// same files: empty when equal, else the tables that differ.
+    pub incremental_tables: Vec<(u64, String, Vec<String>)>,
 }
 
 /// Parses `1M`, `250k`, `1.5M`, `2G` or a plain number of events.
@@ -202,14 +205,16 @@ async fn run_one(
     add(report, "floor", vec![scan_floor(&events, rows).await?]);
     spinner.set_message(format!("{what}: tessera run"));
     let project = project_copy(options, &work.join("tessera"), &events)?;
-    add(report, "tessera", tessera_run(options, &project)?);
+    add(report, "tessera", tessera_run(options, &project, false)?);
     if options.incremental {
         spinner.set_message(format!("{what}: tessera incremental run"));
-        add(
-            report,
-            "tessera incremental",
-            incremental(options, &work, &files)?,
-        );
+        let runs = incremental(options, &work, &files).await?;
+        add(report, "tessera incremental", runs.incremental);
+        add(report, "tessera no change", runs.unchanged);
+        add(report, "tessera full after", runs.full);
+        report
+            .incremental_tables
+            .push((size, data_set.to_string(), runs.differing));
     }
     if let Some(python) = &options.python {
         spinner.set_message(format!("{what}: duckdb baseline"));
@@ -327,13 +332,16 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// One `tessera run` in a child process: its stages plus `total` (the process, start to end).
-fn tessera_run(options: &BenchOptions, project: &Path) -> Result<Vec<StageStats>> {
+fn tessera_run(options: &BenchOptions, project: &Path, full: bool) -> Result<Vec<StageStats>> {
     let mut command = Command::new(&options.exe);
     command
         .arg("--project")
         .arg(project)
         .args(["run", "--json", "--quiet", "--as-of"])
         .arg(as_of().to_rfc3339());
+    if full {
+        command.arg("--full");
+    }
     if let Some(limit) = &options.memory_limit {
         command.args(["--memory-limit", limit]);
     }
@@ -400,13 +408,34 @@ fn child(command: &mut Command, what: &str) -> Result<(Vec<u8>, f64)> {
     Ok((output.stdout, seconds))
 }
 
-/// A run over all files but the last 1% (not measured), then the run that adds them.
-fn incremental(options: &BenchOptions, work: &Path, files: &[PathBuf]) -> Result<Vec<StageStats>> {
+/// The runs of `--incremental` at one size.
+struct IncrementalRuns {
+    /// The run that adds the newest events.
+    incremental: Vec<StageStats>,
+    /// The next run, with nothing new.
+    unchanged: Vec<StageStats>,
+    /// A `--full` run over the same files, whose tables the incremental run's must equal.
+    full: Vec<StageStats>,
+    /// The tables that differ between the two (none, when all is well).
+    differing: Vec<String>,
+}
+
+/// A run over all events but the newest 1% (not measured), the run that adds them as a new
+/// file, a run with nothing new, and a `--full` run over the same files to compare with.
+async fn incremental(
+    options: &BenchOptions,
+    work: &Path,
+    files: &[PathBuf],
+) -> Result<IncrementalRuns> {
     let root = work.join("incremental");
     let events = root.join("events");
     std::fs::remove_dir_all(&root).ok();
     std::fs::create_dir_all(&events).map_err(|e| Error::io(&events, e))?;
-    let (first, last) = hold_back(files, INCREMENTAL_SHARE, &root.join("cut"))?;
+    let (first, newest) = crate::cli::bench_incremental::hold_back_newest(
+        files,
+        INCREMENTAL_SHARE,
+        &root.join("cut"),
+    )?;
     let link = |f: &PathBuf, i: usize| -> Result<()> {
         let target = events.join(format!("{i:06}.parquet"));
         std::fs::hard_link(f, &target)
@@ -417,78 +446,22 @@ fn incremental(options: &BenchOptions, work: &Path, files: &[PathBuf]) -> Result
         link(f, i)?;
     }
     let project = project_copy(options, &root.join("project"), &events)?;
-    tessera_run(options, &project)?;
-    for (i, f) in last.iter().enumerate() {
-        link(f, first.len() + i)?;
-    }
-    let stages = tessera_run(options, &project)?;
-    Ok(stages)
-}
-
-/// Splits `files` (in order) into what a first run reads and the last `share` of their rows,
-/// which an incremental run adds. Whole files are held back from the end; the file where the
-/// share ends is cut in two, both halves written into `cut`. (Held back by whole files, the
-/// bench added one file: at 10M events that was the generator's file of late copies, so the
-/// "incremental" run added no new event at all.)
-fn hold_back(files: &[PathBuf], share: f64, cut: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let total = footer_rows(files)?;
-    let mut wanted = ((total as f64 * share).round() as u64).clamp(1, total.max(1));
-    let mut first = files.to_vec();
-    let mut held = Vec::new();
-    while wanted > 0 {
-        let Some(file) = first.pop() else { break };
-        let rows = footer_rows(std::slice::from_ref(&file))?;
-        if rows <= wanted {
-            wanted -= rows;
-            held.push(file);
-            continue;
-        }
-        let (head, tail) = cut_file(&file, rows - wanted, cut)?;
-        first.push(head);
-        held.push(tail);
-        wanted = 0;
-    }
-    held.reverse();
-    Ok((first, held))
-}
-
-/// Writes rows `..at` of `file` and rows `at..` into two files in `dir`; returns their paths.
-fn cut_file(file: &Path, at: u64, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let unreadable = |e: &dyn std::fmt::Display| {
-        Error::Usage(format!("{}: could not read it to cut: {e}", file.display()))
-    };
-    let opened = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(opened)
-        .map_err(|e| unreadable(&e))?
-        .build()
-        .map_err(|e| unreadable(&e))?;
-    let schema = arrow::array::RecordBatchReader::schema(&reader);
-    let (mut head, mut tail) = (Vec::new(), Vec::new());
-    let mut seen = 0u64;
-    for batch in reader {
-        let batch = batch.map_err(|e| unreadable(&e))?;
-        let n = batch.num_rows() as u64;
-        let split = at.saturating_sub(seen).min(n) as usize;
-        if split > 0 {
-            head.push(batch.slice(0, split));
-        }
-        if split < batch.num_rows() {
-            tail.push(batch.slice(split, batch.num_rows() - split));
-        }
-        seen += n;
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let stem = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("events");
-    let write = |part: &str, batches: &[arrow::array::RecordBatch]| -> Result<PathBuf> {
-        let path = dir.join(format!("{stem}-{part}.parquet"));
-        let bytes = crate::cli::generate::parquet_bytes(schema.clone(), batches)?;
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
-        Ok(path)
-    };
-    Ok((write("head", &head)?, write("tail", &tail)?))
+    tessera_run(options, &project, false)?;
+    link(&newest, first.len())?;
+    let incremental = tessera_run(options, &project, false)?;
+    let unchanged = tessera_run(options, &project, false)?;
+    // The incremental run's tables move to a project of their own; the full run writes anew.
+    let kept = project_copy(options, &root.join("incremental-tables"), &events)?;
+    std::fs::rename(project.join("out"), kept.join("out"))
+        .map_err(|e| Error::io(project.join("out"), e))?;
+    let full = tessera_run(options, &project, true)?;
+    let differing = crate::cli::bench_incremental::differing_tables(&kept, &project).await?;
+    Ok(IncrementalRuns {
+        incremental,
+        unchanged,
+        full,
+        differing,
+    })
 }
 
 /// The same pipeline in DuckDB, in a child Python process.
@@ -636,6 +609,28 @@ impl BenchReport {
                 secs(inc),
             ));
         }
+        for (size, data, differing) in &self.incremental_tables {
+            let unchanged = self.seconds(*size, data, "tessera no change", &["total"]);
+            let peak = |engine: &str| {
+                self.find(*size, data, engine, "total")
+                    .map_or("–".into(), |s| {
+                        format!("{:.0} MiB", mib(s.peak_rss_bytes))
+                    })
+            };
+            out.push_str(&format!(
+                "\n{} {data}: incremental run (newest 1% of the events as a new file) {} s, peak RSS {} against {} for the full run; no-change run {} s; tables {}\n",
+                label(*size),
+                secs(self.seconds(*size, data, "tessera incremental", &["total"])),
+                peak("tessera incremental"),
+                peak("tessera"),
+                secs(unchanged),
+                if differing.is_empty() {
+                    "equal to a --full run's".to_string()
+                } else {
+                    format!("differing from a --full run's: {}", differing.join("; "))
+                }
+            ));
+        }
         for (size, engine, error) in &self.failures {
             out.push_str(&format!("\n{} {engine} failed: {error}\n", label(*size)));
         }
@@ -694,77 +689,5 @@ mod tests {
         assert_eq!(label(10_000_000), "10M");
         assert_eq!(label(250_000), "250k");
         assert_eq!(people_for(10_000_000), 322_580);
-    }
-
-    /// Writes a file of events numbered `from..to` in `batch`-row batches.
-    fn numbered(path: &Path, from: i64, to: i64, batch: i64) -> PathBuf {
-        use arrow::array::{Int64Array, RecordBatch};
-        let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
-            arrow::datatypes::Field::new("n", arrow::datatypes::DataType::Int64, false),
-        ]));
-        let batches: Vec<RecordBatch> = (from..to)
-            .step_by(batch as usize)
-            .map(|s| {
-                let column = Int64Array::from_iter_values(s..(s + batch).min(to));
-                RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(column)]).unwrap()
-            })
-            .collect();
-        std::fs::write(
-            path,
-            crate::cli::generate::parquet_bytes(schema, &batches).unwrap(),
-        )
-        .unwrap();
-        path.to_path_buf()
-    }
-
-    fn numbers(files: &[PathBuf]) -> Vec<i64> {
-        use arrow::array::AsArray;
-        let mut out = Vec::new();
-        for f in files {
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                std::fs::File::open(f).unwrap(),
-            )
-            .unwrap()
-            .build()
-            .unwrap();
-            for batch in reader {
-                let batch = batch.unwrap();
-                let column = batch
-                    .column(0)
-                    .as_primitive::<arrow::datatypes::Int64Type>();
-                out.extend(column.values().iter().copied());
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn the_incremental_run_adds_the_last_share_of_the_rows_cutting_a_file_where_needed() {
-        let dir = tempfile::tempdir().unwrap();
-        // Three days of 400 rows and a small last file, as the generator's late copies are.
-        let files = vec![
-            numbered(&dir.path().join("a.parquet"), 0, 400, 64),
-            numbered(&dir.path().join("b.parquet"), 400, 800, 64),
-            numbered(&dir.path().join("c.parquet"), 800, 1200, 64),
-            numbered(&dir.path().join("d.parquet"), 1200, 1210, 64),
-        ];
-        let cut = dir.path().join("cut");
-        // 10% of 1210 rows is 121: the last file's 10 rows and the third file's last 111.
-        let (first, held) = hold_back(&files, 0.1, &cut).unwrap();
-        assert_eq!(footer_rows(&held).unwrap(), 121);
-        assert_eq!(held.len(), 2);
-        assert_eq!(held[1], files[3]);
-        assert_eq!(numbers(&held[..1]), (1089..1200).collect::<Vec<_>>());
-        // Nothing is lost or read twice: the first run's rows, then the added ones, are all.
-        let mut all = numbers(&first);
-        all.extend(numbers(&held));
-        assert_eq!(all, (0..1210).collect::<Vec<_>>());
-        // A share that ends on a file's edge cuts nothing.
-        let (first, held) = hold_back(&files, 410.0 / 1210.0, &cut).unwrap();
-        assert_eq!(held, files[2..].to_vec());
-        assert_eq!(first, files[..2].to_vec());
-        // At least one row is added, however small the share.
-        let (_, held) = hold_back(&files, 0.0, &cut).unwrap();
-        assert_eq!(numbers(&held), vec![1209]);
     }
 }

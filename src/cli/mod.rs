@@ -1,6 +1,7 @@
 //! The `tessera` command line: flags are parsed here, checked, and handed to the library.
 
 pub mod bench;
+pub mod bench_incremental;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod export;

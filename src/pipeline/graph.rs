@@ -664,6 +664,24 @@ pub struct Step {
     pub reasons: Vec<String>,
     /// The tables it writes.
     pub tables: Vec<String>,
+    /// For a recomputed trait or segment, as `tessera plan` works it out: whether it runs
+    /// over the touched profiles only or over every profile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub over: Option<String>,
+}
+
+impl Step {
+    /// Whether the node is recomputed only because the event history or identity was: its
+    /// own file, config keys and as-of are as published (see
+    /// [`crate::stages::incremental_segments`]).
+    pub fn only_new_events(&self) -> bool {
+        self.action == Action::Recompute
+            && !self.reasons.is_empty()
+            && self.reasons.iter().all(|r| {
+                *r == format!("upstream `{}` recomputed", node::EVENTS)
+                    || *r == format!("upstream `{}` recomputed", node::IDENTITY)
+            })
+    }
 }
 
 /// What a run will do: every node's step, in run order, then the retired nodes.
@@ -726,9 +744,14 @@ impl Plan {
                 Action::Recompute => "recompute",
                 Action::Retire => "retire",
             };
+            let over = step
+                .over
+                .as_ref()
+                .map(|o| format!(" [over {o}]"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {verb:<9} {}: {}",
+                "  {verb:<9} {}: {}{over}",
                 step.node,
                 step.reasons.join("; ")
             );
@@ -993,6 +1016,7 @@ pub fn plan(
                 action,
                 reasons,
                 tables: node.tables.clone(),
+                over: None,
             });
         }
         if let Some(recorded) = recorded {
@@ -1026,6 +1050,7 @@ pub fn plan(
                     action: Action::Retire,
                     reasons: vec![reason],
                     tables: before.tables.clone(),
+                    over: None,
                 });
             }
         }

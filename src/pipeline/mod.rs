@@ -17,6 +17,7 @@
 pub mod data_tests;
 pub mod graph;
 pub mod runs;
+pub mod touched;
 pub mod warnings;
 
 use std::collections::BTreeMap;
@@ -684,7 +685,6 @@ async fn stages(
             tables::PROFILES.to_string(),
             profiles,
         ));
-        crate::stages::journeys::release_changed(engine)?;
         // What the next incremental run needs to know to carry these traits over.
         let mut recorded = trait_files;
         recorded.push(crate::stages::profiles::last_known_state(&engine.project));
@@ -704,9 +704,9 @@ async fn stages(
         spinner.finish_and_clear();
         report.stages.push(meter.finish("profiles", report.events));
     }
-    crate::stages::journeys::release_changed(engine)?;
 
-    // Segments, each after the segments it reads; retired segments' members all exit.
+    // Segments, each after the segments it reads; retired segments' members all exit. A
+    // segment over one profile's events at a time runs over the touched profiles only.
     let meter = engine.meter();
     engine.ensure_schema(tables::SEGMENTS)?;
     let mut changes = crate::stages::segments::Changes::new(
@@ -724,14 +724,15 @@ async fn stages(
         segments_changed = true;
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let t0 = std::time::Instant::now();
-        let (members, ids) = engine
+        let only_new_events = plan.step(&node).is_some_and(graph::Step::only_new_events);
+        let (members, ids, over) = engine
             .in_time(
                 &segment.file,
-                crate::stages::segments::materialise(engine, &segment),
+                touched::segment(engine, &segment, only_new_events),
             )
             .await
             .map_err(in_segment(engine, &segment))?;
-        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, "segment");
+        tracing::info!(ms = t0.elapsed().as_millis() as u64, file = %segment.file, computed_for = over, "segment");
         // Compared with the version published by the previous run: a profile merged away is
         // gone from the new members, so it exits; its survivor enters only if it qualifies.
         // A segment that was not published (new, or retired before) had no members.
@@ -818,6 +819,9 @@ async fn stages(
         register_staged(ctx, outputs, tables::SEGMENT_CHANGES).await?;
         report.stages.push(meter.finish("segments", report.events));
     }
+
+    crate::stages::journeys::release_changed(engine)?;
+    crate::stages::incremental_segments::release(engine)?;
 
     // Reports: any read-only query over the run's tables, written for BI tools.
     let meter = engine.meter();
@@ -1194,6 +1198,7 @@ async fn plan_run(
                         kind,
                         file: None,
                         action: graph::Action::Retire,
+                        over: None,
                     });
                 }
             }
@@ -1213,7 +1218,8 @@ pub async fn plan(engine: &Engine, options: &RunOptions) -> Result<graph::Plan> 
     let inventory =
         crate::stages::ingest::discover(&engine.event_places, &[], seen.as_ref(), &|_, _| {})
             .await?;
-    let (_, plan, _) = plan_run(engine, inventory.files.len(), as_of, options.full).await?;
+    let (_, mut plan, _) = plan_run(engine, inventory.files.len(), as_of, options.full).await?;
+    touched::annotate(engine, &mut plan.steps).await?;
     Ok(plan)
 }
 /// Replaces table `name` with `batches`. The future owns what it needs, so it can run on a

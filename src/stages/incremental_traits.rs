@@ -139,6 +139,31 @@ fn keyed(plan: &LogicalPlan) -> bool {
                 && keyed(&p.input)
         }
         LogicalPlan::Aggregate(a) => a.group_expr.iter().any(is_key) && keyed(&a.input),
+        // Two per-profile inputs joined on their profile_id: each joined row pairs rows of
+        // one profile (a NULL key matches nothing). Joins that can emit the right side's rows
+        // unmatched are left out: their profile_id would come from the other side.
+        LogicalPlan::Join(j) => {
+            matches!(
+                j.join_type,
+                JoinType::Inner | JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti
+            ) && (j.on.iter().any(|(l, r)| is_key(l) && is_key(r))
+                // Before optimisation an `ON` clause is still the join's filter.
+                || j.filter.as_ref().is_some_and(|f| {
+                    datafusion::logical_expr::utils::split_conjunction(f)
+                        .into_iter()
+                        .any(|c| match c {
+                            Expr::BinaryExpr(b) => {
+                                b.op == datafusion::logical_expr::Operator::Eq
+                                    && is_key(&b.left)
+                                    && is_key(&b.right)
+                                    && b.left != b.right
+                            }
+                            _ => false,
+                        })
+                }))
+                && keyed(&j.left)
+                && keyed(&j.right)
+        }
         _ => false,
     }
 }
@@ -313,6 +338,20 @@ mod tests {
             ("SELECT profile_id, count(*) AS n FROM events GROUP BY event, profile_id HAVING count(*) > (SELECT count(*) FROM events)", Shape::Other),
             ("SELECT profile_id, rank() OVER (ORDER BY revenue) AS r FROM events", Shape::Other),
             ("SELECT e.profile_id, count(*) AS n FROM events e JOIN other o ON e.profile_id = o.profile_id GROUP BY e.profile_id", Shape::Other),
+            // Per-profile sides joined on profile_id stay per profile; any other key mixes.
+            (
+                "WITH a AS (SELECT profile_id, max(revenue) AS r FROM events GROUP BY profile_id), \
+                 b AS (SELECT DISTINCT profile_id FROM events WHERE event = 'x') \
+                 SELECT a.profile_id, a.r FROM a LEFT JOIN b ON b.profile_id = a.profile_id WHERE b.profile_id IS NULL",
+                per,
+            ),
+            (
+                "SELECT a.profile_id FROM events a JOIN events b ON a.profile_id = b.profile_id",
+                per,
+            ),
+            ("SELECT a.profile_id FROM events a JOIN events b ON a.message_id = b.message_id", Shape::Other),
+            ("SELECT a.profile_id FROM events a RIGHT JOIN events b ON a.profile_id = b.profile_id", Shape::Other),
+            ("SELECT a.profile_id FROM events a CROSS JOIN events b", Shape::Other),
             ("SELECT profile_id, count(*) AS n FROM other GROUP BY profile_id", Shape::Other),
             ("SELECT profile_id, count(*) AS n FROM events WHERE \"timestamp\" > now() GROUP BY profile_id", Shape::Other),
             ("SELECT profile_id, max(random()) AS n FROM events GROUP BY profile_id", Shape::Other),

@@ -5,6 +5,7 @@
 pub mod forget;
 pub mod formats;
 pub mod identity;
+pub mod incremental_segments;
 pub mod incremental_traits;
 pub mod ingest;
 pub mod journeys;

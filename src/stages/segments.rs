@@ -347,6 +347,16 @@ pub async fn materialise(
     segment: &SegmentQuery,
 ) -> Result<(Vec<RecordBatch>, Members)> {
     let df = engine.query(&segment.sql, &segment.file).await?;
+    materialise_rows(engine, segment, df).await
+}
+
+/// [`materialise`] for rows already planned: the segment's query or, in an incremental run,
+/// its rows built from the touched profiles' (see [`crate::stages::incremental_segments`]).
+pub async fn materialise_rows(
+    engine: &Engine,
+    segment: &SegmentQuery,
+    df: datafusion::dataframe::DataFrame,
+) -> Result<(Vec<RecordBatch>, Members)> {
     let schema = df.schema().as_arrow().clone();
     if schema.index_of("profile_id").is_err() {
         return Err(Error::query(&segment.file, "returns no `profile_id` column; a segment query returns one row per member with its profile_id"));
