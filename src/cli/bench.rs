@@ -345,8 +345,8 @@ fn tessera_run(options: &BenchOptions, project: &Path, full: bool) -> Result<Vec
     if let Some(limit) = &options.memory_limit {
         command.args(["--memory-limit", limit]);
     }
-    let (output, seconds) = child(&mut command, "tessera run")?;
-    let report: serde_json::Value = serde_json::from_slice(&output).map_err(|e| {
+    let finished = child(&mut command, "tessera run")?;
+    let report: serde_json::Value = serde_json::from_slice(&finished.stdout).map_err(|e| {
         Error::Usage(format!(
             "tessera run printed no JSON report ({e}); run it by hand in {} to see why",
             project.display()
@@ -355,16 +355,22 @@ fn tessera_run(options: &BenchOptions, project: &Path, full: bool) -> Result<Vec
     let stages: Vec<StageStats> = serde_json::from_value(report["stages"].clone())
         .map_err(|e| Error::Usage(format!("tessera run's report has no stages: {e}")))?;
     let events = report["events"].as_u64().unwrap_or(0);
-    Ok(with_total(stages, seconds, events))
+    Ok(with_total(stages, &finished, events))
 }
 
-/// Adds stage `total`: the process's wall time, the largest peak and spill, all bytes read.
-fn with_total(mut stages: Vec<StageStats>, seconds: f64, rows: u64) -> Vec<StageStats> {
+/// Adds stage `total`: the process's wall time and peak memory, the largest spill, all bytes
+/// read.
+fn with_total(mut stages: Vec<StageStats>, finished: &Finished, rows: u64) -> Vec<StageStats> {
     let total = StageStats {
         stage: "total".into(),
-        ms: (seconds * 1000.0).round() as u64,
+        ms: (finished.seconds * 1000.0).round() as u64,
         rows,
-        peak_rss_bytes: stages.iter().map(|s| s.peak_rss_bytes).max().unwrap_or(0),
+        peak_rss_bytes: stages
+            .iter()
+            .map(|s| s.peak_rss_bytes)
+            .max()
+            .unwrap_or(0)
+            .max(finished.peak_rss_bytes),
         bytes_read: stages.iter().map(|s| s.bytes_read).sum(),
         spill_bytes: stages.iter().map(|s| s.spill_bytes).max().unwrap_or(0),
     };
@@ -372,25 +378,58 @@ fn with_total(mut stages: Vec<StageStats>, seconds: f64, rows: u64) -> Vec<Stage
     stages
 }
 
-/// Runs a child to the end: its stdout and wall seconds, or an error with its stderr.
-fn child(command: &mut Command, what: &str) -> Result<(Vec<u8>, f64)> {
+/// What a child process left: its stdout, wall seconds and peak resident memory.
+struct Finished {
+    stdout: Vec<u8>,
+    seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+/// Runs a child to the end, or an error with its stderr. Its peak memory is the kernel's
+/// count for that process (`ru_maxrss` from `wait4`), so a run too short for the stage
+/// sampler to see, or one with no stage at all, still has one.
+fn child(command: &mut Command, what: &str) -> Result<Finished> {
+    use std::io::Read;
     let started = Instant::now();
-    let output = command
+    let program = command.get_program().to_owned();
+    let cannot =
+        |e: std::io::Error| Error::Usage(format!("cannot start {what} ({program:?}): {e}"));
+    let mut process = command
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .output()
-        .map_err(|e| {
-            Error::Usage(format!(
-                "cannot start {what} ({:?}): {e}",
-                command.get_program()
-            ))
-        })?;
+        .spawn()
+        .map_err(cannot)?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        process
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        process
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let (success, status_text, peak) = wait_with_peak(&mut process)?;
     let seconds = started.elapsed().as_secs_f64();
-    if !output.status.success() {
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if !success {
         // With --json a failure is a JSON object on stdout; anything else is on stderr.
         let text = format!(
             "{}\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            String::from_utf8_lossy(&output.stdout)
+            String::from_utf8_lossy(&stderr),
+            String::from_utf8_lossy(&stdout)
         );
         let tail: Vec<&str> = text
             .lines()
@@ -400,12 +439,39 @@ fn child(command: &mut Command, what: &str) -> Result<(Vec<u8>, f64)> {
             .collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(Error::Usage(format!(
-            "{what} failed ({}):\n{}",
-            output.status,
+            "{what} failed ({status_text}):\n{}",
             tail.join("\n")
         )));
     }
-    Ok((output.stdout, seconds))
+    Ok(Finished {
+        stdout,
+        seconds,
+        peak_rss_bytes: peak,
+    })
+}
+
+/// Waits for `process`: whether it succeeded, its exit status as text, and its peak RSS.
+fn wait_with_peak(process: &mut std::process::Child) -> Result<(bool, String, u64)> {
+    let pid = process.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data that wait4 fills in; the pid is our own unwaited child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        // Not ours to reap after all (already waited): fall back to std, without a peak.
+        let status = process
+            .wait()
+            .map_err(|e| Error::Usage(format!("waiting for a child: {e}")))?;
+        return Ok((status.success(), status.to_string(), 0));
+    }
+    let success = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let text = if libc::WIFEXITED(status) {
+        format!("exit status {}", libc::WEXITSTATUS(status))
+    } else {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    };
+    // Linux reports ru_maxrss in KiB.
+    Ok((success, text, usage.ru_maxrss.max(0) as u64 * 1024))
 }
 
 /// The runs of `--incremental` at one size.
@@ -489,13 +555,13 @@ fn duckdb_run(
     if let Some(limit) = &options.memory_limit {
         command.args(["--memory-limit", limit]);
     }
-    let (output, seconds) = child(&mut command, "the DuckDB baseline")?;
-    let report: serde_json::Value = serde_json::from_slice(&output)
+    let finished = child(&mut command, "the DuckDB baseline")?;
+    let report: serde_json::Value = serde_json::from_slice(&finished.stdout)
         .map_err(|e| Error::Usage(format!("the DuckDB baseline printed no JSON ({e})")))?;
     let stages: Vec<StageStats> = serde_json::from_value(report["stages"].clone())
         .map_err(|e| Error::Usage(format!("the DuckDB baseline's report has no stages: {e}")))?;
     let events = report["events"].as_u64().unwrap_or(0);
-    Ok(with_total(stages, seconds, events))
+    Ok(with_total(stages, &finished, events))
 }
 
 /// Tessera stages the DuckDB baseline has no counterpart for (left out of the core time).
