@@ -114,6 +114,11 @@ impl Engine {
             let key = format!("sources[{i}].location");
             let place = Place::open_with(&source.location, &project.dir, &key, retry)?;
             place.register(&ctx);
+            if source.format == crate::config::SourceFormat::Csv {
+                let batch = crate::sources::read_csv_source(&place, source, &key).await?;
+                ctx.register_batch(source.name.as_str(), batch)?;
+                continue;
+            }
             let url = place.url();
             // A location naming a file has no trailing slash; a folder keeps its own.
             let url = if source.location.trim_end().ends_with(".parquet") {
