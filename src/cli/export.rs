@@ -503,7 +503,11 @@ pub(crate) fn csv_batch(batch: &RecordBatch, raw: bool, count: &mut u64) -> Resu
 /// A published segment's members joined with their `profiles` columns, in profile id order:
 /// what every export of the segment starts from. Registers the published tables first.
 pub async fn segment_frame(engine: &Engine, segment: &str) -> Result<datafusion::dataframe::DataFrame> {
-    engine.register_outputs().await?;
+    // Every run writes `runs`: when it is there, an earlier export already registered the
+    // tables (registering them twice is an error).
+    if !engine.ctx.table_exist(tables::RUNS)? {
+        engine.register_outputs().await?;
+    }
     // register_outputs has just registered every published segment.
     let reference = datafusion::common::TableReference::partial(tables::SEGMENTS, segment);
     if !engine.ctx.table_exist(reference.clone())? {
