@@ -403,8 +403,15 @@ impl CrmSource {
     /// its email and phone (those that are identifier types), seen when it was last modified.
     pub fn identity_sql(&self, table: &str, identifiers: &[&str]) -> String {
         let text = |c: &str| format!("CAST({} AS VARCHAR)", quoted(c));
-        let mut columns = vec![format!("{} AS {}", text(&self.id_column()), quoted(&self.identifier()))];
-        for (column, kind) in [(self.email_column(), "email"), (self.phone_column(), "phone")] {
+        let mut columns = vec![format!(
+            "{} AS {}",
+            text(&self.id_column()),
+            quoted(&self.identifier())
+        )];
+        for (column, kind) in [
+            (self.email_column(), "email"),
+            (self.phone_column(), "phone"),
+        ] {
             if let Some(column) = column.filter(|_| identifiers.contains(&kind)) {
                 columns.push(format!("{} AS {kind}", text(&column)));
             }
@@ -443,10 +450,12 @@ impl CrmSource {
 
     /// The identifier type the contact id becomes.
     pub fn identifier(&self) -> String {
-        self.identifier.clone().unwrap_or_else(|| match self.system {
-            CrmSystem::Salesforce => "salesforce_id".into(),
-            CrmSystem::Hubspot => "hubspot_id".into(),
-        })
+        self.identifier
+            .clone()
+            .unwrap_or_else(|| match self.system {
+                CrmSystem::Salesforce => "salesforce_id".into(),
+                CrmSystem::Hubspot => "hubspot_id".into(),
+            })
     }
 
     fn column(&self, set: &Option<String>, salesforce: &str, hubspot: &str) -> Option<String> {
@@ -478,8 +487,12 @@ impl CrmSource {
 
     /// The last-modified column.
     pub fn modified_column(&self) -> String {
-        self.column(&self.modified_column, "LastModifiedDate", "lastmodifieddate")
-            .unwrap_or_else(|| "LastModifiedDate".into())
+        self.column(
+            &self.modified_column,
+            "LastModifiedDate",
+            "lastmodifieddate",
+        )
+        .unwrap_or_else(|| "LastModifiedDate".into())
     }
 
     /// Profile trait column → contact column.
@@ -1005,7 +1018,9 @@ impl Project {
             out.push(QueryFile {
                 file: format!("<[sources.crm] of {}>", source.name),
                 sql,
-                path: self.queries_dir(kind).join(format!("{}_crm.sql", source.name)),
+                path: self
+                    .queries_dir(kind)
+                    .join(format!("{}_crm.sql", source.name)),
             });
         }
         out
@@ -1376,7 +1391,12 @@ impl Config {
             }
             if let Some(crm) = &source.crm {
                 let identifier = crm.identifier();
-                if !self.identity.identifiers.iter().any(|t| t.name == identifier) {
+                if !self
+                    .identity
+                    .identifiers
+                    .iter()
+                    .any(|t| t.name == identifier)
+                {
                     return Err(fail(
                         format!("sources[{i}].crm.identifier"),
                         format!(
@@ -1411,7 +1431,10 @@ impl Config {
                 }
             }
             if export.max_file_bytes == Some(0) {
-                return Err(fail(format!("exports[{i}].max_file_bytes"), "must be at least 1".into()));
+                return Err(fail(
+                    format!("exports[{i}].max_file_bytes"),
+                    "must be at least 1".into(),
+                ));
             }
         }
         for (key, value) in [

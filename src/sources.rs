@@ -34,7 +34,11 @@ pub struct CsvProblem {
 /// Splits `bytes` into rows of fields by RFC 4180 rules with the given delimiter and quote.
 /// Rows may end in LF or CRLF; a quoted field may hold delimiters, quotes (doubled) and line
 /// breaks. Blank lines are skipped.
-pub fn parse_csv(bytes: &[u8], delimiter: u8, quote: u8) -> std::result::Result<CsvRows, CsvProblem> {
+pub fn parse_csv(
+    bytes: &[u8],
+    delimiter: u8,
+    quote: u8,
+) -> std::result::Result<CsvRows, CsvProblem> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
@@ -174,7 +178,11 @@ async fn csv_files(place: &Place) -> Result<Vec<object_store::path::Path>> {
 }
 
 /// Reads every file of CSV source `source` at `place` into one batch of text columns.
-pub async fn read_csv_source(place: &Place, source: &SourceConfig, key: &str) -> Result<RecordBatch> {
+pub async fn read_csv_source(
+    place: &Place,
+    source: &SourceConfig,
+    key: &str,
+) -> Result<RecordBatch> {
     use object_store::ObjectStoreExt;
     let options: &CsvOptions = &source.csv;
     let (Some(delimiter), Some(quote)) = (csv_char(&options.delimiter), csv_char(&options.quote))

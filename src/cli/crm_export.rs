@@ -199,7 +199,10 @@ impl TargetExport {
     }
 
     fn is_crm(&self) -> bool {
-        matches!(self.target, ExportTarget::Salesforce | ExportTarget::Hubspot)
+        matches!(
+            self.target,
+            ExportTarget::Salesforce | ExportTarget::Hubspot
+        )
     }
 
     fn external_id(&self) -> Option<String> {
@@ -334,7 +337,10 @@ pub async fn build(
                 &["profile_id"],
                 None,
             )?;
-            vec![("add", add), ("remove", removed_frame(engine, removed).await?)]
+            vec![
+                ("add", add),
+                ("remove", removed_frame(engine, removed).await?),
+            ]
         }
     };
     for (part, df) in parts {
@@ -490,7 +496,9 @@ fn ids_frame(engine: &Engine, column: &str, ids: Vec<String>) -> Result<DataFram
 async fn removed_frame(engine: &Engine, removed: Vec<String>) -> Result<DataFrame> {
     let ids = ids_frame(engine, "__tessera_removed_id", removed)?;
     let Ok(profiles) = engine.ctx.table(tables::PROFILES).await else {
-        return Ok(ids.select(vec![datafusion::prelude::col("__tessera_removed_id").alias("profile_id")])?);
+        return Ok(ids.select(vec![
+            datafusion::prelude::col("__tessera_removed_id").alias("profile_id")
+        ])?);
     };
     let others: Vec<datafusion::prelude::Expr> = profiles
         .schema()
@@ -510,7 +518,9 @@ async fn removed_frame(engine: &Engine, removed: Vec<String>) -> Result<DataFram
             None,
         )?
         .select(select)?
-        .sort(vec![datafusion::prelude::col("profile_id").sort(true, false)])?)
+        .sort(vec![
+            datafusion::prelude::col("profile_id").sort(true, false)
+        ])?)
 }
 
 /// Header and rows of text cells: each destination column from its Tessera column (a list
@@ -803,7 +813,12 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert!(cut_csv(&table, b',', 10, u64::MAX).is_err());
         // No rows: one file with the header.
-        assert_eq!(cut_csv(&(table.0.clone(), vec![]), b',', 100, 1).unwrap().len(), 1);
+        assert_eq!(
+            cut_csv(&(table.0.clone(), vec![]), b',', 100, 1)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

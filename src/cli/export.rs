@@ -502,7 +502,10 @@ pub(crate) fn csv_batch(batch: &RecordBatch, raw: bool, count: &mut u64) -> Resu
 
 /// A published segment's members joined with their `profiles` columns, in profile id order:
 /// what every export of the segment starts from. Registers the published tables first.
-pub async fn segment_frame(engine: &Engine, segment: &str) -> Result<datafusion::dataframe::DataFrame> {
+pub async fn segment_frame(
+    engine: &Engine,
+    segment: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
     // Every run writes `runs`: when it is there, an earlier export already registered the
     // tables (registering them twice is an error).
     if !engine.ctx.table_exist(tables::RUNS)? {

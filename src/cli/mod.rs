@@ -551,7 +551,10 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                         println!("  hashed (SHA-256): {}", summary.hashed.join(", "));
                     }
                     if !summary.dropped.is_empty() {
-                        println!("  left out as personal data: {}", summary.dropped.join(", "));
+                        println!(
+                            "  left out as personal data: {}",
+                            summary.dropped.join(", ")
+                        );
                     }
                 }
                 return Ok(0);

@@ -132,7 +132,11 @@ fn ids_in(dir: &Path, prefix: &str, header: &str, max: usize) -> BTreeSet<String
         }
         files += 1;
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.len() <= max, "{name} is {} bytes, over {max}", text.len());
+        assert!(
+            text.len() <= max,
+            "{name} is {} bytes, over {max}",
+            text.len()
+        );
         assert!(!text.contains('\r'), "{name} ends lines in LF only");
         let mut lines = text.lines();
         assert_eq!(lines.next(), Some(header), "{name}");
@@ -167,7 +171,11 @@ for name in sorted(os.listdir(d)):
         .arg(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Some(
         String::from_utf8(out.stdout)
             .unwrap()
@@ -190,7 +198,11 @@ fn csv_source_errors_name_the_file_and_line() {
             "line 3",
             "3 fields where the header has 2",
         ),
-        (b"Id,Email\n1,\"a@x.com\n2,b@x.com\n", "line 2", "never closed"),
+        (
+            b"Id,Email\n1,\"a@x.com\n2,b@x.com\n",
+            "line 2",
+            "never closed",
+        ),
         (b"Id,Name\n1,Ann\n2,Ren\xe9e\n", "line 3", "not UTF-8"),
     ];
     for (bytes, line, what) in cases {
@@ -254,7 +266,10 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
     assert_eq!(ann["account_id"], "A9");
     // By phone: "(415) 555-0123" and "+14155550123" are one number.
     let bob = profile_with(&p, "anonymous_ids", "anon-bob");
-    assert_eq!(strings(&bob["salesforce_ids"]), BTreeSet::from(["003B".into()]));
+    assert_eq!(
+        strings(&bob["salesforce_ids"]),
+        BTreeSet::from(["003B".into()])
+    );
     assert_eq!(bob["first_name"], "Bob");
     let carl = profile_with(&p, "salesforce_ids", "003C");
     assert!(strings(&carl["anonymous_ids"]).is_empty());
@@ -288,8 +303,8 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
     let run2 = r2["run_id"].as_str().unwrap().to_string();
     assert_eq!(members(&p), BTreeSet::from([ann.clone(), bob.clone()]));
 
-    // Run 3: Bob moves to A3; Dana, new, joins A1.
-    web_events(&p, "day3.parquet", ["d3-1", "d3-2", "d3-3"], 48);
+    // Run 3, with no new event at all (the contacts file alone changed): Bob moves to A3;
+    // Dana, new, joins A1.
     write(
         &crm,
         &format!(
@@ -331,8 +346,10 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
         assert_eq!(job["lineEnding"], "LF");
     }
     // Every file opens in Python's csv module with Salesforce's field names.
-    if let Some(files) = python_read(&p.path().join("out/exports/sf_a1").join(&run3), "crm_exports")
-    {
+    if let Some(files) = python_read(
+        &p.path().join("out/exports/sf_a1").join(&run3),
+        "crm_exports",
+    ) {
         assert!(files.iter().any(|f| f.starts_with("members-0001.csv|")));
         for f in &files {
             assert_eq!(f.split('|').nth(1), Some(header), "{f}");
@@ -357,7 +374,10 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
         .trim(),
     )
     .unwrap();
-    assert_eq!((summary["added"].as_u64(), summary["removed"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (summary["added"].as_u64(), summary["removed"].as_u64()),
+        (Some(2), Some(2))
+    );
     let added = ids_in(&out, "add", header, 100_000_000);
     let removed = ids_in(&out, "remove", header, 100_000_000);
     assert_eq!(added, BTreeSet::from([ann.clone(), dana.clone()]));
@@ -365,8 +385,17 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
     // Since run 2 it is Bob out, Dana in; an unknown run is refused.
     let out2 = p.path().join("changes2");
     ok(run(&mut p.cmd(&[
-        "export", "segment", "account_a1", "--to", "csv", "--changes-since", &run2, "--out",
-        out2.to_str().unwrap(), "--columns", "profile_id",
+        "export",
+        "segment",
+        "account_a1",
+        "--to",
+        "csv",
+        "--changes-since",
+        &run2,
+        "--out",
+        out2.to_str().unwrap(),
+        "--columns",
+        "profile_id",
     ])));
     assert_eq!(
         std::fs::read_to_string(out2.join("add.csv")).unwrap(),
@@ -377,7 +406,14 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
         format!("profile_id\n{bob}\n")
     );
     let bad = run(&mut p.cmd(&[
-        "export", "segment", "account_a1", "--to", "csv", "--changes-since", "nope", "--out",
+        "export",
+        "segment",
+        "account_a1",
+        "--to",
+        "csv",
+        "--changes-since",
+        "nope",
+        "--out",
         out2.to_str().unwrap(),
     ]));
     assert_eq!(bad.status.code(), Some(2));
@@ -386,7 +422,14 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
     // HubSpot: contact property names, an importRequest per file, files cut at 150 bytes.
     let hs = p.path().join("hubspot");
     ok(run(&mut p.cmd(&[
-        "export", "segment", "everyone", "--to", "hubspot", "--max-file-bytes", "150", "--out",
+        "export",
+        "segment",
+        "everyone",
+        "--to",
+        "hubspot",
+        "--max-file-bytes",
+        "150",
+        "--out",
         hs.to_str().unwrap(),
     ])));
     let hs_header = "tessera_profile_id,email,phone,firstname,lastname";
@@ -435,9 +478,17 @@ fn crm_contacts_join_web_profiles_and_exports_add_up() {
     // email, and names are hashed too.
     let hashed = p.path().join("hashed");
     ok(run(&mut p.cmd(&[
-        "export", "segment", "account_a1", "--to", "salesforce", "--hash-pii",
+        "export",
+        "segment",
+        "account_a1",
+        "--to",
+        "salesforce",
+        "--hash-pii",
         // [[exports]] sf_a1 cuts at 120 bytes; digests are longer.
-        "--max-file-bytes", "100000", "--out", hashed.to_str().unwrap(),
+        "--max-file-bytes",
+        "100000",
+        "--out",
+        hashed.to_str().unwrap(),
     ])));
     let text = std::fs::read_to_string(hashed.join("members-0001.csv")).unwrap();
     let dana_row = text.lines().find(|l| l.starts_with(&dana)).unwrap();

@@ -67,11 +67,14 @@ pub fn load_queries(engine: &Engine) -> Result<Vec<QueryFile>> {
     queries.retain(|q| !records.contains(&q.file.replace('\\', "/")));
     // CRM contacts link among themselves; the events' own identifiers still need a query.
     if queries.iter().all(|q| q.file.starts_with('<')) {
-        queries.insert(0, QueryFile {
-            file: DEFAULT_QUERY.to_string(),
-            sql: default_query(&Rules::from_config(&engine.project.config.identity)),
-            path: engine.project.queries_dir("identity"),
-        });
+        queries.insert(
+            0,
+            QueryFile {
+                file: DEFAULT_QUERY.to_string(),
+                sql: default_query(&Rules::from_config(&engine.project.config.identity)),
+                path: engine.project.queries_dir("identity"),
+            },
+        );
     }
     Ok(queries)
 }
