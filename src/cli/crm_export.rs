@@ -823,8 +823,10 @@ mod tests {
 
     #[test]
     fn documented_limits() {
-        assert!(SALESFORCE_MAX_FILE_BYTES <= 100 * 1000 * 1000);
-        assert!(HUBSPOT_MAX_FILE_BYTES <= 20 * 1000 * 1000);
+        // Salesforce: "upload data that doesn't exceed 100 MB"; HubSpot: 20 MB a file on free
+        // tools, 1,048,576 rows a file.
+        assert_eq!(SALESFORCE_MAX_FILE_BYTES, 100_000_000);
+        assert_eq!(HUBSPOT_MAX_FILE_BYTES, 20_000_000);
         assert_eq!(HUBSPOT_MAX_FILE_ROWS + 1, 1_048_576);
     }
 }

@@ -321,7 +321,7 @@ async fn source_digest(engine: &Engine, name: &str) -> Result<String> {
     let mut listing: Vec<String> = Vec::new();
     let single = source.location.trim_end().ends_with(".parquet")
         || (source.format == crate::config::SourceFormat::Csv
-            && matches!(place.store.head(&place.prefix).await, Ok(_)));
+            && place.store.head(&place.prefix).await.is_ok());
     let metas: Vec<object_store::ObjectMeta> = if single {
         match place.store.head(&place.prefix).await {
             Ok(meta) => vec![meta],
