@@ -396,7 +396,8 @@ pub async fn build(
             } else {
                 format!("{part}.{extension}")
             };
-            if export.target == ExportTarget::Hubspot {
+            // Who left is not imported: an upsert would only touch their fields again.
+            if export.target == ExportTarget::Hubspot && part != "remove" {
                 let request = hubspot_request(export, &name, &table.0);
                 let stem = name.trim_end_matches(".csv");
                 files.push((format!("{stem}.import.json"), request.into_bytes()));
