@@ -207,7 +207,11 @@ pub async fn read_csv_source(
     let mut names: Option<(String, Vec<String>)> = None;
     let mut columns: Vec<StringBuilder> = Vec::new();
     for path in files {
-        let url = place.url_of(&path).to_string();
+        let url = place
+            .url_of(&path)
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
         let bytes = place.store.get(&path).await?.bytes().await?;
         let fail = |line: u64, message: String| Error::SourceFile {
             source_name: source.name.clone(),

@@ -126,7 +126,7 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Export a segment's members for a campaign: CSV or Parquet.
+    /// Export a segment's members for a campaign or a CRM: CSV, Parquet, Salesforce or HubSpot import files.
     Export {
         /// What to export.
         #[command(subcommand)]
@@ -223,10 +223,11 @@ pub enum ExportWhat {
         /// The file format.
         #[arg(long, value_enum, default_value_t = crate::cli::export::ExportFormat::Csv)]
         format: crate::cli::export::ExportFormat,
-        /// The file to write.
+        /// The file to write (a folder with --to salesforce/hubspot or --changes-since).
         #[arg(long)]
         out: PathBuf,
-        /// Columns to keep, comma-separated (default: all).
+        /// Columns to keep, comma-separated (default: all); with --to salesforce/hubspot or
+        /// --changes-since, Destination=column pairs.
         #[arg(long, value_delimiter = ',')]
         columns: Vec<String>,
         /// Leave no personal data in clear: identifiers (emails trimmed and lowercased, phones in
