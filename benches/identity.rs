@@ -3,13 +3,18 @@
 //!
 //! TESSERA_BENCH_LINK_ROWS (comma-separated, default 1000000) sets roughly how many identity
 //! query rows (link rows) to resolve; events are generated to match and cached under
-//! target/bench-data/. Memory per identifier is the peak RSS growth while resolving, divided by
+//! target/bench-data/. Each size runs on the generator's friendly data (each person's events
+//! together) and its adversarial data (shuffled rows, ~3.7 anonymous ids per person, shared
+//! devices), side by side; TESSERA_BENCH_DATA picks one (`friendly` or `adversarial`).
+//! "rows read" is the intake alone (normalising, interning, collecting links: the identity
+//! stage's "links read" on one core); "resolve" adds the rules and union-find. "rows read
+//! before" is the same intake as it was before it went a batch at a time with prefetching
+//! (benches/common/legacy_intake.rs), on the same rows. TESSERA_BENCH_NO_SQL=1 skips the SQL
+//! comparison (minutes at 10M rows) and reports the intake and resolve figures only. Memory per identifier is the peak RSS growth while resolving, divided by
 //! the identifiers interned. The SQL side starts from the same link rows, normalises them in SQL
 //! (trim, lowercase, E.164 for the generator's phone formats), builds the distinct links, and
 //! runs rounds until nothing changes; its grouping is checked against the union-find's (rules
 //! switched off, since the rounds compute plain connected components).
-//! TESSERA_BENCH_PHASES=1 also prints how long the rules and union-find take apart from reading
-//! rows (normalising and interning).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,15 +26,16 @@ use arrow::datatypes::DataType;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 mod common;
 
+use tessera::cli::generate::Preset;
 use tessera::config::Config;
-use tessera::stages::identity::graph::{Node, Resolver, Rules};
+use tessera::stages::identity::graph::{Block, Node, Resolver, Rules};
 
 const LINK_SQL: &str = "SELECT anonymous_id, user_id, json_get_str(traits, 'email') AS email, \
     json_get_str(traits, 'phone') AS phone, \"timestamp\" AS seen_at FROM events";
 
-async fn link_rows(target_rows: u64) -> Vec<RecordBatch> {
+async fn link_rows(target_rows: u64, preset: Preset) -> Vec<RecordBatch> {
     // The generator gives about 31 rows per person over 30 days.
-    let dir = common::generated((target_rows / 31).max(100), 30).await;
+    let dir = common::generated_as((target_rows / 31).max(100), 30, preset).await;
     let ctx = tessera::engine::new_context().unwrap();
     ctx.register_parquet(
         "events",
@@ -52,7 +58,12 @@ fn bundled_rules() -> Rules {
     )
 }
 
-fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::stages::identity::graph::Resolution {
+/// The resolution, and the seconds spent reading rows into the resolver (before resolving).
+fn resolve(
+    rules: &Rules,
+    batches: &[RecordBatch],
+) -> (tessera::stages::identity::graph::Resolution, f64) {
+    let started = Instant::now();
     // Columns in priority order, as the identity stage hands them over.
     let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]
         .iter()
@@ -61,6 +72,51 @@ fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::stages::identity:
         .collect();
     columns.sort_by_key(|(_, t)| *t);
     let mut r = Resolver::new(rules.clone());
+    let (mut nodes, mut ends) = (Vec::new(), Vec::new());
+    // TESSERA_BENCH_ROW_BY_ROW=1: one row at a time (add_row), for comparison with the
+    // stage's batch-at-a-time intake (add_block).
+    let by_row = std::env::var_os("TESSERA_BENCH_ROW_BY_ROW").is_some();
+    for b in batches {
+        let cols: Vec<_> = columns
+            .iter()
+            .map(|(i, t)| (b.column(*i).as_string::<i32>(), *t))
+            .collect();
+        let seen = b
+            .column(4)
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap();
+        let mut block = Block::default();
+        for i in 0..b.num_rows() {
+            for (c, t) in &cols {
+                if c.is_valid(i) {
+                    block.ids.push((*t, c.value(i)));
+                }
+            }
+            block.end_row(seen.value(i));
+        }
+        if by_row {
+            for i in 0..block.len() {
+                r.add_row(block.row(i), block.seen_at[i], 0, &mut nodes);
+            }
+        } else {
+            r.add_block(&block, 0, &mut nodes, &mut ends);
+        }
+    }
+    let read = started.elapsed().as_secs_f64();
+    (r.resolve(), read)
+}
+
+/// Seconds the intake as it was before batching takes over the same rows.
+fn legacy_read(rules: &Rules, batches: &[RecordBatch]) -> f64 {
+    let mut columns: Vec<(usize, u8)> = ["anonymous_id", "user_id", "email", "phone"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, rules.type_index(n).unwrap()))
+        .collect();
+    columns.sort_by_key(|(_, t)| *t);
+    let started = Instant::now();
+    let mut intake = common::legacy_intake::LegacyIntake::new(rules.clone());
     let mut nodes = Vec::new();
     let mut row: Vec<(u8, &str)> = Vec::with_capacity(4);
     for b in batches {
@@ -80,15 +136,12 @@ fn resolve(rules: &Rules, batches: &[RecordBatch]) -> tessera::stages::identity:
                     row.push((*t, c.value(i)));
                 }
             }
-            r.add_row(&row, seen.value(i), 0, &mut nodes);
+            intake.add_row(&row, seen.value(i), &mut nodes);
         }
     }
-    let added = Instant::now();
-    let res = r.resolve();
-    if std::env::var_os("TESSERA_BENCH_PHASES").is_some() {
-        eprintln!("resolve phase {:.2}s", added.elapsed().as_secs_f64());
-    }
-    res
+    let secs = started.elapsed().as_secs_f64();
+    assert!(intake.len() > 0 && !intake.links.is_empty());
+    secs
 }
 
 /// Connected components by large-star/small-star rounds (Kiveris et al. 2014) in SQL, from
@@ -183,7 +236,11 @@ async fn sql_components(rows: Vec<RecordBatch>) -> (HashMap<String, String>, usi
 fn main() {
     // Each size runs in a fresh process, so its peak memory is its own.
     if let Ok(one) = std::env::var("TESSERA_BENCH_ONE") {
-        run_one(one.parse().expect("a whole number"));
+        let preset = match std::env::var("TESSERA_BENCH_ONE_DATA").as_deref() {
+            Ok("adversarial") => Preset::Adversarial,
+            _ => Preset::Friendly,
+        };
+        run_one(one.parse().expect("a whole number"), preset);
         return;
     }
     let sizes: Vec<u64> = std::env::var("TESSERA_BENCH_LINK_ROWS")
@@ -195,20 +252,24 @@ fn main() {
                 .expect("TESSERA_BENCH_LINK_ROWS holds whole numbers")
         })
         .collect();
-    println!("| link rows | distinct links | identifiers | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let mut csv = vec!["link_rows,distinct_links,identifiers,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
+    println!("| link rows | data | distinct links | identifiers | rows read before (s) | rows read (s) | resolve (s) | link rows/s | bytes/identifier | SQL large/small-star (s) | rounds | speed-up |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut csv = vec!["link_rows,data,distinct_links,identifiers,legacy_read_s,read_s,resolve_s,rows_per_s,bytes_per_identifier,sql_s,rounds,speedup".to_string()];
     for size in sizes {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("TESSERA_BENCH_ONE", size.to_string())
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "the run for {size} failed");
-        let line = String::from_utf8(out.stdout).unwrap();
-        let fields: Vec<&str> = line.trim().split(',').collect();
-        println!("| {} |", fields.join(" | "));
-        csv.push(line.trim().to_string());
+        for preset in common::data_sets() {
+            let data = tessera::cli::bench::data_name(preset);
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .env("TESSERA_BENCH_ONE", size.to_string())
+                .env("TESSERA_BENCH_ONE_DATA", data)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "the run for {size} ({data}) failed");
+            let line = String::from_utf8(out.stdout).unwrap();
+            let fields: Vec<&str> = line.trim().split(',').collect();
+            println!("| {} |", fields.join(" | "));
+            csv.push(line.trim().to_string());
+        }
     }
     std::fs::write(
         common::data_root().join("identity.csv"),
@@ -217,7 +278,7 @@ fn main() {
     .unwrap();
 }
 
-fn run_one(target: u64) {
+fn run_one(target: u64, preset: Preset) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -229,21 +290,31 @@ fn run_one(target: u64) {
         t.max_links = None;
         t.blocklist.clear();
     }
-    let batches = rt.block_on(link_rows(target));
+    let batches = rt.block_on(link_rows(target, preset));
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
 
     common::reset_peak();
     let before = common::status_kib("VmRSS:");
     let started = Instant::now();
-    let res = resolve(&rules, &batches);
+    let (res, read_secs) = resolve(&rules, &batches);
     let secs = started.elapsed().as_secs_f64();
     let peak = common::status_kib("VmHWM:");
     let identifiers = res.len();
     let per_id = (peak.saturating_sub(before) * 1024) as f64 / identifiers.max(1) as f64;
     drop(res);
+    let legacy_secs = legacy_read(&rules, &batches);
+    if std::env::var_os("TESSERA_BENCH_NO_SQL").is_some() {
+        // Intake figures only (the SQL rounds take minutes at 10M rows).
+        let data = tessera::cli::bench::data_name(preset);
+        let rate = rows as f64 / secs;
+        println!(
+            "{rows},{data},–,{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},–,–,–"
+        );
+        return;
+    }
 
     // The same links without rules: plain connected components, for the SQL comparison.
-    let plain = resolve(&free, &batches);
+    let (plain, _) = resolve(&free, &batches);
     let distinct = plain.accepted.len();
     let started = Instant::now();
     let (label, rounds) = rt.block_on(sql_components(batches.clone()));
@@ -275,5 +346,6 @@ fn run_one(target: u64) {
     }
     let rate = rows as f64 / secs;
     let speedup = sql_secs / secs;
-    println!("{rows},{distinct},{identifiers},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
+    let data = tessera::cli::bench::data_name(preset);
+    println!("{rows},{data},{distinct},{identifiers},{legacy_secs:.2},{read_secs:.2},{secs:.2},{rate:.0},{per_id:.0},{sql_secs:.2},{rounds},{speedup:.1}x");
 }

@@ -8,6 +8,8 @@
 //!   one `scripts/test.sh` installs); the DuckDB baseline is skipped when it is missing.
 //! - TESSERA_BENCH_MEMORY_LIMIT: a memory limit for both engines, e.g. `4GiB`.
 //! - TESSERA_BENCH_INCREMENTAL=0 skips the incremental run.
+//! - TESSERA_BENCH_DATA: the generator's data sets, comma-separated (default
+//!   `friendly,adversarial`; each size runs on each, reported side by side).
 //!
 //! Generated events are cached under target/bench-data/; the results go to
 //! target/bench-data/bench.csv and bench.md and are printed.
@@ -36,6 +38,7 @@ fn main() {
         python: python.exists().then_some(python),
         memory_limit: std::env::var("TESSERA_BENCH_MEMORY_LIMIT").ok(),
         incremental: std::env::var("TESSERA_BENCH_INCREMENTAL").map_or(true, |v| v != "0"),
+        data_sets: common::data_sets(),
     };
     if options.python.is_none() {
         eprintln!("no Python with duckdb (run scripts/test.sh once, or set TESSERA_BENCH_PYTHON): skipping the DuckDB baseline");

@@ -646,6 +646,16 @@ pub struct ProbabilisticConfig {
     /// stops the run with an error naming it, instead of exhausting memory.
     #[serde(default = "default_max_pairs")]
     pub max_pairs: u64,
+    /// Between trainings, a run scores only new and changed records (against all records)
+    /// with the model it kept. The model is trained again, and every pair scored again, once
+    /// the records have grown by this share since it was trained (1.0: doubled). 0 trains and
+    /// scores everything on every run.
+    #[serde(default = "default_retrain_after_growth")]
+    pub retrain_after_growth: f64,
+}
+
+fn default_retrain_after_growth() -> f64 {
+    1.0
 }
 
 fn default_max_pairs() -> u64 {
@@ -1184,6 +1194,15 @@ impl Config {
                         format!("{value} is not a probability between 0 and 1 (exclusive)"),
                     ));
                 }
+            }
+            if !(block.retrain_after_growth >= 0.0 && block.retrain_after_growth.is_finite()) {
+                return Err(fail(
+                    format!("{key}.retrain_after_growth"),
+                    format!(
+                        "{} is not a share of growth: give 0 (train every run) or more, e.g. 1.0 (train again when the records have doubled)",
+                        block.retrain_after_growth
+                    ),
+                ));
             }
             if block.report_floor > block.threshold {
                 return Err(fail(

@@ -55,6 +55,10 @@ pub mod state {
     pub const SUPPRESSED: &str = "_state/suppressed";
     /// The graph of the last published run: each node, its inputs and fingerprint.
     pub const NODES: &str = "_state/nodes";
+    /// Each probabilistic block's trained model, kept so later runs score with it.
+    pub const MATCH_MODEL: &str = "_state/match_model";
+    /// Each probabilistic block's records as digests, so a run knows which are new or changed.
+    pub const MATCH_RECORDS: &str = "_state/match_records";
 }
 
 /// One row per `tessera forget` request: digests of the identifiers, rows deleted per table.

@@ -1,10 +1,12 @@
 //! What the benchmarks share: memory readings and generated events cached between runs.
 #![allow(dead_code)] // each benchmark uses a part
 
+pub mod legacy_intake;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tessera::cli::generate::{generate, GenerateOptions};
+use tessera::cli::generate::{generate, GenerateOptions, Preset};
 use tessera::progress::Progress;
 use tessera::storage::Place;
 
@@ -46,16 +48,43 @@ pub fn data_root() -> PathBuf {
     root
 }
 
-/// Generated events for `people` over `days` (default seed), made once and cached.
+/// Generated events for `people` over `days` (default seed, friendly data), made once and cached.
 pub async fn generated(people: u64, days: u32) -> PathBuf {
-    let dir = data_root().join(format!("people-{people}-days-{days}"));
+    generated_as(people, days, Preset::Friendly).await
+}
+
+/// The data sets in TESSERA_BENCH_DATA (comma-separated `friendly`, `adversarial`; default both).
+pub fn data_sets() -> Vec<Preset> {
+    let text =
+        std::env::var("TESSERA_BENCH_DATA").unwrap_or_else(|_| "friendly,adversarial".into());
+    text.split(',')
+        .map(|s| match s.trim() {
+            "friendly" => Preset::Friendly,
+            "adversarial" => Preset::Adversarial,
+            other => panic!("TESSERA_BENCH_DATA holds friendly or adversarial, not {other:?}"),
+        })
+        .collect()
+}
+
+/// Generated events for `people` over `days` (default seed) of data set `preset`, made once and
+/// cached.
+pub async fn generated_as(people: u64, days: u32, preset: Preset) -> PathBuf {
+    let name = match preset {
+        Preset::Friendly => format!("people-{people}-days-{days}"),
+        other => format!(
+            "people-{people}-days-{days}-{}",
+            tessera::cli::bench::data_name(other)
+        ),
+    };
+    let dir = data_root().join(name);
     if !dir.join("truth.parquet").exists() {
         let place = Place::open(dir.to_str().unwrap(), Path::new("/"), "bench").unwrap();
         let options = GenerateOptions {
             people,
             days,
             ..GenerateOptions::default()
-        };
+        }
+        .with_preset(preset);
         let started = Instant::now();
         let summary = generate(&place, &options, Progress::new(true))
             .await

@@ -2,6 +2,11 @@
 //! generated events at chosen sizes, beside the floor (just scanning and decoding the event
 //! columns) and the same pipeline in DuckDB SQL, stage by stage, written to CSV and Markdown.
 //!
+//! Every size runs on two data sets from the generator: `friendly` (its defaults: each person's
+//! events together) and `adversarial` (its preset of shuffled rows, many anonymous ids, shared
+//! devices and varied junk), reported side by side: a figure that holds only on friendly data
+//! is not a result.
+//!
 //! Generated events are cached per size, so a second bench measures only the engines. Each
 //! Tessera run is a child `tessera run --json` process (a fresh process per run, as a
 //! scheduler would start it) and its per-stage figures come from its report; DuckDB runs
@@ -14,7 +19,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::cli::generate::{generate, GenerateOptions};
+use crate::cli::generate::{generate, GenerateOptions, Preset};
 use crate::config::CONFIG_FILE;
 use crate::error::{Error, Result};
 use crate::metrics::{Meter, StageStats};
@@ -48,6 +53,16 @@ pub struct BenchOptions {
     pub memory_limit: Option<String>,
     /// Also time an incremental run that adds the last 1% of the files.
     pub incremental: bool,
+    /// The generator's data sets to run on, each size on each.
+    pub data_sets: Vec<Preset>,
+}
+
+/// The name a data set goes by in reports and cache folders.
+pub fn data_name(preset: Preset) -> &'static str {
+    match preset {
+        Preset::Friendly => "friendly",
+        Preset::Adversarial => "adversarial",
+    }
 }
 
 /// One measured stage of one engine at one size.
@@ -57,6 +72,8 @@ pub struct Row {
     pub size: u64,
     /// Event rows in the input files.
     pub rows: u64,
+    /// The data set: `friendly` or `adversarial`.
+    pub data: String,
     /// `floor`, `tessera`, `tessera incremental` or `duckdb`.
     pub engine: String,
     /// The stage's figures; stage `total` is the whole process.
@@ -68,7 +85,8 @@ pub struct Row {
 pub struct BenchReport {
     /// One row per engine and stage.
     pub rows: Vec<Row>,
-    /// Engines that failed at a size (size, engine, error): the others' figures still count.
+    /// Engines that failed at a size and data set (size, "data: engine", error): the others'
+    /// figures still count.
     pub failures: Vec<(u64, String, String)>,
 }
 
@@ -112,9 +130,18 @@ fn as_of() -> chrono::DateTime<chrono::Utc> {
         .and_utc()
 }
 
-/// Generated events for `people` (cached under `data_dir`), made when missing.
-pub async fn generated(data_dir: &Path, people: u64, progress: Progress) -> Result<PathBuf> {
-    let dir = data_dir.join(format!("people-{people}-days-{DAYS}"));
+/// Generated events for `people` in data set `preset` (cached under `data_dir`), made when
+/// missing.
+pub async fn generated(
+    data_dir: &Path,
+    people: u64,
+    preset: Preset,
+    progress: Progress,
+) -> Result<PathBuf> {
+    let dir = data_dir.join(match preset {
+        Preset::Friendly => format!("people-{people}-days-{DAYS}"),
+        other => format!("people-{people}-days-{DAYS}-{}", data_name(other)),
+    });
     let done = dir.join("truth.parquet");
     if !done.exists() {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -123,7 +150,8 @@ pub async fn generated(data_dir: &Path, people: u64, progress: Progress) -> Resu
             people,
             days: DAYS,
             ..GenerateOptions::default()
-        };
+        }
+        .with_preset(preset);
         tracing::info!(people, dir = %dir.display(), "generating events");
         generate(&place, &options, progress).await?;
     }
@@ -135,50 +163,70 @@ pub async fn run(options: &BenchOptions, progress: Progress) -> Result<BenchRepo
     let mut report = BenchReport::default();
     std::fs::create_dir_all(&options.data_dir).map_err(|e| Error::io(&options.data_dir, e))?;
     for &size in &options.sizes {
-        let data = generated(&options.data_dir, people_for(size), progress).await?;
-        let events = data.join("events");
-        let files = event_files(&events)?;
-        let rows = footer_rows(&files)?;
-        let work = options.data_dir.join(format!("work-{}", label(size)));
-        let add = |report: &mut BenchReport, engine: &str, stages: Vec<StageStats>| {
-            for stats in stages {
-                report.rows.push(Row {
-                    size,
-                    rows,
-                    engine: engine.to_string(),
-                    stats,
-                });
-            }
-        };
-
-        let spinner = progress.spinner(&format!("{}: scan floor", label(size)));
-        add(&mut report, "floor", vec![scan_floor(&events, rows).await?]);
-        spinner.set_message(format!("{}: tessera run", label(size)));
-        let project = project_copy(options, &work.join("tessera"), &events)?;
-        add(&mut report, "tessera", tessera_run(options, &project)?);
-        if options.incremental {
-            spinner.set_message(format!("{}: tessera incremental run", label(size)));
-            add(
-                &mut report,
-                "tessera incremental",
-                incremental(options, &work, &files)?,
-            );
+        for &preset in &options.data_sets {
+            run_one(options, size, preset, &mut report, progress).await?;
         }
-        if let Some(python) = &options.python {
-            spinner.set_message(format!("{}: duckdb baseline", label(size)));
-            match duckdb_run(options, python, &work, &events) {
-                Ok(stages) => add(&mut report, "duckdb", stages),
-                Err(e) => {
-                    tracing::warn!(size = %label(size), error = %e, "the DuckDB baseline failed");
-                    let last = e.to_string().lines().last().unwrap_or_default().to_string();
-                    report.failures.push((size, "duckdb".into(), last));
-                }
-            }
-        }
-        spinner.finish_and_clear();
-        std::fs::remove_dir_all(&work).ok();
     }
     Ok(report)
+}
+
+/// One size on one data set.
+async fn run_one(
+    options: &BenchOptions,
+    size: u64,
+    preset: Preset,
+    report: &mut BenchReport,
+    progress: Progress,
+) -> Result<()> {
+    let data_set = data_name(preset);
+    let data = generated(&options.data_dir, people_for(size), preset, progress).await?;
+    let events = data.join("events");
+    let files = event_files(&events)?;
+    let rows = footer_rows(&files)?;
+    let work = options
+        .data_dir
+        .join(format!("work-{}-{data_set}", label(size)));
+    let add = |report: &mut BenchReport, engine: &str, stages: Vec<StageStats>| {
+        for stats in stages {
+            report.rows.push(Row {
+                size,
+                rows,
+                data: data_set.to_string(),
+                engine: engine.to_string(),
+                stats,
+            });
+        }
+    };
+    let what = format!("{} {data_set}", label(size));
+    let spinner = progress.spinner(&format!("{what}: scan floor"));
+    add(report, "floor", vec![scan_floor(&events, rows).await?]);
+    spinner.set_message(format!("{what}: tessera run"));
+    let project = project_copy(options, &work.join("tessera"), &events)?;
+    add(report, "tessera", tessera_run(options, &project)?);
+    if options.incremental {
+        spinner.set_message(format!("{what}: tessera incremental run"));
+        add(
+            report,
+            "tessera incremental",
+            incremental(options, &work, &files)?,
+        );
+    }
+    if let Some(python) = &options.python {
+        spinner.set_message(format!("{what}: duckdb baseline"));
+        match duckdb_run(options, python, &work, &events) {
+            Ok(stages) => add(report, "duckdb", stages),
+            Err(e) => {
+                tracing::warn!(size = %label(size), data = data_set, error = %e, "the DuckDB baseline failed");
+                let last = e.to_string().lines().last().unwrap_or_default().to_string();
+                report
+                    .failures
+                    .push((size, format!("{data_set}: duckdb"), last));
+            }
+        }
+    }
+    spinner.finish_and_clear();
+    std::fs::remove_dir_all(&work).ok();
+    Ok(())
 }
 
 /// Every Parquet file under `dir`, sorted (the generator names them by day).
@@ -481,38 +529,46 @@ fn duckdb_run(
 const JOURNEY_STAGES: [&str; 2] = ["journeys", "reports"];
 
 impl BenchReport {
-    fn find(&self, size: u64, engine: &str, stage: &str) -> Option<&StageStats> {
+    fn find(&self, size: u64, data: &str, engine: &str, stage: &str) -> Option<&StageStats> {
         self.rows
             .iter()
-            .find(|r| r.size == size && r.engine == engine && r.stats.stage == stage)
+            .find(|r| {
+                r.size == size && r.data == data && r.engine == engine && r.stats.stage == stage
+            })
             .map(|r| &r.stats)
     }
 
-    fn seconds(&self, size: u64, engine: &str, stages: &[&str]) -> Option<f64> {
+    fn seconds(&self, size: u64, data: &str, engine: &str, stages: &[&str]) -> Option<f64> {
         let found: Vec<&StageStats> = stages
             .iter()
-            .filter_map(|s| self.find(size, engine, s))
+            .filter_map(|s| self.find(size, data, engine, s))
             .collect();
         (!found.is_empty()).then(|| found.iter().map(|s| s.ms as f64 / 1000.0).sum())
     }
 
-    fn sizes(&self) -> Vec<u64> {
-        let mut sizes: Vec<u64> = self.rows.iter().map(|r| r.size).collect();
-        sizes.dedup();
-        sizes
+    /// (size, data set) pairs in the order they ran.
+    fn runs(&self) -> Vec<(u64, String)> {
+        let mut runs: Vec<(u64, String)> = Vec::new();
+        for r in &self.rows {
+            if !runs.iter().any(|(s, d)| *s == r.size && *d == r.data) {
+                runs.push((r.size, r.data.clone()));
+            }
+        }
+        runs
     }
 
-    /// One CSV line per engine and stage.
+    /// One CSV line per data set, engine and stage.
     pub fn csv(&self) -> String {
         let mut out = String::from(
-            "size,input_rows,engine,stage,seconds,rows,rows_per_second,peak_rss_mib,read_mib,spill_mib\n",
+            "size,data,input_rows,engine,stage,seconds,rows,rows_per_second,peak_rss_mib,read_mib,spill_mib\n",
         );
         for r in &self.rows {
             let s = &r.stats;
             let seconds = s.ms as f64 / 1000.0;
             out.push_str(&format!(
-                "{},{},{},{},{:.3},{},{:.0},{:.0},{:.1},{:.1}\n",
+                "{},{},{},{},{},{:.3},{},{:.0},{:.0},{:.1},{:.1}\n",
                 label(r.size),
+                r.data,
                 r.rows,
                 r.engine,
                 s.stage,
@@ -527,7 +583,8 @@ impl BenchReport {
         out
     }
 
-    /// A summary table (engines side by side) and the stage table, in Markdown.
+    /// A summary table (engines side by side, each size's data sets on adjacent lines) and the
+    /// stage table, in Markdown.
     pub fn markdown(&self) -> String {
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.1}x", a / b),
@@ -535,24 +592,25 @@ impl BenchReport {
         };
         let secs = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.1}"));
         let mut out = String::from(
-            "| events | scan floor (s) | Tessera (s) | Tessera core (s) | DuckDB (s) | DuckDB ÷ Tessera core | Tessera ÷ floor | identity: Tessera (s) | identity: DuckDB (s) | identity ratio | incremental +1% (s) | incremental ÷ full | Tessera peak RSS (MiB) |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "| events | data | scan floor (s) | Tessera (s) | Tessera core (s) | DuckDB (s) | DuckDB ÷ Tessera core | Tessera ÷ floor | identity: Tessera (s) | identity: DuckDB (s) | identity ratio | incremental +1% (s) | incremental ÷ full | Tessera peak RSS (MiB) |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
-        for size in self.sizes() {
-            let floor = self.seconds(size, "floor", &["scan"]);
-            let tessera = self.seconds(size, "tessera", &["total"]);
+        for (size, data) in self.runs() {
+            let data = data.as_str();
+            let floor = self.seconds(size, data, "floor", &["scan"]);
+            let tessera = self.seconds(size, data, "tessera", &["total"]);
             // The baseline builds no sessions, RFM, predictions or reports: compare without them.
             let core = tessera.map(|t| {
                 t - self
-                    .seconds(size, "tessera", &JOURNEY_STAGES)
+                    .seconds(size, data, "tessera", &JOURNEY_STAGES)
                     .unwrap_or(0.0)
             });
-            let duckdb = self.seconds(size, "duckdb", &["total"]);
-            let id_t = self.seconds(size, "tessera", &["identity", "identity_tables"]);
-            let id_d = self.seconds(size, "duckdb", &["identity"]);
-            let inc = self.seconds(size, "tessera incremental", &["total"]);
+            let duckdb = self.seconds(size, data, "duckdb", &["total"]);
+            let id_t = self.seconds(size, data, "tessera", &["identity", "identity_tables"]);
+            let id_d = self.seconds(size, data, "duckdb", &["identity"]);
+            let inc = self.seconds(size, data, "tessera incremental", &["total"]);
             let rss = self
-                .find(size, "tessera", "total")
+                .find(size, data, "tessera", "total")
                 .map_or("–".into(), |s| format!("{:.0}", mib(s.peak_rss_bytes)));
             let inc_share = match (inc, tessera) {
                 (Some(i), Some(t)) if t > 0.0 => format!("{:.1}%", 100.0 * i / t),
@@ -561,10 +619,10 @@ impl BenchReport {
             let rows = self
                 .rows
                 .iter()
-                .find(|r| r.size == size)
+                .find(|r| r.size == size && r.data == data)
                 .map_or(0, |r| r.rows);
             out.push_str(&format!(
-                "| {} ({rows} rows) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {inc_share} | {rss} |\n",
+                "| {} ({rows} rows) | {data} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {inc_share} | {rss} |\n",
                 label(size),
                 secs(floor),
                 secs(tessera),
@@ -582,15 +640,16 @@ impl BenchReport {
             out.push_str(&format!("\n{} {engine} failed: {error}\n", label(*size)));
         }
         out.push_str(
-            "\n| events | engine | stage | seconds | rows/s | peak RSS (MiB) | read (MiB) | spill (MiB) |\n\
-             |---:|---|---|---:|---:|---:|---:|---:|\n",
+            "\n| events | data | engine | stage | seconds | rows/s | peak RSS (MiB) | read (MiB) | spill (MiB) |\n\
+             |---:|---|---|---|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             let s = &r.stats;
             let seconds = s.ms as f64 / 1000.0;
             out.push_str(&format!(
-                "| {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
                 label(r.size),
+                r.data,
                 r.engine,
                 s.stage,
                 seconds,

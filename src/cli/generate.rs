@@ -8,10 +8,20 @@
 //!
 //! Memory stays bounded at any size: days are generated one after another, people within a day
 //! in order, and rows go to a new file every `rows_per_file` rows.
+//!
+//! The defaults make friendly data: one person's events sit next to each other, as an export
+//! sorted by user would. Knobs ([`GenerateOptions`]) make data like a real collector's instead:
+//! rows in time order or shuffled across files (late and re-batched deliveries), more anonymous
+//! ids per person, devices shared by a family or by everyone (a shop's kiosk), and more or other
+//! junk ids; [`GenerateOptions::adversarial`] sets them all at once. Every knob draws from the
+//! seed only when it is away from its default, so default output stays the same, byte for byte.
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::TimestampMicrosecondType;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::NaiveDate;
 use object_store::path::Path as ObjectPath;
@@ -19,6 +29,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,6 +42,49 @@ use crate::tables::timestamp_type;
 pub const JUNK_ANONYMOUS_ID: &str = "00000000-0000-0000-0000-000000000000";
 /// The email people type into forms to get past them.
 pub const JUNK_EMAIL: &str = "test@test.com";
+/// Junk anonymous_ids broken SDKs send, with [`JunkMix::Varied`].
+pub const JUNK_ANONYMOUS_IDS: &[&str] = &[JUNK_ANONYMOUS_ID, "undefined", "null", "anonymous"];
+/// Junk emails typed into forms, with [`JunkMix::Varied`].
+pub const JUNK_EMAILS: &[&str] = &[JUNK_EMAIL, "a@a.com", "none@none.com", "no@email.com"];
+/// At most this many anonymous ids per person (the truth keeps one bit per id).
+pub const MAX_ANONYMOUS_IDS: usize = 28;
+
+/// The order event rows are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventOrder {
+    /// Day by day, each person's events of the day together (an export sorted by user).
+    #[default]
+    ByPerson,
+    /// Day by day, each day's rows in event-time order (a collector writing as events come).
+    ByTime,
+    /// Rows in arbitrary order across files, within windows of `shuffle_window` rows (late and
+    /// re-batched deliveries): one person's events are almost never next to each other.
+    Shuffled,
+}
+
+/// Which junk ids the junk rows carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JunkMix {
+    /// One constant anonymous_id ([`JUNK_ANONYMOUS_ID`]) and one junk email ([`JUNK_EMAIL`]).
+    #[default]
+    Constant,
+    /// Several: [`JUNK_ANONYMOUS_IDS`] and [`JUNK_EMAILS`] (only `test@test.com` is on the
+    /// bundled blocklist; the others must be caught by `max_links` and `limit`).
+    Varied,
+}
+
+/// A named set of knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Preset {
+    /// The defaults: each person's events together, few devices, no shared devices.
+    #[default]
+    Friendly,
+    /// Like the independent project the generator was measured against: see
+    /// [`GenerateOptions::adversarial`].
+    Adversarial,
+}
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -45,6 +99,29 @@ pub struct GenerateOptions {
     pub start: NaiveDate,
     /// Rows per Parquet file at most.
     pub rows_per_file: usize,
+    /// The order rows are written in.
+    pub order: EventOrder,
+    /// With [`EventOrder::Shuffled`]: rows shuffled together (memory holds this many, about
+    /// 400 bytes each).
+    pub shuffle_window: usize,
+    /// The share of identify calls after sign-up that carry traits (the email); the rest carry
+    /// `{}`. Sign-up identify calls always carry them. Only identify calls ever carry traits.
+    pub identify_traits: f64,
+    /// The mean number of anonymous ids (devices, browsers, cleared cookies) a person has;
+    /// `None`: about 1.6, each visit on one of them at random. With a number, each visit uses
+    /// an id the person has not used yet while one is available, so people with enough visits
+    /// show all of theirs.
+    pub anonymous_ids: Option<f64>,
+    /// The share of homes (groups of up to four neighbouring people) where 2 to 4 people share
+    /// a family device, used for about a third of their visits.
+    pub family_devices: f64,
+    /// The share of visits made on one shop kiosk, whose anonymous_id everyone shares.
+    pub kiosk: f64,
+    /// Scales how often junk ids appear (1: 0.3% of visits send a junk anonymous_id, 0.4% of
+    /// sign-ups type a junk email, 0.1% of logins send an empty user_id).
+    pub junk: f64,
+    /// Which junk ids.
+    pub junk_mix: JunkMix,
 }
 
 impl Default for GenerateOptions {
@@ -55,9 +132,81 @@ impl Default for GenerateOptions {
             seed: 42,
             start: NaiveDate::from_ymd_opt(2026, 10, 1).expect("valid date"),
             rows_per_file: 250_000,
+            order: EventOrder::ByPerson,
+            shuffle_window: 1_000_000,
+            identify_traits: 0.5,
+            anonymous_ids: None,
+            family_devices: 0.0,
+            kiosk: 0.0,
+            junk: 1.0,
+            junk_mix: JunkMix::Constant,
         }
     }
 }
+
+impl GenerateOptions {
+    /// The knobs of `preset` on top of these options.
+    pub fn with_preset(self, preset: Preset) -> Self {
+        match preset {
+            Preset::Friendly => self,
+            Preset::Adversarial => self.adversarial(),
+        }
+    }
+
+    /// Data like the independent project Tessera was measured against: rows shuffled across
+    /// files, traits only on identify calls (as always), about 3.7 anonymous ids per person
+    /// seen in the events, family devices in two homes of five, one kiosk, and varied junk.
+    pub fn adversarial(self) -> Self {
+        GenerateOptions {
+            order: EventOrder::Shuffled,
+            anonymous_ids: Some(ADVERSARIAL_ANONYMOUS_IDS),
+            family_devices: 0.4,
+            kiosk: 0.005,
+            junk: 2.0,
+            junk_mix: JunkMix::Varied,
+            ..self
+        }
+    }
+
+    /// Checks the knobs' ranges; the message names the flag.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let share = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("--{name} is a share between 0 and 1, not {v}"))
+            }
+        };
+        share("identify-traits", self.identify_traits)?;
+        share("family-devices", self.family_devices)?;
+        share("kiosk", self.kiosk)?;
+        if !(0.0..=100.0).contains(&self.junk) {
+            return Err(format!(
+                "--junk scales the junk rates: 0 (none) to 100, not {}",
+                self.junk
+            ));
+        }
+        if let Some(ids) = self.anonymous_ids {
+            if !(1.0..=MAX_ANONYMOUS_IDS as f64 / 2.0).contains(&ids) {
+                return Err(format!(
+                    "--anonymous-ids is a mean between 1 and {}, not {ids}",
+                    MAX_ANONYMOUS_IDS / 2
+                ));
+            }
+        }
+        if self.people == 0 || self.days == 0 || self.rows_per_file == 0 || self.shuffle_window == 0
+        {
+            return Err(
+                "--people, --days, --rows-per-file and --shuffle-window must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The adversarial preset's mean anonymous ids per person: about 3.7 of them are seen in the
+/// events per person (people with few visits show fewer than they have).
+const ADVERSARIAL_ANONYMOUS_IDS: f64 = 6.3;
 
 /// What was generated.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -173,14 +322,37 @@ struct Person {
     buyer: f64,
     /// The person whose first device this one sometimes borrows (a shared family tablet).
     borrows_from: Option<u64>,
+    /// The anonymous_id of the device this person's home shares ([`GenerateOptions::family_devices`]).
+    family: Option<String>,
 }
 
+/// Salts that give each knob its own stream of draws, apart from the people's.
+const FAMILY_SALT: u64 = 0xFA_0001;
+const KIOSK_SALT: u64 = 0xFA_0002;
+const ORDER_SALT: u64 = 0xFA_0003;
+
 impl Person {
+    #[cfg(test)]
     fn new(seed: u64, index: u64, days: u32) -> Person {
+        Person::of(
+            &GenerateOptions {
+                seed,
+                days,
+                ..GenerateOptions::default()
+            },
+            index,
+        )
+    }
+
+    fn of(options: &GenerateOptions, index: u64) -> Person {
+        let (seed, days) = (options.seed, options.days);
         let mut rng = ChaCha8Rng::seed_from_u64(seed_for(seed, index, u64::MAX));
         let first = FIRST[rng.gen_range(0..FIRST.len())];
         let last = LAST[rng.gen_range(0..LAST.len())];
-        let ndev = 1 + usize::from(rng.gen_bool(0.45)) + usize::from(rng.gen_bool(0.15));
+        let ndev = match options.anonymous_ids {
+            None => 1 + usize::from(rng.gen_bool(0.45)) + usize::from(rng.gen_bool(0.15)),
+            Some(mean) => (1 + poisson(&mut rng, mean - 1.0)).min(MAX_ANONYMOUS_IDS),
+        };
         let first_day = rng.gen_range(0..days.div_ceil(2).max(1));
         let mut devices = vec![(uuid(&mut rng), first_day)];
         for _ in 1..ndev {
@@ -216,15 +388,55 @@ impl Person {
             activity,
             buyer,
             borrows_from,
+            family: family_device(options, index),
         }
     }
 }
 
+/// The family device of `index`'s home, if it has one: people are grouped in fours by index;
+/// a home is the first two to four of a group.
+fn family_device(options: &GenerateOptions, index: u64) -> Option<String> {
+    if options.family_devices <= 0.0 {
+        return None;
+    }
+    let home = index / 4;
+    let h = seed_for(options.seed ^ FAMILY_SALT, home, FAMILY_SALT);
+    let size = 2 + (h >> 40) % 3;
+    if unit(h) >= options.family_devices || index % 4 >= size {
+        return None;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(h));
+    Some(uuid(&mut rng))
+}
+
+/// The kiosk's anonymous_id (one per seed).
+fn kiosk_device(seed: u64) -> String {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed_for(seed ^ KIOSK_SALT, u64::MAX, KIOSK_SALT));
+    uuid(&mut rng)
+}
+
+/// A Poisson draw (Knuth's method: fine for the small means used here).
+fn poisson(rng: &mut ChaCha8Rng, mean: f64) -> usize {
+    if mean <= 0.0 {
+        return 0;
+    }
+    let limit = (-mean).exp();
+    let (mut k, mut p) = (0usize, 1.0f64);
+    loop {
+        p *= rng.gen::<f64>();
+        if p <= limit || k >= 4 * MAX_ANONYMOUS_IDS {
+            return k;
+        }
+        k += 1;
+    }
+}
+
 /// Marks of which identifiers of a person appeared in events (for the truth).
-const SEEN_USER_ID: u8 = 1;
-const SEEN_EMAIL: u8 = 2;
-const SEEN_PHONE: u8 = 4;
-const SEEN_DEVICE: u8 = 8; // devices use bits 3, 4, 5
+type Seen = u32;
+const SEEN_USER_ID: Seen = 1;
+const SEEN_EMAIL: Seen = 2;
+const SEEN_PHONE: Seen = 4;
+const SEEN_DEVICE: Seen = 8; // device d uses bit 3 + d
 
 /// Column buffers for one file of events.
 #[derive(Default)]
@@ -389,6 +601,8 @@ fn typed_phone(rng: &mut ChaCha8Rng, e164: &str) -> String {
 /// Generates one person's events for one day into `rows`; marks identifiers seen.
 struct DayWriter<'a> {
     seed: u64,
+    options: &'a GenerateOptions,
+    kiosk: &'a str,
     day: u32,
     day_start_us: i64,
     rows: &'a mut Rows,
@@ -397,7 +611,7 @@ struct DayWriter<'a> {
 }
 
 impl DayWriter<'_> {
-    fn person(&mut self, p: &Person, partner: Option<&Person>, seen: &mut [u8]) {
+    fn person(&mut self, p: &Person, partner: Option<&Person>, seen: &mut [Seen]) {
         let day = self.day;
         let first_day = p.devices[0].1;
         if day < first_day {
@@ -415,7 +629,14 @@ impl DayWriter<'_> {
             let devices: Vec<usize> = (0..p.devices.len())
                 .filter(|&i| p.devices[i].1 <= day)
                 .collect();
-            let device = devices[rng.gen_range(0..devices.len())];
+            let unused = devices
+                .iter()
+                .copied()
+                .find(|&d| seen[p.index as usize] & (SEEN_DEVICE << d) == 0);
+            let device = match (self.options.anonymous_ids, unused) {
+                (Some(_), Some(d)) => d,
+                _ => devices[rng.gen_range(0..devices.len())],
+            };
             let mut anon = p.devices[device].0.clone();
             let mut anon_owner = Some((p.index, device));
             if let (Some(q), true) = (partner, rng.gen_bool(0.3)) {
@@ -424,15 +645,33 @@ impl DayWriter<'_> {
                     anon_owner = Some((q.index, 0));
                 }
             }
-            if rng.gen_bool(0.003) {
-                anon = JUNK_ANONYMOUS_ID.to_string();
+            // Shared devices belong to no one person: the truth leaves them out.
+            if let Some(family) = &p.family {
+                if rng.gen_bool(0.3) {
+                    anon = family.clone();
+                    anon_owner = None;
+                }
+            }
+            if self.options.kiosk > 0.0 && rng.gen_bool(self.options.kiosk) {
+                anon = self.kiosk.to_string();
+                anon_owner = None;
+            }
+            let junk = self.options.junk;
+            if rng.gen_bool((0.003 * junk).min(1.0)) {
+                anon = match self.options.junk_mix {
+                    JunkMix::Constant => JUNK_ANONYMOUS_ID,
+                    JunkMix::Varied => {
+                        JUNK_ANONYMOUS_IDS[rng.gen_range(0..JUNK_ANONYMOUS_IDS.len())]
+                    }
+                }
+                .to_string();
                 anon_owner = None;
             }
             let signup_session = signs_up && session == 0;
             let logged_in = p.user_id.is_some()
                 && (signup_session || (day > p.signup_day && rng.gen_bool(0.6)));
             let mut user = logged_in.then(|| p.user_id.clone()).flatten();
-            if user.is_some() && rng.gen_bool(0.001) {
+            if user.is_some() && rng.gen_bool((0.001 * junk).min(1.0)) {
                 user = Some(String::new());
             }
             let campaign = rng
@@ -480,7 +719,7 @@ impl DayWriter<'_> {
                     );
                 }
             } else if ctx.user.is_some() && rng.gen_bool(0.5) {
-                let traits = match (&p.email, rng.gen_bool(0.5)) {
+                let traits = match (&p.email, rng.gen_bool(self.options.identify_traits)) {
                     (Some(email), true) => {
                         seen[p.index as usize] |= SEEN_EMAIL;
                         format!(r#"{{"email":"{}"}}"#, typed_email(&mut rng, email))
@@ -582,11 +821,17 @@ impl DayWriter<'_> {
         &self,
         rng: &mut ChaCha8Rng,
         p: &Person,
-        seen: &mut [u8],
+        seen: &mut [Seen],
         account: bool,
     ) -> String {
         let email = match &p.email {
-            Some(_) if rng.gen_bool(0.004) => JUNK_EMAIL.to_string(),
+            Some(_) if rng.gen_bool((0.004 * self.options.junk).min(1.0)) => {
+                match self.options.junk_mix {
+                    JunkMix::Constant => JUNK_EMAIL,
+                    JunkMix::Varied => JUNK_EMAILS[rng.gen_range(0..JUNK_EMAILS.len())],
+                }
+                .to_string()
+            }
             Some(email) => {
                 seen[p.index as usize] |= SEEN_EMAIL;
                 typed_email(rng, email)
@@ -617,7 +862,7 @@ impl DayWriter<'_> {
         ctx: &mut SessionCtx,
         path: &str,
         p: &Person,
-        seen: &mut [u8],
+        seen: &mut [Seen],
     ) {
         let props = format!(r#"{{"path":"{path}","title":"Shop {path}"}}"#);
         self.emit_with_page(rng, clock, ctx, path, props, p, seen);
@@ -633,7 +878,7 @@ impl DayWriter<'_> {
         path: &str,
         props: String,
         p: &Person,
-        seen: &mut [u8],
+        seen: &mut [Seen],
     ) {
         self.emit_full(
             rng,
@@ -660,7 +905,7 @@ impl DayWriter<'_> {
         traits: Option<String>,
         props: Option<String>,
         p: &Person,
-        seen: &mut [u8],
+        seen: &mut [Seen],
     ) {
         self.emit_full(rng, clock, ctx, kind, event, traits, props, None, p, seen);
     }
@@ -677,7 +922,7 @@ impl DayWriter<'_> {
         properties: Option<String>,
         page: Option<&str>,
         p: &Person,
-        seen: &mut [u8],
+        seen: &mut [Seen],
     ) {
         *clock += rng.gen_range(5..180) as i64 * 1_000_000;
         let mut context = String::from(r#"{"library":{"name":"analytics.js","version":"5.2.0"}"#);
@@ -749,10 +994,12 @@ pub async fn generate(
     options: &GenerateOptions,
     progress: Progress,
 ) -> Result<GenerateSummary> {
+    options.check().map_err(crate::error::Error::Usage)?;
     let mut summary = GenerateSummary::default();
     let people = options.people;
-    let mut seen = vec![0u8; people as usize];
+    let mut seen: Vec<Seen> = vec![0; people as usize];
     let mut pending: Vec<Row> = Vec::new();
+    let kiosk = kiosk_device(options.seed);
     let bar = progress.bar("generating days", options.days as u64);
     let day0 = options
         .start
@@ -760,74 +1007,207 @@ pub async fn generate(
         .expect("midnight")
         .and_utc()
         .timestamp_micros();
+    let mut files = Files::new(out, options);
     for day in 0..options.days {
         let date = options.start + chrono::Days::new(day as u64);
-        let folder = out.child("events").join(format!("date={date}"));
-        let mut rows = Rows::default();
+        files.start_day(out.child("events").join(format!("date={date}")));
         for copy in pending.drain(..) {
-            rows.push(copy);
+            files.rows.push(copy);
             summary.rows += 1;
             summary.duplicates += 1;
         }
-        let mut part = 0usize;
         for index in 0..people {
-            let person = Person::new(options.seed, index, options.days);
-            let partner = person
-                .borrows_from
-                .map(|q| Person::new(options.seed, q, options.days));
+            let person = Person::of(options, index);
+            let partner = person.borrows_from.map(|q| Person::of(options, q));
             let mut w = DayWriter {
                 seed: options.seed,
+                options,
+                kiosk: &kiosk,
                 day,
                 day_start_us: day0 + day as i64 * 86_400_000_000,
-                rows: &mut rows,
+                rows: &mut files.rows,
                 summary: &mut summary,
                 pending_copies: &mut pending,
             };
             w.person(&person, partner.as_ref(), &mut seen);
-            if rows.len() >= options.rows_per_file {
-                write_part(out, &folder, &mut part, &mut rows, &mut summary).await?;
-            }
+            files.after_person(&mut summary).await?;
         }
-        if rows.len() > 0 {
-            write_part(out, &folder, &mut part, &mut rows, &mut summary).await?;
-        }
+        files.end_day(&mut summary).await?;
         bar.inc(1);
     }
     if !pending.is_empty() {
         // Copies made on the last day land in one more file, as a late redelivery would.
-        let last = options.start + chrono::Days::new(options.days.saturating_sub(1) as u64);
-        let folder = out.child("events").join(format!("date={last}"));
-        let mut rows = Rows::default();
+        if options.order != EventOrder::Shuffled {
+            files.part = 9000;
+        }
         for copy in pending.drain(..) {
-            rows.push(copy);
+            files.rows.push(copy);
             summary.rows += 1;
             summary.duplicates += 1;
         }
-        let mut part = 9000;
-        write_part(out, &folder, &mut part, &mut rows, &mut summary).await?;
+        files.end_day(&mut summary).await?;
     }
+    files.finish(&mut summary).await?;
     bar.finish_and_clear();
     summary.truth_rows = write_truth(out, options, &seen).await?;
     Ok(summary)
 }
 
-async fn write_part(
-    out: &Place,
-    folder: &ObjectPath,
-    part: &mut usize,
-    rows: &mut Rows,
-    summary: &mut GenerateSummary,
-) -> Result<()> {
-    let batch = rows.take_batch()?;
-    let bytes = parquet_bytes(event_schema(), &[batch])?;
-    let path = folder.clone().join(format!("part-{:05}.parquet", *part));
-    out.store.put(&path, PutPayload::from(bytes)).await?;
-    *part += 1;
-    summary.files += 1;
-    Ok(())
+/// Where rows go on their way to files, in the order [`GenerateOptions::order`] asks for.
+struct Files<'a> {
+    out: &'a Place,
+    options: &'a GenerateOptions,
+    /// Rows being generated (at most `rows_per_file` of them).
+    rows: Rows,
+    /// Rows held back to be reordered (by time or shuffled), as compact batches.
+    held: Vec<RecordBatch>,
+    held_rows: usize,
+    folder: ObjectPath,
+    part: usize,
+    /// Shuffled windows written so far (each window's shuffle has its own draws).
+    windows: u64,
 }
 
-async fn write_truth(out: &Place, options: &GenerateOptions, seen: &[u8]) -> Result<u64> {
+impl<'a> Files<'a> {
+    fn new(out: &'a Place, options: &'a GenerateOptions) -> Self {
+        Files {
+            out,
+            options,
+            rows: Rows::default(),
+            held: Vec::new(),
+            held_rows: 0,
+            folder: out.child("events"),
+            part: 0,
+            windows: 0,
+        }
+    }
+
+    fn start_day(&mut self, folder: ObjectPath) {
+        self.folder = folder;
+        self.part = 0;
+    }
+
+    async fn after_person(&mut self, summary: &mut GenerateSummary) -> Result<()> {
+        if self.rows.len() < self.options.rows_per_file {
+            return Ok(());
+        }
+        match self.options.order {
+            EventOrder::ByPerson => {
+                let batch = self.rows.take_batch()?;
+                self.write(batch, summary).await
+            }
+            EventOrder::ByTime => self.hold(),
+            EventOrder::Shuffled => {
+                self.hold()?;
+                if self.held_rows >= self.options.shuffle_window {
+                    self.write_shuffled(summary).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn end_day(&mut self, summary: &mut GenerateSummary) -> Result<()> {
+        match self.options.order {
+            EventOrder::ByPerson => {
+                if self.rows.len() > 0 {
+                    let batch = self.rows.take_batch()?;
+                    self.write(batch, summary).await?;
+                }
+                Ok(())
+            }
+            EventOrder::ByTime => {
+                self.hold()?;
+                self.write_by_time(summary).await
+            }
+            // A window spans days: its files land in the folder of the day it fills up on,
+            // as a re-batched delivery would.
+            EventOrder::Shuffled => Ok(()),
+        }
+    }
+
+    async fn finish(&mut self, summary: &mut GenerateSummary) -> Result<()> {
+        self.hold()?;
+        match self.options.order {
+            EventOrder::Shuffled => self.write_shuffled(summary).await,
+            _ => self.write_by_time(summary).await,
+        }
+    }
+
+    fn hold(&mut self) -> Result<()> {
+        if self.rows.len() > 0 {
+            self.held_rows += self.rows.len();
+            self.held.push(self.rows.take_batch()?);
+        }
+        Ok(())
+    }
+
+    /// The held rows in event-time order (rows without a time by their receipt time), ties in
+    /// the order they were made.
+    async fn write_by_time(&mut self, summary: &mut GenerateSummary) -> Result<()> {
+        let mut order: Vec<(i64, usize, usize)> = Vec::with_capacity(self.held_rows);
+        for (b, batch) in self.held.iter().enumerate() {
+            let ts = batch.column(5).as_primitive::<TimestampMicrosecondType>();
+            let received = batch.column(6).as_primitive::<TimestampMicrosecondType>();
+            for r in 0..batch.num_rows() {
+                let t = if ts.is_valid(r) {
+                    ts.value(r)
+                } else {
+                    received.value(r)
+                };
+                order.push((t, b, r));
+            }
+        }
+        order.sort_by_key(|&(t, _, _)| t);
+        let indices: Vec<(usize, usize)> = order.into_iter().map(|(_, b, r)| (b, r)).collect();
+        self.write_held(&indices, summary).await
+    }
+
+    /// The held rows in an order drawn from the seed.
+    async fn write_shuffled(&mut self, summary: &mut GenerateSummary) -> Result<()> {
+        let mut indices: Vec<(usize, usize)> = Vec::with_capacity(self.held_rows);
+        for (b, batch) in self.held.iter().enumerate() {
+            indices.extend((0..batch.num_rows()).map(|r| (b, r)));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed_for(
+            self.options.seed ^ ORDER_SALT,
+            self.windows,
+            ORDER_SALT,
+        ));
+        self.windows += 1;
+        indices.shuffle(&mut rng);
+        self.write_held(&indices, summary).await
+    }
+
+    async fn write_held(
+        &mut self,
+        indices: &[(usize, usize)],
+        summary: &mut GenerateSummary,
+    ) -> Result<()> {
+        let held = std::mem::take(&mut self.held);
+        self.held_rows = 0;
+        let batches: Vec<&RecordBatch> = held.iter().collect();
+        for chunk in indices.chunks(self.options.rows_per_file) {
+            let batch = arrow::compute::interleave_record_batch(&batches, chunk)?;
+            self.write(batch, summary).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: RecordBatch, summary: &mut GenerateSummary) -> Result<()> {
+        let bytes = parquet_bytes(event_schema(), &[batch])?;
+        let path = self
+            .folder
+            .clone()
+            .join(format!("part-{:05}.parquet", self.part));
+        self.out.store.put(&path, PutPayload::from(bytes)).await?;
+        self.part += 1;
+        summary.files += 1;
+        Ok(())
+    }
+}
+
+async fn write_truth(out: &Place, options: &GenerateOptions, seen: &[Seen]) -> Result<u64> {
     let mut types: Vec<&'static str> = Vec::new();
     let mut values: Vec<String> = Vec::new();
     let mut persons: Vec<i64> = Vec::new();
@@ -835,7 +1215,7 @@ async fn write_truth(out: &Place, options: &GenerateOptions, seen: &[u8]) -> Res
         if marks == 0 {
             continue;
         }
-        let p = Person::new(options.seed, index as u64, options.days);
+        let p = Person::of(options, index as u64);
         let mut add = |t: &'static str, v: &str| {
             types.push(t);
             values.push(v.to_string());

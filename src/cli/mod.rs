@@ -174,7 +174,76 @@ pub enum Command {
         /// Rows per Parquet file at most.
         #[arg(long, default_value_t = 250_000)]
         rows_per_file: usize,
+        /// The data's knobs (see the flags below, which override the preset's): `friendly`
+        /// (the defaults) or `adversarial` (shuffled rows, ~3.7 anonymous ids per person,
+        /// family devices, a kiosk, varied junk ids).
+        #[arg(long, value_enum, default_value = "friendly")]
+        preset: generate::Preset,
+        /// The knobs one by one.
+        #[command(flatten)]
+        knobs: GenerateKnobs,
     },
+}
+
+/// `tessera generate`'s knobs; unset ones come from the preset.
+#[derive(Debug, clap::Args)]
+pub struct GenerateKnobs {
+    /// Row order: by-person (each person's events of a day together), by-time, or shuffled
+    /// (across files, as late and re-batched deliveries arrive).
+    #[arg(long, value_enum)]
+    order: Option<generate::EventOrder>,
+    /// With --order shuffled: rows shuffled together (memory holds them, ~400 bytes each).
+    #[arg(long, value_name = "ROWS")]
+    shuffle_window: Option<usize>,
+    /// Share of identify calls after sign-up that carry traits (default 0.5).
+    #[arg(long, value_name = "SHARE")]
+    identify_traits: Option<f64>,
+    /// Mean anonymous ids per person (default: about 1.6, each visit on one at random).
+    #[arg(long, value_name = "MEAN")]
+    anonymous_ids: Option<f64>,
+    /// Share of homes where 2-4 people share a family device (default 0).
+    #[arg(long, value_name = "SHARE")]
+    family_devices: Option<f64>,
+    /// Share of visits made on one kiosk everyone shares (default 0).
+    #[arg(long, value_name = "SHARE")]
+    kiosk: Option<f64>,
+    /// Scales how often junk ids appear (default 1; 0 for none).
+    #[arg(long, value_name = "SCALE")]
+    junk: Option<f64>,
+    /// Which junk ids: constant (one junk anonymous_id and email) or varied.
+    #[arg(long, value_enum)]
+    junk_mix: Option<generate::JunkMix>,
+}
+
+impl GenerateKnobs {
+    /// `options` with the knobs that were given.
+    fn apply(self, mut options: GenerateOptions) -> GenerateOptions {
+        if let Some(v) = self.order {
+            options.order = v;
+        }
+        if let Some(v) = self.shuffle_window {
+            options.shuffle_window = v;
+        }
+        if let Some(v) = self.identify_traits {
+            options.identify_traits = v;
+        }
+        if let Some(v) = self.anonymous_ids {
+            options.anonymous_ids = Some(v);
+        }
+        if let Some(v) = self.family_devices {
+            options.family_devices = v;
+        }
+        if let Some(v) = self.kiosk {
+            options.kiosk = v;
+        }
+        if let Some(v) = self.junk {
+            options.junk = v;
+        }
+        if let Some(v) = self.junk_mix {
+            options.junk_mix = v;
+        }
+        options
+    }
 }
 
 /// What `tessera bench` measures.
@@ -198,6 +267,16 @@ pub struct BenchArgs {
     /// Also time an incremental run that adds the last 1% of the event files.
     #[arg(long)]
     pub incremental: bool,
+    /// The generator's data sets to run each size on, comma-separated: friendly (each
+    /// person's events together) and adversarial (shuffled, shared devices; see
+    /// `tessera generate --preset`).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "friendly,adversarial"
+    )]
+    pub data_sets: Vec<generate::Preset>,
 }
 
 /// `tessera predict` subcommands.
@@ -653,6 +732,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 python: args.duckdb,
                 memory_limit: args.memory_limit,
                 incremental: args.incremental,
+                data_sets: args.data_sets,
             };
             // Fail on a broken project before generating anything.
             Project::load(&options.project)?;
@@ -676,20 +756,22 @@ async fn main_inner(cli: Cli) -> Result<i32> {
             seed,
             start,
             rows_per_file,
+            preset,
+            knobs,
         } => {
-            if people == 0 || days == 0 || rows_per_file == 0 {
-                return Err(Error::Usage(
-                    "--people, --days and --rows-per-file must be at least 1".into(),
-                ));
-            }
+            let options = knobs.apply(
+                GenerateOptions {
+                    people,
+                    days,
+                    seed,
+                    start,
+                    rows_per_file,
+                    ..GenerateOptions::default()
+                }
+                .with_preset(preset),
+            );
+            options.check().map_err(Error::Usage)?;
             let place = Place::open(&out, &current_dir()?, "--out")?;
-            let options = GenerateOptions {
-                people,
-                days,
-                seed,
-                start,
-                rows_per_file,
-            };
             let summary = generate::generate(&place, &options, progress).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&summary).unwrap_or_default());

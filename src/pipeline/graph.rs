@@ -430,7 +430,12 @@ impl Graph {
             tables::PROFILE_MERGES.into(),
         ];
         if !config.identity.probabilistic.is_empty() {
-            identity_tables.extend([tables::MATCH_MODEL.into(), tables::MATCH_SCORES.into()]);
+            identity_tables.extend([
+                tables::MATCH_MODEL.into(),
+                tables::MATCH_SCORES.into(),
+                tables::state::MATCH_MODEL.into(),
+                tables::state::MATCH_RECORDS.into(),
+            ]);
         }
         let mut identity_config = section("identity", &config.identity);
         for (i, source) in config.sources.iter().enumerate() {

@@ -303,6 +303,7 @@ async fn resolve_in_time(
     engine: &Engine,
     run_id: &str,
     started_at: chrono::DateTime<Utc>,
+    full: bool,
 ) -> Result<identity::IdentityTables> {
     let files: Vec<String> = identity::load_queries(engine)?
         .into_iter()
@@ -310,7 +311,7 @@ async fn resolve_in_time(
         .collect();
     let what = format!("identity ({})", files.join(", "));
     engine
-        .in_time(&what, identity::resolve(engine, run_id, started_at))
+        .in_time(&what, identity::resolve(engine, run_id, started_at, full))
         .await
 }
 
@@ -417,7 +418,7 @@ async fn stages(
     let identity_graph: Option<RecordBatch> = if plan.recomputes(graph::node::IDENTITY) {
         let meter = engine.meter();
         let spinner = progress.spinner("resolving identities");
-        let identity = resolve_in_time(engine, &report.run_id, report.started_at)
+        let identity = resolve_in_time(engine, &report.run_id, report.started_at, full)
             .await
             .map_err(in_stage(engine, "identity"))?;
         report.stages.push(meter.finish("identity", report.events));
@@ -450,8 +451,13 @@ async fn stages(
             report.tables.insert(name.to_string(), committed);
             register_staged(ctx, outputs, name).await?;
         }
-        if let Some((model, scores)) = identity.matching {
-            for (name, batch) in [(tables::MATCH_MODEL, model), (tables::MATCH_SCORES, scores)] {
+        if let Some(matching) = identity.matching {
+            for (name, batch) in [
+                (tables::MATCH_MODEL, matching.model),
+                (tables::MATCH_SCORES, matching.scores),
+                (tables::state::MATCH_MODEL, matching.state_model),
+                (tables::state::MATCH_RECORDS, matching.state_records),
+            ] {
                 let df = ctx.read_batch(batch)?;
                 let committed = outputs.write(ctx, name, df, WriteMode::Replace).await?;
                 report.tables.insert(name.to_string(), committed);

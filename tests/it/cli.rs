@@ -256,12 +256,21 @@ fn bench_measures_every_stage_of_both_engines_and_writes_csv_and_markdown() {
     ])));
     let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    let stages = |engine: &str| -> Vec<String> {
+    let stages_of = |data: &str, engine: &str| -> Vec<String> {
         rows.iter()
-            .filter(|r| r["engine"] == engine)
+            .filter(|r| r["engine"] == engine && r["data"] == data)
             .map(|r| r["stats"]["stage"].as_str().unwrap().to_string())
             .collect()
     };
+    // Both data sets ran, each with every engine.
+    for engine in ["floor", "tessera", "tessera incremental", "duckdb"] {
+        assert_eq!(
+            stages_of("friendly", engine),
+            stages_of("adversarial", engine),
+            "{engine}"
+        );
+    }
+    let stages = |engine: &str| stages_of("friendly", engine);
     assert_eq!(stages("floor"), ["scan"]);
     for engine in ["tessera", "tessera incremental"] {
         let s = stages(engine);

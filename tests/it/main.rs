@@ -10,6 +10,7 @@ mod export;
 mod faults;
 mod forget;
 mod generator;
+mod generator_knobs;
 mod graph;
 mod identity;
 mod identity_props;

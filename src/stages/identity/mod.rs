@@ -18,6 +18,7 @@
 pub mod accuracy;
 pub mod explain;
 pub mod graph;
+pub mod match_state;
 pub mod normalize;
 pub mod probabilistic;
 
@@ -42,7 +43,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::tables::timestamp_type;
 use crate::tables::{self, event};
-use graph::{Node, Resolution, Resolver, Rules, NO_TIME};
+use graph::{Block, Node, Resolution, Resolver, Rules, NO_TIME};
 
 /// The column an identity query may return to order its links.
 pub const SEEN_AT: &str = "seen_at";
@@ -114,8 +115,21 @@ pub struct IdentityTables {
     /// new, of an identifier that is new, moved to another profile or left the graph. `None`
     /// when there is no published graph to compare with.
     pub changed_profiles: Option<Vec<String>>,
-    /// `match_model` and `match_scores`, when `[[identity.probabilistic]]` blocks are set.
-    pub matching: Option<(RecordBatch, RecordBatch)>,
+    /// `match_model`, `match_scores` and their state, when `[[identity.probabilistic]]`
+    /// blocks are set.
+    pub matching: Option<Matching>,
+}
+
+/// What the probabilistic blocks produced.
+pub struct Matching {
+    /// `match_model`
+    pub model: RecordBatch,
+    /// `match_scores`
+    pub scores: RecordBatch,
+    /// `_state/match_model`
+    pub state_model: RecordBatch,
+    /// `_state/match_records`
+    pub state_records: RecordBatch,
 }
 
 /// How events get their `profile_id` once identities are resolved.
@@ -218,18 +232,21 @@ async fn read_links(
         tasks.spawn(async move {
             let mut resolver = Resolver::new(rules.clone());
             let mut events = EventIds::default();
-            read_stream(
-                stream,
-                &schema,
-                &file,
-                &rules,
-                |row, seen_at, message_id, nodes_out| {
-                    resolver.add_row(row, seen_at, query, nodes_out);
-                    if let (Some(m), true) = (message_id, keep_events) {
-                        events.push(m, nodes_out);
+            let (mut nodes, mut ends) = (Vec::new(), Vec::new());
+            // A batch at a time: the resolver cleans and hashes a batch's values, then
+            // interns them with the next ones' memory prefetched (see Resolver::add_block).
+            read_blocks(stream, &schema, &file, &rules, |block, messages| {
+                resolver.add_block(block, query, &mut nodes, &mut ends);
+                if let (Some(m), true) = (messages, keep_events) {
+                    let mut start = 0;
+                    for (r, &end) in ends.iter().enumerate() {
+                        if let Some(id) = m.get(r) {
+                            events.push(id, &nodes[start..end as usize]);
+                        }
+                        start = end as usize;
                     }
-                },
-            )
+                }
+            })
             .await?;
             Ok::<_, Error>((i, resolver, events))
         });
@@ -251,7 +268,14 @@ async fn read_links(
 }
 
 /// Runs the identity queries, resolves, and builds the identity tables.
-pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Result<IdentityTables> {
+/// With `full`, probabilistic blocks train again and score every pair instead of reusing the
+/// model the last run kept.
+pub async fn resolve(
+    engine: &Engine,
+    run_id: &str,
+    now: DateTime<Utc>,
+    full: bool,
+) -> Result<IdentityTables> {
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = load_queries(engine)?;
     let started = std::time::Instant::now();
@@ -280,7 +304,7 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     let (mut resolver, mut events) =
         read.unwrap_or_else(|| (Resolver::new(rules.clone()), EventIds::default()));
     let mut labels = queries.clone();
-    let matching = match_records(engine, &rules, &mut resolver, &mut labels).await?;
+    let matching = match_records(engine, &rules, &mut resolver, &mut labels, full).await?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: links read"
@@ -324,7 +348,10 @@ pub async fn resolve(engine: &Engine, run_id: &str, now: DateTime<Utc>) -> Resul
     );
     let mut tables = build_tables(&resolution, &ids, &labels, events, run_id, now)?;
     tables.matching = match matching {
-        Some((model, scores)) => Some((model, scores_with_profiles(scores, &resolution, &ids)?)),
+        Some(mut m) => {
+            m.scores = scores_with_profiles(m.scores, &resolution, &ids)?;
+            Some(m)
+        }
         None => None,
     };
     tracing::info!(
@@ -374,22 +401,29 @@ fn scores_with_profiles(
 }
 
 /// Runs every `[[identity.probabilistic]]` block and adds its records and links to the
-/// resolver, each block as one more "query" in `labels`. Returns `match_model` and
-/// `match_scores`, or `None` without blocks.
+/// resolver, each block as one more "query" in `labels`. Returns the matching tables, or
+/// `None` without blocks. Unless `full`, blocks reuse the model the last run kept.
 async fn match_records(
     engine: &Engine,
     rules: &Rules,
     resolver: &mut Resolver,
     labels: &mut Vec<QueryFile>,
-) -> Result<Option<(RecordBatch, RecordBatch)>> {
+    full: bool,
+) -> Result<Option<Matching>> {
     let blocks = &engine.project.config.identity.probabilistic;
     if blocks.is_empty() {
         return Ok(None);
     }
-    let (mut models, mut scores) = (Vec::new(), Vec::new());
+    let kept = if full {
+        Default::default()
+    } else {
+        match_state::load(engine).await?
+    };
+    let (mut models, mut scores, mut keeps) = (Vec::new(), Vec::new(), Vec::new());
     let mut nodes = Vec::new();
     for (b, block) in blocks.iter().enumerate() {
-        let result = probabilistic::match_block(engine, b, block, rules).await?;
+        let result =
+            probabilistic::match_block(engine, b, block, rules, kept.get(&block.name)).await?;
         let query = labels.len() as u16;
         labels.push(QueryFile {
             file: probabilistic::query_label(block),
@@ -402,11 +436,15 @@ async fn match_records(
         }
         models.push((block.name.clone(), result.model));
         scores.push(result.scores);
+        keeps.push(result.keep);
     }
-    Ok(Some((
-        probabilistic::model_batch(&models)?,
-        probabilistic::union_scores(&scores)?,
-    )))
+    let (state_model, state_records) = match_state::batches(&keeps)?;
+    Ok(Some(Matching {
+        model: probabilistic::model_batch(&models)?,
+        scores: probabilistic::union_scores(&scores)?,
+        state_model,
+        state_records,
+    }))
 }
 
 /// The expressions that give each event its identifiers, when they can be evaluated on the
@@ -613,7 +651,7 @@ where
 
 /// [`read_rows`] over one stream of the query's rows.
 async fn read_stream<F>(
-    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    stream: datafusion::physical_plan::SendableRecordBatchStream,
     schema: &Schema,
     file: &str,
     rules: &Rules,
@@ -622,7 +660,29 @@ async fn read_stream<F>(
 where
     F: FnMut(&[(u8, &str)], i64, Option<&str>, &mut Vec<Node>),
 {
-    // In priority order, so every row reaches the resolver already sorted.
+    let mut scratch = Vec::new();
+    read_blocks(stream, schema, file, rules, |block, messages| {
+        for r in 0..block.len() {
+            let message = messages.and_then(|m| m.get(r));
+            each(block.row(r), block.seen_at[r], message, &mut scratch);
+        }
+    })
+    .await
+}
+
+/// Streams a link frame a batch at a time: `each(rows, message_ids)`, the batch's rows of
+/// identifiers in priority order (so every row reaches the resolver already sorted) and their
+/// message_id column when the frame has one.
+async fn read_blocks<F>(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    schema: &Schema,
+    file: &str,
+    rules: &Rules,
+    mut each: F,
+) -> Result<()>
+where
+    F: for<'b> FnMut(&Block<'b>, Option<Texts<'b>>),
+{
     let mut id_columns: Vec<(usize, u8)> = schema
         .fields()
         .iter()
@@ -632,7 +692,6 @@ where
     id_columns.sort_by_key(|(_, t)| *t);
     let seen_col = schema.index_of(SEEN_AT).ok();
     let message_col = schema.index_of(MESSAGE_ID).ok();
-    let mut scratch = Vec::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| Error::query(file, e))?;
         let ids: Vec<(Texts, u8)> = id_columns
@@ -648,21 +707,25 @@ where
                 .clone()
         });
         let messages = message_col.map(|i| Texts::of(batch.column(i)));
-        let mut row: Vec<(u8, &str)> = Vec::with_capacity(id_columns.len());
-        for r in 0..batch.num_rows() {
-            row.clear();
+        let rows = batch.num_rows();
+        let mut block = Block {
+            ids: Vec::with_capacity(rows * ids.len()),
+            ends: Vec::with_capacity(rows),
+            seen_at: Vec::with_capacity(rows),
+        };
+        for r in 0..rows {
             for (array, t) in &ids {
                 if let Some(v) = array.get(r) {
-                    row.push((*t, v));
+                    block.ids.push((*t, v));
                 }
             }
             let seen_at = match &seen {
                 Some(a) if a.is_valid(r) => a.value(r),
                 _ => NO_TIME,
             };
-            let message = messages.and_then(|m| m.get(r));
-            each(&row, seen_at, message, &mut scratch);
+            block.end_row(seen_at);
         }
+        each(&block, messages);
     }
     Ok(())
 }

@@ -30,6 +30,7 @@ use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 
 use super::graph::Rules;
+use super::match_state::{self, Frequencies, Frozen, Keep, Kept};
 use crate::config::{MatchLevel, ProbabilisticConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -39,6 +40,8 @@ use crate::sql::similarity::{jaro_winkler, levenshtein, parse_date, swapped_day_
 const ROW: &str = "__tessera_match_row";
 /// The table blocking rules are run on, registered only while a block is matched.
 const RECORDS: &str = "__tessera_match_records";
+/// The column marking records new or changed since the kept model, on runs that reuse it.
+const NEW: &str = "__tessera_match_new";
 /// The level of a comparison where either side is null: no evidence either way.
 const NULL: u8 = u8::MAX;
 /// Bounds on m and u, so that no level has an infinite weight.
@@ -62,6 +65,8 @@ pub struct BlockResult {
     pub pairs: usize,
     /// Scoring speed (comparison and weighing), for the run log.
     pub pairs_per_second: f64,
+    /// The block's state for the next run.
+    pub keep: Keep,
 }
 
 /// One comparison, ready to score: its record column as text and its parsed levels.
@@ -70,8 +75,9 @@ struct Comparison {
     levels: Vec<MatchLevel>,
     text: StringArray,
     dates: Option<Vec<Option<NaiveDate>>>,
-    /// Share of records holding each value, when term frequencies adjust exact agreement.
-    frequency: Option<HashMap<String, f64>>,
+    /// Each record's value's share among the records holding a value, when term frequencies
+    /// adjust exact agreement.
+    share: Option<Vec<f64>>,
 }
 
 impl Comparison {
@@ -135,6 +141,7 @@ pub async fn match_block(
     index: usize,
     block: &ProbabilisticConfig,
     rules: &Rules,
+    kept: Option<&Kept>,
 ) -> Result<BlockResult> {
     let key = format!("identity.probabilistic[{index}]");
     let (df, what) = match (&block.source, &block.query) {
@@ -238,32 +245,256 @@ pub async fn match_block(
                 })
                 .collect()
         });
-        let mut comparison = Comparison {
+        comparisons.push(Comparison {
             column: config.column.clone(),
             levels,
             text,
             dates,
-            frequency: None,
-        };
-        if config.term_frequency {
-            let mut counts: HashMap<String, f64> = HashMap::default();
-            let mut total = 0.0;
-            for i in 0..n {
-                if let Some(v) = comparison.value(i) {
-                    *counts.entry(v.to_string()).or_default() += 1.0;
-                    total += 1.0;
-                }
-            }
-            counts.values_mut().for_each(|c| *c /= total);
-            comparison.frequency = Some(counts);
-        }
-        comparisons.push(comparison);
+            share: None,
+        });
     }
 
-    let pairs = candidate_pairs(engine, &key, block, &batch).await?;
+    // Reuse the kept model when nothing it was trained under changed (see match_state).
+    let fingerprint = match_state::fingerprint(block);
+    let keys = match_state::record_keys(&ids);
+    let digests = match_state::record_digests(&batch)?;
+    let reusable = match (kept, &keys) {
+        (Some(k), Some(_))
+            if k.fingerprint == fingerprint
+                && block.retrain_after_growth > 0.0
+                && n as f64 <= k.trained_records as f64 * (1.0 + block.retrain_after_growth)
+                && k.model.m.len() == comparisons.len() =>
+        {
+            Some(k)
+        }
+        _ => None,
+    };
+    let mut incremental = None;
+    if let (Some(k), Some(keys)) = (reusable, &keys) {
+        let new: Vec<bool> = keys
+            .iter()
+            .zip(&digests)
+            .map(|(key, digest)| k.records.get(key) != Some(digest))
+            .collect();
+        let unchanged: std::collections::HashMap<&str, u32> = (0..n)
+            .filter(|&i| !new[i])
+            .map(|i| (ids.value(i), i as u32))
+            .collect();
+        let schema = scores_batch(
+            block,
+            rules,
+            &comparisons,
+            &[],
+            &[],
+            &Scored::default(),
+            &ids,
+            &record_ids,
+        )?
+        .schema();
+        if let Some(old) =
+            match_state::kept_scores(engine, &block.name, k.score_rows, &unchanged, &schema).await?
+        {
+            incremental = Some((k, new, old));
+        }
+    }
 
-    // u from random pairs, seeded: almost every random pair is two different people.
-    let u_started = std::time::Instant::now();
+    let mut frequencies = Vec::with_capacity(comparisons.len());
+    for (k, config) in block.comparisons.iter().enumerate() {
+        let comparison = &mut comparisons[k];
+        let trained = match &incremental {
+            Some((kept, ..)) => kept.model.frequencies.get(k).cloned().flatten(),
+            None if config.term_frequency => Some(term_frequencies(comparison)),
+            None => None,
+        };
+        if let Some(f) = &trained {
+            comparison.share = Some(
+                (0..n)
+                    .map(|i| comparison.value(i).map_or(0.0, |v| f.share(v)))
+                    .collect(),
+            );
+        }
+        frequencies.push(trained);
+    }
+
+    let new = incremental.as_ref().map(|(_, new, _)| new.as_slice());
+    let pairs = candidate_pairs(engine, &key, block, &batch, new).await?;
+    let started = std::time::Instant::now();
+    let levels = levels_of(&comparisons, &pairs);
+    let mut scoring = started.elapsed();
+    let training = std::time::Instant::now();
+    let model = match &incremental {
+        Some((kept, ..)) => kept.model.clone(),
+        None => {
+            let (u, u_pairs) = estimate_u(block, &comparisons, n);
+            let (m, prior, iterations) = train_m(block, &comparisons, &levels, &u);
+            Frozen {
+                m,
+                u,
+                prior,
+                iterations,
+                u_pairs,
+                candidate_pairs: pairs.len() as u64,
+                frequencies,
+            }
+        }
+    };
+    let (m, u, prior) = (&model.m, &model.u, model.prior);
+    let weights: Vec<Vec<f64>> = m
+        .iter()
+        .zip(u)
+        .map(|(m, u)| m.iter().zip(u).map(|(m, u)| (m / u).log2()).collect())
+        .collect();
+    let training = training.elapsed();
+    let prior_weight = (prior / (1.0 - prior)).log2();
+    let weighing = std::time::Instant::now();
+    let scored = score(&comparisons, &pairs, &levels, &weights, m, prior_weight);
+    scoring += weighing.elapsed();
+    // Pairs per second counts comparing and weighing the candidate pairs, not training.
+    let seconds = scoring.as_secs_f64();
+    let pairs_per_second = pairs.len() as f64 / seconds.max(1e-9);
+    tracing::info!(
+        block = block.name,
+        records = n,
+        new_records = new.map(|x| x.iter().filter(|&&b| b).count()),
+        pairs = pairs.len(),
+        trained = incremental.is_none(),
+        iterations = model.iterations,
+        training_ms = training.as_millis() as u64,
+        scoring_ms = (seconds * 1000.0) as u64,
+        pairs_per_second = pairs_per_second as u64,
+        "probabilistic: pairs scored"
+    );
+
+    let trained_records = match &incremental {
+        Some((kept, ..)) => kept.trained_records,
+        None => n as u64,
+    };
+    let mut model_rows = vec![
+        ("records".to_string(), n as f64),
+        ("trained_records".to_string(), trained_records as f64),
+        ("pairs_scored".to_string(), pairs.len() as f64),
+        (
+            "incremental".to_string(),
+            if incremental.is_some() { 1.0 } else { 0.0 },
+        ),
+        ("candidate_pairs".to_string(), model.candidate_pairs as f64),
+        ("u_pairs".to_string(), model.u_pairs as f64),
+        ("em_iterations".to_string(), model.iterations as f64),
+        ("prior".to_string(), prior),
+    ];
+    for (k, x) in comparisons.iter().enumerate() {
+        for (l, level) in x.levels.iter().enumerate() {
+            let name = format!("{}: {}", x.column, level.label());
+            model_rows.push((format!("m {name}"), m[k][l]));
+            model_rows.push((format!("u {name}"), u[k][l]));
+            model_rows.push((format!("weight {name}"), weights[k][l]));
+        }
+    }
+
+    let mut rows: Vec<Vec<(u8, String)>> = record_ids
+        .iter()
+        .filter(|r| !r.is_empty())
+        .cloned()
+        .collect();
+    let mut linking: Vec<(u32, u32)> = pairs
+        .iter()
+        .enumerate()
+        .filter(|&(p, _)| scored.probability[p] >= block.threshold)
+        .map(|(_, &pair)| pair)
+        .collect();
+    let new_scores = scores_batch(
+        block,
+        rules,
+        &comparisons,
+        &pairs,
+        &levels,
+        &scored,
+        &ids,
+        &record_ids,
+    )?;
+    let scores = match incremental {
+        Some((_, _, (old, old_pairs))) => {
+            let linked = old
+                .column_by_name("linked")
+                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
+            if let Some(linked) = linked {
+                linking.extend(
+                    old_pairs
+                        .iter()
+                        .enumerate()
+                        .filter(|&(r, _)| linked.is_valid(r) && linked.value(r))
+                        .map(|(_, &pair)| pair),
+                );
+            }
+            concat_batches(&new_scores.schema(), &[old, new_scores])?
+        }
+        None => new_scores,
+    };
+    // Links are applied in the order of their record ids, whichever run scored them, so
+    // identifier limits settle the same way on a run that scored only new records.
+    let record = |i: u32| ids.is_valid(i as usize).then(|| ids.value(i as usize));
+    for pair in &mut linking {
+        if record(pair.0) > record(pair.1) {
+            *pair = (pair.1, pair.0);
+        }
+    }
+    linking.sort_by(|a, b| (record(a.0), record(a.1)).cmp(&(record(b.0), record(b.1))));
+    for (i, j) in linking {
+        if let (Some(a), Some(b)) = (
+            record_ids[i as usize].first(),
+            record_ids[j as usize].first(),
+        ) {
+            rows.push(vec![a.clone(), b.clone()]);
+        }
+    }
+    let keep = Keep {
+        block: block.name.clone(),
+        fingerprint,
+        trained_records,
+        score_rows: scores.num_rows() as u64,
+        model,
+        records: keys
+            .map(|keys| keys.into_iter().zip(digests).collect())
+            .unwrap_or_default(),
+    };
+    Ok(BlockResult {
+        rows,
+        model: model_rows,
+        scores,
+        pairs: pairs.len(),
+        pairs_per_second,
+        keep,
+    })
+}
+
+/// Each value's share among the records holding a value in the comparison's column.
+fn term_frequencies(comparison: &Comparison) -> Frequencies {
+    let mut counts: HashMap<&str, u64> = HashMap::default();
+    let mut total = 0u64;
+    for i in 0..comparison.text.len() {
+        if let Some(v) = comparison.value(i) {
+            *counts.entry(v).or_default() += 1;
+            total += 1;
+        }
+    }
+    let mut shares: Vec<(u64, f64)> = counts
+        .into_iter()
+        .map(|(v, c)| (match_state::value_hash(v), c as f64 / total as f64))
+        .collect();
+    shares.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    Frequencies {
+        values: total,
+        shares,
+    }
+}
+
+/// u per comparison level from random pairs (seeded: almost every random pair is two
+/// different people), and how many pairs were drawn.
+fn estimate_u(
+    block: &ProbabilisticConfig,
+    comparisons: &[Comparison],
+    n: usize,
+) -> (Vec<Vec<f64>>, u64) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(block.seed);
     let all_pairs = (n as u64).saturating_mul(n.saturating_sub(1) as u64) / 2;
     let samples = block.u_pairs.min(all_pairs) as usize;
@@ -275,7 +506,7 @@ pub async fn match_block(
             }
         })
         .collect();
-    let random_levels = levels_of(&comparisons, &random);
+    let random_levels = levels_of(comparisons, &random);
     let c = comparisons.len();
     let mut u: Vec<Vec<f64>> = comparisons
         .iter()
@@ -301,104 +532,41 @@ pub async fn match_block(
             u[k] = fixed.clone();
         }
     }
-
-    let u_ms = u_started.elapsed().as_millis() as u64;
-    let started = std::time::Instant::now();
-    let levels = levels_of(&comparisons, &pairs);
-    let (m, prior, iterations) = train_m(block, &comparisons, &levels, &u);
-    let weights: Vec<Vec<f64>> = m
-        .iter()
-        .zip(&u)
-        .map(|(m, u)| m.iter().zip(u).map(|(m, u)| (m / u).log2()).collect())
-        .collect();
-    let prior_weight = (prior / (1.0 - prior)).log2();
-    let scored = score(&comparisons, &pairs, &levels, &weights, &m, prior_weight);
-    let seconds = started.elapsed().as_secs_f64();
-    let pairs_per_second = pairs.len() as f64 / seconds.max(1e-9);
-    tracing::info!(
-        block = block.name,
-        records = n,
-        pairs = pairs.len(),
-        u_pairs = random.len(),
-        u_ms,
-        iterations,
-        ms = (seconds * 1000.0) as u64,
-        pairs_per_second = pairs_per_second as u64,
-        "probabilistic: pairs scored"
-    );
-
-    let mut model = vec![
-        ("records".to_string(), n as f64),
-        ("candidate_pairs".to_string(), pairs.len() as f64),
-        ("u_pairs".to_string(), random.len() as f64),
-        ("em_iterations".to_string(), iterations as f64),
-        ("prior".to_string(), prior),
-    ];
-    for (k, x) in comparisons.iter().enumerate() {
-        for (l, level) in x.levels.iter().enumerate() {
-            let name = format!("{}: {}", x.column, level.label());
-            model.push((format!("m {name}"), m[k][l]));
-            model.push((format!("u {name}"), u[k][l]));
-            model.push((format!("weight {name}"), weights[k][l]));
-        }
-    }
-
-    let mut rows: Vec<Vec<(u8, String)>> = record_ids
-        .iter()
-        .filter(|r| !r.is_empty())
-        .cloned()
-        .collect();
-    for (p, &(i, j)) in pairs.iter().enumerate() {
-        if scored.probability[p] < block.threshold {
-            continue;
-        }
-        if let (Some(a), Some(b)) = (
-            record_ids[i as usize].first(),
-            record_ids[j as usize].first(),
-        ) {
-            rows.push(vec![a.clone(), b.clone()]);
-        }
-    }
-    let scores = scores_batch(
-        block,
-        rules,
-        &comparisons,
-        &pairs,
-        &levels,
-        &scored,
-        &ids,
-        &record_ids,
-    )?;
-    Ok(BlockResult {
-        rows,
-        model,
-        scores,
-        pairs: pairs.len(),
-        pairs_per_second,
-    })
+    (u, random.len() as u64)
 }
 
-/// Pairs (i < j) that any blocking rule joins, each once, in order.
+/// Pairs (i < j) that any blocking rule joins, each once, in order; with `new`, only pairs
+/// with at least one new record.
 async fn candidate_pairs(
     engine: &Engine,
     key: &str,
     block: &ProbabilisticConfig,
     batch: &RecordBatch,
+    new: Option<&[bool]>,
 ) -> Result<Vec<(u32, u32)>> {
     let n = batch.num_rows();
     let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
     fields.push(Arc::new(Field::new(ROW, DataType::UInt32, false)));
     let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
     columns.push(Arc::new(UInt32Array::from_iter_values(0..n as u32)));
+    if let Some(new) = new {
+        fields.push(Arc::new(Field::new(NEW, DataType::Boolean, false)));
+        columns.push(Arc::new(BooleanArray::from(new.to_vec())));
+    }
     let numbered = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
     engine.ctx.register_batch(RECORDS, numbered)?;
+    let only_new = if new.is_some() {
+        format!(" AND (l.{NEW} OR r.{NEW})")
+    } else {
+        String::new()
+    };
     let result = async {
         let mut found: Vec<u64> = Vec::new();
         for (r, rule) in block.blocking.iter().enumerate() {
             let rule_key = format!("{key}.blocking[{r}]");
             let sql = format!(
                 "SELECT l.{ROW} AS a, r.{ROW} AS b FROM {RECORDS} AS l JOIN {RECORDS} AS r \
-                 ON ({rule}) AND l.{ROW} < r.{ROW}"
+                 ON ({rule}) AND l.{ROW} < r.{ROW}{only_new}"
             );
             let df = engine
                 .ctx
@@ -543,6 +711,7 @@ fn train_m(
 }
 
 /// Each pair's weights per comparison, total weight and probability.
+#[derive(Default)]
 struct Scored {
     weights: Vec<f64>,
     total: Vec<f64>,
@@ -571,12 +740,10 @@ fn score(
             }
             let mut w = weights[k][l as usize];
             // Agreement on a common value is weaker evidence: its u is the value's share.
-            if let (Some(freq), MatchLevel::Exact) =
-                (&comparison.frequency, comparison.levels[l as usize])
+            if let (Some(share), MatchLevel::Exact) =
+                (&comparison.share, comparison.levels[l as usize])
             {
-                if let Some(f) = comparison.value(i as usize).and_then(|v| freq.get(v)) {
-                    w = (m[k][l as usize] / f.max(FLOOR)).log2();
-                }
+                w = (m[k][l as usize] / share[i as usize].max(FLOOR)).log2();
             }
             out.weights[p * c + k] = w;
             out.total[p] += w;
