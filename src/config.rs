@@ -313,14 +313,20 @@ pub struct SourceConfig {
     /// A Parquet file or folder, or (with `format = "csv"`) a CSV file or folder.
     pub location: String,
     /// How the files are laid out.
-    #[serde(default)]
+    // Left out of the serialised config when default, so a run's recorded config of a source
+    // (what decides recomputing) is the same as before these keys existed.
+    #[serde(default, skip_serializing_if = "is_default")]
     pub format: SourceFormat,
     /// `[sources.csv]`: delimiter, quote and header of CSV files.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub csv: CsvOptions,
     /// `[sources.crm]`: the table holds CRM contacts that take part in identity and traits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crm: Option<CrmSource>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// The file format of a `[[sources]]` table.
@@ -1808,5 +1814,27 @@ mod tests {
         assert!(!is_sql_name("Crm"));
         assert!(!is_sql_name("1x"));
         assert!(!is_sql_name(""));
+    }
+
+    #[test]
+    fn crm_sources_and_exports_are_checked_by_key() {
+        let source = "[[sources]]\nname = \"crm\"\nlocation = \"x.csv\"\nformat = \"csv\"\n";
+        let (key, msg) = err(&format!("{source}[sources.crm]\nsystem = \"salesforce\"\n"));
+        assert_eq!(key.as_deref(), Some("sources[0].crm.identifier"), "{msg}");
+        assert!(msg.contains("salesforce_id"), "{msg}");
+        let ids = "[[identity.identifiers]]\nname = \"hubspot_id\"\n";
+        let c = parse(&format!("{source}[sources.crm]\nsystem = \"hubspot\"\n{ids}")).unwrap();
+        let crm = c.sources[0].crm.as_ref().unwrap();
+        assert_eq!((crm.id_column(), crm.modified_column()), ("hs_object_id".into(), "lastmodifieddate".into()));
+        let (key, _) = err(&format!("{source}[sources.csv]\ndelimiter = \";;\"\n"));
+        assert_eq!(key.as_deref(), Some("sources[0].csv.delimiter"));
+        assert_eq!(parse(&format!("{source}[sources.csv]\ndelimiter = \"\\\\t\"\n")).unwrap().sources[0].csv.delimiter, "\\t");
+        let export = "[[exports]]\nname = \"sf\"\nsegment = \"s\"\ntarget = \"salesforce\"\n";
+        let (key, _) = err(&format!("{export}delimiter = \"#\"\n"));
+        assert_eq!(key.as_deref(), Some("exports[0].delimiter"));
+        let (key, _) = err(&format!("{export}{export}"));
+        assert_eq!(key.as_deref(), Some("exports[1].name"));
+        let (key, _) = err("[[exports]]\nname = \"x\"\nsegment = \"s\"\ntarget = \"marketo\"\n");
+        assert_eq!(key.as_deref(), Some("exports[0].target"));
     }
 }
