@@ -1823,12 +1823,25 @@ mod tests {
         assert_eq!(key.as_deref(), Some("sources[0].crm.identifier"), "{msg}");
         assert!(msg.contains("salesforce_id"), "{msg}");
         let ids = "[[identity.identifiers]]\nname = \"hubspot_id\"\n";
-        let c = parse(&format!("{source}[sources.crm]\nsystem = \"hubspot\"\n{ids}")).unwrap();
+        let c = parse(&format!(
+            "{source}[sources.crm]\nsystem = \"hubspot\"\n{ids}"
+        ))
+        .unwrap();
         let crm = c.sources[0].crm.as_ref().unwrap();
-        assert_eq!((crm.id_column(), crm.modified_column()), ("hs_object_id".into(), "lastmodifieddate".into()));
+        assert_eq!(
+            (crm.id_column(), crm.modified_column()),
+            ("hs_object_id".into(), "lastmodifieddate".into())
+        );
         let (key, _) = err(&format!("{source}[sources.csv]\ndelimiter = \";;\"\n"));
         assert_eq!(key.as_deref(), Some("sources[0].csv.delimiter"));
-        assert_eq!(parse(&format!("{source}[sources.csv]\ndelimiter = \"\\\\t\"\n")).unwrap().sources[0].csv.delimiter, "\\t");
+        assert_eq!(
+            parse(&format!("{source}[sources.csv]\ndelimiter = \"\\\\t\"\n"))
+                .unwrap()
+                .sources[0]
+                .csv
+                .delimiter,
+            "\\t"
+        );
         let export = "[[exports]]\nname = \"sf\"\nsegment = \"s\"\ntarget = \"salesforce\"\n";
         let (key, _) = err(&format!("{export}delimiter = \"#\"\n"));
         assert_eq!(key.as_deref(), Some("exports[0].delimiter"));
