@@ -57,6 +57,9 @@ pub struct Config {
     /// `[warnings]`: when a run warns about its as-of and its segments (docs/report.md).
     #[serde(default)]
     pub warnings: WarningsConfig,
+    /// `[[exports]]`: segment exports written with every run (CRM import files and others).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportSpec>,
     /// The top-level sections the file wrote out (`sessions`, `predictions`, …), defaults
     /// or not: a built-in table is computed when its section is present or a query reads it.
     #[serde(skip)]
@@ -445,12 +448,25 @@ fn default_output() -> String {
 pub struct SourceConfig {
     /// The table name SQL sees.
     pub name: String,
-    /// A Parquet file or folder (a Delta table for `snowplow`).
+    /// A Parquet file or folder; with `format = "csv"` a CSV file or folder; a Delta table
+    /// for `snowplow`.
     pub location: String,
-    /// How its files are laid out. `parquet`: a plain table for SQL. An event format also
-    /// maps its rows to events, which join the event history.
+    /// How its files are laid out. `parquet` and `csv`: a plain table for SQL. An event
+    /// format also maps its rows to events, which join the event history.
+    // Left out of the serialised config when default, so a run's recorded config of a source
+    // (what decides recomputing) is the same as before these keys existed.
     #[serde(default, skip_serializing_if = "SourceFormat::is_parquet")]
     pub format: SourceFormat,
+    /// `[sources.csv]`: delimiter, quote and header of CSV files.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub csv: CsvOptions,
+    /// `[sources.crm]`: the table holds CRM contacts that take part in identity and traits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm: Option<CrmSource>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// A producer's event layout: how its files map onto Tessera's event columns
@@ -492,6 +508,8 @@ pub enum SourceFormat {
     /// A plain Parquet table that SQL reads.
     #[default]
     Parquet,
+    /// A plain table of CSV text files (`[sources.csv]`).
+    Csv,
     /// Segment-spec event Parquet.
     Segment,
     /// RudderStack's object-storage data lake.
@@ -506,7 +524,7 @@ impl SourceFormat {
     /// The event format whose rows join the event history; `None` for a plain table.
     pub fn events(self) -> Option<EventFormat> {
         match self {
-            SourceFormat::Parquet => None,
+            SourceFormat::Parquet | SourceFormat::Csv => None,
             SourceFormat::Segment => Some(EventFormat::Segment),
             SourceFormat::Rudderstack => Some(EventFormat::Rudderstack),
             SourceFormat::SegmentDatalake => Some(EventFormat::SegmentDatalake),
@@ -516,6 +534,245 @@ impl SourceFormat {
 
     fn is_parquet(&self) -> bool {
         *self == SourceFormat::Parquet
+    }
+}
+
+/// `[sources.csv]`: how a CSV source is written.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CsvOptions {
+    /// The field delimiter: one ASCII character (`"\t"` for tab).
+    pub delimiter: String,
+    /// The quote character: one ASCII character.
+    pub quote: String,
+    /// Whether the first line names the columns (else they are `column_1`, `column_2`, …).
+    pub header: bool,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            delimiter: ",".into(),
+            quote: "\"".into(),
+            header: true,
+        }
+    }
+}
+
+/// The CRM a contacts export comes from: it sets the default column names.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CrmSystem {
+    /// Salesforce Contact (field API names: `Id`, `Email`, `LastModifiedDate`, …).
+    Salesforce,
+    /// HubSpot contacts (internal property names: `hs_object_id`, `email`, `lastmodifieddate`, …).
+    Hubspot,
+}
+
+/// `[sources.crm]`: a table of CRM contacts. Every key but `system` defaults to the CRM's own
+/// column names.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CrmSource {
+    /// Which CRM exported the contacts.
+    pub system: CrmSystem,
+    /// The identifier type of `[identity]` the contact id becomes (`salesforce_id`, `hubspot_id`).
+    #[serde(default)]
+    pub identifier: Option<String>,
+    /// The column holding the contact id.
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// The column holding the email address (empty: none).
+    #[serde(default)]
+    pub email_column: Option<String>,
+    /// The column holding the phone number (empty: none).
+    #[serde(default)]
+    pub phone_column: Option<String>,
+    /// The column holding when the contact was last modified.
+    #[serde(default)]
+    pub modified_column: Option<String>,
+    /// Profile trait column → contact column (default: first and last name and the account).
+    #[serde(default)]
+    pub traits: Option<BTreeMap<String, String>>,
+}
+
+/// `name` quoted as an SQL identifier.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl CrmSource {
+    /// The identity query of a contacts table `table`: one row per contact linking its id to
+    /// its email and phone (those that are identifier types), seen when it was last modified.
+    pub fn identity_sql(&self, table: &str, identifiers: &[&str]) -> String {
+        let text = |c: &str| format!("CAST({} AS VARCHAR)", quoted(c));
+        let mut columns = vec![format!(
+            "{} AS {}",
+            text(&self.id_column()),
+            quoted(&self.identifier())
+        )];
+        for (column, kind) in [
+            (self.email_column(), "email"),
+            (self.phone_column(), "phone"),
+        ] {
+            if let Some(column) = column.filter(|_| identifiers.contains(&kind)) {
+                columns.push(format!("{} AS {kind}", text(&column)));
+            }
+        }
+        columns.push(format!(
+            "CAST({} AS TIMESTAMP) AS seen_at",
+            quoted(&self.modified_column())
+        ));
+        format!(
+            "-- Contacts of [[sources]] {table}: each links its CRM id to its email and phone.\nSELECT {}\nFROM {table}",
+            columns.join(", ")
+        )
+    }
+
+    /// The trait query of a contacts table `table`: per profile and per field, the value of the
+    /// most recently modified contact that has one (ties: the greater contact id), and when
+    /// the latest of its contacts was modified (`crm_modified_at`).
+    pub fn traits_sql(&self, table: &str) -> String {
+        let id = format!("CAST(c.{} AS VARCHAR)", quoted(&self.id_column()));
+        let modified = format!("CAST(c.{} AS TIMESTAMP)", quoted(&self.modified_column()));
+        let mut columns = vec!["g.profile_id".to_string()];
+        for (name, column) in self.traits() {
+            let value = format!("CAST(c.{} AS VARCHAR)", quoted(&column));
+            columns.push(format!(
+                "first_value({value} ORDER BY {modified} DESC NULLS LAST, {id} DESC) FILTER (WHERE trim({value}) <> '') AS {}",
+                quoted(&name)
+            ));
+        }
+        columns.push(format!("max({modified}) AS crm_modified_at"));
+        format!(
+            "-- Fields of [[sources]] {table} onto profiles: most recent LastModifiedDate wins, field by field.\nSELECT {}\nFROM {table} c\nJOIN identity_graph g ON g.identifier_type = '{}' AND g.identifier_value = trim({id})\nGROUP BY g.profile_id",
+            columns.join(",\n       "),
+            self.identifier().replace('\'', "''"),
+        )
+    }
+
+    /// The identifier type the contact id becomes.
+    pub fn identifier(&self) -> String {
+        self.identifier
+            .clone()
+            .unwrap_or_else(|| match self.system {
+                CrmSystem::Salesforce => "salesforce_id".into(),
+                CrmSystem::Hubspot => "hubspot_id".into(),
+            })
+    }
+
+    fn column(&self, set: &Option<String>, salesforce: &str, hubspot: &str) -> Option<String> {
+        let name = set.clone().unwrap_or_else(|| {
+            match self.system {
+                CrmSystem::Salesforce => salesforce,
+                CrmSystem::Hubspot => hubspot,
+            }
+            .to_string()
+        });
+        (!name.is_empty()).then_some(name)
+    }
+
+    /// The contact id column.
+    pub fn id_column(&self) -> String {
+        self.column(&self.id_column, "Id", "hs_object_id")
+            .unwrap_or_else(|| "Id".into())
+    }
+
+    /// The email column, if any.
+    pub fn email_column(&self) -> Option<String> {
+        self.column(&self.email_column, "Email", "email")
+    }
+
+    /// The phone column, if any.
+    pub fn phone_column(&self) -> Option<String> {
+        self.column(&self.phone_column, "Phone", "phone")
+    }
+
+    /// The last-modified column.
+    pub fn modified_column(&self) -> String {
+        self.column(
+            &self.modified_column,
+            "LastModifiedDate",
+            "lastmodifieddate",
+        )
+        .unwrap_or_else(|| "LastModifiedDate".into())
+    }
+
+    /// Profile trait column → contact column.
+    pub fn traits(&self) -> BTreeMap<String, String> {
+        self.traits.clone().unwrap_or_else(|| {
+            let pairs: &[(&str, &str)] = match self.system {
+                CrmSystem::Salesforce => &[
+                    ("first_name", "FirstName"),
+                    ("last_name", "LastName"),
+                    ("account_id", "AccountId"),
+                ],
+                CrmSystem::Hubspot => &[
+                    ("first_name", "firstname"),
+                    ("last_name", "lastname"),
+                    ("company", "company"),
+                ],
+            };
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+    }
+}
+
+/// Where an `[[exports]]` entry goes.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportTarget {
+    /// Salesforce Bulk API 2.0 ingest CSV.
+    Salesforce,
+    /// HubSpot imports API CSV, with its import request JSON.
+    Hubspot,
+    /// Plain CSV.
+    Csv,
+    /// Parquet.
+    Parquet,
+}
+
+/// One `[[exports]]` entry: a segment written for a destination with every run.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSpec {
+    /// Names the export and its folder (`<output>/exports/<name>/<run_id>/`).
+    pub name: String,
+    /// The segment exported.
+    pub segment: String,
+    /// The destination's file layout.
+    pub target: ExportTarget,
+    /// Destination column → Tessera column (of the segment or `profiles`); default: the
+    /// target's standard contact columns.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// The destination column holding `profile_id`, the key an upsert matches on (default
+    /// `Tessera_Profile_Id__c` for Salesforce, `tessera_profile_id` for HubSpot).
+    #[serde(default)]
+    pub external_id: Option<String>,
+    /// CSV field delimiter: `,` (default), `;`, `|`, `\t`, `^` or `` ` ``.
+    #[serde(default)]
+    pub delimiter: Option<String>,
+    /// A file is cut before it would grow past this many bytes (default: the target's limit).
+    #[serde(default)]
+    pub max_file_bytes: Option<u64>,
+    /// Apply `--hash-pii` (identifiers and names hashed, other personal data left out).
+    #[serde(default)]
+    pub hash_pii: bool,
+    /// Also write the members who entered (`add`) and left (`remove`) in the run.
+    #[serde(default)]
+    pub changes: bool,
+}
+
+/// One ASCII character of a CSV option (`"\t"` written as a backslash and `t` is a tab too).
+pub fn csv_char(value: &str) -> Option<u8> {
+    match value {
+        "\\t" => Some(b'\t'),
+        v if v.len() == 1 && v.is_ascii() && v != "\n" && v != "\r" => v.bytes().next(),
+        _ => None,
     }
 }
 
@@ -947,6 +1204,43 @@ impl Project {
 
     /// The `.sql` files of one kind, in file-name order, read.
     pub fn query_files(&self, kind: &str) -> Result<Vec<QueryFile>> {
+        let mut files = self.sql_files(kind)?;
+        files.extend(self.crm_queries(kind));
+        Ok(files)
+    }
+
+    /// The queries `[sources.crm]` tables stand for: an identity query linking each contact's
+    /// id, email and phone, and a trait query putting its fields onto its profile. Their
+    /// `file` starts with `<` (no such file exists).
+    pub fn crm_queries(&self, kind: &str) -> Vec<QueryFile> {
+        let identifiers: Vec<&str> = self
+            .config
+            .identity
+            .identifiers
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        let mut out = Vec::new();
+        for source in &self.config.sources {
+            let Some(crm) = &source.crm else { continue };
+            let sql = match kind {
+                "identity" => crm.identity_sql(&source.name, &identifiers),
+                "traits" => crm.traits_sql(&source.name),
+                _ => continue,
+            };
+            out.push(QueryFile {
+                file: format!("<[sources.crm] of {}>", source.name),
+                sql,
+                path: self
+                    .queries_dir(kind)
+                    .join(format!("{}_crm.sql", source.name)),
+            });
+        }
+        out
+    }
+
+    /// The `.sql` files of one kind in the project's folder, in file-name order, read.
+    fn sql_files(&self, kind: &str) -> Result<Vec<QueryFile>> {
         let dir = self.queries_dir(kind);
         if !dir.exists() {
             return Ok(Vec::new());
@@ -1351,6 +1645,64 @@ impl Config {
                     format!("source \"{}\" is listed twice", source.name),
                 ));
             }
+            for (key, value) in [
+                ("delimiter", &source.csv.delimiter),
+                ("quote", &source.csv.quote),
+            ] {
+                if csv_char(value).is_none() {
+                    return Err(fail(
+                        format!("sources[{i}].csv.{key}"),
+                        format!("{value:?} is not one ASCII character: write e.g. \",\", \";\" or \"\\t\""),
+                    ));
+                }
+            }
+            if let Some(crm) = &source.crm {
+                let identifier = crm.identifier();
+                if !self
+                    .identity
+                    .identifiers
+                    .iter()
+                    .any(|t| t.name == identifier)
+                {
+                    return Err(fail(
+                        format!("sources[{i}].crm.identifier"),
+                        format!(
+                            "\"{identifier}\" is not an identifier type of [identity]: add [[identity.identifiers]] name = \"{identifier}\" (with limit = 1 if one contact is one person)"
+                        ),
+                    ));
+                }
+                for trait_name in crm.traits().keys() {
+                    if !is_sql_name(trait_name) {
+                        return Err(fail(
+                            format!("sources[{i}].crm.traits"),
+                            format!("\"{trait_name}\" is not a usable column name: use lowercase letters, digits and _, starting with a letter"),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut export_names = std::collections::HashSet::new();
+        for (i, export) in self.exports.iter().enumerate() {
+            if !is_sql_name(&export.name) || !export_names.insert(export.name.as_str()) {
+                return Err(fail(
+                    format!("exports[{i}].name"),
+                    format!("\"{}\" must be unique and use lowercase letters, digits and _, starting with a letter", export.name),
+                ));
+            }
+            if let Some(d) = &export.delimiter {
+                if !matches!(csv_char(d), Some(b',' | b';' | b'|' | b'\t' | b'^' | b'`')) {
+                    return Err(fail(
+                        format!("exports[{i}].delimiter"),
+                        format!("{d:?} is not a delimiter Salesforce Bulk API 2.0 takes: use \",\", \";\", \"|\", \"\\t\", \"^\" or \"`\""),
+                    ));
+                }
+            }
+            if export.max_file_bytes == Some(0) {
+                return Err(fail(
+                    format!("exports[{i}].max_file_bytes"),
+                    "must be at least 1".into(),
+                ));
+            }
         }
         for (key, value) in [
             ("storage.events", &self.storage.events),
@@ -1722,5 +2074,40 @@ mod tests {
         assert!(!is_sql_name("Crm"));
         assert!(!is_sql_name("1x"));
         assert!(!is_sql_name(""));
+    }
+
+    #[test]
+    fn crm_sources_and_exports_are_checked_by_key() {
+        let source = "[[sources]]\nname = \"crm\"\nlocation = \"x.csv\"\nformat = \"csv\"\n";
+        let (key, msg) = err(&format!("{source}[sources.crm]\nsystem = \"salesforce\"\n"));
+        assert_eq!(key.as_deref(), Some("sources[0].crm.identifier"), "{msg}");
+        assert!(msg.contains("salesforce_id"), "{msg}");
+        let ids = "[[identity.identifiers]]\nname = \"hubspot_id\"\n";
+        let c = parse(&format!(
+            "{source}[sources.crm]\nsystem = \"hubspot\"\n{ids}"
+        ))
+        .unwrap();
+        let crm = c.sources[0].crm.as_ref().unwrap();
+        assert_eq!(
+            (crm.id_column(), crm.modified_column()),
+            ("hs_object_id".into(), "lastmodifieddate".into())
+        );
+        let (key, _) = err(&format!("{source}[sources.csv]\ndelimiter = \";;\"\n"));
+        assert_eq!(key.as_deref(), Some("sources[0].csv.delimiter"));
+        assert_eq!(
+            parse(&format!("{source}[sources.csv]\ndelimiter = \"\\\\t\"\n"))
+                .unwrap()
+                .sources[0]
+                .csv
+                .delimiter,
+            "\\t"
+        );
+        let export = "[[exports]]\nname = \"sf\"\nsegment = \"s\"\ntarget = \"salesforce\"\n";
+        let (key, _) = err(&format!("{export}delimiter = \"#\"\n"));
+        assert_eq!(key.as_deref(), Some("exports[0].delimiter"));
+        let (key, _) = err(&format!("{export}{export}"));
+        assert_eq!(key.as_deref(), Some("exports[1].name"));
+        let (key, _) = err("[[exports]]\nname = \"x\"\nsegment = \"s\"\ntarget = \"marketo\"\n");
+        assert_eq!(key.as_deref(), Some("exports[0].target"));
     }
 }

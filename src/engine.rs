@@ -139,6 +139,11 @@ impl Engine {
             let key = format!("sources[{i}].location");
             let place = Place::open_with(&source.location, &project.dir, &key, retry)?;
             place.register(&ctx);
+            if source.format == crate::config::SourceFormat::Csv {
+                let batch = crate::sources::read_csv_source(&place, source, &key).await?;
+                ctx.register_batch(source.name.as_str(), batch)?;
+                continue;
+            }
             if source.format == crate::config::SourceFormat::Snowplow {
                 register_delta_source(&ctx, &place, &source.name, &key, &source.location).await?;
             } else if source.format.events().is_some() {

@@ -139,6 +139,20 @@ pub enum Error {
         message: String,
     },
 
+    /// A `[[sources]]` file that cannot be read as its format says (a ragged CSV row, bad
+    /// quoting, text that is not UTF-8). The run stops: a broken file must not silently vanish.
+    #[error("source `{source_name}`, {file} line {line}: {message}")]
+    SourceFile {
+        /// The `[[sources]]` table.
+        source_name: String,
+        /// The file, as its URL or path.
+        file: String,
+        /// The line (1-based) where the problem starts.
+        line: u64,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
     /// The command line asked for something that cannot be done.
     #[error("{0}")]
     Usage(String),
@@ -274,6 +288,7 @@ impl Error {
             | Error::Export { .. }
             | Error::Identifier { .. }
             | Error::Serve { .. }
+            | Error::SourceFile { .. }
             | Error::Usage(_) => 2,
             Error::Locked(_) => 3,
             Error::Internal(_) => 4,

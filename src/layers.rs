@@ -14,7 +14,7 @@ fn layer(unit: &str) -> Option<u8> {
     let top = unit.split("::").next().unwrap_or(unit);
     Some(match top {
         "config" | "digest" | "storage" | "tables" | "error" | "faults" | "metrics"
-        | "progress" => 0,
+        | "progress" | "sources" => 0,
         "sql" => 1,
         "engine" | "output" | "cluster" => 2,
         "stages" => 3,

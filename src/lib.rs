@@ -7,7 +7,7 @@
 //! `layers` fails on any import that points the other way, and on any cycle):
 //!
 //! 1. base: [`config`], [`digest`], [`storage`], [`tables`] (every table and column name), [`error`],
-//!    [`faults`], [`metrics`], [`progress`];
+//!    [`faults`], [`metrics`], [`progress`], [`sources`] (CSV source tables);
 //! 2. [`sql`]: the DataFusion extensions (functions, optimizer rules, JSON helpers), which
 //!    know no stage;
 //! 3. [`engine`] (the shared `SessionContext`) and, beside it, [`output`] (Delta writes,
@@ -25,6 +25,7 @@ pub mod error;
 pub mod faults;
 pub mod metrics;
 pub mod progress;
+pub mod sources;
 pub mod storage;
 pub mod tables;
 

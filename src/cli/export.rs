@@ -300,11 +300,12 @@ fn first_email(array: &ArrayRef) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Applies `--hash-pii` to every batch; fills in the summary's column lists.
-fn hash_pii(
+/// Applies `--hash-pii` to every batch of an export of `segment`; fills in the summary's
+/// column lists.
+pub(crate) fn hash_pii(
     batches: &mut [RecordBatch],
     engine: &Engine,
-    options: &ExportOptions,
+    segment: &str,
     out: &Path,
     summary: &mut ExportSummary,
 ) -> Result<()> {
@@ -357,7 +358,7 @@ fn hash_pii(
                              written. Say how to treat it in tessera.toml: [export.pii_columns] {} = \
                              \"email\" (or \"hash\", \"drop\", or \"keep\" to write it as it is)",
                             field.name(),
-                            options.segment,
+                            segment,
                             email.chars().count(),
                             field.name()
                         ),
@@ -432,7 +433,7 @@ pub fn check_out_path(project: &Project, out: &Path) -> Result<()> {
 /// CSV-ready batch: list columns joined with `;`, and (unless `raw`) every text cell and list
 /// element a spreadsheet would run as a formula given a leading `'`. Elements are neutralised
 /// one by one because spreadsheets set to `;` as the separator split joined lists into cells.
-fn csv_batch(batch: &RecordBatch, raw: bool, count: &mut u64) -> Result<RecordBatch> {
+pub(crate) fn csv_batch(batch: &RecordBatch, raw: bool, count: &mut u64) -> Result<RecordBatch> {
     let mut fields = Vec::new();
     let mut columns = Vec::new();
     for (field, array) in batch.schema().fields().iter().zip(batch.columns()) {
@@ -499,25 +500,27 @@ fn csv_batch(batch: &RecordBatch, raw: bool, count: &mut u64) -> Result<RecordBa
     )?)
 }
 
-/// Writes the export to `out`.
-pub async fn export_segment(
+/// A published segment's members joined with their `profiles` columns, in profile id order:
+/// what every export of the segment starts from. Registers the published tables first.
+pub async fn segment_frame(
     engine: &Engine,
-    options: &ExportOptions,
-    out: &Path,
-) -> Result<ExportSummary> {
-    check_out_path(&engine.project, out)?;
-    engine.register_outputs().await?;
+    segment: &str,
+) -> Result<datafusion::dataframe::DataFrame> {
+    // Every run writes `runs`: when it is there, an earlier export already registered the
+    // tables (registering them twice is an error).
+    if !engine.ctx.table_exist(tables::RUNS)? {
+        engine.register_outputs().await?;
+    }
     // register_outputs has just registered every published segment.
-    let reference =
-        datafusion::common::TableReference::partial(tables::SEGMENTS, options.segment.as_str());
+    let reference = datafusion::common::TableReference::partial(tables::SEGMENTS, segment);
     if !engine.ctx.table_exist(reference.clone())? {
         let known = engine.outputs.segment_names().await?;
         return Err(Error::Usage(format!(
             "no segment `{}` in {} (published segments: {}); add queries/segments/{}.sql and run `tessera run`",
-            options.segment,
+            segment,
             engine.outputs.place(),
             if known.is_empty() { "none".to_string() } else { known.join(", ") },
-            options.segment
+            segment
         )));
     }
     let segment_cols: Vec<String> = engine
@@ -563,9 +566,19 @@ pub async fn export_segment(
         "SELECT {} FROM {}.{} s{join} ORDER BY s.profile_id",
         select.join(", "),
         tables::SEGMENTS,
-        options.segment
+        segment
     );
-    let mut df = engine.ctx.sql(&sql).await?;
+    Ok(engine.ctx.sql(&sql).await?)
+}
+
+/// Writes the export to `out`.
+pub async fn export_segment(
+    engine: &Engine,
+    options: &ExportOptions,
+    out: &Path,
+) -> Result<ExportSummary> {
+    check_out_path(&engine.project, out)?;
+    let mut df = segment_frame(engine, &options.segment).await?;
     if !options.columns.is_empty() {
         let available: Vec<String> = df
             .schema()
@@ -590,7 +603,7 @@ pub async fn export_segment(
         ..ExportSummary::default()
     };
     if options.hash_pii {
-        hash_pii(&mut batches, engine, options, out, &mut summary)?;
+        hash_pii(&mut batches, engine, &options.segment, out, &mut summary)?;
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_incremental;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod crm_export;
 pub mod export;
 pub mod generate;
 pub mod plan_sql;
@@ -148,7 +149,7 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Export a segment's members for a campaign: CSV or Parquet.
+    /// Export a segment's members for a campaign or a CRM: CSV, Parquet, Salesforce or HubSpot import files.
     Export {
         /// What to export.
         #[command(subcommand)]
@@ -324,10 +325,11 @@ pub enum ExportWhat {
         /// The file format.
         #[arg(long, value_enum, default_value_t = crate::cli::export::ExportFormat::Csv)]
         format: crate::cli::export::ExportFormat,
-        /// The file to write.
+        /// The file to write (a folder with --to salesforce/hubspot or --changes-since).
         #[arg(long)]
         out: PathBuf,
-        /// Columns to keep, comma-separated (default: all).
+        /// Columns to keep, comma-separated (default: all); with --to salesforce/hubspot or
+        /// --changes-since, Destination=column pairs.
         #[arg(long, value_delimiter = ',')]
         columns: Vec<String>,
         /// Leave no personal data in clear: identifiers (emails trimmed and lowercased, phones in
@@ -340,6 +342,21 @@ pub enum ExportWhat {
         /// carriage return gets a leading ' so spreadsheets show it as text, not run it.
         #[arg(long)]
         raw: bool,
+        /// The destination: salesforce (Bulk API 2.0 CSV) or hubspot (import CSV and its
+        /// importRequest JSON) write a folder of files cut under the CRM's limits; csv and
+        /// parquet are --format's. See docs/crm.md.
+        #[arg(long, value_enum)]
+        to: Option<crate::cli::crm_export::ExportTo>,
+        /// Only who entered or left the segment since this run (a run_id of `runs`), as add
+        /// and remove files in the --out folder.
+        #[arg(long, value_name = "RUN_ID")]
+        changes_since: Option<String>,
+        /// Cut files before they grow past this many bytes (default: the destination's limit).
+        #[arg(long, value_name = "BYTES")]
+        max_file_bytes: Option<u64>,
+        /// CSV field delimiter of --to salesforce/csv folders: , ; | ^ ` or \t (default ,).
+        #[arg(long)]
+        delimiter: Option<String>,
     },
 }
 
@@ -440,6 +457,7 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     .clone()
                     .map(|a| (a, "run.cluster")),
             };
+            let exporting = (!project.config.exports.is_empty()).then(|| project.clone());
             let report = match cluster {
                 None => pipeline::run(project, &options, progress).await?,
                 #[cfg(feature = "cluster")]
@@ -454,6 +472,24 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                 }
             };
             print_report(&report, cli.json);
+            if let Some(project) = exporting {
+                // After publish, from the published tables: a scheduled run leaves the
+                // destinations' files beside them.
+                let engine = Engine::open(project).await?;
+                for (folder, summary) in
+                    crate::cli::crm_export::write_run_exports(&engine, &report.run_id).await?
+                {
+                    if !cli.json && !cli.quiet {
+                        println!(
+                            "export: {} files in {folder} ({} members, {} added, {} removed)",
+                            summary.files.len(),
+                            summary.rows,
+                            summary.added,
+                            summary.removed
+                        );
+                    }
+                }
+            }
             after_run_report(&project_dir, &report).await;
             Ok(0)
         }
@@ -596,9 +632,62 @@ async fn main_inner(cli: Cli) -> Result<i32> {
                     columns,
                     hash_pii,
                     raw,
+                    to,
+                    changes_since,
+                    max_file_bytes,
+                    delimiter,
                 },
         } => {
             let project = Project::load(&project_dir)?;
+            let crm = to.is_some_and(|t| t.plain_format().is_none());
+            if crm || changes_since.is_some() {
+                crate::cli::export::check_out_path(&project, &out)?;
+                let engine = Engine::open(project).await?;
+                let target = crate::cli::crm_export::ExportTo::target(to, format);
+                let export = crate::cli::crm_export::TargetExport::for_command(
+                    &engine.project,
+                    &name,
+                    target,
+                    &columns,
+                    hash_pii,
+                    raw,
+                    max_file_bytes,
+                    delimiter.as_deref(),
+                )?;
+                let members = match changes_since {
+                    Some(run) => crate::cli::crm_export::Members::Since(run),
+                    None => crate::cli::crm_export::Members::All,
+                };
+                let (files, summary) =
+                    crate::cli::crm_export::build(&engine, &export, &members).await?;
+                crate::cli::crm_export::write_local(&out, &files)?;
+                if cli.json {
+                    let mut report = serde_json::to_value(&summary).unwrap_or_default();
+                    report["out"] = serde_json::json!(out);
+                    println!("{report}");
+                } else if !cli.quiet {
+                    println!(
+                        "wrote {} files of {} to {} ({} members, {} added, {} removed)",
+                        summary.files.len(),
+                        name,
+                        out.display(),
+                        summary.rows,
+                        summary.added,
+                        summary.removed
+                    );
+                    if !summary.hashed.is_empty() {
+                        println!("  hashed (SHA-256): {}", summary.hashed.join(", "));
+                    }
+                    if !summary.dropped.is_empty() {
+                        println!(
+                            "  left out as personal data: {}",
+                            summary.dropped.join(", ")
+                        );
+                    }
+                }
+                return Ok(0);
+            }
+            let format = to.and_then(|t| t.plain_format()).unwrap_or(format);
             // Refused before the engine opens: nothing is read for a file that may not be written.
             crate::cli::export::check_out_path(&project, &out)?;
             let engine = Engine::open(project).await?;

@@ -319,7 +319,9 @@ async fn source_digest(engine: &Engine, name: &str) -> Result<String> {
         &engine.project.config.storage.retry,
     )?;
     let mut listing: Vec<String> = Vec::new();
-    let single = source.location.trim_end().ends_with(".parquet");
+    let single = source.location.trim_end().ends_with(".parquet")
+        || (source.format == crate::config::SourceFormat::Csv
+            && place.store.head(&place.prefix).await.is_ok());
     let metas: Vec<object_store::ObjectMeta> = if single {
         match place.store.head(&place.prefix).await {
             Ok(meta) => vec![meta],

@@ -5,6 +5,7 @@ mod cli;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod common;
+mod crm;
 mod export;
 mod faults;
 mod forget;

@@ -66,12 +66,16 @@ pub fn load_queries(engine: &Engine) -> Result<Vec<QueryFile>> {
         .map(|f| format!("queries/identity/{f}"))
         .collect();
     queries.retain(|q| !records.contains(&q.file.replace('\\', "/")));
-    if queries.is_empty() {
-        queries.push(QueryFile {
-            file: DEFAULT_QUERY.to_string(),
-            sql: default_query(&Rules::from_config(&engine.project.config.identity)),
-            path: engine.project.queries_dir("identity"),
-        });
+    // CRM contacts link among themselves; the events' own identifiers still need a query.
+    if queries.iter().all(|q| q.file.starts_with('<')) {
+        queries.insert(
+            0,
+            QueryFile {
+                file: DEFAULT_QUERY.to_string(),
+                sql: default_query(&Rules::from_config(&engine.project.config.identity)),
+                path: engine.project.queries_dir("identity"),
+            },
+        );
     }
     Ok(queries)
 }
