@@ -287,7 +287,8 @@ pub struct BenchArgs {
     /// Memory limit for both engines, e.g. 4GiB.
     #[arg(long, value_name = "SIZE")]
     pub memory_limit: Option<String>,
-    /// Also time an incremental run that adds the last 1% of the event files.
+    /// Also time a run that adds the newest 1% of the events as a new file, a run with
+    /// nothing new, and a `--full` run to compare its tables with.
     #[arg(long)]
     pub incremental: bool,
     /// The generator's data sets to run each size on, comma-separated: friendly (each
