@@ -489,77 +489,23 @@ fn model_value(p: &TempProject, parameter: &str) -> f64 {
     rows[0]["value"].as_f64().unwrap()
 }
 
+#[rustfmt::skip]
 const FIRST_CONTACTS: &[Contact] = &[
-    (
-        "c1",
-        Some("jon@example.com"),
-        "jon",
-        "smyth",
-        "1984-03-02",
-        "2000",
-    ),
-    (
-        "c2",
-        Some("john.smith@work.example"),
-        "john",
-        "smith",
-        "1984-02-03",
-        "2000",
-    ),
-    (
-        "c3",
-        Some("mary@example.com"),
-        "mary",
-        "jones",
-        "1990-07-21",
-        "2000",
-    ),
+    ("c1", Some("jon@example.com"), "jon", "smyth", "1984-03-02", "2000"),
+    ("c2", Some("john.smith@work.example"), "john", "smith", "1984-02-03", "2000"),
+    ("c3", Some("mary@example.com"), "mary", "jones", "1990-07-21", "2000"),
     ("c4", None, "jon", "smyth", "1984-03-02", "9999"),
 ];
 
 /// c1, c2 and c4 as before; c3 changed (Mary's surname), c5 and c6 new.
+#[rustfmt::skip]
 const LATER_CONTACTS: &[Contact] = &[
-    (
-        "c1",
-        Some("jon@example.com"),
-        "jon",
-        "smyth",
-        "1984-03-02",
-        "2000",
-    ),
-    (
-        "c2",
-        Some("john.smith@work.example"),
-        "john",
-        "smith",
-        "1984-02-03",
-        "2000",
-    ),
-    (
-        "c3",
-        Some("mary@example.com"),
-        "mary",
-        "jonas",
-        "1990-07-21",
-        "2000",
-    ),
+    ("c1", Some("jon@example.com"), "jon", "smyth", "1984-03-02", "2000"),
+    ("c2", Some("john.smith@work.example"), "john", "smith", "1984-02-03", "2000"),
+    ("c3", Some("mary@example.com"), "mary", "jonas", "1990-07-21", "2000"),
     ("c4", None, "jon", "smyth", "1984-03-02", "9999"),
-    (
-        "c5",
-        Some("m.jonas@example.com"),
-        "mary",
-        "jonas",
-        "1990-07-21",
-        "2000",
-    ),
-    (
-        "c6",
-        Some("js@example.com"),
-        "jon",
-        "smith",
-        "1984-03-02",
-        "9999",
-    ),
+    ("c5", Some("m.jonas@example.com"), "mary", "jonas", "1990-07-21", "2000"),
+    ("c6", Some("js@example.com"), "jon", "smith", "1984-03-02", "9999"),
 ];
 
 /// With the model fixed (m, u and prior given), a run after new and changed records arrive
