@@ -229,6 +229,7 @@ fn a_run_killed_at_any_write_publishes_all_or_nothing_and_the_next_run_recovers(
     let mut killed = 0;
     let mut mid_publish = 0;
     let mut partial_pinned = 0;
+    let mut sweep = Sweep::from_env();
     for (seed, stride) in [(11u64, 1usize), (12, 3), (13, 3)] {
         let base = s3_prefix();
         let template = format!("{base}/template");
@@ -248,7 +249,12 @@ fn a_run_killed_at_any_write_publishes_all_or_nothing_and_the_next_run_recovers(
         let q = project(&clean, lease);
         copy_dir(&p.events(), &q.events());
         let out = run(q.cmd(&run_args()).env("TESSERA_TEST_TRACE_WRITES", "1"));
-        let writes = stderr(&out).matches("tessera-write ").count();
+        let written: Vec<String> = stderr(&out)
+            .lines()
+            .filter(|l| l.starts_with("tessera-write "))
+            .map(str::to_string)
+            .collect();
+        let writes = written.len();
         ok(out);
         let after = fingerprints(&clean);
         assert!(
@@ -257,7 +263,7 @@ fn a_run_killed_at_any_write_publishes_all_or_nothing_and_the_next_run_recovers(
         );
         assert!(writes >= 20, "a run makes at least 20 writes: {writes}");
 
-        for point in (1..=writes).step_by(stride) {
+        for point in sweep_points(&written, stride, &mut sweep) {
             points_tried += 1;
             let trial = format!("{base}/kill{point}");
             copy_prefix(&template, &trial);
@@ -957,4 +963,61 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// Which kill points a crash sweep tries. Every one (each `stride`-th write) with
+/// `TESSERA_TEST_FULL_SWEEP=1`, which `scripts/full-sweeps.sh` sets; otherwise a sample drawn
+/// with a seed the test prints (`TESSERA_TEST_SWEEP_SEED` repeats it), so the suite stays
+/// within CI's time and every run still covers other points.
+struct Sweep {
+    full: bool,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Sweep {
+    fn from_env() -> Sweep {
+        use rand::SeedableRng;
+        let full = std::env::var_os("TESSERA_TEST_FULL_SWEEP").is_some();
+        let seed = std::env::var("TESSERA_TEST_SWEEP_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            });
+        eprintln!(
+            "crash sweep: {} (TESSERA_TEST_SWEEP_SEED={seed} repeats this sample; TESSERA_TEST_FULL_SWEEP=1 tries every write)",
+            if full { "every write" } else { "sampled" }
+        );
+        Sweep {
+            full,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+}
+
+/// The kill points (1-based write numbers) to try for a run that made `written` writes.
+/// Sampled: the first write, and four more before the publish starts; in the publish (from
+/// its first `_state/publish/` write to the end, where all-or-nothing is decided) its first
+/// two writes, its last, and three more.
+fn sweep_points(written: &[String], stride: usize, sweep: &mut Sweep) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let n = written.len();
+    if sweep.full {
+        return (1..=n).step_by(stride).collect();
+    }
+    let publish = written
+        .iter()
+        .position(|w| w.contains("_state/publish/"))
+        .map_or(n, |i| i + 1);
+    let before: Vec<usize> = (2..publish).collect();
+    let during: Vec<usize> = (publish + 2..n).collect();
+    let mut points = vec![1, publish, publish + 1, n];
+    points.extend(before.choose_multiple(&mut sweep.rng, 4));
+    points.extend(during.choose_multiple(&mut sweep.rng, 3));
+    points.retain(|&p| (1..=n).contains(&p));
+    points.sort_unstable();
+    points.dedup();
+    points
 }
