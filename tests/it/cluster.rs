@@ -279,35 +279,45 @@ fn walk(dir: &Path) -> impl Iterator<Item = PathBuf> {
     files.into_iter()
 }
 
+/// `tessera run --cluster` started in the background (`verbosity`: `-v` or `--quiet`), its
+/// output piped.
+fn spawn_cluster_run(p: &TempProject, cluster: &Cluster, verbosity: &str) -> Child {
+    p.cmd(&[
+        "run",
+        "--json",
+        verbosity,
+        "--as-of",
+        AS_OF,
+        "--cluster",
+        &cluster.address,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// Waits until the executor working in `work_dir` holds shuffle output of a running job.
+fn wait_for_task(work_dir: &Path) {
+    let start = Instant::now();
+    while !any_file(work_dir) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the executor got no task"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn an_executor_killed_mid_run_costs_a_retry_not_a_wrong_table() {
     let local = project(400, 11);
     let remote = copy_of(&local);
     let mut cluster = Cluster::start(2);
     let a = local_run(&local);
-    let mut child = remote
-        .cmd(&[
-            "run",
-            "--json",
-            "-v",
-            "--as-of",
-            AS_OF,
-            "--cluster",
-            &cluster.address,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_cluster_run(&remote, &cluster, "-v");
     // Killed as soon as it holds shuffle output of this run: later stages need it.
-    let start = Instant::now();
-    while !any_file(&cluster.work_dirs[0]) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "executor 0 got no task"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_task(&cluster.work_dirs[0]);
     cluster.executors[0].kill().unwrap();
     cluster.executors[0].wait().unwrap();
     assert!(
@@ -377,28 +387,8 @@ fn a_scheduler_killed_mid_run_fails_the_run_and_publishes_nothing() {
     let local = project(400, 12);
     let remote = copy_of(&local);
     let mut cluster = Cluster::start(1);
-    let mut child = remote
-        .cmd(&[
-            "run",
-            "--json",
-            "--quiet",
-            "--as-of",
-            AS_OF,
-            "--cluster",
-            &cluster.address,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !any_file(&cluster.work_dirs[0]) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the executor got no task"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut child = spawn_cluster_run(&remote, &cluster, "--quiet");
+    wait_for_task(&cluster.work_dirs[0]);
     cluster.scheduler.kill().unwrap();
     cluster.scheduler.wait().unwrap();
     let killed = Instant::now();
