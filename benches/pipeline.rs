@@ -4,8 +4,9 @@
 //! Settings (environment):
 //! - TESSERA_BENCH_SIZES: event counts, comma-separated (default `1M,10M`; `100M` takes
 //!   about half an hour the first time, most of it generating the events).
-//! - TESSERA_BENCH_PYTHON: Python with the duckdb package (default `.venv/bin/python`, the
-//!   one `scripts/test.sh` installs); the DuckDB baseline is skipped when it is missing.
+//! - TESSERA_BENCH_PYTHON: a Python with the packages of benches/requirements.txt (default
+//!   `.venv/bin/python`); the DuckDB baseline is skipped when it is missing, and reported as
+//!   failed when it lacks NumPy or SciPy.
 //! - TESSERA_BENCH_MEMORY_LIMIT: a memory limit for both engines, e.g. `4GiB`.
 //! - TESSERA_BENCH_INCREMENTAL=0 skips the incremental run.
 //! - TESSERA_BENCH_DATA: the generator's data sets, comma-separated (default
@@ -41,7 +42,7 @@ fn main() {
         data_sets: common::data_sets(),
     };
     if options.python.is_none() {
-        eprintln!("no Python with duckdb (run scripts/test.sh once, or set TESSERA_BENCH_PYTHON): skipping the DuckDB baseline");
+        eprintln!("no Python for the DuckDB baseline (set TESSERA_BENCH_PYTHON to one with benches/requirements.txt): skipping the DuckDB baseline");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -281,7 +281,7 @@ pub struct BenchArgs {
     /// Where bench.csv and bench.md go (default: the data folder).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Python with the duckdb package: also run the DuckDB baseline.
+    /// Python with the packages of benches/requirements.txt: also run the DuckDB baseline.
     #[arg(long, value_name = "PYTHON")]
     pub duckdb: Option<PathBuf>,
     /// Memory limit for both engines, e.g. 4GiB.
