@@ -295,8 +295,10 @@ fn bench_measures_every_stage_of_both_engines_and_writes_csv_and_markdown() {
             "events",
             "identity",
             "resolved_events",
+            "journeys",
             "profiles",
             "segments",
+            "reports",
             "total"
         ]
     );
