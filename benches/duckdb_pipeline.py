@@ -118,7 +118,10 @@ def main():
     spill = os.path.join(work, "spill")
     os.makedirs(out)
     os.makedirs(spill)
-    con = duckdb.connect(os.path.join(work, "bench.duckdb"))
+    # An in-memory database, spilling to `spill`: a database file makes every intermediate
+    # table a compressed write to disk, which roughly doubled the event stages here, and the
+    # inputs fit in memory at the sizes the bench runs.
+    con = duckdb.connect(":memory:")
     con.execute(f"SET threads = {args.threads}")
     con.execute(f"SET temp_directory = '{spill}'")
     con.execute("SET preserve_insertion_order = false")
@@ -152,9 +155,13 @@ def main():
     """)
     rows_read = count("checked")
     con.execute("CREATE TABLE rejected AS SELECT * FROM checked WHERE reason IS NOT NULL")
+    # One row per message_id through the row ids: grouping the ids alone is several times
+    # cheaper than DISTINCT ON over whole rows. Exact redeliveries are identical, so which
+    # copy stays does not matter.
     con.execute("""
         CREATE TABLE events AS
-        SELECT DISTINCT ON (message_id) * EXCLUDE (reason) FROM checked WHERE reason IS NULL
+        SELECT * EXCLUDE (reason) FROM checked
+        WHERE rowid IN (SELECT min(rowid) FROM checked WHERE reason IS NULL GROUP BY message_id)
     """)
     con.execute("DROP TABLE checked")
     copy("rejected", "rejected_events")
