@@ -355,7 +355,7 @@ pub struct RunConfig {
     pub cluster: Option<String>,
     /// Above this many distinct identity links, connected components are found by rounds of
     /// SQL (on the cluster when there is one) instead of the union-find in this process's
-    /// memory; see docs/cluster.md. Default: 200,000,000.
+    /// memory; see docs/cluster.md. Default: unset, always the union-find.
     pub cluster_identity_above: Option<u64>,
 }
 

@@ -1,5 +1,7 @@
 //! Connected components of the identity graph as rounds of SQL (large-star/small-star,
-//! Kiveris et al. 2014), for graphs with more links than `run.cluster_identity_above`.
+//! Kiveris et al. 2014), for graphs with more links than `run.cluster_identity_above` (unset
+//! by default: the driver still holds every identifier and link, so this first step moves the
+//! component search to the cluster without lowering the driver's memory).
 //!
 //! The union-find keeps a few arrays per identifier and walks every link on one core of the
 //! driver. Past the limit the links that can join identifiers (those of no blocklisted or
@@ -26,27 +28,20 @@ use super::graph::{Node, Prepared, Resolution, Resolver};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 
-/// `run.cluster_identity_above` when unset: distinct links past which identity groups by
-/// SQL rounds.
-pub const DEFAULT_ABOVE: u64 = 200_000_000;
-
 /// Rounds after which the SQL is taken as broken: the rounds need O(log² n) of them.
 const MAX_ROUNDS: usize = 100;
 
 /// Links per Parquet file: several files let the scans of a round run as several tasks.
 const FILE_ROWS: usize = 1 << 21;
 
-/// Resolves the links read into `resolver`: by the union-find when there are at most
-/// `run.cluster_identity_above` distinct links, else by SQL rounds and the union-find over
-/// the groups that reach a per-type limit. Either way the same [`Resolution`].
+/// Resolves the links read into `resolver`: by the union-find unless there are more than
+/// `run.cluster_identity_above` distinct links (unset: never), else by SQL rounds and the
+/// union-find over the groups that reach a per-type limit. Either way the same [`Resolution`].
 pub async fn resolve(engine: &Engine, resolver: Resolver) -> Result<Resolution> {
+    let Some(above) = engine.project.config.run.cluster_identity_above else {
+        return Ok(resolver.resolve());
+    };
     let prepared = resolver.prepare();
-    let above = engine
-        .project
-        .config
-        .run
-        .cluster_identity_above
-        .unwrap_or(DEFAULT_ABOVE);
     if prepared.link_count() as u64 <= above {
         return Ok(prepared.apply());
     }
