@@ -438,18 +438,20 @@ fn identity_rounds_on_a_cluster_give_the_local_runs_tables() {
     ok(out);
     let line = rounds_line(&log).unwrap_or_else(|| panic!("the rounds did not run:\n{log}"));
     assert!(line["fields"]["rounds"].as_u64().unwrap() > 1, "{line}");
-    // The rounds' queries (over the scratch folder's edges) went to the executors.
-    let sent = log
+    // The rounds' queries over the scratch folder's edges went to the executors, and so did
+    // the copies that write each round's edges for the next (executors writing Parquet).
+    let sent: Vec<String> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| {
-            l["fields"]["message"] == "query sent to the cluster"
-                && l["fields"]["plan"]
-                    .as_str()
-                    .is_some_and(|p| p.contains("identity_rounds_"))
-        })
-        .count();
-    assert!(sent >= 2, "no round ran on the cluster:\n{log}");
+        .filter(|l| l["fields"]["message"] == "query sent to the cluster")
+        .filter_map(|l| l["fields"]["plan"].as_str().map(str::to_string))
+        .filter(|p| p.contains("identity_rounds_"))
+        .collect();
+    let copies = sent.iter().filter(|p| p.starts_with("CopyTo")).count();
+    assert!(
+        copies >= 4 && sent.len() > copies,
+        "the rounds did not run on the cluster:\n{sent:#?}"
+    );
     for sql in IDENTITY_TABLES {
         let (x, y) = (local.query(sql), remote.query(sql));
         assert!(x.len() > 5, "{sql}: {}", x.len());

@@ -13,8 +13,9 @@
 //! driver, over their own links only ([`Prepared::apply_grouped`]), which gives exactly the
 //! single-machine grouping, refusals, profile ids and merges.
 //!
-//! The driver streams each round's result back and writes it (Ballista 55 has no distributed
-//! write, see docs/cluster.md), so a round moves its links over the network twice.
+//! Each round's result is written by a `COPY` into the next round's folder: on a cluster the
+//! executors write it (the cluster planner sends copies into the shared
+//! scratch folder), so only the first links and the final labels pass through the driver.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -187,19 +188,23 @@ async fn register(ctx: &SessionContext, folder: &Path) -> Result<String> {
 }
 
 /// Runs `sql` (reading `{input}`, the folder `input`) and writes its rows into the Parquet
-/// folder `output`.
+/// folder `output`: a `COPY`, which on a cluster the executors write (the scratch folder is
+/// shared), so a round's edges never pass through the driver.
 async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str) -> Result<()> {
     let table = register(ctx, input).await?;
-    let mut stream = ctx
-        .sql(&sql.replace("{input}", &table))
+    let mut options = datafusion::config::TableParquetOptions::default();
+    // Read once by the next query: LZ4 is cheaper than the default zstd for that.
+    options.global.compression = Some("lz4_raw".into());
+    ctx.sql(&sql.replace("{input}", &table))
         .await?
-        .execute_stream()
+        .write_parquet(
+            &format!("{}/", output.display()),
+            datafusion::dataframe::DataFrameWriteOptions::new(),
+            Some(options),
+        )
         .await?;
-    let mut out = Files::create(output)?;
-    while let Some(batch) = stream.next().await {
-        out.write(&batch?)?;
-    }
-    out.close()?;
+    // An empty result may leave no file, and no folder, to list.
+    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     ctx.deregister_table(&table)?;
     Ok(())
 }
