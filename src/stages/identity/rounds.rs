@@ -48,7 +48,11 @@ pub async fn resolve(engine: &Engine, resolver: Resolver) -> Result<Resolution> 
     }
     let started = std::time::Instant::now();
     let folder = engine.scratch_folder("identity-rounds-")?;
-    let (groups, rounds) = components(&engine.ctx, folder.path(), &prepared).await?;
+    let limit = Some((
+        engine.limits.query_timeout,
+        engine.limits.query_timeout_text.as_str(),
+    ));
+    let (groups, rounds) = components(&engine.ctx, folder.path(), &prepared, limit).await?;
     tracing::info!(
         links = prepared.link_count(),
         identifiers = prepared.len(),
@@ -63,11 +67,13 @@ pub async fn resolve(engine: &Engine, resolver: Resolver) -> Result<Resolution> 
 
 /// The connected component of every node of `prepared` over its joining links, as a node of
 /// that component, found by SQL rounds through Parquet folders under `dir`; and how many
-/// rounds it took.
+/// rounds it took. `limit` is `run.query_timeout` (and its text for the error), which each
+/// query of the rounds must finish within.
 pub async fn components(
     ctx: &SessionContext,
     dir: &Path,
     prepared: &Prepared,
+    limit: Option<(std::time::Duration, &str)>,
 ) -> Result<(Vec<Node>, usize)> {
     let mut groups: Vec<Node> = (0..prepared.len() as Node).collect();
     let first = dir.join("links");
@@ -85,16 +91,32 @@ pub async fn components(
         }
         rounds += 1;
         let large = dir.join(format!("large-{rounds}"));
-        query_into(ctx, &current, &large, LARGE_STAR).await?;
+        within(
+            limit,
+            format!("identity rounds: large-star of round {rounds}"),
+            Box::pin(query_into(ctx, &current, &large, LARGE_STAR)),
+        )
+        .await?;
         let small = dir.join(format!("small-{rounds}"));
-        query_into(ctx, &large, &small, SMALL_STAR).await?;
+        within(
+            limit,
+            format!("identity rounds: small-star of round {rounds}"),
+            Box::pin(query_into(ctx, &large, &small, SMALL_STAR)),
+        )
+        .await?;
         // Each round's input is read by the next queries only.
         let _ = std::fs::remove_dir_all(&large);
         if rounds > 1 {
             let _ = std::fs::remove_dir_all(&current);
         }
         current = small;
-        if not_stars(ctx, &current).await? == 0 {
+        let open = within(
+            limit,
+            format!("identity rounds: the check of round {rounds}"),
+            Box::pin(async { not_stars(ctx, &current).await.map(|n| n as usize) }),
+        )
+        .await?;
+        if open == 0 {
             break;
         }
     }
@@ -122,6 +144,28 @@ pub async fn components(
     }
     ctx.deregister_table(&table)?;
     Ok((groups, rounds))
+}
+
+type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize>> + 'a>>;
+
+/// Runs `work`, the query `what`, within `limit` if there is one: past it the query is dropped
+/// (cancelling its streams) and the run fails naming it, as [`Engine::in_time`] does for the
+/// run's other queries.
+async fn within(
+    limit: Option<(std::time::Duration, &str)>,
+    what: String,
+    work: Work<'_>,
+) -> Result<usize> {
+    let Some((limit, text)) = limit else {
+        return work.await;
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done,
+        Err(_) => Err(Error::QueryTimeout {
+            query: what,
+            limit: text.to_string(),
+        }),
+    }
 }
 
 /// Large-star: every node's larger neighbours move to the smallest of the node and its
@@ -190,7 +234,7 @@ async fn register(ctx: &SessionContext, folder: &Path) -> Result<String> {
 /// Runs `sql` (reading `{input}`, the folder `input`) and writes its rows into the Parquet
 /// folder `output`: a `COPY`, which on a cluster the executors write (the scratch folder is
 /// shared), so a round's edges never pass through the driver.
-async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str) -> Result<()> {
+async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str) -> Result<usize> {
     let table = register(ctx, input).await?;
     let mut options = datafusion::config::TableParquetOptions::default();
     // Read once by the next query: LZ4 is cheaper than the default zstd for that.
@@ -206,7 +250,7 @@ async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str
     // An empty result may leave no file, and no folder, to list.
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     ctx.deregister_table(&table)?;
-    Ok(())
+    Ok(0)
 }
 
 /// Writes `links` as (u, v) edges, the larger node first, into the Parquet folder `folder`;
@@ -379,7 +423,7 @@ mod tests {
             let prepared = resolver(&rows).prepare();
             let dir = tempfile::tempdir().unwrap();
             let ctx = SessionContext::new();
-            let (groups, _) = rt.block_on(components(&ctx, dir.path(), &prepared)).unwrap();
+            let (groups, _) = rt.block_on(components(&ctx, dir.path(), &prepared, None)).unwrap();
             let got = described(&prepared.apply_grouped(&groups).unwrap());
             prop_assert_eq!(got, expected);
         }
@@ -400,7 +444,7 @@ mod tests {
         }
         let prepared = r.prepare();
         let dir = tempfile::tempdir().unwrap();
-        let (groups, rounds) = components(&SessionContext::new(), dir.path(), &prepared)
+        let (groups, rounds) = components(&SessionContext::new(), dir.path(), &prepared, None)
             .await
             .unwrap();
         assert!(rounds > 1, "{rounds}");
