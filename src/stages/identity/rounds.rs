@@ -113,7 +113,7 @@ pub async fn components(
         let open = within(
             limit,
             format!("identity rounds: the check of round {rounds}"),
-            Box::pin(async { not_stars(ctx, &current).await.map(|n| n as usize) }),
+            Box::pin(not_stars(ctx, &current)),
         )
         .await?;
         if open == 0 {
@@ -146,16 +146,16 @@ pub async fn components(
     Ok((groups, rounds))
 }
 
-type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<usize>> + 'a>>;
+type Work<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>> + 'a>>;
 
 /// Runs `work`, the query `what`, within `limit` if there is one: past it the query is dropped
 /// (cancelling its streams) and the run fails naming it, as [`Engine::in_time`] does for the
 /// run's other queries.
-async fn within(
+async fn within<T>(
     limit: Option<(std::time::Duration, &str)>,
     what: String,
-    work: Work<'_>,
-) -> Result<usize> {
+    work: Work<'_, T>,
+) -> Result<T> {
     let Some((limit, text)) = limit else {
         return work.await;
     };
@@ -234,7 +234,7 @@ async fn register(ctx: &SessionContext, folder: &Path) -> Result<String> {
 /// Runs `sql` (reading `{input}`, the folder `input`) and writes its rows into the Parquet
 /// folder `output`: a `COPY`, which on a cluster the executors write (the scratch folder is
 /// shared), so a round's edges never pass through the driver.
-async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str) -> Result<usize> {
+async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str) -> Result<()> {
     let table = register(ctx, input).await?;
     let mut options = datafusion::config::TableParquetOptions::default();
     // Read once by the next query: LZ4 is cheaper than the default zstd for that.
@@ -250,7 +250,7 @@ async fn query_into(ctx: &SessionContext, input: &Path, output: &Path, sql: &str
     // An empty result may leave no file, and no folder, to list.
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     ctx.deregister_table(&table)?;
-    Ok(0)
+    Ok(())
 }
 
 /// Writes `links` as (u, v) edges, the larger node first, into the Parquet folder `folder`;
