@@ -62,6 +62,12 @@ fn identity_by_sql_rounds_gives_the_union_finds_tables() {
     // More than one round: the components were not settled by the first.
     assert!(line["fields"]["rounds"].as_u64().unwrap() > 1, "{line}");
     assert!(line["fields"]["links"].as_u64().unwrap() > 50, "{line}");
+    // Some groups were over a per-type limit and resolved link by link, most were not.
+    let limited = line["fields"]["over_a_limit"].as_u64().unwrap();
+    assert!(
+        limited > 0 && limited < line["fields"]["identifiers"].as_u64().unwrap() / 2,
+        "{line}"
+    );
     for sql in IDENTITY_TABLES {
         let (x, y) = (under.query(sql), over.query(sql));
         assert!(x.len() > 5, "{sql}: {}", x.len());

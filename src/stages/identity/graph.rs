@@ -787,7 +787,7 @@ impl Resolver {
 
     /// Applies the rules to every link and returns the resolved graph.
     pub fn resolve(self) -> Resolution {
-        self.prepare().apply_within(None)
+        self.prepare().apply_within(None).0
     }
 
     /// The links ready to apply: one per pair as first seen, values over `max_links` found,
@@ -880,7 +880,7 @@ impl Prepared {
     /// Applies the links in order under the per-type limits and returns the resolved graph,
     /// as [`Resolver::resolve`] does.
     pub fn apply(self) -> Resolution {
-        self.apply_within(None)
+        self.apply_within(None).0
     }
 
     /// [`Prepared::apply`], given the connected component of every node over
@@ -892,8 +892,12 @@ impl Prepared {
     /// resolved link by link here, and their links touch no other group, so applying just
     /// theirs in the same order refuses exactly the links that applying every link would:
     /// the result is [`Prepared::apply`]'s (a test keeps it so). Labels that are not nodes
-    /// are an error saying so.
-    pub fn apply_grouped(self, groups: &[Node]) -> std::result::Result<Resolution, String> {
+    /// are an error saying so. Also returns how many identifiers were in groups resolved
+    /// link by link.
+    pub fn apply_grouped(
+        self,
+        groups: &[Node],
+    ) -> std::result::Result<(Resolution, usize), String> {
         let n = self.ids.len();
         if groups.len() != n {
             return Err(format!(
@@ -909,7 +913,7 @@ impl Prepared {
         Ok(self.apply_within(Some(groups)))
     }
 
-    fn apply_within(self, groups: Option<&[Node]>) -> Resolution {
+    fn apply_within(self, groups: Option<&[Node]>) -> (Resolution, usize) {
         let Prepared {
             rules,
             ids,
@@ -1015,14 +1019,21 @@ impl Prepared {
                 _ => uf.find(i),
             })
             .collect();
-        Resolution {
-            rules,
-            ids,
-            shared,
-            component,
-            accepted,
-            refused,
-        }
+        let linked_one_by_one = match groups {
+            Some(_) => (0..n as Node).filter(|&i| exact(i)).count(),
+            None => n,
+        };
+        (
+            Resolution {
+                rules,
+                ids,
+                shared,
+                component,
+                accepted,
+                refused,
+            },
+            linked_one_by_one,
+        )
     }
 }
 

@@ -53,16 +53,21 @@ pub async fn resolve(engine: &Engine, resolver: Resolver) -> Result<Resolution> 
         engine.limits.query_timeout_text.as_str(),
     ));
     let (groups, rounds) = components(&engine.ctx, folder.path(), &prepared, limit).await?;
+    let (links, identifiers) = (prepared.link_count(), prepared.len());
+    let (resolution, over_a_limit) = prepared
+        .apply_grouped(&groups)
+        .map_err(|e| Error::Internal(format!("identity rounds: {e}")))?;
+    // `over_a_limit`: identifiers of groups over a per-type limit, resolved link by link on
+    // this machine; when they are most of the graph, the rounds saved little.
     tracing::info!(
-        links = prepared.link_count(),
-        identifiers = prepared.len(),
+        links,
+        identifiers,
+        over_a_limit,
         rounds,
         ms = started.elapsed().as_millis() as u64,
         "identity: connected components by SQL rounds (more links than run.cluster_identity_above = {above})"
     );
-    prepared
-        .apply_grouped(&groups)
-        .map_err(|e| Error::Internal(format!("identity rounds: {e}")))
+    Ok(resolution)
 }
 
 /// The connected component of every node of `prepared` over its joining links, as a node of
@@ -424,7 +429,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let ctx = SessionContext::new();
             let (groups, _) = rt.block_on(components(&ctx, dir.path(), &prepared, None)).unwrap();
-            let got = described(&prepared.apply_grouped(&groups).unwrap());
+            let got = described(&prepared.apply_grouped(&groups).unwrap().0);
             prop_assert_eq!(got, expected);
         }
     }
