@@ -353,6 +353,10 @@ pub struct RunConfig {
     /// A cluster scheduler (`df://HOST:PORT`) to run on; default: this machine alone.
     /// `--cluster` overrides it. See docs/cluster.md.
     pub cluster: Option<String>,
+    /// Above this many distinct identity links, connected components are found by rounds of
+    /// SQL (on the cluster when there is one) instead of the union-find in this process's
+    /// memory; see docs/cluster.md. Default: unset, always the union-find.
+    pub cluster_identity_above: Option<u64>,
 }
 
 impl Default for RunConfig {
@@ -365,6 +369,7 @@ impl Default for RunConfig {
             retention_hours: 168,
             query_timeout: "30m".into(),
             cluster: None,
+            cluster_identity_above: None,
         }
     }
 }

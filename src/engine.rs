@@ -200,6 +200,15 @@ impl Engine {
         })
     }
 
+    /// A new folder in this engine's scratch folder, removed when dropped: under
+    /// `run.spill_dir`, so on a cluster the executors read what the driver writes there.
+    pub fn scratch_folder(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.scratch.path())
+            .map_err(|e| Error::io(self.scratch.path(), e))
+    }
+
     /// Makes [`Engine::materialise_events`] always write the Parquet copy (a cluster's
     /// executors can read that, not the driver's memory).
     pub fn keep_events_on_disk(&self) {

@@ -157,6 +157,10 @@ pub fn client_context(
         Arc::new(cluster),
         deltalake::delta_datafusion::planner::DeltaPlanner::new(),
         driver_only,
+        limits
+            .spill_dir
+            .as_ref()
+            .map(|dir| dir.to_string_lossy().into_owned()),
         functions,
         address.to_string(),
     ));

@@ -423,3 +423,41 @@ fn a_scheduler_killed_mid_run_fails_the_run_and_publishes_nothing() {
     cluster_run(&remote, &cluster);
     assert_same_tables(&local, &remote);
 }
+
+/// Identity past `run.cluster_identity_above` on a cluster: the rounds' queries run on the
+/// executors and the identity tables are a local union-find run's.
+#[test]
+fn identity_rounds_on_a_cluster_give_the_local_runs_tables() {
+    use crate::identity_rounds::{adversarial_identity_project, rounds_line, IDENTITY_TABLES};
+    let local = adversarial_identity_project(300, 32, "");
+    let remote = adversarial_identity_project(300, 32, "cluster_identity_above = 50");
+    let cluster = Cluster::start(2);
+    local.run_json();
+    let out = run(&mut remote.cmd(&["run", "--json", "-vv", "--cluster", &cluster.address]));
+    let log = stderr(&out);
+    ok(out);
+    let line = rounds_line(&log).unwrap_or_else(|| panic!("the rounds did not run:\n{log}"));
+    assert!(line["fields"]["rounds"].as_u64().unwrap() > 1, "{line}");
+    // The rounds' queries over the scratch folder's edges went to the executors, and so did
+    // the copies that write each round's edges for the next (executors writing Parquet).
+    let sent: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "query sent to the cluster")
+        .filter_map(|l| l["fields"]["plan"].as_str().map(str::to_string))
+        .filter(|p| p.contains("identity_rounds_"))
+        .collect();
+    let copies = sent.iter().filter(|p| p.starts_with("CopyTo")).count();
+    assert!(
+        copies >= 4 && sent.len() > copies,
+        "the rounds did not run on the cluster:\n{sent:#?}"
+    );
+    for sql in IDENTITY_TABLES {
+        let (x, y) = (local.query(sql), remote.query(sql));
+        assert!(x.len() > 5, "{sql}: {}", x.len());
+        assert!(
+            x == y,
+            "{sql}: the cluster's rounds differ from the local union-find"
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod generator_knobs;
 mod graph;
 mod identity;
 mod identity_props;
+mod identity_rounds;
 mod incremental;
 mod ingest;
 mod journeys;

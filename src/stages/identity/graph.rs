@@ -787,6 +787,13 @@ impl Resolver {
 
     /// Applies the rules to every link and returns the resolved graph.
     pub fn resolve(self) -> Resolution {
+        self.prepare().apply_within(None).0
+    }
+
+    /// The links ready to apply: one per pair as first seen, values over `max_links` found,
+    /// in time order (ties broken by the identifiers themselves, so arrival order never
+    /// matters).
+    pub fn prepare(self) -> Prepared {
         let Resolver {
             rules,
             ids,
@@ -817,7 +824,6 @@ impl Resolver {
             }
         }
 
-        // Time order; ties broken by the identifiers themselves, so arrival order never matters.
         let key = |n: Node| (ids.kind(n), ids.bytes(n));
         links.sort_unstable_by(|a, b| {
             a.seen_at
@@ -825,16 +831,136 @@ impl Resolver {
                 .then_with(|| key(a.top).cmp(&key(b.top)))
                 .then_with(|| key(a.low).cmp(&key(b.low)))
         });
+        Prepared {
+            rules,
+            ids,
+            links,
+            shared,
+            dropped,
+        }
+    }
+}
 
+/// A graph's links deduplicated, checked against `max_links` and in the order they apply
+/// ([`Resolver::prepare`]); [`Prepared::apply`] groups them.
+pub struct Prepared {
+    rules: Rules,
+    ids: Interner,
+    links: Vec<Link>,
+    shared: Vec<bool>,
+    dropped: Vec<Refusal>,
+}
+
+impl Prepared {
+    /// How many identifiers there are (node ids are below this).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when no identifier was seen.
+    pub fn is_empty(&self) -> bool {
+        self.ids.len() == 0
+    }
+
+    /// How many distinct links there are, shared values' included.
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The links that can join identifiers: those of no shared value. Blocklisted and
+    /// malformed values never became nodes, so these are the links that survive every rule
+    /// but the per-type limits.
+    pub fn joining_links(&self) -> impl Iterator<Item = (Node, Node)> + '_ {
+        self.links
+            .iter()
+            .filter(|l| !self.shared[l.low as usize] && !self.shared[l.top as usize])
+            .map(|l| (l.low, l.top))
+    }
+
+    /// Applies the links in order under the per-type limits and returns the resolved graph,
+    /// as [`Resolver::resolve`] does.
+    pub fn apply(self) -> Resolution {
+        self.apply_within(None).0
+    }
+
+    /// [`Prepared::apply`], given the connected component of every node over
+    /// [`Prepared::joining_links`] with no limits, as a node of that component (one label
+    /// per component, e.g. its smallest node).
+    ///
+    /// A group holding no more values of a limited type than the limit allows takes all of
+    /// its links: no union inside it can break a limit. Only the groups over a limit are
+    /// resolved link by link here, and their links touch no other group, so applying just
+    /// theirs in the same order refuses exactly the links that applying every link would:
+    /// the result is [`Prepared::apply`]'s (a test keeps it so). Labels that are not nodes
+    /// are an error saying so. Also returns how many identifiers were in groups resolved
+    /// link by link.
+    pub fn apply_grouped(
+        self,
+        groups: &[Node],
+    ) -> std::result::Result<(Resolution, usize), String> {
+        let n = self.ids.len();
+        if groups.len() != n {
+            return Err(format!(
+                "{} component labels for {n} identifiers",
+                groups.len()
+            ));
+        }
+        if let Some(bad) = groups.iter().find(|&&c| c as usize >= n) {
+            return Err(format!(
+                "component label {bad} is not an identifier (there are {n})"
+            ));
+        }
+        Ok(self.apply_within(Some(groups)))
+    }
+
+    fn apply_within(self, groups: Option<&[Node]>) -> (Resolution, usize) {
+        let Prepared {
+            rules,
+            ids,
+            links,
+            shared,
+            dropped,
+        } = self;
+        let n = ids.len();
         let limited: Vec<(u8, u32)> = rules
             .types
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.limit.map(|l| (i as u8, l)))
             .collect();
+        let slot_of = |node: usize| {
+            limited
+                .iter()
+                .position(|(t, _)| *t == ids.kind(node as Node))
+        };
+
+        // Per group: whether it must be resolved link by link.
+        let over: Option<Vec<bool>> = match groups {
+            None => None,
+            Some(g) => {
+                let w = limited.len();
+                let mut counts = vec![0u32; n * w];
+                let mut over = vec![false; n];
+                for (i, &c) in g.iter().enumerate() {
+                    if let Some(slot) = slot_of(i) {
+                        let count = &mut counts[c as usize * w + slot];
+                        *count += 1;
+                        if *count > limited[slot].1 {
+                            over[c as usize] = true;
+                        }
+                    }
+                }
+                Some(over)
+            }
+        };
+        let exact = |node: Node| match (&over, groups) {
+            (Some(over), Some(g)) => over[g[node as usize] as usize],
+            _ => true,
+        };
+
         let mut uf = UnionFind::new(n, limited.len());
         for i in 0..n {
-            if let Some(slot) = limited.iter().position(|(t, _)| *t == ids.kind(i as Node)) {
+            if let Some(slot) = slot_of(i) {
                 uf.counts[i * limited.len() + slot] = 1;
             }
         }
@@ -856,6 +982,10 @@ impl Resolver {
                     seen_at: link.seen_at,
                     query: link.query,
                 });
+                continue;
+            }
+            if !exact(link.low) {
+                accepted.push(link);
                 continue;
             }
             match uf.union_within(link.low, link.top, &limited) {
@@ -881,15 +1011,29 @@ impl Resolver {
                 && later.reason == first.reason
         });
 
-        let component: Vec<Node> = (0..n as Node).map(|i| uf.find(i)).collect();
-        Resolution {
-            rules,
-            ids,
-            shared,
-            component,
-            accepted,
-            refused,
-        }
+        // A node of a group taken whole is labelled by the group; the roots of the groups
+        // resolved here are nodes of those groups, so no two components share a label.
+        let component: Vec<Node> = (0..n as Node)
+            .map(|i| match groups {
+                Some(g) if !exact(i) => g[i as usize],
+                _ => uf.find(i),
+            })
+            .collect();
+        let linked_one_by_one = match groups {
+            Some(_) => (0..n as Node).filter(|&i| exact(i)).count(),
+            None => n,
+        };
+        (
+            Resolution {
+                rules,
+                ids,
+                shared,
+                component,
+                accepted,
+                refused,
+            },
+            linked_one_by_one,
+        )
     }
 }
 
@@ -1076,7 +1220,7 @@ pub fn prefix_key(b: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::IdentifierConfig;
 

@@ -21,6 +21,7 @@ pub mod graph;
 pub mod match_state;
 pub mod normalize;
 pub mod probabilistic;
+pub mod rounds;
 
 // foldhash instead of SipHash: these maps hold one entry per identifier or profile (tens of
 // millions at 100M events) and are probed for each.
@@ -309,7 +310,8 @@ pub async fn resolve(
         ms = started.elapsed().as_millis() as u64,
         "identity: links read"
     );
-    let resolution = resolver.resolve();
+    // Past `run.cluster_identity_above` links, components come from SQL rounds.
+    let resolution = rounds::resolve(engine, resolver).await?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "identity: resolved"
