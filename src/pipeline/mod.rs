@@ -373,6 +373,7 @@ async fn resolve_in_time(
     run_id: &str,
     started_at: chrono::DateTime<Utc>,
     full: bool,
+    new_events: Option<&identity::groups::NewEvents>,
 ) -> Result<identity::IdentityTables> {
     let files: Vec<String> = identity::load_queries(engine)?
         .into_iter()
@@ -380,7 +381,10 @@ async fn resolve_in_time(
         .collect();
     let what = format!("identity ({})", files.join(", "));
     engine
-        .in_time(&what, identity::resolve(engine, run_id, started_at, full))
+        .in_time(
+            &what,
+            identity::resolve(engine, run_id, started_at, full, new_events),
+        )
         .await
 }
 
@@ -490,9 +494,34 @@ async fn stages(
     let identity_graph: Option<RecordBatch> = if plan.recomputes(graph::node::IDENTITY) {
         let meter = engine.meter();
         let spinner = progress.spinner("resolving identities");
-        let identity = resolve_in_time(engine, &report.run_id, report.started_at, full)
-            .await
-            .map_err(in_stage(engine, "identity"))?;
+        // An incremental run resolves only the identity groups its new events reach.
+        let new_events = if full || seen.is_none() || read_ids.is_none() {
+            tracing::info!(why = "a full run", "identity: resolving every group");
+            None
+        } else if !inventory.changed.is_empty() {
+            tracing::info!(
+                why = "event files changed since they were processed",
+                "identity: resolving every group"
+            );
+            None
+        } else {
+            match identity::groups::new_event_files(engine, outputs).await? {
+                Ok(files) => Some(files),
+                Err(why) => {
+                    tracing::info!(why = %why, "identity: resolving every group");
+                    None
+                }
+            }
+        };
+        let identity = resolve_in_time(
+            engine,
+            &report.run_id,
+            report.started_at,
+            full,
+            new_events.as_ref(),
+        )
+        .await
+        .map_err(in_stage(engine, "identity"))?;
         report.stages.push(meter.finish("identity", report.events));
         changed_identities = identity.changed_profiles;
         let graph_for_sql = identity.graph.clone();
@@ -522,6 +551,27 @@ async fn stages(
         for (name, committed) in futures::future::try_join_all(writes).await? {
             report.tables.insert(name.to_string(), committed);
             register_staged(ctx, outputs, name).await?;
+        }
+        if let Some(groups) = identity.groups {
+            // Published with the graph they were resolved with, which they name by version.
+            let graph_version = report
+                .tables
+                .get(tables::IDENTITY_GRAPH)
+                .map_or(0, |c| c.version);
+            let events_version = match report.tables.get(state::EVENTS) {
+                Some(c) => c.version,
+                None => identity::groups::published_version(engine, state::EVENTS).await?,
+            };
+            let meta = identity::groups::meta_batch(&groups, graph_version, events_version)?;
+            for (name, batch) in [
+                (identity::groups::IDS, groups.ids),
+                (identity::groups::LINKS, groups.links),
+                (identity::groups::META, meta),
+            ] {
+                let df = ctx.read_batch(batch)?;
+                let committed = outputs.write(ctx, name, df, WriteMode::Replace).await?;
+                report.tables.insert(name.to_string(), committed);
+            }
         }
         if let Some(matching) = identity.matching {
             for (name, batch) in [
