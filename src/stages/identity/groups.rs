@@ -348,7 +348,7 @@ async fn load(
     ] {
         if published_version(engine, name).await? as i64 != kept {
             return Ok(Err(format!(
-                "{name} was rewritten since the groups were kept (by `tessera forget`)"
+                "{name} changed since the groups were kept (by `tessera forget`, or a run that kept none)"
             )));
         }
     }
@@ -479,13 +479,13 @@ pub async fn resolve(
             "events find their profile through a message_id mapping of every event".into(),
         ));
     };
+    let frames = match new_rows(engine, &queries, &rules, new).await? {
+        Ok(f) => f,
+        Err(why) => return Ok(Err(why)),
+    };
     let fingerprint = fingerprint(engine, &queries);
     let kept = match load(engine, &rules, &fingerprint).await? {
         Ok(k) => k,
-        Err(why) => return Ok(Err(why)),
-    };
-    let frames = match new_rows(engine, &queries, &rules, new).await? {
-        Ok(f) => f,
         Err(why) => return Ok(Err(why)),
     };
 
@@ -677,7 +677,10 @@ pub async fn resolve(
     tables.groups = Some(state);
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
-        "identity: tables built from the touched groups"
+        groups = touched.len(),
+        identifiers = resolution.len(),
+        new_files = new.files.len(),
+        "identity: resolved only the groups the new events reach"
     );
     Ok(Ok(tables))
 }
