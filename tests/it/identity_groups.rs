@@ -229,6 +229,13 @@ fn a_late_event_that_decides_a_limit_the_other_way_moves_the_identifier_as_a_ful
     }
     .with_user("user-2")];
     write_parquet(&p.events().join("part-1.parquet"), &[events_batch(&late)]);
+    let plan = ok(run(&mut p.cmd(&["plan", "--as-of", &as_of()])));
+    assert!(
+        plan.contains(
+            "recompute identity: upstream `events` recomputed [over the groups new events reach]"
+        ),
+        "{plan}"
+    );
     let log = run_logged(&p, &[]);
     assert_eq!(
         logged(
@@ -408,6 +415,13 @@ fn identity_resolves_every_group_when_the_groups_cannot_be_trusted_and_says_why(
     )
     .unwrap();
     add(&p, &[signup("m2", t + MINUTE, "anon-a", "a@example.com")]);
+    let plan = ok(run(&mut p.cmd(&["plan", "--as-of", &as_of()])));
+    assert!(
+        plan.contains(
+            "[over every event: identity query queries/identity/signups.sql is not row-wise"
+        ),
+        "{plan}"
+    );
     let log = run_logged(&p, &[]);
     assert!(
         log.contains("resolving every group") && log.contains("not row-wise"),

@@ -61,6 +61,11 @@ pub const META: &str = tables::state::IDENTITY_GROUPS;
 const KIND_LINK: &str = "link";
 const KIND_DROPPED: &str = "dropped";
 
+/// What `tessera plan` says identity runs over when it resolves by groups.
+pub const NEW_GROUPS: &str = "the groups new events reach";
+/// What `tessera plan` says identity runs over otherwise.
+pub const EVERY_EVENT: &str = "every event";
+
 /// The groups a run leaves, to publish with its identity tables.
 pub struct Groups {
     /// `_state/identity_ids` rows.
@@ -316,13 +321,12 @@ fn groups_column(batch: &RecordBatch) -> &Int64Array {
         .as_primitive::<arrow::datatypes::Int64Type>()
 }
 
-/// Loads the kept groups when they can be used with this run's rules, queries and published
-/// graph; otherwise says why not.
-async fn load(
+/// The next free group number, when the kept groups were kept under `fingerprint` with the
+/// published graph and event history; otherwise why they cannot be used.
+async fn check_meta(
     engine: &Engine,
-    rules: &Rules,
     fingerprint: &str,
-) -> Result<std::result::Result<Kept, Fallback>> {
+) -> Result<std::result::Result<i64, Fallback>> {
     let Some(meta) = read_all(engine, META, &meta_schema()).await? else {
         return Ok(Err("no identity groups were kept by the last run".into()));
     };
@@ -352,6 +356,20 @@ async fn load(
             )));
         }
     }
+    Ok(Ok(next_group))
+}
+
+/// Loads the kept groups when they can be used with this run's rules, queries and published
+/// graph; otherwise says why not.
+async fn load(
+    engine: &Engine,
+    rules: &Rules,
+    fingerprint: &str,
+) -> Result<std::result::Result<Kept, Fallback>> {
+    let next_group = match check_meta(engine, fingerprint).await? {
+        Ok(n) => n,
+        Err(why) => return Ok(Err(why)),
+    };
     let (Some(ids), Some(links)) = (
         read_all(engine, IDS, &ids_schema()).await?,
         read_all(engine, LINKS, &links_schema()).await?,
@@ -402,10 +420,7 @@ async fn new_rows(
     for query in queries {
         let df = super::link_frame(engine, query, rules).await?;
         if !row_wise(df.logical_plan()) {
-            return Ok(Err(format!(
-                "identity query {} is not row-wise over `events` (it aggregates, joins, limits or reads another table)",
-                query.file
-            )));
+            return Ok(Err(not_row_wise(query)));
         }
     }
     if new.files.is_empty() {
@@ -451,6 +466,60 @@ async fn new_events_table(engine: &Engine, files: &[String]) -> Result<Arc<dyn T
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
+/// How events find their profile when the project can resolve by groups: without
+/// probabilistic blocks, and with each event's identifiers evaluated on the event itself.
+async fn direct(
+    engine: &Engine,
+    queries: &[QueryFile],
+    rules: &Rules,
+) -> Result<std::result::Result<Vec<(u8, Expr)>, Fallback>> {
+    if !engine.project.config.identity.probabilistic.is_empty() {
+        return Ok(Err("probabilistic blocks score over every record".into()));
+    }
+    let mut event_sources = 0;
+    for query in queries {
+        let df = super::link_frame(engine, query, rules).await?;
+        event_sources += usize::from(
+            df.schema()
+                .has_column_with_unqualified_name(super::MESSAGE_ID),
+        );
+    }
+    Ok(
+        match super::direct_identifiers(engine, queries, event_sources, rules).await? {
+            Some(d) => Ok(d),
+            None => {
+                Err("events find their profile through a message_id mapping of every event".into())
+            }
+        },
+    )
+}
+
+/// What an incremental run's identity would resolve, for `tessera plan`: `Ok` when it can
+/// resolve only the groups its new events reach, otherwise why it resolves every group.
+pub async fn plan(engine: &Engine) -> Result<std::result::Result<(), Fallback>> {
+    let rules = Rules::from_config(&engine.project.config.identity);
+    let queries = super::load_queries(engine)?;
+    if let Err(why) = direct(engine, &queries, &rules).await? {
+        return Ok(Err(why));
+    }
+    for query in &queries {
+        let df = super::link_frame(engine, query, &rules).await?;
+        if !row_wise(df.logical_plan()) {
+            return Ok(Err(not_row_wise(query)));
+        }
+    }
+    Ok(check_meta(engine, &fingerprint(engine, &queries))
+        .await?
+        .map(|_| ()))
+}
+
+fn not_row_wise(query: &QueryFile) -> Fallback {
+    format!(
+        "identity query {} is not row-wise over `events` (it aggregates, joins, limits or reads another table)",
+        query.file
+    )
+}
+
 /// Resolves only the groups the new events reach; `Ok(Err(why))` when the kept groups cannot
 /// be used (the caller then resolves everything).
 pub async fn resolve(
@@ -460,24 +529,11 @@ pub async fn resolve(
     new: &NewEvents,
 ) -> Result<std::result::Result<IdentityTables, Fallback>> {
     let started = std::time::Instant::now();
-    if !engine.project.config.identity.probabilistic.is_empty() {
-        return Ok(Err("probabilistic blocks score over every record".into()));
-    }
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = super::load_queries(engine)?;
-    let mut event_sources = 0;
-    for query in &queries {
-        let df = super::link_frame(engine, query, &rules).await?;
-        event_sources += usize::from(
-            df.schema()
-                .has_column_with_unqualified_name(super::MESSAGE_ID),
-        );
-    }
-    let Some(direct) = super::direct_identifiers(engine, &queries, event_sources, &rules).await?
-    else {
-        return Ok(Err(
-            "events find their profile through a message_id mapping of every event".into(),
-        ));
+    let direct = match direct(engine, &queries, &rules).await? {
+        Ok(d) => d,
+        Err(why) => return Ok(Err(why)),
     };
     let frames = match new_rows(engine, &queries, &rules, new).await? {
         Ok(f) => f,
