@@ -529,7 +529,7 @@ async fn stages(
         spinner.set_message("writing identity tables");
         // The four tables are written at once: each writer encodes on one task, so one after
         // the other they left a core idle.
-        let writes = [
+        let mut writes = vec![
             (
                 tables::IDENTITY_GRAPH,
                 identity.graph.clone(),
@@ -542,36 +542,49 @@ async fn stages(
                 WriteMode::Replace,
             ),
             (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
-        ]
-        .map(|(name, batch, mode)| async move {
+        ];
+        // The groups kept for the next incremental run (see identity::groups).
+        let groups_meta = match identity.groups {
+            Some(groups) => {
+                let meta = (groups.next_group, groups.fingerprint.clone());
+                writes.push((identity::groups::IDS, groups.ids, WriteMode::Replace));
+                writes.push((identity::groups::LINKS, groups.links, WriteMode::Replace));
+                Some(meta)
+            }
+            None => None,
+        };
+        let writes = writes.into_iter().map(|(name, batch, mode)| async move {
             let df = ctx.read_batch(batch)?;
             let committed = outputs.write(ctx, name, df, mode).await?;
             Ok::<_, Error>((name, committed))
         });
         for (name, committed) in futures::future::try_join_all(writes).await? {
             report.tables.insert(name.to_string(), committed);
-            register_staged(ctx, outputs, name).await?;
+            if !name.starts_with("_state/") {
+                register_staged(ctx, outputs, name).await?;
+            }
         }
-        if let Some(groups) = identity.groups {
-            // Published with the graph they were resolved with, which they name by version.
-            let graph_version = report
-                .tables
-                .get(tables::IDENTITY_GRAPH)
-                .map_or(0, |c| c.version);
-            let events_version = match report.tables.get(state::EVENTS) {
-                Some(c) => c.version,
+        if let Some((next_group, fingerprint)) = groups_meta {
+            // Names the graph and the history the groups were resolved with, by version.
+            let version = |name: &str| report.tables.get(name).map(|c| c.version);
+            let graph_version = version(tables::IDENTITY_GRAPH).unwrap_or(0);
+            let events_version = match version(state::EVENTS) {
+                Some(v) => v,
                 None => identity::groups::published_version(engine, state::EVENTS).await?,
             };
-            let meta = identity::groups::meta_batch(&groups, graph_version, events_version)?;
-            for (name, batch) in [
-                (identity::groups::IDS, groups.ids),
-                (identity::groups::LINKS, groups.links),
-                (identity::groups::META, meta),
-            ] {
-                let df = ctx.read_batch(batch)?;
-                let committed = outputs.write(ctx, name, df, WriteMode::Replace).await?;
-                report.tables.insert(name.to_string(), committed);
-            }
+            let meta = identity::groups::meta_batch(
+                next_group,
+                fingerprint,
+                graph_version,
+                events_version,
+            )?;
+            let df = ctx.read_batch(meta)?;
+            let committed = outputs
+                .write(ctx, identity::groups::META, df, WriteMode::Replace)
+                .await?;
+            report
+                .tables
+                .insert(identity::groups::META.to_string(), committed);
         }
         if let Some(matching) = identity.matching {
             for (name, batch) in [

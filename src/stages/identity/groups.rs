@@ -237,14 +237,19 @@ fn meta_schema() -> SchemaRef {
 /// The `_state/identity_groups` row: the groups name the versions of `identity_graph` and of
 /// the event history published with them, so a run knows when anything else (`tessera
 /// forget`) rewrote either.
-pub fn meta_batch(groups: &Groups, graph_version: u64, events_version: u64) -> Result<RecordBatch> {
+pub fn meta_batch(
+    next_group: i64,
+    fingerprint: String,
+    graph_version: u64,
+    events_version: u64,
+) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(
         meta_schema(),
         vec![
-            Arc::new(StringArray::from(vec![groups.fingerprint.clone()])),
+            Arc::new(StringArray::from(vec![fingerprint])),
             Arc::new(Int64Array::from(vec![graph_version as i64])),
             Arc::new(Int64Array::from(vec![events_version as i64])),
-            Arc::new(Int64Array::from(vec![groups.next_group])),
+            Arc::new(Int64Array::from(vec![next_group])),
         ],
     )?)
 }
