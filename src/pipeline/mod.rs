@@ -546,10 +546,10 @@ async fn stages(
         // The groups kept for the next incremental run (see identity::groups).
         let groups_meta = match identity.groups {
             Some(groups) => {
-                let meta = (groups.next_group, groups.fingerprint.clone());
+                let fingerprint = groups.fingerprint.clone();
                 writes.push((identity::groups::IDS, groups.ids, WriteMode::Replace));
                 writes.push((identity::groups::LINKS, groups.links, WriteMode::Replace));
-                Some(meta)
+                Some(fingerprint)
             }
             None => None,
         };
@@ -564,7 +564,7 @@ async fn stages(
                 register_staged(ctx, outputs, name).await?;
             }
         }
-        if let Some((next_group, fingerprint)) = groups_meta {
+        if let Some(fingerprint) = groups_meta {
             // Names the graph and the history the groups were resolved with, by version.
             let version = |name: &str| report.tables.get(name).map(|c| c.version);
             let graph_version = version(tables::IDENTITY_GRAPH).unwrap_or(0);
@@ -572,12 +572,7 @@ async fn stages(
                 Some(v) => v,
                 None => identity::groups::published_version(engine, state::EVENTS).await?,
             };
-            let meta = identity::groups::meta_batch(
-                next_group,
-                fingerprint,
-                graph_version,
-                events_version,
-            )?;
+            let meta = identity::groups::meta_batch(fingerprint, graph_version, events_version)?;
             let df = ctx.read_batch(meta)?;
             let committed = outputs
                 .write(ctx, identity::groups::META, df, WriteMode::Replace)

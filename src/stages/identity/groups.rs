@@ -72,8 +72,6 @@ pub struct Groups {
     pub ids: RecordBatch,
     /// `_state/identity_links` rows.
     pub links: RecordBatch,
-    /// The next free group number.
-    pub next_group: i64,
     /// See [`fingerprint`].
     pub fingerprint: String,
 }
@@ -179,23 +177,37 @@ pub type Fallback = String;
 
 /// The kept state, as published.
 struct Kept {
-    /// Per identifier type: value → (group, shared).
-    group_of: Vec<HashMap<Box<str>, (i64, bool)>>,
+    /// Per identifier type: each shared value's group (shared values are few; nothing is
+    /// kept in memory per identifier beyond the rows themselves).
+    shared: Vec<HashMap<Box<str>, i64>>,
     ids: Vec<RecordBatch>,
     links: Vec<RecordBatch>,
-    next_group: i64,
 }
 
 impl Kept {
-    fn group(&self, t: u8, v: &str) -> Option<i64> {
-        Some(self.group_of.get(t as usize)?.get(v)?.0)
+    fn shared_group(&self, t: u8, v: &str) -> Option<i64> {
+        self.shared.get(t as usize)?.get(v).copied()
+    }
+}
+
+/// Identifiers by type, for membership tests on (type, value) without a String per test.
+struct IdSet(Vec<HashSet<Box<str>>>);
+
+impl IdSet {
+    fn new(types: usize) -> Self {
+        IdSet(vec![HashSet::new(); types])
     }
 
-    fn shared(&self, t: u8, v: &str) -> bool {
-        self.group_of
-            .get(t as usize)
-            .and_then(|m| m.get(v))
-            .is_some_and(|g| g.1)
+    fn insert(&mut self, t: u8, v: &str) {
+        if let Some(set) = self.0.get_mut(t as usize) {
+            if !set.contains(v) {
+                set.insert(v.into());
+            }
+        }
+    }
+
+    fn contains(&self, t: u8, v: &str) -> bool {
+        self.0.get(t as usize).is_some_and(|s| s.contains(v))
     }
 }
 
@@ -230,7 +242,6 @@ fn meta_schema() -> SchemaRef {
         Field::new("fingerprint", DataType::Utf8, false),
         Field::new("graph_version", DataType::Int64, false),
         Field::new("events_version", DataType::Int64, false),
-        Field::new("next_group", DataType::Int64, false),
     ]))
 }
 
@@ -238,7 +249,6 @@ fn meta_schema() -> SchemaRef {
 /// the event history published with them, so a run knows when anything else (`tessera
 /// forget`) rewrote either.
 pub fn meta_batch(
-    next_group: i64,
     fingerprint: String,
     graph_version: u64,
     events_version: u64,
@@ -249,7 +259,6 @@ pub fn meta_batch(
             Arc::new(StringArray::from(vec![fingerprint])),
             Arc::new(Int64Array::from(vec![graph_version as i64])),
             Arc::new(Int64Array::from(vec![events_version as i64])),
-            Arc::new(Int64Array::from(vec![next_group])),
         ],
     )?)
 }
@@ -326,12 +335,12 @@ fn groups_column(batch: &RecordBatch) -> &Int64Array {
         .as_primitive::<arrow::datatypes::Int64Type>()
 }
 
-/// The next free group number, when the kept groups were kept under `fingerprint` with the
-/// published graph and event history; otherwise why they cannot be used.
+/// Whether the kept groups were kept under `fingerprint` with the published graph and event
+/// history; otherwise why they cannot be used.
 async fn check_meta(
     engine: &Engine,
     fingerprint: &str,
-) -> Result<std::result::Result<i64, Fallback>> {
+) -> Result<std::result::Result<(), Fallback>> {
     let Some(meta) = read_all(engine, META, &meta_schema()).await? else {
         return Ok(Err("no identity groups were kept by the last run".into()));
     };
@@ -350,7 +359,6 @@ async fn check_meta(
             .as_primitive::<arrow::datatypes::Int64Type>()
             .value(0)
     };
-    let next_group = number("next_group");
     for (name, kept) in [
         (tables::IDENTITY_GRAPH, number("graph_version")),
         (crate::output::state::EVENTS, number("events_version")),
@@ -361,7 +369,7 @@ async fn check_meta(
             )));
         }
     }
-    Ok(Ok(next_group))
+    Ok(Ok(()))
 }
 
 /// Loads the kept groups when they can be used with this run's rules, queries and published
@@ -371,18 +379,16 @@ async fn load(
     rules: &Rules,
     fingerprint: &str,
 ) -> Result<std::result::Result<Kept, Fallback>> {
-    let next_group = match check_meta(engine, fingerprint).await? {
-        Ok(n) => n,
-        Err(why) => return Ok(Err(why)),
-    };
+    if let Err(why) = check_meta(engine, fingerprint).await? {
+        return Ok(Err(why));
+    }
     let (Some(ids), Some(links)) = (
         read_all(engine, IDS, &ids_schema()).await?,
         read_all(engine, LINKS, &links_schema()).await?,
     ) else {
         return Ok(Err("the kept identity groups are missing a table".into()));
     };
-    let mut group_of: Vec<HashMap<Box<str>, (i64, bool)>> =
-        vec![HashMap::default(); rules.types.len()];
+    let mut shared_of: Vec<HashMap<Box<str>, i64>> = vec![HashMap::default(); rules.types.len()];
     for batch in &ids {
         let (t, v, g) = (
             texts(batch, "identifier_type"),
@@ -400,14 +406,15 @@ async fn load(
                     t.value(r)
                 )));
             };
-            group_of[ty as usize].insert(v.value(r).into(), (g.value(r), shared.value(r)));
+            if shared.value(r) {
+                shared_of[ty as usize].insert(v.value(r).into(), g.value(r));
+            }
         }
     }
     Ok(Ok(Kept {
-        group_of,
+        shared: shared_of,
         ids,
         links,
-        next_group,
     }))
 }
 
@@ -458,7 +465,7 @@ async fn new_events_table(engine: &Engine, files: &[String]) -> Result<Arc<dyn T
     };
     let urls = files
         .iter()
-        .map(|f| ListingTableUrl::parse(f))
+        .map(ListingTableUrl::parse)
         .collect::<datafusion::error::Result<Vec<_>>>()?;
     let options = ListingOptions::new(Arc::new(
         datafusion::datasource::file_format::parquet::ParquetFormat::default(),
@@ -545,11 +552,19 @@ pub async fn resolve(
         Err(why) => return Ok(Err(why)),
     };
     let fingerprint = fingerprint(engine, &queries);
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: planned"
+    );
     let kept = match load(engine, &rules, &fingerprint).await? {
         Ok(k) => k,
         Err(why) => return Ok(Err(why)),
     };
 
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: kept groups loaded"
+    );
     // The new rows, read as a full run reads them.
     let mut fresh = Resolver::new(rules.clone());
     for (q, (query, df)) in queries.iter().zip(frames).enumerate() {
@@ -557,12 +572,27 @@ pub async fn resolve(
             fresh.absorb(part);
         }
     }
-    let mut touched: HashSet<i64> = HashSet::new();
+    // The groups of the new rows' identifiers: one pass over the kept identifiers.
+    let mut fresh_ids = IdSet::new(rules.types.len());
     for (t, v) in fresh.identifiers() {
-        if let Some(g) = kept.group(t, v) {
-            touched.insert(g);
+        fresh_ids.insert(t, v);
+    }
+    let mut touched: HashSet<i64> = HashSet::new();
+    for batch in &kept.ids {
+        let (g, t, v) = (
+            groups_column(batch),
+            texts(batch, "identifier_type"),
+            texts(batch, "identifier_value"),
+        );
+        for r in 0..batch.num_rows() {
+            if let Some(ty) = rules.type_index(t.value(r)) {
+                if fresh_ids.contains(ty, v.value(r)) {
+                    touched.insert(g.value(r));
+                }
+            }
         }
     }
+    drop(fresh_ids);
     // A shared value is a group of its own, and the links refused because of it are kept
     // with the group of their other side: resolving those links again needs the shared
     // value's group too (its identifier row and the values dropped beside it).
@@ -582,7 +612,8 @@ pub async fn resolve(
                 let Some(ty) = rules.type_index(t.value(r)) else {
                     continue;
                 };
-                if let Some(side) = kept.group(ty, v.value(r)) {
+                // Only a shared value is in another group than its link.
+                if let Some(side) = kept.shared_group(ty, v.value(r)) {
                     if !touched.contains(&side) {
                         more.push(side);
                     }
@@ -603,6 +634,7 @@ pub async fn resolve(
     // The touched groups again, from what was kept, plus the new rows.
     let mut resolver = Resolver::new(rules.clone());
     let mut nodes = Vec::new();
+    let mut touched_ids = IdSet::new(rules.types.len());
     for batch in &kept.ids {
         let (g, t, v) = (
             groups_column(batch),
@@ -615,6 +647,7 @@ pub async fn resolve(
                 continue;
             }
             let ty = rules.type_index(t.value(r)).unwrap_or(0);
+            touched_ids.insert(ty, v.value(r));
             let row = [(ty, v.value(r))];
             resolver.add_row(&row, time_at(&first, r), 0, &mut nodes);
             resolver.add_row(&row, time_at(&last, r), 0, &mut nodes);
@@ -651,7 +684,7 @@ pub async fn resolve(
         }
     }
     resolver.absorb(fresh);
-    let resolution = resolver.resolve_with_shared(|t, v| kept.shared(t, v));
+    let resolution = resolver.resolve_with_shared(|t, v| kept.shared_group(t, v).is_some());
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         identifiers = resolution.len(),
@@ -660,10 +693,18 @@ pub async fn resolve(
 
     // Profile ids as a resolution of everything gives them: the published profiles of the
     // touched groups are the candidates; every published id stays taken.
-    let in_touched = |t: u8, v: &str| kept.group(t, v).is_some_and(|g| touched.contains(&g));
+    let in_touched = |t: u8, v: &str| touched_ids.contains(t, v);
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: touched groups resolved"
+    );
     let previous = super::previous_graph(engine, &resolution, Some(&in_touched)).await?;
     let ids = super::assign_profile_ids(&resolution, &previous);
     let changed_profiles = super::changed_profiles(&resolution, &ids, &previous);
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: previous profiles read"
+    );
     let mut tables = super::build_tables(
         &resolution,
         &ids,
@@ -680,6 +721,10 @@ pub async fn resolve(
             None => true,
         }
     };
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: tables built"
+    );
     tables.graph = with_kept(
         engine,
         tables::IDENTITY_GRAPH,
@@ -688,7 +733,15 @@ pub async fn resolve(
         &keep,
     )
     .await?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: graph merged"
+    );
     tables.graph = sort_graph(tables.graph, &rules)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: graph sorted"
+    );
     tables.links = with_kept(
         engine,
         tables::IDENTITY_LINKS,
@@ -697,6 +750,10 @@ pub async fn resolve(
         &keep,
     )
     .await?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: links merged"
+    );
     tables.conflicts = with_kept(
         engine,
         tables::IDENTITY_CONFLICTS,
@@ -717,7 +774,11 @@ pub async fn resolve(
     tables.changed_profiles = changed_profiles;
 
     // The groups to keep: the untouched as they were, the touched as resolved now.
-    let mut state = of_resolution(&resolution, &ids, kept.next_group, fingerprint)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "identity groups: conflicts merged"
+    );
+    let mut state = of_resolution(&resolution, &ids, fingerprint)?;
     let untouched = |batch: &RecordBatch| -> Result<RecordBatch> {
         let g = groups_column(batch);
         let mask: BooleanArray = (0..batch.num_rows())
@@ -809,11 +870,23 @@ fn find(parent: &mut [Node], mut x: Node) -> Node {
     x
 }
 
-/// The groups of a resolution as `_state` rows, numbered from `first_group`.
+/// A group's number: FNV-1a of its least identifier (by type priority, then value). It follows
+/// from the group's members alone, so the kept state is the same whichever path resolved the
+/// group (a full run, or an incremental one); two groups that happen to share a number are
+/// only ever resolved together, which is correct, if slower.
+fn group_number(kind: u8, value: &[u8]) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in std::iter::once(kind).chain(value.iter().copied()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// The groups of a resolution as `_state` rows.
 pub(super) fn of_resolution(
     res: &Resolution,
     ids: &ProfileIds,
-    first_group: i64,
     fingerprint: String,
 ) -> Result<Groups> {
     let n = res.len();
@@ -836,17 +909,20 @@ pub(super) fn of_resolution(
             }
         }
     }
-    let mut number = vec![i64::MIN; n];
-    let mut next = first_group;
-    let mut group = vec![0i64; n];
+    let mut least: Vec<Node> = vec![Node::MAX; n];
     for x in 0..n as Node {
         let root = find(&mut parent, x) as usize;
-        if number[root] == i64::MIN {
-            number[root] = next;
-            next += 1;
+        let l = least[root];
+        if l == Node::MAX || (res.kind(x), res.value_bytes(x)) < (res.kind(l), res.value_bytes(l)) {
+            least[root] = x;
         }
-        group[x as usize] = number[root];
     }
+    let group: Vec<i64> = (0..n as Node)
+        .map(|x| {
+            let l = least[find(&mut parent, x) as usize];
+            group_number(res.kind(l), res.value_bytes(l))
+        })
+        .collect();
     let profile_of =
         |x: Node| -> Option<&str> { res.component(x).map(|c| ids.ids[ids.of(c)].as_str()) };
     let type_name = |t: u8| res.rules().types[t as usize].name.as_str();
@@ -950,7 +1026,6 @@ pub(super) fn of_resolution(
     Ok(Groups {
         ids: ids_batch,
         links: links_batch,
-        next_group: next,
         fingerprint,
     })
 }
@@ -1005,7 +1080,7 @@ mod tests {
             ids: (0..res.len()).map(|i| format!("p{i}")).collect(),
             merges: Vec::new(),
         };
-        let groups = of_resolution(&res, &ids, 10, String::new()).unwrap();
+        let groups = of_resolution(&res, &ids, String::new()).unwrap();
         let g = groups_column(&groups.ids);
         let v = texts(&groups.ids, "identifier_value");
         let of = |value: &str| {
@@ -1016,7 +1091,8 @@ mod tests {
         assert_eq!(of("u1"), of("a1"));
         assert_eq!(of("u2"), of("a1"));
         assert_ne!(of("u3"), of("a1"));
-        assert_eq!(groups.next_group, 12);
+        // Numbered by the least member, whichever order the graph was built in.
+        assert_eq!(of("a1"), Some(group_number(0, b"u1")));
         let kinds: Vec<&str> = texts(&groups.links, "kind").iter().flatten().collect();
         assert_eq!(kinds.iter().filter(|k| **k == KIND_LINK).count(), 2);
         assert_eq!(kinds.iter().filter(|k| **k == KIND_DROPPED).count(), 1);

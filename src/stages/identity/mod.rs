@@ -376,7 +376,7 @@ pub async fn resolve(
     if let Some(exprs) = direct {
         if groups::eligible(engine, &queries, &rules).await? {
             let fingerprint = groups::fingerprint(engine, &queries);
-            tables.groups = Some(groups::of_resolution(&resolution, &ids, 0, fingerprint)?);
+            tables.groups = Some(groups::of_resolution(&resolution, &ids, fingerprint)?);
         }
         tables.event_profiles = EventProfiles::Direct(exprs);
     }
@@ -768,12 +768,15 @@ struct Previous {
     other_taken: Vec<u64>,
 }
 
+/// Which identifiers of the published graph count, by type and value.
+type Only<'a> = &'a dyn Fn(u8, &str) -> bool;
+
 /// The published graph's profiles; with `only`, just the identifiers it accepts (the groups
 /// being resolved again), the other profiles' ids kept only as taken.
 async fn previous_graph(
     engine: &Engine,
     res: &Resolution,
-    only: Option<&dyn Fn(u8, &str) -> bool>,
+    only: Option<Only<'_>>,
 ) -> Result<Previous> {
     let mut prev = Previous {
         ids: Vec::new(),
