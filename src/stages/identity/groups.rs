@@ -7,26 +7,28 @@
 //! decision the rules take about an identifier (its degree for `max_links`, the limit counts of
 //! the profiles it could join, the time order of the links around it) reads only links of its
 //! own group, so resolving a group on its own gives exactly the profiles, refusals and ids a
-//! resolution of everything gives it.
+//! resolution of everything gives it. A value over `max_links` stays over it (links are only
+//! added), so its refused links join nothing: it is a group of its own, and the resolver is
+//! told it is shared ([`Resolver::resolve_with_shared`]) when only some of its links are there.
 //!
 //! Three `_state` tables hold the groups, written and published with the identity tables:
 //!
 //! - `_state/identity_ids`: every identifier (shared ones too) with its group, first and last
-//!   seen, and profile;
+//!   seen, profile, and whether it is shared;
 //! - `_state/identity_links`: every distinct candidate link (the two identifiers, first
 //!   `seen_at`, the query that produced it first, which is the resolver's tie-break) and every
-//!   refused value, with its group;
+//!   refused value, with the group of its other side;
 //! - `_state/identity_groups`: one row: a fingerprint of the identity rules, the identity
-//!   queries and Tessera's version, the `identity_graph` version published with the groups,
-//!   and the next free group number.
+//!   queries and Tessera's version, and the versions of `identity_graph` and of the event
+//!   history published with the groups.
 //!
 //! An incremental run whose identity queries are row-wise over `events` runs them over the
 //! new events only, finds the groups their identifiers belong to, and resolves those groups
 //! again from their kept identifiers and links plus the new rows, with the same
 //! [`Resolver`]; every other group keeps its published rows. Groups only grow between full
 //! runs (events are only added), so the touched groups merge into one where new links join
-//! them. Anything else (`--full`, changed rules or queries, a `forget` that rewrote the
-//! graph, missing state, another release) resolves every group, as before.
+//! them. Anything else (`--full`, changed rules or queries, a `forget` that rewrote the graph
+//! or the history, missing state, another release) resolves every group, as before.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -11,9 +11,10 @@
 //! identity_graph, identity_links, identity_conflicts, profile_merges; events gain profile_id
 //! ```
 //!
-//! Every run resolves all links again: the union-find over tens of millions of links takes
-//! seconds, and re-resolving is what makes late data and limits give the same grouping as a
-//! from-scratch run. Only the profile ids come from history.
+//! A full run resolves all links again; an incremental run resolves only the connected groups
+//! of identifiers its new events reach, from the links the last run kept ([`groups`]), and
+//! gives the grouping a full run gives, late data and limits included. Profile ids come from
+//! the published graph either way.
 
 pub mod accuracy;
 pub mod explain;
