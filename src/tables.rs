@@ -61,6 +61,12 @@ pub mod state {
     pub const MATCH_MODEL: &str = "_state/match_model";
     /// Each probabilistic block's records as digests, so a run knows which are new or changed.
     pub const MATCH_RECORDS: &str = "_state/match_records";
+    /// Every identifier with its connected group, so a run resolves only the groups it reaches.
+    pub const IDENTITY_IDS: &str = "_state/identity_ids";
+    /// Every distinct candidate link and refused value, with its group.
+    pub const IDENTITY_LINKS: &str = "_state/identity_links";
+    /// The kept groups' fingerprint, the graph version they match and the next group number.
+    pub const IDENTITY_GROUPS: &str = "_state/identity_groups";
 }
 
 /// One row per `tessera forget` request: digests of the identifiers, rows deleted per table.

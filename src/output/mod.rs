@@ -404,6 +404,9 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
     names.push(crate::tables::state::NODES.into());
     names.push(crate::tables::state::MATCH_MODEL.into());
     names.push(crate::tables::state::MATCH_RECORDS.into());
+    names.push(crate::tables::state::IDENTITY_IDS.into());
+    names.push(crate::tables::state::IDENTITY_LINKS.into());
+    names.push(crate::tables::state::IDENTITY_GROUPS.into());
     Ok(names)
 }
 

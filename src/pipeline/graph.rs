@@ -425,6 +425,10 @@ impl Graph {
             tables::IDENTITY_LINKS.into(),
             tables::IDENTITY_CONFLICTS.into(),
             tables::PROFILE_MERGES.into(),
+            // Written when identity can resolve by groups (see identity::groups).
+            tables::state::IDENTITY_IDS.into(),
+            tables::state::IDENTITY_LINKS.into(),
+            tables::state::IDENTITY_GROUPS.into(),
         ];
         if !config.identity.probabilistic.is_empty() {
             identity_tables.extend([

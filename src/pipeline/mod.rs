@@ -373,6 +373,7 @@ async fn resolve_in_time(
     run_id: &str,
     started_at: chrono::DateTime<Utc>,
     full: bool,
+    new_events: Option<&identity::groups::NewEvents>,
 ) -> Result<identity::IdentityTables> {
     let files: Vec<String> = identity::load_queries(engine)?
         .into_iter()
@@ -380,7 +381,10 @@ async fn resolve_in_time(
         .collect();
     let what = format!("identity ({})", files.join(", "));
     engine
-        .in_time(&what, identity::resolve(engine, run_id, started_at, full))
+        .in_time(
+            &what,
+            identity::resolve(engine, run_id, started_at, full, new_events),
+        )
         .await
 }
 
@@ -490,9 +494,34 @@ async fn stages(
     let identity_graph: Option<RecordBatch> = if plan.recomputes(graph::node::IDENTITY) {
         let meter = engine.meter();
         let spinner = progress.spinner("resolving identities");
-        let identity = resolve_in_time(engine, &report.run_id, report.started_at, full)
-            .await
-            .map_err(in_stage(engine, "identity"))?;
+        // An incremental run resolves only the identity groups its new events reach.
+        let new_events = if full || seen.is_none() || read_ids.is_none() {
+            tracing::info!(why = "a full run", "identity: resolving every group");
+            None
+        } else if !inventory.changed.is_empty() {
+            tracing::info!(
+                why = "event files changed since they were processed",
+                "identity: resolving every group"
+            );
+            None
+        } else {
+            match identity::groups::new_event_files(engine, outputs).await? {
+                Ok(files) => Some(files),
+                Err(why) => {
+                    tracing::info!(why = %why, "identity: resolving every group");
+                    None
+                }
+            }
+        };
+        let identity = resolve_in_time(
+            engine,
+            &report.run_id,
+            report.started_at,
+            full,
+            new_events.as_ref(),
+        )
+        .await
+        .map_err(in_stage(engine, "identity"))?;
         report.stages.push(meter.finish("identity", report.events));
         changed_identities = identity.changed_profiles;
         let graph_for_sql = identity.graph.clone();
@@ -500,7 +529,7 @@ async fn stages(
         spinner.set_message("writing identity tables");
         // The four tables are written at once: each writer encodes on one task, so one after
         // the other they left a core idle.
-        let writes = [
+        let mut writes = vec![
             (
                 tables::IDENTITY_GRAPH,
                 identity.graph.clone(),
@@ -513,15 +542,44 @@ async fn stages(
                 WriteMode::Replace,
             ),
             (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
-        ]
-        .map(|(name, batch, mode)| async move {
+        ];
+        // The groups kept for the next incremental run (see identity::groups).
+        let groups_meta = match identity.groups {
+            Some(groups) => {
+                let fingerprint = groups.fingerprint.clone();
+                writes.push((identity::groups::IDS, groups.ids, WriteMode::Replace));
+                writes.push((identity::groups::LINKS, groups.links, WriteMode::Replace));
+                Some(fingerprint)
+            }
+            None => None,
+        };
+        let writes = writes.into_iter().map(|(name, batch, mode)| async move {
             let df = ctx.read_batch(batch)?;
             let committed = outputs.write(ctx, name, df, mode).await?;
             Ok::<_, Error>((name, committed))
         });
         for (name, committed) in futures::future::try_join_all(writes).await? {
             report.tables.insert(name.to_string(), committed);
-            register_staged(ctx, outputs, name).await?;
+            if !name.starts_with("_state/") {
+                register_staged(ctx, outputs, name).await?;
+            }
+        }
+        if let Some(fingerprint) = groups_meta {
+            // Names the graph and the history the groups were resolved with, by version.
+            let version = |name: &str| report.tables.get(name).map(|c| c.version);
+            let graph_version = version(tables::IDENTITY_GRAPH).unwrap_or(0);
+            let events_version = match version(state::EVENTS) {
+                Some(v) => v,
+                None => identity::groups::published_version(engine, state::EVENTS).await?,
+            };
+            let meta = identity::groups::meta_batch(fingerprint, graph_version, events_version)?;
+            let df = ctx.read_batch(meta)?;
+            let committed = outputs
+                .write(ctx, identity::groups::META, df, WriteMode::Replace)
+                .await?;
+            report
+                .tables
+                .insert(identity::groups::META.to_string(), committed);
         }
         if let Some(matching) = identity.matching {
             for (name, batch) in [

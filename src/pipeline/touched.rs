@@ -45,6 +45,10 @@ pub async fn annotate(engine: &Engine, steps: &mut [Step]) -> Result<()> {
     let mut files = engine.project.query_files("traits")?;
     files.extend(engine.project.query_files(crate::tables::SEGMENTS)?);
     for step in steps.iter_mut() {
+        if step.action == Action::Recompute && step.kind == Kind::Identity {
+            step.over = Some(identity_over(engine, step).await?);
+            continue;
+        }
         if step.action != Action::Recompute || !matches!(step.kind, Kind::Trait | Kind::Segment) {
             continue;
         }
@@ -63,4 +67,14 @@ pub async fn annotate(engine: &Engine, steps: &mut [Step]) -> Result<()> {
         engine.ctx.deregister_table(crate::tables::EVENTS)?;
     }
     Ok(())
+}
+
+/// What identity runs over: the groups the new events reach, or every event (and why).
+async fn identity_over(engine: &Engine, step: &Step) -> Result<String> {
+    use crate::stages::identity::groups;
+    Ok(match groups::plan(engine).await? {
+        Err(why) => format!("{}: {why}", groups::EVERY_EVENT),
+        Ok(()) if step.only_new_events() => groups::NEW_GROUPS.to_string(),
+        Ok(()) => groups::EVERY_EVENT.to_string(),
+    })
 }

@@ -14,6 +14,7 @@ mod generator;
 mod generator_knobs;
 mod graph;
 mod identity;
+mod identity_groups;
 mod identity_props;
 mod identity_rounds;
 mod incremental;

@@ -526,6 +526,11 @@ impl Resolver {
         &self.rules
     }
 
+    /// Every identifier added so far, as (type index, normalised value).
+    pub fn identifiers(&self) -> impl Iterator<Item = (u8, &str)> + '_ {
+        (0..self.ids.len() as Node).map(|n| (self.ids.kind(n), self.ids.value(n)))
+    }
+
     /// Adds one row: identifiers (type index, raw value) seen together at `seen_at`.
     ///
     /// Every kept identifier links to the row's highest-priority one. The row's kept
@@ -787,13 +792,27 @@ impl Resolver {
 
     /// Applies the rules to every link and returns the resolved graph.
     pub fn resolve(self) -> Resolution {
-        self.prepare().apply_within(None).0
+        self.resolve_with_shared(|_, _| false)
+    }
+
+    /// [`Resolver::resolve`], with the identifiers `known(type, value)` accepts counted as
+    /// shared whatever their links here. A value over `max_links` stays over it, since links
+    /// are only ever added; a graph of some of the links (see `groups`) is told which values
+    /// the graph of all of them found shared.
+    pub fn resolve_with_shared(self, known: impl Fn(u8, &str) -> bool) -> Resolution {
+        self.prepare_with_shared(known).apply_within(None).0
     }
 
     /// The links ready to apply: one per pair as first seen, values over `max_links` found,
     /// in time order (ties broken by the identifiers themselves, so arrival order never
     /// matters).
     pub fn prepare(self) -> Prepared {
+        self.prepare_with_shared(|_, _| false)
+    }
+
+    /// [`Resolver::prepare`], with the values `known` accepts counted as shared (see
+    /// [`Resolver::resolve_with_shared`]).
+    fn prepare_with_shared(self, known: impl Fn(u8, &str) -> bool) -> Prepared {
         let Resolver {
             rules,
             ids,
@@ -820,6 +839,12 @@ impl Resolver {
             for (i, d) in degree.iter().enumerate() {
                 if let Some(max) = rules.types[ids.kind(i as Node) as usize].max_links {
                     shared[i] = *d > max;
+                }
+            }
+            for (i, s) in shared.iter_mut().enumerate() {
+                let n = i as Node;
+                if !*s && known(ids.kind(n), ids.value(n)) {
+                    *s = true;
                 }
             }
         }

@@ -11,13 +11,15 @@
 //! identity_graph, identity_links, identity_conflicts, profile_merges; events gain profile_id
 //! ```
 //!
-//! Every run resolves all links again: the union-find over tens of millions of links takes
-//! seconds, and re-resolving is what makes late data and limits give the same grouping as a
-//! from-scratch run. Only the profile ids come from history.
+//! A full run resolves all links again; an incremental run resolves only the connected groups
+//! of identifiers its new events reach, from the links the last run kept ([`groups`]), and
+//! gives the grouping a full run gives, late data and limits included. Profile ids come from
+//! the published graph either way.
 
 pub mod accuracy;
 pub mod explain;
 pub mod graph;
+pub mod groups;
 pub mod match_state;
 pub mod normalize;
 pub mod probabilistic;
@@ -119,6 +121,9 @@ pub struct IdentityTables {
     /// `match_model`, `match_scores` and their state, when `[[identity.probabilistic]]`
     /// blocks are set.
     pub matching: Option<Matching>,
+    /// The connected groups to keep for the next incremental run, when the identity queries
+    /// allow resolving by groups (see [`groups`]).
+    pub groups: Option<groups::Groups>,
 }
 
 /// What the probabilistic blocks produced.
@@ -270,13 +275,24 @@ async fn read_links(
 
 /// Runs the identity queries, resolves, and builds the identity tables.
 /// With `full`, probabilistic blocks train again and score every pair instead of reusing the
-/// model the last run kept.
+/// model the last run kept. With `new_events` (an incremental run), only the groups the new
+/// events reach are resolved again when the kept groups allow it (see [`groups`]).
 pub async fn resolve(
     engine: &Engine,
     run_id: &str,
     now: DateTime<Utc>,
     full: bool,
+    new_events: Option<&groups::NewEvents>,
 ) -> Result<IdentityTables> {
+    if let Some(new) = new_events {
+        match groups::resolve(engine, run_id, now, new).await {
+            Ok(Ok(tables)) => return Ok(tables),
+            Ok(Err(why)) => tracing::info!(why = %why, "identity: resolving every group"),
+            // The kept groups are an optimisation: whatever stops them, a resolution of
+            // everything gives the same tables.
+            Err(e) => tracing::info!(why = %e, "identity: resolving every group"),
+        }
+    }
     let rules = Rules::from_config(&engine.project.config.identity);
     let queries = load_queries(engine)?;
     let started = std::time::Instant::now();
@@ -341,7 +357,7 @@ pub async fn resolve(
     }
     events.flush();
 
-    let previous = previous_graph(engine, &resolution).await?;
+    let previous = previous_graph(engine, &resolution, None).await?;
     let ids = assign_profile_ids(&resolution, &previous);
     let changed_profiles = changed_profiles(&resolution, &ids, &previous);
     tracing::info!(
@@ -361,6 +377,10 @@ pub async fn resolve(
         "identity: tables built"
     );
     if let Some(exprs) = direct {
+        if groups::eligible(engine, &queries, &rules).await? {
+            let fingerprint = groups::fingerprint(engine, &queries);
+            tables.groups = Some(groups::of_resolution(&resolution, &ids, fingerprint)?);
+        }
         tables.event_profiles = EventProfiles::Direct(exprs);
     }
     tables.changed_profiles = changed_profiles;
@@ -746,9 +766,21 @@ struct Previous {
     lost_member: Vec<bool>,
     /// Whether there was a published graph at all.
     published: bool,
+    /// The numbers of published profile ids left out by `only` (see [`previous_graph`]):
+    /// still taken for new ids.
+    other_taken: Vec<u64>,
 }
 
-async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
+/// Which identifiers of the published graph count, by type and value.
+type Only<'a> = &'a dyn Fn(u8, &str) -> bool;
+
+/// The published graph's profiles; with `only`, just the identifiers it accepts (the groups
+/// being resolved again), the other profiles' ids kept only as taken.
+async fn previous_graph(
+    engine: &Engine,
+    res: &Resolution,
+    only: Option<Only<'_>>,
+) -> Result<Previous> {
     let mut prev = Previous {
         ids: Vec::new(),
         first_seen: Vec::new(),
@@ -756,6 +788,7 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
         anchor: Vec::new(),
         lost_member: Vec::new(),
         published: false,
+        other_taken: Vec::new(),
     };
     let Some(graph) = engine
         .outputs
@@ -788,6 +821,16 @@ async fn previous_graph(engine: &Engine, res: &Resolution) -> Result<Previous> {
         for r in 0..batch.num_rows() {
             if p.is_null(r) || t.is_null(r) || v.is_null(r) {
                 continue;
+            }
+            if let Some(only) = only {
+                let wanted = res
+                    .rules()
+                    .type_index(t.value(r))
+                    .is_some_and(|ty| only(ty, v.value(r)));
+                if !wanted {
+                    prev.other_taken.extend(profile_id_number(p.value(r)));
+                    continue;
+                }
             }
             let seen = if f.is_valid(r) { f.value(r) } else { NO_TIME };
             // Looked up before inserting: most rows name a profile seen already, and `entry`
@@ -972,6 +1015,7 @@ fn assign_profile_ids(res: &Resolution, prev: &Previous) -> ProfileIds {
         .ids
         .iter()
         .filter_map(|id| profile_id_number(id))
+        .chain(prev.other_taken.iter().copied())
         .collect();
     let mut candidates: Vec<u32> = Vec::new();
     // Previous profiles keep their ids; where several meet, the oldest keeps its id.
@@ -1139,6 +1183,7 @@ fn build_tables(
         stats,
         changed_profiles: None,
         matching: None,
+        groups: None,
     })
 }
 
