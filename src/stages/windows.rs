@@ -247,12 +247,15 @@ fn event_time(plan: &LogicalPlan, index: usize) -> bool {
     }
 }
 
-/// The history's `timestamp` type, in µs: a whole number of µs offsets stays exact.
+/// The history's `timestamp` type, in µs UTC: a whole number of µs offsets stays exact, and a
+/// day is always 24 hours (in a zone with summer time, adding a day need not be).
 fn is_event_time_type(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, _)
-    )
+    match data_type {
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, tz) => tz
+            .as_deref()
+            .is_none_or(|tz| ["UTC", "+00:00", "Z"].contains(&tz)),
+        _ => false,
+    }
 }
 
 /// Whether a trait or segment plan can run over the profiles whose windows moved: per
