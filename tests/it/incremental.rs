@@ -226,11 +226,14 @@ fn case(seed: u64, steps: usize) -> BTreeSet<&'static str> {
     for step in 1..=steps {
         // Now and then only the time moves, by up to nine days and some hours: across the
         // edges of the windows (36 hours, 2, 5, 7, 14 and 21 days) of some profiles.
-        let idle = rng.gen_bool(0.35) || (step == steps && !seen.contains("as-of moved alone"));
+        // Each kind at least once in a case.
+        let moved_with_events = step + 1 == steps && !seen.contains("as-of moved");
+        let idle = !moved_with_events
+            && (rng.gen_bool(0.35) || (step == steps && !seen.contains("as-of moved alone")));
         if idle {
             as_of += rng.gen_range(DAY / 2..9 * DAY);
             seen.insert("as-of moved alone");
-        } else if rng.gen_bool(0.4) {
+        } else if rng.gen_bool(0.4) || moved_with_events {
             as_of += DAY;
             seen.insert("as-of moved");
         }
