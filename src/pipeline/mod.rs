@@ -1267,8 +1267,11 @@ fn replace_table(
 {
     let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
     async move {
+        let t0 = std::time::Instant::now();
         let df = ctx.read_batches(batches)?;
         let committed = outputs.write(&ctx, &name, df, WriteMode::Replace).await?;
+        // Whole-table rewrites are what an incremental run still pays per row it keeps.
+        tracing::info!(table = %name, rows = committed.rows, ms = t0.elapsed().as_millis() as u64, "table written");
         Ok((name, committed))
     }
 }
