@@ -4,10 +4,14 @@
 //! the time moves, even with no new event (`last seen in the 30 days before the as-of`). It
 //! does so only at known moments when the query compares event times with the as-of: the
 //! comparison `x >= as_of() - INTERVAL '30 days'` can flip only when the as-of passes
-//! `x + 30 days`, and `x` is one of the profile's event times. So each run keeps, per file and
-//! profile, the next such moment at or after its as-of (`_state/windows`, published with the
-//! run's tables); a run at a later as-of computes the query again only for the profiles whose
-//! moment has come (and the touched ones), and keeps every other profile's published rows.
+//! `x + 30 days`, and `x` is one of the profile's event times. So each run keeps, per profile,
+//! the next such moment at or after its as-of over the windows of every such file
+//! (`_state/windows`, published with the run's tables, with a row per file saying which text
+//! and as-of its results are from); a run at a later as-of computes these files again only for
+//! the profiles whose moment has come (the due ones) and the touched ones, and keeps every
+//! other profile's published rows. One moment per profile, not per file and profile, keeps the
+//! state as small as `profiles`; the price is that a profile due for one window is computed
+//! again for every windowed file.
 //!
 //! A query is bounded this way ([`offsets`]) when every `as_of()` it calls sits in a
 //! comparison (`<`, `<=`, `>`, `>=`, `=`, `<>`, `BETWEEN`) of `as_of()` plus or minus a fixed
@@ -590,6 +594,7 @@ impl Windows {
         if self.computed.is_empty() {
             return Ok(None);
         }
+        let t0 = std::time::Instant::now();
         let mut files: Vec<(String, String, i64, BTreeSet<i64>)> = self
             .computed
             .iter()
@@ -653,6 +658,7 @@ impl Windows {
             }
             _ => None,
         };
+        let every = kept.is_none();
         let events: Arc<dyn TableProvider> = match (&kept, &self.over) {
             (Some(_), Some((_, events))) => events.clone(),
             _ => ctx.table_provider(tables::EVENTS).await?,
@@ -671,6 +677,16 @@ impl Windows {
         let committed = outputs
             .write(ctx, STATE, ctx.read_batches(batches)?, WriteMode::Replace)
             .await?;
+        tracing::info!(
+            rows = committed.rows,
+            ms = t0.elapsed().as_millis() as u64,
+            computed_for = if every {
+                "every profile"
+            } else {
+                "touched and due profiles"
+            },
+            "next moments of the windowed traits and segments written"
+        );
         Ok(Some(committed))
     }
 }
