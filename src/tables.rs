@@ -55,6 +55,9 @@ pub mod state {
     pub const TRAITS: &str = "_state/traits";
     /// Digests of forgotten people's identifiers, kept out of every later run.
     pub const SUPPRESSED: &str = "_state/suppressed";
+    /// Per windowed trait or segment file and profile, the next moment its result can change
+    /// only because time passed.
+    pub const WINDOWS: &str = "_state/windows";
     /// The graph of the last published run: each node, its inputs and fingerprint.
     pub const NODES: &str = "_state/nodes";
     /// Each probabilistic block's trained model, kept so later runs score with it.

@@ -688,6 +688,19 @@ impl Step {
                     || *r == format!("upstream `{}` recomputed", node::IDENTITY)
             })
     }
+
+    /// Whether the node is recomputed because its as-of moved, and otherwise only because the
+    /// event history or identity was (see [`crate::stages::windows`]).
+    pub fn only_new_events_and_time(&self) -> bool {
+        let moved = |r: &String| r.starts_with("as-of moved");
+        self.action == Action::Recompute
+            && self.reasons.iter().any(moved)
+            && self.reasons.iter().all(|r| {
+                moved(r)
+                    || *r == format!("upstream `{}` recomputed", node::EVENTS)
+                    || *r == format!("upstream `{}` recomputed", node::IDENTITY)
+            })
+    }
 }
 
 /// What a run will do: every node's step, in run order, then the retired nodes.

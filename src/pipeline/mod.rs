@@ -687,6 +687,37 @@ async fn stages(
         report.stages.push(meter.finish("journeys", report.events));
     }
 
+    // With the events and identities as published, no profile changed: every trait file
+    // whose text and as-of are the ones recorded keeps its published values.
+    let sql_nodes = plan.recomputes(graph::node::PROFILES)
+        || plan
+            .steps
+            .iter()
+            .any(|s| s.kind == graph::Kind::Segment && s.action == graph::Action::Recompute);
+    let changed = if !sql_nodes {
+        None
+    } else if plan.recomputes(graph::node::EVENTS) || plan.recomputes(graph::node::IDENTITY) {
+        crate::stages::journeys::changed(engine).await?
+    } else {
+        let none = ctx
+            .table(tables::EVENTS)
+            .await?
+            .filter(datafusion::prelude::lit(false))?;
+        let profiles = none.clone().select_columns(&[tables::event::PROFILE_ID])?;
+        Some((profiles, none.into_view()))
+    };
+    // Which profiles the traits and segments that read the time within windows run over.
+    let mut windows = if sql_nodes {
+        crate::stages::windows::Windows::open(
+            engine,
+            report.as_of.timestamp_micros(),
+            changed.clone(),
+        )
+        .await?
+    } else {
+        crate::stages::windows::Windows::closed(report.as_of.timestamp_micros())
+    };
+
     // Profiles: identifiers, last-known traits, computed traits.
     let mut profiles_write = tokio::task::JoinSet::new();
     if plan.recomputes(graph::node::PROFILES) {
@@ -697,19 +728,6 @@ async fn stages(
             Some(batch) => batch,
             None => published_identity_graph(engine).await?,
         };
-        // With the events and identities as published, no profile changed: every trait file
-        // whose text and as-of are the ones recorded keeps its published values.
-        let changed =
-            if plan.recomputes(graph::node::EVENTS) || plan.recomputes(graph::node::IDENTITY) {
-                crate::stages::journeys::changed(engine).await?
-            } else {
-                let none = ctx
-                    .table(tables::EVENTS)
-                    .await?
-                    .filter(datafusion::prelude::lit(false))?;
-                let profiles = none.clone().select_columns(&[tables::event::PROFILE_ID])?;
-                Some((profiles, none.into_view()))
-            };
         // Unreadable state costs only time: every trait file then runs over every profile.
         let carry = match crate::stages::incremental_traits::Carry::open(
             ctx,
@@ -731,10 +749,15 @@ async fn stages(
         };
         // Read once: `_state/traits` records the very text the traits were computed with.
         let trait_files = engine.project.query_files("traits")?;
-        let profiles =
-            crate::stages::profiles::build(engine, &graph_batch, &trait_files, carry.as_ref())
-                .await
-                .map_err(in_stage(engine, "profiles"))?;
+        let profiles = crate::stages::profiles::build(
+            engine,
+            &graph_batch,
+            &trait_files,
+            carry.as_ref(),
+            &mut windows,
+        )
+        .await
+        .map_err(in_stage(engine, "profiles"))?;
         // Written while segments and reports run (they read the profiles held in memory):
         // the table is encoded on one task, and at 100M events that took 4-5 s of a core.
         profiles_write.spawn(replace_table(
@@ -783,10 +806,13 @@ async fn stages(
         let spinner = progress.spinner(&format!("segment {}", segment.name));
         let t0 = std::time::Instant::now();
         let only_new_events = plan.step(&node).is_some_and(graph::Step::only_new_events);
+        let time_moved = plan
+            .step(&node)
+            .is_some_and(graph::Step::only_new_events_and_time);
         let (members, ids, over) = engine
             .in_time(
                 &segment.file,
-                touched::segment(engine, &segment, only_new_events),
+                touched::segment(engine, &segment, only_new_events, time_moved, &mut windows),
             )
             .await
             .map_err(in_segment(engine, &segment))?;
@@ -878,6 +904,14 @@ async fn stages(
         report.stages.push(meter.finish("segments", report.events));
     }
 
+    // Each windowed trait's and segment's next moments, for the next run at a later as-of.
+    let mut current = engine.project.query_files("traits")?;
+    current.extend(engine.project.query_files(tables::SEGMENTS)?);
+    if let Some(committed) = windows.write(engine, outputs, &current).await? {
+        report
+            .tables
+            .insert(crate::stages::windows::STATE.to_string(), committed);
+    }
     crate::stages::journeys::release_changed(engine)?;
     crate::stages::incremental_segments::release(engine)?;
 
@@ -1277,7 +1311,7 @@ pub async fn plan(engine: &Engine, options: &RunOptions) -> Result<graph::Plan> 
         crate::stages::ingest::discover(&engine.event_places, &[], seen.as_ref(), &|_, _| {})
             .await?;
     let (_, mut plan, _) = plan_run(engine, inventory.files.len(), as_of, options.full).await?;
-    touched::annotate(engine, &mut plan.steps).await?;
+    touched::annotate(engine, &mut plan.steps, as_of.timestamp_micros()).await?;
     Ok(plan)
 }
 /// Replaces table `name` with `batches`. The future owns what it needs, so it can run on a
@@ -1291,8 +1325,11 @@ fn replace_table(
 {
     let (ctx, outputs) = (engine.ctx.clone(), outputs.clone());
     async move {
+        let t0 = std::time::Instant::now();
         let df = ctx.read_batches(batches)?;
         let committed = outputs.write(&ctx, &name, df, WriteMode::Replace).await?;
+        // Whole-table rewrites are what an incremental run still pays per row it keeps.
+        tracing::info!(table = %name, rows = committed.rows, ms = t0.elapsed().as_millis() as u64, "table written");
         Ok((name, committed))
     }
 }

@@ -90,9 +90,10 @@ pub async fn stand_in_events(engine: &Engine) -> Result<bool> {
 async fn touched_events(
     engine: &Engine,
     changed: &Arc<dyn TableProvider>,
+    held_as: &str,
 ) -> Result<Option<Arc<dyn TableProvider>>> {
     let ctx = &engine.ctx;
-    if !ctx.table_exist(TOUCHED_EVENTS)? {
+    if !ctx.table_exist(held_as)? {
         let profileless = ctx
             .table(tables::EVENTS)
             .await?
@@ -109,32 +110,39 @@ async fn touched_events(
         // Held, not a view: a view is planned inline, and the per-profile check reads the
         // plan's scan of `events`.
         if !engine
-            .hold(TOUCHED_EVENTS, touched, engine.limits.memory / 16)
+            .hold(held_as, touched, engine.limits.memory / 16)
             .await?
         {
             return Ok(None);
         }
     }
-    Ok(Some(ctx.table_provider(TOUCHED_EVENTS).await?))
+    Ok(Some(ctx.table_provider(held_as).await?))
 }
 
 /// Forgets the touched events once the segments are done.
 pub fn release(engine: &Engine) -> Result<()> {
-    engine.release(TOUCHED_EVENTS)
+    engine.release(TOUCHED_EVENTS)?;
+    engine.release(DUE_EVENTS)
 }
 
 /// The touched events while segments run.
 const TOUCHED_EVENTS: &str = "__tessera_touched_events";
+/// The events of the touched profiles and those whose windows moved, for the windowed
+/// segments at a moved as-of (another set than the touched one).
+const DUE_EVENTS: &str = "__tessera_due_events";
 
 /// The segment's rows computed over the touched profiles and kept from the published table
 /// for every other profile, or `None` when it must run over every profile (see the module
 /// comment). `only_new_events`: the run graph recomputes it only because `events` or
-/// `identity` were; `changed`: the run's touched profiles and their events.
+/// `identity` were, or (`due`) also because the as-of moved and `changed` holds the profiles
+/// whose windows moved ([`crate::stages::windows`]); `changed`: the profiles to compute it
+/// for and their events.
 pub async fn rows(
     engine: &Engine,
     segment: &SegmentQuery,
     only_new_events: bool,
     changed: Option<(DataFrame, Arc<dyn TableProvider>)>,
+    due: bool,
 ) -> Result<Option<DataFrame>> {
     let Some((profiles, events)) = changed else {
         return Ok(None);
@@ -146,7 +154,8 @@ pub async fn rows(
     let Some(published) = engine.outputs.read(&engine.ctx, &table).await? else {
         return Ok(None);
     };
-    let Some(touched) = touched_events(engine, &events).await? else {
+    let held_as = if due { DUE_EVENTS } else { TOUCHED_EVENTS };
+    let Some(touched) = touched_events(engine, &events, held_as).await? else {
         return Ok(None);
     };
     let Some(fresh) = query_over(engine, touched, segment).await? else {
@@ -185,9 +194,14 @@ pub async fn rows(
         tracing::info!(file = %segment.file, "segment has rows without a profile_id: computed for every profile");
         return Ok(None);
     }
-    let touched_ids = profiles.select(vec![Expr::Column(Column::new_unqualified(
-        tables::event::PROFILE_ID,
-    ))
+    let key_type = fresh_schema
+        .field_with_name(tables::event::PROFILE_ID)?
+        .data_type()
+        .clone();
+    let touched_ids = profiles.select(vec![cast(
+        Expr::Column(Column::new_unqualified(tables::event::PROFILE_ID)),
+        key_type,
+    )
     .alias(TOUCHED_KEY)])?;
     let kept = published.join(
         touched_ids,

@@ -262,9 +262,20 @@ impl Carry {
         self.changed_events.clone()
     }
 
+    /// The as-of the published values of `file` were computed at, if they were computed from
+    /// `sql`.
+    pub fn recorded_at(&self, file: &str, sql: &str) -> Option<i64> {
+        self.recorded_as(file, sql).then(|| self.recorded[file].1)
+    }
+
     /// The published values of `schema`'s columns (a trait file's output) for every profile
     /// that did not change, in `schema`'s types; `None` if `profiles` lacks one of them.
     pub fn kept(&self, schema: &Schema) -> Result<Option<DataFrame>> {
+        self.kept_except(schema, self.changed_profiles.clone())
+    }
+
+    /// As [`Carry::kept`], for every profile not in `recomputed` (a frame with `profile_id`).
+    pub fn kept_except(&self, schema: &Schema, recomputed: DataFrame) -> Result<Option<DataFrame>> {
         let published = self.previous.schema();
         let mut columns = Vec::with_capacity(schema.fields().len());
         for field in schema.fields() {
@@ -274,12 +285,13 @@ impl Carry {
             let c = Expr::Column(Column::new_unqualified(field.name()));
             columns.push(cast(c, field.data_type().clone()).alias(field.name()));
         }
-        let changed = self
-            .changed_profiles
-            .clone()
-            .select(vec![
-                Expr::Column(Column::new_unqualified("profile_id")).alias(CHANGED_KEY)
-            ])?;
+        // The recomputed set may come with another string type: joined in the output's.
+        let key_type = schema.field_with_name("profile_id")?.data_type().clone();
+        let changed = recomputed.select(vec![cast(
+            Expr::Column(Column::new_unqualified("profile_id")),
+            key_type,
+        )
+        .alias(CHANGED_KEY)])?;
         Ok(Some(self.previous.clone().select(columns)?.join(
             changed,
             JoinType::LeftAnti,

@@ -13,3 +13,4 @@ pub mod predict;
 pub mod profiles;
 pub mod reports;
 pub mod segments;
+pub mod windows;

@@ -19,6 +19,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::stages::identity::graph::Rules;
 use crate::stages::incremental_traits::Carry;
+use crate::stages::windows::Windows;
 use crate::tables;
 use crate::tables::timestamp_type;
 
@@ -40,12 +41,15 @@ pub fn list_column(identifier_type: &str) -> String {
 ///
 /// With `carry` (an incremental run), trait files that allow it are run over the changed
 /// profiles' events only, and the other profiles keep their published values
-/// ([`crate::stages::incremental_traits`]).
+/// ([`crate::stages::incremental_traits`]); at a moved as-of, a trait file that reads the
+/// time within windows runs over the touched profiles and those whose windows moved
+/// ([`crate::stages::windows`]), which `windows` is told of.
 pub async fn build(
     engine: &Engine,
     graph: &RecordBatch,
     trait_files: &[QueryFile],
     carry: Option<&Carry>,
+    windows: &mut Windows,
 ) -> Result<Vec<RecordBatch>> {
     // Event counts and last-known traits are joined onto the profiles by profile_id (and trait
     // queries may join). A hash join holds its whole build side in memory and cannot spill: at
@@ -53,7 +57,7 @@ pub async fn build(
     // limit, sort-merge joins, which spill, are planned instead.
     let spillable = engine.limits.memory < SPILLABLE_JOINS_BELOW;
     set_prefer_hash_join(engine, !spillable);
-    let built = build_inner(engine, graph, trait_files, carry).await;
+    let built = build_inner(engine, graph, trait_files, carry, windows).await;
     set_prefer_hash_join(engine, true);
     built
 }
@@ -82,6 +86,7 @@ async fn build_inner(
     graph: &RecordBatch,
     trait_files: &[QueryFile],
     carry: Option<&Carry>,
+    windows: &mut Windows,
 ) -> Result<Vec<RecordBatch>> {
     let rules = Rules::from_config(&engine.project.config.identity);
     let types: Vec<&str> = rules.types.iter().map(|t| t.name.as_str()).collect();
@@ -201,10 +206,22 @@ async fn build_inner(
                 ));
             }
         }
-        let carry = carry.filter(|c| c.applies(&query.file, &query.sql, df.logical_plan()));
+        let plan = df.logical_plan().clone();
+        let unmoved = carry.filter(|c| c.applies(&query.file, &query.sql, &plan));
+        // At a moved as-of: the published values must be those the windows were recorded for.
+        let due = match carry {
+            Some(c) if unmoved.is_none() => windows
+                .over(&query.file, &query.sql, &plan)
+                .filter(|_| {
+                    let at = c.recorded_at(&query.file, &query.sql);
+                    at.is_some() && at == windows.recorded_at(&query.file)
+                })
+                .map(|over| (c, over)),
+            _ => None,
+        };
         let (batches, computed_for) = engine
             .in_time(&query.file, async {
-                if let Some(carry) = carry {
+                if let Some(carry) = unmoved {
                     if let Some(kept) = carry.kept(&schema)? {
                         let mut batches =
                             query_over(engine, carry.changed_events(), &query.sql, &query.file)
@@ -216,9 +233,26 @@ async fn build_inner(
                         return Ok((batches, "changed profiles"));
                     }
                 }
+                if let Some((carry, (profiles, events))) = due {
+                    if let Some(kept) = carry.kept_except(&schema, profiles)? {
+                        let mut batches = query_over(engine, events, &query.sql, &query.file)
+                            .await?
+                            .collect()
+                            .await
+                            .map_err(|e| Error::query(&query.file, e))?;
+                        batches.extend(kept.collect().await?);
+                        return Ok((batches, crate::stages::windows::DUE));
+                    }
+                }
                 Ok((engine.collect(df, &query.file).await?, "every profile"))
             })
             .await?;
+        windows.computed(
+            &query.file,
+            &query.sql,
+            &plan,
+            computed_for == "every profile",
+        );
         // Gathered from the batches as they are (one array of them all could pass the 2 GiB
         // a string array holds); a one-row batch of NULLs, after them, serves profiles with
         // no row.

@@ -16,11 +16,29 @@ const DAY: i64 = 86_400_000_000;
 /// 2026-11-01T00:00:00Z in µs.
 const NOV_1: i64 = 1_793_491_200_000_000;
 
-/// The bundled project's config and queries, with no events yet.
+/// The bundled project's config and queries, with no events yet, plus a trait that reads the
+/// time within windows (`BETWEEN`, an aggregate's `FILTER`, an offset on the event side) and
+/// a segment that reads it otherwise (the month the as-of is in), which must fall back to
+/// every profile.
 fn project() -> TempProject {
     let config = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
     let p = TempProject::new(&config);
     copy_dir(&repo().join("queries"), &p.path().join("queries"));
+    std::fs::write(
+        p.path().join("queries/traits/window_edges.sql"),
+        "SELECT profile_id, \
+                count(*) FILTER (WHERE \"timestamp\" BETWEEN as_of() - INTERVAL '5 days' AND as_of() - INTERVAL '2 days') AS events_2_to_5d, \
+                max(\"timestamp\") FILTER (WHERE \"timestamp\" + INTERVAL '36 hours' > as_of()) AS last_36h \
+         FROM events GROUP BY profile_id",
+    )
+    .unwrap();
+    std::fs::write(
+        p.path().join("queries/segments/this_month.sql"),
+        "SELECT profile_id, count(*) AS events_this_month FROM events \
+         WHERE profile_id IS NOT NULL AND \"timestamp\" >= date_trunc('month', as_of()) \
+         GROUP BY profile_id",
+    )
+    .unwrap();
     p
 }
 
@@ -206,7 +224,16 @@ fn case(seed: u64, steps: usize) -> BTreeSet<&'static str> {
         &as_of_text(as_of),
     ])));
     for step in 1..=steps {
-        if rng.gen_bool(0.4) {
+        // Now and then only the time moves, by up to nine days and some hours: across the
+        // edges of the windows (36 hours, 2, 5, 7, 14 and 21 days) of some profiles.
+        // Each kind at least once in a case.
+        let moved_with_events = step + 1 == steps && !seen.contains("as-of moved");
+        let idle = !moved_with_events
+            && (rng.gen_bool(0.35) || (step == steps && !seen.contains("as-of moved alone")));
+        if idle {
+            as_of += rng.gen_range(DAY / 2..9 * DAY);
+            seen.insert("as-of moved alone");
+        } else if rng.gen_bool(0.4) || moved_with_events {
             as_of += DAY;
             seen.insert("as-of moved");
         }
@@ -222,10 +249,12 @@ fn case(seed: u64, steps: usize) -> BTreeSet<&'static str> {
             ));
             seen.insert("late events");
         }
-        write_parquet(
-            &p.events().join(format!("part-{step}.parquet")),
-            &[events_batch(&rows)],
-        );
+        if !idle {
+            write_parquet(
+                &p.events().join(format!("part-{step}.parquet")),
+                &[events_batch(&rows)],
+            );
+        }
         let report: serde_json::Value = serde_json::from_str(
             ok(run(&mut p.cmd(&[
                 "run",
@@ -355,11 +384,20 @@ fn plan_says_which_sql_nodes_run_over_touched_profiles() {
     ] {
         assert_eq!(same[node], "every profile", "{node}");
     }
-    // A moved as-of changes the windows of every profile: no time-dependent node qualifies.
+    // At a moved as-of, queries that compare event times with the as-of run over the
+    // touched profiles and those whose windows moved; one that reads the as-of otherwise
+    // runs over every profile.
     let later = over(&as_of_text(NOV_1 + DAY));
-    assert_eq!(later["segments/abandoned_checkout"], "every profile");
-    assert_eq!(later["segments/cart_abandoners"], "every profile");
-    assert_eq!(later["traits/order_count"], "every profile");
+    for node in [
+        "segments/abandoned_checkout",
+        "segments/cart_abandoners",
+        "segments/lapsed_buyers",
+        "traits/order_count",
+        "traits/window_edges",
+    ] {
+        assert_eq!(later[node], "touched and due profiles", "{node}");
+    }
+    assert_eq!(later["segments/this_month"], "every profile");
     assert_eq!(later["traits/revenue"], "touched profiles", "reads no time");
     // The run does what the plan said (its log names what each segment was computed for).
     let out = run(&mut p.cmd(&["run", "--json", "-v", "--as-of", &as_of]));
@@ -379,4 +417,157 @@ fn plan_says_which_sql_nodes_run_over_touched_profiles() {
         computed_for("queries/segments/active_30d.sql").as_deref(),
         Some("every profile")
     );
+}
+
+/// A run at a moved as-of with no new events computes the traits and segments that compare
+/// event times with the as-of only for the profiles whose windows moved: exactly those with
+/// an event time `t` and a window `k` such that `t + k` was passed between the two as-ofs.
+/// It equals a full run; a query that reads the as-of in another way runs over every profile.
+#[test]
+fn a_moved_as_of_recomputes_only_the_profiles_whose_windows_moved() {
+    let config = std::fs::read_to_string(repo().join("tessera.toml")).unwrap();
+    let make = || {
+        let p = TempProject::new(&config);
+        let q = p.path().join("queries");
+        for dir in ["traits", "segments"] {
+            std::fs::create_dir_all(q.join(dir)).unwrap();
+        }
+        std::fs::write(
+            q.join("traits/events_7d.sql"),
+            "SELECT profile_id, count(*) AS events_7d FROM events \
+             WHERE \"timestamp\" >= as_of() - INTERVAL '7 days' GROUP BY profile_id",
+        )
+        .unwrap();
+        std::fs::write(
+            q.join("segments/quiet_3d.sql"),
+            "SELECT profile_id, max(\"timestamp\") AS last_seen FROM events \
+             WHERE profile_id IS NOT NULL GROUP BY profile_id \
+             HAVING max(\"timestamp\") < as_of() - INTERVAL '3 days'",
+        )
+        .unwrap();
+        // The as-of through a function: no next moment can be worked out.
+        std::fs::write(
+            q.join("segments/seen_today.sql"),
+            "SELECT profile_id FROM events WHERE profile_id IS NOT NULL \
+             AND date_trunc('day', \"timestamp\") = date_trunc('day', as_of() - INTERVAL '1 day') \
+             GROUP BY profile_id",
+        )
+        .unwrap();
+        p
+    };
+    // Twelve people, each with two events at odd hours over the three weeks before Nov 1.
+    let mut rows = Vec::new();
+    let mut times: Vec<Vec<i64>> = Vec::new();
+    const HOUR: i64 = 3_600_000_000;
+    for person in 0..12i64 {
+        let mine = vec![
+            NOV_1 - person * 31 * HOUR - 5 * HOUR,
+            NOV_1 - person * 43 * HOUR - 17 * HOUR,
+        ];
+        for (i, &ts) in mine.iter().enumerate() {
+            let ev = Ev::track(leak(format!("m{person}-{i}")), ts)
+                .with_user(leak(format!("user-{person}")));
+            rows.push(Ev {
+                anonymous_id: Some(leak(format!("anon-{person}"))),
+                ..ev
+            });
+        }
+        times.push(mine);
+    }
+    let p = make();
+    write_parquet(&p.events().join("part-0.parquet"), &[events_batch(&rows)]);
+    ok(run(&mut p.cmd(&[
+        "run",
+        "--quiet",
+        "--as-of",
+        &as_of_text(NOV_1),
+    ])));
+
+    let windows = [3 * 24 * HOUR, 7 * 24 * HOUR];
+    let mut before = NOV_1;
+    for after in [NOV_1 + 2 * 24 * HOUR + 7 * HOUR, NOV_1 + 6 * 24 * HOUR] {
+        // What the plan says, then what the run did.
+        let text = ok(run(&mut p.cmd(&[
+            "plan",
+            "--json",
+            "--as-of",
+            &as_of_text(after),
+        ])));
+        let plan: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let over = |node: &str| -> String {
+            plan["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["node"] == node)
+                .and_then(|s| s["over"].as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(over("traits/events_7d"), "touched and due profiles");
+        assert_eq!(over("segments/quiet_3d"), "touched and due profiles");
+        assert_eq!(over("segments/seen_today"), "every profile");
+
+        let out = run(&mut p.cmd(&["run", "--json", "-v", "--as-of", &as_of_text(after)]));
+        let log = stderr(&out);
+        ok(out);
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let due = lines
+            .iter()
+            .find(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("profiles the windowed"))
+            })
+            .map(|l| (l["fields"]["touched"].clone(), l["fields"]["due"].clone()))
+            .expect("the run says which profiles the windowed queries run over");
+        let expected = times
+            .iter()
+            .filter(|mine| {
+                mine.iter()
+                    .any(|t| windows.iter().any(|k| (before..=after).contains(&(t + k))))
+            })
+            .count();
+        assert!(
+            expected > 0 && expected < times.len(),
+            "the case moves some windows only"
+        );
+        assert_eq!(due, (serde_json::json!(0), serde_json::json!(expected)));
+        let computed_for = |message: &str, file: &str| -> Option<String> {
+            lines
+                .iter()
+                .find(|l| l["fields"]["message"] == message && l["fields"]["file"] == file)
+                .and_then(|l| l["fields"]["computed_for"].as_str().map(str::to_string))
+        };
+        assert_eq!(
+            computed_for("trait", "queries/traits/events_7d.sql").as_deref(),
+            Some("touched and due profiles")
+        );
+        assert_eq!(
+            computed_for("segment", "queries/segments/quiet_3d.sql").as_deref(),
+            Some("touched and due profiles")
+        );
+        assert_eq!(
+            computed_for("segment", "queries/segments/seen_today.sql").as_deref(),
+            Some("every profile")
+        );
+
+        let full = make();
+        copy_dir(&p.events(), &full.events());
+        ok(run(&mut full.cmd(&[
+            "run",
+            "--full",
+            "--quiet",
+            "--as-of",
+            &as_of_text(after),
+        ])));
+        let (mine, theirs) = (snapshot(&p), snapshot(&full));
+        let mine = same_ids(mine, &theirs, 0, 0);
+        let theirs = same_ids(theirs.clone(), &theirs, 0, 0);
+        assert_eq!(mine, theirs, "as of {}", as_of_text(after));
+        before = after;
+    }
 }
