@@ -554,19 +554,11 @@ pub async fn resolve(
         Err(why) => return Ok(Err(why)),
     };
     let fingerprint = fingerprint(engine, &queries);
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: planned"
-    );
     let kept = match load(engine, &rules, &fingerprint).await? {
         Ok(k) => k,
         Err(why) => return Ok(Err(why)),
     };
 
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: kept groups loaded"
-    );
     // The new rows, read as a full run reads them.
     let mut fresh = Resolver::new(rules.clone());
     for (q, (query, df)) in queries.iter().zip(frames).enumerate() {
@@ -696,17 +688,9 @@ pub async fn resolve(
     // Profile ids as a resolution of everything gives them: the published profiles of the
     // touched groups are the candidates; every published id stays taken.
     let in_touched = |t: u8, v: &str| touched_ids.contains(t, v);
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: touched groups resolved"
-    );
     let previous = super::previous_graph(engine, &resolution, Some(&in_touched)).await?;
     let ids = super::assign_profile_ids(&resolution, &previous);
     let changed_profiles = super::changed_profiles(&resolution, &ids, &previous);
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: previous profiles read"
-    );
     let mut tables = super::build_tables(
         &resolution,
         &ids,
@@ -723,10 +707,6 @@ pub async fn resolve(
             None => true,
         }
     };
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: tables built"
-    );
     tables.graph = with_kept(
         engine,
         tables::IDENTITY_GRAPH,
@@ -735,15 +715,7 @@ pub async fn resolve(
         &keep,
     )
     .await?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: graph merged"
-    );
     tables.graph = sort_graph(tables.graph, &rules)?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: graph sorted"
-    );
     tables.links = with_kept(
         engine,
         tables::IDENTITY_LINKS,
@@ -752,10 +724,6 @@ pub async fn resolve(
         &keep,
     )
     .await?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: links merged"
-    );
     tables.conflicts = with_kept(
         engine,
         tables::IDENTITY_CONFLICTS,
@@ -776,10 +744,6 @@ pub async fn resolve(
     tables.changed_profiles = changed_profiles;
 
     // The groups to keep: the untouched as they were, the touched as resolved now.
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "identity groups: conflicts merged"
-    );
     let mut state = of_resolution(&resolution, &ids, fingerprint)?;
     let untouched = |batch: &RecordBatch| -> Result<RecordBatch> {
         let g = groups_column(batch);
