@@ -183,6 +183,23 @@ pub fn plain_field(f: &Field) -> Field {
     Field::new(f.name(), plain_type(f.data_type()), f.is_nullable())
 }
 
+/// Column `name` of a batch read back from a published table, as plain text (tables come back
+/// with string views); `None` when the batch has no such column.
+pub fn text_column(
+    batch: &arrow::array::RecordBatch,
+    name: &str,
+) -> crate::error::Result<Option<arrow::array::StringArray>> {
+    use arrow::array::AsArray;
+    Ok(match batch.column_by_name(name) {
+        Some(c) => Some(
+            arrow::compute::cast(c, &DataType::Utf8)?
+                .as_string::<i32>()
+                .clone(),
+        ),
+        None => None,
+    })
+}
+
 /// The text of profile id `number` as every table shows it: `p_` and 16 hex digits.
 pub fn profile_id_text(number: u64) -> String {
     format!("p_{number:016x}")

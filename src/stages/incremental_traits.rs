@@ -198,16 +198,7 @@ impl Carry {
         };
         let mut recorded = HashMap::new();
         for batch in state.collect().await? {
-            let text = |name: &str| -> Result<Option<StringArray>> {
-                Ok(match batch.column_by_name(name) {
-                    Some(c) => Some(
-                        arrow::compute::cast(c, &DataType::Utf8)?
-                            .as_string::<i32>()
-                            .clone(),
-                    ),
-                    None => None,
-                })
-            };
+            let text = |name: &str| tables::text_column(&batch, name);
             let (Some(file), Some(print), Some(at)) = (
                 text("file")?,
                 text("fingerprint")?,

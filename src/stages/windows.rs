@@ -317,16 +317,7 @@ async fn recorded(engine: &Engine) -> Result<Option<(DataFrame, HashMap<String, 
         .await?;
     let mut out = HashMap::new();
     for batch in markers {
-        let text = |name: &str| -> Result<Option<StringArray>> {
-            Ok(match batch.column_by_name(name) {
-                Some(c) => Some(
-                    arrow::compute::cast(c, &DataType::Utf8)?
-                        .as_string::<i32>()
-                        .clone(),
-                ),
-                None => None,
-            })
-        };
+        let text = |name: &str| tables::text_column(&batch, name);
         let (Some(file), Some(print), Some(offsets), Some(at)) = (
             text(column::FILE)?,
             text(column::FINGERPRINT)?,
