@@ -147,6 +147,29 @@ fn profile_of(snapshot: &BTreeMap<String, Vec<String>>) -> BTreeMap<(String, Str
         .collect()
 }
 
+/// The tables of `p` and of `full` (a fresh project given `p`'s event files and run `--full`
+/// at `as_of`), both with the full run's profile ids (see [`same_ids`]).
+fn beside_a_full_run(
+    p: &TempProject,
+    full: TempProject,
+    as_of: i64,
+    seed: u64,
+    step: usize,
+) -> (BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<String>>) {
+    copy_dir(&p.events(), &full.events());
+    ok(run(&mut full.cmd(&[
+        "run",
+        "--full",
+        "--quiet",
+        "--as-of",
+        &as_of_text(as_of),
+    ])));
+    let (mine, theirs) = (snapshot(p), snapshot(&full));
+    let mine = same_ids(mine, &theirs, seed, step);
+    let theirs = same_ids(theirs.clone(), &theirs, seed, step);
+    (mine, theirs)
+}
+
 /// `mine` with its profile ids renamed to the full run's. An incremental run keeps the ids
 /// of the profiles it carries (the oldest surviving a merge), a full run names each profile
 /// by its oldest identifier, so the two may name one profile differently; the grouping must
@@ -278,18 +301,7 @@ fn case(seed: u64, steps: usize) -> BTreeSet<&'static str> {
             ghosts[0]["n"], 0,
             "seed {seed}, step {step}: merged-away profiles remain"
         );
-        let full = project();
-        copy_dir(&p.events(), &full.events());
-        ok(run(&mut full.cmd(&[
-            "run",
-            "--full",
-            "--quiet",
-            "--as-of",
-            &as_of_text(as_of),
-        ])));
-        let (mine, theirs) = (snapshot(&p), snapshot(&full));
-        let mine = same_ids(mine, &theirs, seed, step);
-        let theirs = same_ids(theirs.clone(), &theirs, seed, step);
+        let (mine, theirs) = beside_a_full_run(&p, project(), as_of, seed, step);
         assert_eq!(
             mine.keys().collect::<Vec<_>>(),
             theirs.keys().collect::<Vec<_>>(),
@@ -555,18 +567,7 @@ fn a_moved_as_of_recomputes_only_the_profiles_whose_windows_moved() {
             Some("every profile")
         );
 
-        let full = make();
-        copy_dir(&p.events(), &full.events());
-        ok(run(&mut full.cmd(&[
-            "run",
-            "--full",
-            "--quiet",
-            "--as-of",
-            &as_of_text(after),
-        ])));
-        let (mine, theirs) = (snapshot(&p), snapshot(&full));
-        let mine = same_ids(mine, &theirs, 0, 0);
-        let theirs = same_ids(theirs.clone(), &theirs, 0, 0);
+        let (mine, theirs) = beside_a_full_run(&p, make(), after, 0, 0);
         assert_eq!(mine, theirs, "as of {}", as_of_text(after));
         before = after;
     }
