@@ -188,9 +188,9 @@ struct Key<'a> {
 }
 
 /// A table slot: 0 when empty, else the hash's top 32 bits above `node + 1`.
-type Slot = u64;
-const EMPTY: Slot = 0;
-const TAG: u64 = 0xFFFF_FFFF_0000_0000;
+pub(super) type Slot = u64;
+pub(super) const EMPTY: Slot = 0;
+pub(super) const TAG: u64 = 0xFFFF_FFFF_0000_0000;
 
 /// Identifiers interned into one byte arena (values back to back, in node order), found through
 /// an open-addressing table with linear probing. A slot carries its hash's top bits, so a probe
@@ -207,7 +207,7 @@ struct Interner {
 /// Asks the CPU to start loading `p`'s cache line; a hint, never a read.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(super) fn prefetch<T>(p: *const T) {
     // SAFETY: a prefetch never faults and reads nothing into the program, whatever the address.
     unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8) }
 }
@@ -215,7 +215,7 @@ fn prefetch<T>(p: *const T) {
 /// Elsewhere: no prefetch (the intake is correct without one, only slower on unordered rows).
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
-fn prefetch<T>(_: *const T) {}
+pub(super) fn prefetch<T>(_: *const T) {}
 
 impl Interner {
     fn new() -> Self {
