@@ -732,12 +732,8 @@ pub async fn resolve(
         &keep,
     )
     .await?;
-    let profiles: HashSet<&str> = texts(&tables.graph, "profile_id")
-        .iter()
-        .flatten()
-        .collect();
     tables.stats.identifiers = tables.graph.num_rows() as u64;
-    tables.stats.profiles = profiles.len() as u64;
+    tables.stats.profiles = sorted_distinct(texts(&tables.graph, "profile_id"));
     tables.stats.links_accepted = tables.links.num_rows() as u64;
     tables.stats.links_refused = tables.conflicts.num_rows() as u64;
     tables.event_profiles = EventProfiles::Direct(direct);
@@ -796,6 +792,19 @@ async fn with_kept(
     }
     parts.push(fresh);
     Ok(concat_batches(&schema, &parts)?)
+}
+
+/// Distinct non-null values of `sorted`, whose equal values sit together.
+fn sorted_distinct(sorted: &StringArray) -> u64 {
+    let mut count = 0;
+    let mut last: Option<&str> = None;
+    for v in sorted.iter().flatten() {
+        if last != Some(v) {
+            count += 1;
+            last = Some(v);
+        }
+    }
+    count
 }
 
 /// `identity_graph` in its published order: profile, then type priority, then value.
@@ -1023,6 +1032,20 @@ pub async fn eligible(engine: &Engine, queries: &[QueryFile], rules: &Rules) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_profiles_are_counted_from_the_sorted_graph() {
+        let sorted = StringArray::from(vec![
+            None,
+            Some("p_a"),
+            Some("p_a"),
+            Some("p_b"),
+            Some("p_c"),
+            Some("p_c"),
+        ]);
+        assert_eq!(sorted_distinct(&sorted), 3);
+        assert_eq!(sorted_distinct(&StringArray::from(Vec::<&str>::new())), 0);
+    }
 
     #[test]
     fn a_group_holds_every_candidate_link_refused_ones_included() {
