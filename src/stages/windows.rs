@@ -715,17 +715,24 @@ async fn next_moments(
         _ => format!("least({})", moments.join(", ")),
     };
     // An event older than `as_of` minus the longest offset passes no CASE above: leaving it
-    // out changes no moment, and a long history is read from the window's start only (the
-    // scratch copy keeps the time's page statistics for that).
+    // out changes no moment. The filter is on the event time itself, so a scan of the scratch
+    // copy (which keeps the time's page statistics) skips the pages before the window's start.
     let from = offsets
         .iter()
         .map(|k| as_of.saturating_sub(*k))
         .min()
         .unwrap_or(as_of);
-    let events = ctx.read_table(events)?.select(vec![
-        cast(col(tables::event::PROFILE_ID), DataType::Utf8).alias("profile_id"),
-        cast(col(tables::event::TIMESTAMP), DataType::Int64).alias("t"),
-    ])?;
+    let since = datafusion::prelude::lit(datafusion::common::ScalarValue::TimestampMicrosecond(
+        Some(from),
+        Some("UTC".into()),
+    ));
+    let events = ctx
+        .read_table(events)?
+        .filter(col(tables::event::TIMESTAMP).gt_eq(since))?
+        .select(vec![
+            cast(col(tables::event::PROFILE_ID), DataType::Utf8).alias("profile_id"),
+            cast(col(tables::event::TIMESTAMP), DataType::Int64).alias("t"),
+        ])?;
     let name = "__tessera_window_moments_events";
     ctx.deregister_table(name)?;
     ctx.register_table(name, events.into_view())?;
@@ -734,7 +741,7 @@ async fn next_moments(
                 arrow_cast(next, 'Timestamp(Microsecond, Some(\"UTC\"))') AS {next_change}, \
                 arrow_cast({as_of}, 'Timestamp(Microsecond, Some(\"UTC\"))') AS {as_of_column} \
          FROM (SELECT profile_id, {next} AS next FROM {name} \
-               WHERE profile_id IS NOT NULL AND t >= {from} GROUP BY profile_id) \
+               WHERE profile_id IS NOT NULL AND t IS NOT NULL GROUP BY profile_id) \
          WHERE next IS NOT NULL",
         next_change = column::NEXT_CHANGE,
         as_of_column = column::AS_OF,
