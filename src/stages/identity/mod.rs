@@ -1570,7 +1570,7 @@ impl GraphLookup {
         );
         if value.len() >= NO_ROW as usize {
             return Err(Error::Usage(format!(
-                "the identity graph has {} identifiers; one machine looks up at most {} (run on a cluster)",
+                "the identity graph has {} identifiers, more than the {} the lookup of each event's profile can hold; this is a limit of Tessera's, please report it",
                 value.len(),
                 NO_ROW - 1
             )));
