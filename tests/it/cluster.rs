@@ -435,7 +435,7 @@ fn a_scheduler_killed_mid_run_fails_the_run_and_publishes_nothing() {
 /// executors and the identity tables are a local union-find run's.
 #[test]
 fn identity_rounds_on_a_cluster_give_the_local_runs_tables() {
-    use crate::identity_rounds::{adversarial_identity_project, rounds_line, IDENTITY_TABLES};
+    use crate::identity_rounds::{adversarial_identity_project, assert_same_identity, rounds_line};
     let local = adversarial_identity_project(300, 32, "");
     let remote = adversarial_identity_project(300, 32, "cluster_identity_above = 50");
     let cluster = Cluster::start(2);
@@ -459,12 +459,9 @@ fn identity_rounds_on_a_cluster_give_the_local_runs_tables() {
         copies >= 4 && sent.len() > copies,
         "the rounds did not run on the cluster:\n{sent:#?}"
     );
-    for sql in IDENTITY_TABLES {
-        let (x, y) = (local.query(sql), remote.query(sql));
-        assert!(x.len() > 5, "{sql}: {}", x.len());
-        assert!(
-            x == y,
-            "{sql}: the cluster's rounds differ from the local union-find"
-        );
-    }
+    assert_same_identity(
+        &local,
+        &remote,
+        "the cluster's rounds differ from the local union-find",
+    );
 }

@@ -32,12 +32,22 @@ pub fn adversarial_identity_project(people: u64, seed: u64, run_keys: &str) -> T
 }
 
 /// The identity tables and each event's profile, as sorted rows.
-pub const IDENTITY_TABLES: [&str; 4] = [
+const IDENTITY_TABLES: [&str; 4] = [
     "SELECT identifier_type, identifier_value, profile_id, first_seen, last_seen FROM identity_graph ORDER BY 1, 2",
     "SELECT identifier_type, identifier_value, linked_type, linked_value, profile_id, seen_at FROM identity_links ORDER BY 1, 2, 3, 4",
     "SELECT identifier_type, identifier_value, other_type, other_value, reason, seen_at FROM identity_conflicts ORDER BY 1, 2, 3, 4, 5",
     "SELECT message_id, profile_id FROM events ORDER BY 1, 2",
 ];
+
+/// Asserts that `a` and `b` hold the same identity tables and event profiles (each of
+/// [`IDENTITY_TABLES`] non-trivial in `a`); `why` names what differs when they do not.
+pub fn assert_same_identity(a: &TempProject, b: &TempProject, why: &str) {
+    for sql in IDENTITY_TABLES {
+        let (x, y) = (a.query(sql), b.query(sql));
+        assert!(x.len() > 5, "{sql}: {}", x.len());
+        assert!(x == y, "{sql}: {why}");
+    }
+}
 
 /// The rounds' log line of a run (JSON logs on stderr), if it has one.
 pub fn rounds_line(log: &str) -> Option<serde_json::Value> {
@@ -68,14 +78,11 @@ fn identity_by_sql_rounds_gives_the_union_finds_tables() {
         limited > 0 && limited < line["fields"]["identifiers"].as_u64().unwrap() / 2,
         "{line}"
     );
-    for sql in IDENTITY_TABLES {
-        let (x, y) = (under.query(sql), over.query(sql));
-        assert!(x.len() > 5, "{sql}: {}", x.len());
-        assert!(
-            x == y,
-            "{sql}: the rounds' run differs from the union-find's"
-        );
-    }
+    assert_same_identity(
+        &under,
+        &over,
+        "the rounds' run differs from the union-find's",
+    );
     // Both kinds of refusal happened, so the rounds met both: a shared value dropped before
     // them, and profiles over a per-type limit resolved link by link after them.
     let reasons = over.query(
