@@ -95,7 +95,19 @@ pub fn session_state(
     config: SessionConfig,
     runtime: Arc<RuntimeEnv>,
 ) -> datafusion::error::Result<SessionState> {
-    let config = with_codecs(config);
+    let mut config = with_codecs(config);
+    // Whatever a job's settings say, as Ballista 55 runs a job to the end after losing an
+    // executor only so (docs/cluster.md, "Failures"): its adaptive planner loses the rerun of
+    // a stage after a failed shuffle fetch, and its static planner fails on a join whose
+    // inputs it swaps after DataFusion gave the join a dynamic filter.
+    config.options_mut().set(
+        "datafusion.optimizer.enable_dynamic_filter_pushdown",
+        "false",
+    )?;
+    config.options_mut().set(
+        ballista_core::config::BALLISTA_ADAPTIVE_PLANNER_ENABLED,
+        "false",
+    )?;
     let base = ballista_core::utils::default_session_builder(config)?;
     let builder = SessionStateBuilder::new_from_existing(base).with_runtime_env(runtime);
     let state = crate::sql::add_portable_rules(builder).build();

@@ -26,7 +26,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, LogicalPlan, WindowFunctionDefinition};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 /// A query planner that sends what executors can run to the cluster and plans the rest
 /// locally.
@@ -204,9 +204,15 @@ impl QueryPlanner for SplitPlanner {
                 .create_physical_plan(logical_plan, session)
                 .await
                 .map_err(|e| on_cluster(&self.address, e))?;
+            // A copy's files are written by the executors: sending it again must start over.
+            let copy_target = match logical_plan {
+                LogicalPlan::Copy(copy) => Some(copy.output_url.clone()),
+                _ => None,
+            };
             Ok(Arc::new(OnCluster {
                 inner: plan,
                 address: self.address.clone(),
+                copy_target,
             }))
         } else {
             self.kept.fetch_add(1, Ordering::Relaxed);
@@ -229,11 +235,84 @@ fn on_cluster(
     ))
 }
 
-/// The cluster's plan for one query, whose errors say they came from the cluster.
+/// The cluster's plan for one query, whose errors say they came from the cluster, sent again
+/// when an executor holding its results is lost before the driver has read them.
 #[derive(Debug)]
 struct OnCluster {
     inner: Arc<dyn ExecutionPlan>,
     address: String,
+    /// The folder a `COPY` query writes (in the shared scratch folder), emptied before the
+    /// query is sent again.
+    copy_target: Option<String>,
+}
+
+/// How many times a query is sent before its failure is the run's.
+const ATTEMPTS: u32 = 3;
+
+/// Results held back (and so safe to fetch again) before they are passed on.
+const HELD_BYTES: usize = 64 << 20;
+
+/// True when `e` is a failure to reach a server (an executor that died holding a finished
+/// job's results, or the scheduler), not an error of the query itself: sending the query
+/// again may succeed, and cannot give another answer.
+fn unreachable_server(e: &datafusion::error::DataFusionError) -> bool {
+    let text = e.to_string();
+    [
+        "GrpcConnectionError",
+        "FetchFailed",
+        "Connection refused",
+        "ConnectionRefused",
+        "transport error",
+        "Unavailable",
+    ]
+    .iter()
+    .any(|word| text.contains(word))
+}
+
+/// Runs a query by calling `send` (which submits a job) and returns its results. The results
+/// are held until the job's stream ends or they pass `held_bytes`; a server that cannot be
+/// reached before then ([`unreachable_server`]) costs a new job, up to [`ATTEMPTS`] in all,
+/// with `before_again` run first (a copy's folder is emptied). Once results are passed on, a
+/// failure is the query's: the rows already passed on cannot be taken back, and the run fails
+/// and publishes nothing, as any failed run.
+async fn with_resends(
+    send: impl Fn() -> Result<SendableRecordBatchStream>,
+    before_again: impl Fn() -> Result<()>,
+    pause: std::time::Duration,
+    held_bytes: usize,
+) -> Result<futures::stream::BoxStream<'static, Result<arrow::array::RecordBatch>>> {
+    let mut attempt = 1;
+    loop {
+        let mut stream = send()?;
+        let mut held = Vec::new();
+        let mut bytes = 0;
+        let failure = loop {
+            match stream.next().await {
+                None => return Ok(futures::stream::iter(held.into_iter().map(Ok)).boxed()),
+                Some(Ok(batch)) => {
+                    bytes += batch.get_array_memory_size();
+                    held.push(batch);
+                    if bytes > held_bytes {
+                        return Ok(futures::stream::iter(held.into_iter().map(Ok))
+                            .chain(stream)
+                            .boxed());
+                    }
+                }
+                Some(Err(e)) => break e,
+            }
+        };
+        if attempt >= ATTEMPTS || !unreachable_server(&failure) {
+            return Err(failure);
+        }
+        tracing::warn!(
+            attempt,
+            error = %failure,
+            "a query's results on the cluster could not be read; sending it again"
+        );
+        before_again()?;
+        tokio::time::sleep(pause * attempt).await;
+        attempt += 1;
+    }
 }
 
 impl DisplayAs for OnCluster {
@@ -272,6 +351,7 @@ impl ExecutionPlan for OnCluster {
             Some(inner) if children.is_empty() => Ok(Arc::new(OnCluster {
                 inner,
                 address: self.address.clone(),
+                copy_target: self.copy_target.clone(),
             })),
             _ => Err(datafusion::error::DataFusionError::Internal(
                 "OnCluster takes one child".into(),
@@ -285,15 +365,36 @@ impl ExecutionPlan for OnCluster {
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         let address = self.address.clone();
-        let stream = self
-            .inner
-            .execute(partition, context)
-            .map_err(|e| on_cluster(&address, e))?;
-        let schema = stream.schema();
+        let inner = self.inner.clone();
+        let target = self.copy_target.clone();
+        let results = with_resends(
+            move || inner.execute(partition, context.clone()),
+            move || empty_folder(target.as_deref()),
+            std::time::Duration::from_secs(1),
+            HELD_BYTES,
+        );
+        let stream = futures::stream::once(results).try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
-            schema,
+            self.inner.schema(),
             stream.map(move |batch| batch.map_err(|e| on_cluster(&address, e))),
         )))
+    }
+}
+
+/// Removes the folder at `path` (a copy's target in the shared scratch folder) and all in it.
+fn empty_folder(path: Option<&str>) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let path = path.strip_prefix("file://").unwrap_or(path);
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(datafusion::error::DataFusionError::External(
+                format!(
+                    "{path}: cannot empty it before sending its query to the cluster again: {e}"
+                )
+                .into(),
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -304,6 +405,121 @@ mod tests {
     use datafusion::datasource::file_format::parquet::ParquetFormatFactory;
     use datafusion::logical_expr::LogicalPlanBuilder;
     use datafusion::prelude::SessionContext;
+
+    /// What `send` gives on each call: a failure (its text) or rows.
+    fn job(
+        answers: Vec<std::result::Result<Vec<i64>, &'static str>>,
+    ) -> (
+        impl Fn() -> Result<SendableRecordBatchStream>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = sent.clone();
+        let send = move || {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new("u", arrow::datatypes::DataType::Int64, false),
+            ]));
+            let batch = |rows: &[i64]| {
+                arrow::array::RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(arrow::array::Int64Array::from(rows.to_vec()))],
+                )
+                .unwrap()
+            };
+            // Rows first, then the failure (a job whose fetch dies part way).
+            let items: Vec<Result<arrow::array::RecordBatch>> = match &answers[n] {
+                Ok(rows) => vec![Ok(batch(rows))],
+                Err(text) => vec![
+                    Ok(batch(&[0])),
+                    Err(datafusion::error::DataFusionError::Execution(
+                        text.to_string(),
+                    )),
+                ],
+            };
+            let stream: SendableRecordBatchStream = Box::pin(RecordBatchStreamAdapter::new(
+                schema.clone(),
+                futures::stream::iter(items),
+            ));
+            Ok(stream)
+        };
+        (send, sent)
+    }
+
+    const REFUSED: &str = "GrpcConnectionError(\"Error connecting to Ballista scheduler or executor at http://127.0.0.1:9: Connection refused\")";
+
+    async fn rows(
+        stream: futures::stream::BoxStream<'static, Result<arrow::array::RecordBatch>>,
+    ) -> Result<Vec<i64>> {
+        let batches: Vec<_> = stream.try_collect().await?;
+        Ok(batches
+            .iter()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect())
+    }
+
+    /// An executor lost with a finished job's results: the job is sent again, the copy's
+    /// folder is emptied first, and the rows are the new job's alone (none of the lost
+    /// attempt's rows come through twice).
+    #[tokio::test]
+    async fn a_query_whose_results_are_lost_with_an_executor_is_sent_again() {
+        let scratch = tempfile::tempdir().unwrap();
+        let target = scratch.path().join("round-1");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("part-0.parquet"), b"first attempt").unwrap();
+        let folder = format!("{}/", target.display());
+        let (send, sent) = job(vec![Err(REFUSED), Ok(vec![1, 2, 3])]);
+        let stream = with_resends(
+            send,
+            || empty_folder(Some(&folder)),
+            std::time::Duration::ZERO,
+            HELD_BYTES,
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows(stream).await.unwrap(), vec![1, 2, 3]);
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+        assert!(
+            !target.exists(),
+            "the first attempt's files are still there"
+        );
+    }
+
+    /// A query's own error is not sent again; a server that stays unreachable is tried
+    /// [`ATTEMPTS`] times; a failure after rows were passed on is the query's.
+    #[tokio::test]
+    async fn only_unread_results_of_unreachable_servers_are_fetched_again() {
+        let (send, sent) = job(vec![Err("Execution error: division by zero")]);
+        let e = with_resends(send, || Ok(()), std::time::Duration::ZERO, HELD_BYTES)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("division by zero"), "{e}");
+        assert_eq!(sent.load(Ordering::SeqCst), 1);
+
+        let (send, sent) = job(vec![Err(REFUSED); ATTEMPTS as usize + 1]);
+        let e = with_resends(send, || Ok(()), std::time::Duration::ZERO, HELD_BYTES)
+            .await
+            .err()
+            .unwrap();
+        assert!(unreachable_server(&e), "{e}");
+        assert_eq!(sent.load(Ordering::SeqCst), ATTEMPTS as usize);
+
+        // Nothing held back: the first rows are passed on, so the failure is the query's.
+        let (send, sent) = job(vec![Err(REFUSED), Ok(vec![1])]);
+        let stream = with_resends(send, || Ok(()), std::time::Duration::ZERO, 0)
+            .await
+            .unwrap();
+        assert!(rows(stream).await.is_err());
+        assert_eq!(sent.load(Ordering::SeqCst), 1);
+    }
 
     /// A copy goes to the cluster only into the shared scratch folder (whose files no reader
     /// sees) and only when its query would go: an output table's files stay the driver's.

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ballista_core::config::TaskSchedulingPolicy;
 use ballista_executor::executor_process::{start_executor_process, ExecutorProcessConfig};
 use ballista_scheduler::cluster::BallistaCluster;
 use ballista_scheduler::config::SchedulerConfig;
@@ -12,6 +13,13 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 
 use crate::cluster::{codec, session_state, stores::Stores, Address};
 use crate::error::{Error, Result};
+
+/// Executors ask the scheduler for work (pull) instead of the scheduler handing it out (push,
+/// Ballista's default). Ballista 55's push scheduling counts an executor's free task slots on
+/// the scheduler and loses them when a task of a stage rolled back after another executor died
+/// reports in: the surviving executor then looks busy for ever and the job never ends. Pulling
+/// executors count their own slots.
+const SCHEDULING: TaskSchedulingPolicy = TaskSchedulingPolicy::PullStaged;
 
 /// How a scheduler runs.
 #[derive(Debug, Clone)]
@@ -56,6 +64,7 @@ pub async fn scheduler(options: SchedulerOptions) -> Result<()> {
         executor_timeout_seconds: options.executor_timeout_secs,
         no_executors_grace_period_seconds: options.executor_timeout_secs,
         expire_dead_executor_interval_seconds: (options.executor_timeout_secs / 2).clamp(1, 15),
+        scheduling_policy: SCHEDULING,
         override_session_builder: Some(Arc::new(move |session_config| {
             session_state(session_config, runtime.clone())
         })),
@@ -98,6 +107,7 @@ pub async fn executor(options: ExecutorOptions) -> Result<()> {
         scheduler_connect_timeout_seconds: 60,
         // Often enough that a scheduler with a short --executor-timeout keeps live executors.
         executor_heartbeat_interval_seconds: 2,
+        task_scheduling_policy: SCHEDULING,
         vcores: options.tasks.map_or(defaults.vcores, |tasks| tasks.max(1)),
         memory_pool_size: options.memory_limit,
         work_dir: options
