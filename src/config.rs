@@ -357,6 +357,10 @@ pub struct RunConfig {
     /// SQL (on the cluster when there is one) instead of the union-find in this process's
     /// memory; see docs/cluster.md. Default: unset, always the union-find.
     pub cluster_identity_above: Option<u64>,
+    /// How many partitions each query sent to a cluster is split into: the tasks of each of
+    /// its stages. Default: this machine's cores, as for a local run. Set it to the task slots
+    /// of all executors together (`--tasks` summed) so that every executor gets work.
+    pub cluster_partitions: Option<usize>,
 }
 
 impl Default for RunConfig {
@@ -370,6 +374,7 @@ impl Default for RunConfig {
             query_timeout: "30m".into(),
             cluster: None,
             cluster_identity_above: None,
+            cluster_partitions: None,
         }
     }
 }

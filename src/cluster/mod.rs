@@ -137,11 +137,13 @@ fn with_codecs(config: SessionConfig) -> SessionConfig {
 /// The driver's context for a run on the cluster at `address`: the single-machine context
 /// (settings, functions, rules, Delta planner, memory limits) whose queries go to the cluster
 /// when the executors can run them ([`planner::SplitPlanner`]). Scans of URLs starting with
-/// one of `driver_only` stay on the driver.
+/// one of `driver_only` stay on the driver. `partitions` (default: the driver's cores) is how
+/// many partitions the cluster's jobs are planned with.
 pub fn client_context(
     address: &Address,
     limits: &Limits,
     driver_only: Vec<String>,
+    partitions: Option<usize>,
 ) -> Result<(SessionContext, Arc<planner::SplitPlanner>)> {
     let local = crate::engine::new_context_with(limits)?;
     let state = local.state();
@@ -165,17 +167,20 @@ pub fn client_context(
         .chain(registry.window_functions.keys())
         .map(|name| name.to_lowercase())
         .collect();
-    let split = Arc::new(planner::SplitPlanner::new(
-        Arc::new(cluster),
-        deltalake::delta_datafusion::planner::DeltaPlanner::new(),
-        driver_only,
-        limits
-            .spill_dir
-            .as_ref()
-            .map(|dir| dir.to_string_lossy().into_owned()),
-        functions,
-        address.to_string(),
-    ));
+    let split = Arc::new(
+        planner::SplitPlanner::new(
+            Arc::new(cluster),
+            deltalake::delta_datafusion::planner::DeltaPlanner::new(),
+            driver_only,
+            limits
+                .spill_dir
+                .as_ref()
+                .map(|dir| dir.to_string_lossy().into_owned()),
+            functions,
+            address.to_string(),
+        )
+        .with_partitions(partitions),
+    );
     let config = config.with_ballista_query_planner(split.clone());
     let state = SessionStateBuilder::new_from_existing(state)
         .with_config(config)
@@ -274,7 +279,7 @@ mod tests {
 
         let limits = Limits::from_config(&Default::default()).unwrap();
         let address = Address::parse(&format!("df://127.0.0.1:{port}"), "test").unwrap();
-        let (ctx, split) = client_context(&address, &limits, Vec::new()).unwrap();
+        let (ctx, split) = client_context(&address, &limits, Vec::new(), None).unwrap();
         let at = chrono::DateTime::parse_from_rfc3339("2025-06-30T08:00:00Z")
             .unwrap()
             .to_utc();

@@ -44,6 +44,8 @@ pub struct SplitPlanner {
     functions: std::collections::HashSet<String>,
     /// The scheduler, as the user wrote it, for errors.
     address: String,
+    /// Partitions of the cluster's jobs (`run.cluster_partitions`); `None`: the driver's.
+    partitions: Option<usize>,
     sent: AtomicU64,
     kept: AtomicU64,
 }
@@ -65,9 +67,17 @@ impl SplitPlanner {
             shared_scratch,
             functions,
             address,
+            partitions: None,
             sent: AtomicU64::new(0),
             kept: AtomicU64::new(0),
         }
+    }
+
+    /// The planner with the cluster's jobs planned into `partitions` partitions (`None`: as
+    /// many as the driver's own queries).
+    pub fn with_partitions(mut self, partitions: Option<usize>) -> SplitPlanner {
+        self.partitions = partitions;
+        self
     }
 
     /// How many queries went to the cluster.
@@ -213,6 +223,7 @@ impl QueryPlanner for SplitPlanner {
                 inner: plan,
                 address: self.address.clone(),
                 copy_target,
+                partitions: self.partitions,
             }))
         } else {
             self.kept.fetch_add(1, Ordering::Relaxed);
@@ -244,6 +255,8 @@ struct OnCluster {
     /// The folder a `COPY` query writes (in the shared scratch folder), emptied before the
     /// query is sent again.
     copy_target: Option<String>,
+    /// Partitions the scheduler plans the job into; `None`: the driver's setting.
+    partitions: Option<usize>,
 }
 
 /// How many times a query is sent before its failure is the run's.
@@ -352,6 +365,7 @@ impl ExecutionPlan for OnCluster {
                 inner,
                 address: self.address.clone(),
                 copy_target: self.copy_target.clone(),
+                partitions: self.partitions,
             })),
             _ => Err(datafusion::error::DataFusionError::Internal(
                 "OnCluster takes one child".into(),
@@ -365,6 +379,10 @@ impl ExecutionPlan for OnCluster {
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         let address = self.address.clone();
+        let context = match self.partitions {
+            Some(n) => with_partitions(&context, n)?,
+            None => context,
+        };
         let inner = self.inner.clone();
         let target = self.copy_target.clone();
         let results = with_resends(
@@ -379,6 +397,25 @@ impl ExecutionPlan for OnCluster {
             stream.map(move |batch| batch.map_err(|e| on_cluster(&address, e))),
         )))
     }
+}
+
+/// `context` with `n` target partitions: a job's settings travel with it, and the scheduler
+/// plans its stages with them.
+fn with_partitions(context: &TaskContext, n: usize) -> Result<Arc<TaskContext>> {
+    let mut config = context.session_config().clone();
+    config
+        .options_mut()
+        .set("datafusion.execution.target_partitions", &n.to_string())?;
+    Ok(Arc::new(TaskContext::new(
+        context.task_id(),
+        context.session_id(),
+        config,
+        context.scalar_functions().clone(),
+        context.higher_order_functions().clone(),
+        context.aggregate_functions().clone(),
+        context.window_functions().clone(),
+        context.runtime_env(),
+    )))
 }
 
 /// Removes the folder at `path` (a copy's target in the shared scratch folder) and all in it.

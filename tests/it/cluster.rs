@@ -216,10 +216,32 @@ fn same_run(a: &serde_json::Value, b: &serde_json::Value) {
 fn a_run_on_a_cluster_gives_the_same_tables_as_a_local_run() {
     let local = project(120, 7);
     let remote = copy_of(&local);
+    // Planned into 3 partitions on the cluster, not this machine's core count.
+    let config = remote.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}cluster_partitions = 3\n")).unwrap();
     let cluster = Cluster::start(2);
     let a = local_run(&local);
     let (b, log) = cluster_run(&remote, &cluster);
     same_run(&a, &b);
+    let scheduler = cluster.log("scheduler.log");
+    // `Hash([keys], partitions)` in the plans the scheduler logs.
+    let counts: Vec<String> = scheduler
+        .split("Hash([")
+        .skip(1)
+        .map(|rest| {
+            let after = rest.split_once("], ").map_or("", |(_, after)| after);
+            after.chars().take_while(char::is_ascii_digit).collect()
+        })
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "no hash shuffle in the jobs:\n{scheduler}"
+    );
+    assert!(
+        counts.iter().all(|n| n == "3"),
+        "jobs not planned into 3 partitions: {counts:?}"
+    );
     // Not a run that quietly did everything on the driver.
     assert!(sent_to_cluster(&log) > 0, "{log}");
     assert_same_tables(&local, &remote);
@@ -249,6 +271,17 @@ fn a_run_needs_a_reachable_scheduler_and_a_shared_scratch_folder() {
         "{text}"
     );
     assert!(!p.path().join("out/runs").exists(), "nothing written");
+
+    let config = p.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}cluster_partitions = 0\n")).unwrap();
+    let out = run(&mut p.cmd(&["run", "--cluster", &format!("df://127.0.0.1:{port}")]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("run.cluster_partitions"),
+        "{}",
+        stderr(&out)
+    );
 
     let q = TempProject::local();
     let out = run(&mut q.cmd(&["run", "--cluster", "df://127.0.0.1:1"]));
