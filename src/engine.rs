@@ -210,7 +210,8 @@ impl Engine {
     }
 
     /// Makes [`Engine::materialise_events`] always write the Parquet copy (a cluster's
-    /// executors can read that, not the driver's memory).
+    /// executors can read that, not the driver's memory), and a query timeout's error name
+    /// the executors: only a run on a cluster calls it.
     pub fn keep_events_on_disk(&self) {
         self.events_on_disk
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -554,6 +555,17 @@ impl Engine {
             Err(_) => Err(Error::QueryTimeout {
                 query: what.to_string(),
                 limit: self.limits.query_timeout_text.clone(),
+                hint: if self
+                    .events_on_disk
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    "; on a cluster, also check that executors (`tessera cluster executor`) are \
+                     running and registered with the scheduler (its log names each one it adds): \
+                     a scheduler with none holds the work"
+                        .into()
+                } else {
+                    String::new()
+                },
             }),
         }
     }

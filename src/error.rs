@@ -116,12 +116,15 @@ pub enum Error {
     },
 
     /// A query ran past `run.query_timeout` and was stopped (with every task it started).
-    #[error("{query}: still running after {limit}, the time limit of one query; it was stopped and this run published none of its tables. If it needs longer, raise run.query_timeout in tessera.toml (or pass --query-timeout); if it should not take this long, look for a query that never ends (a recursive CTE with no stop condition) or a join that multiplies rows")]
+    #[error("{query}: still running after {limit}, the time limit of one query; it was stopped and this run published none of its tables. If it needs longer, raise run.query_timeout in tessera.toml (or pass --query-timeout); if it should not take this long, look for a query that never ends (a recursive CTE with no stop condition) or a join that multiplies rows{hint}")]
     QueryTimeout {
         /// The SQL file (e.g. `queries/segments/x.sql`), or which of Tessera's own stages.
         query: String,
         /// The limit in force, as written.
         limit: String,
+        /// More to check, in a sentence starting with "; " (a run on a cluster names the
+        /// executors), or empty.
+        hint: String,
     },
 
     /// Event files whose scan gave other rows than their footers hold; a run skips them and

@@ -179,7 +179,8 @@ pub fn client_context(
             functions,
             address.to_string(),
         )
-        .with_partitions(partitions),
+        .with_partitions(partitions)
+        .with_time_limit(limits.query_timeout, limits.query_timeout_text.clone()),
     );
     let config = config.with_ballista_query_planner(split.clone());
     let state = SessionStateBuilder::new_from_existing(state)

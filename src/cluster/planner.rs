@@ -46,6 +46,9 @@ pub struct SplitPlanner {
     address: String,
     /// Partitions of the cluster's jobs (`run.cluster_partitions`); `None`: the driver's.
     partitions: Option<usize>,
+    /// Longest a job may take to finish and hand back its results, and that limit as the user
+    /// wrote it (`run.query_timeout`).
+    time_limit: (std::time::Duration, String),
     sent: AtomicU64,
     kept: AtomicU64,
 }
@@ -68,6 +71,7 @@ impl SplitPlanner {
             functions,
             address,
             partitions: None,
+            time_limit: (std::time::Duration::MAX, "none".into()),
             sent: AtomicU64::new(0),
             kept: AtomicU64::new(0),
         }
@@ -77,6 +81,13 @@ impl SplitPlanner {
     /// many as the driver's own queries).
     pub fn with_partitions(mut self, partitions: Option<usize>) -> SplitPlanner {
         self.partitions = partitions;
+        self
+    }
+
+    /// The planner with each of the cluster's jobs failed when it has not finished within
+    /// `limit` (`text`: the limit as the user wrote it, for the error).
+    pub fn with_time_limit(mut self, limit: std::time::Duration, text: String) -> SplitPlanner {
+        self.time_limit = (limit, text);
         self
     }
 
@@ -224,6 +235,7 @@ impl QueryPlanner for SplitPlanner {
                 address: self.address.clone(),
                 copy_target,
                 partitions: self.partitions,
+                time_limit: self.time_limit.clone(),
             }))
         } else {
             self.kept.fetch_add(1, Ordering::Relaxed);
@@ -257,6 +269,8 @@ struct OnCluster {
     copy_target: Option<String>,
     /// Partitions the scheduler plans the job into; `None`: the driver's setting.
     partitions: Option<usize>,
+    /// See [`SplitPlanner::with_time_limit`].
+    time_limit: (std::time::Duration, String),
 }
 
 /// How many times a query is sent before its failure is the run's.
@@ -293,25 +307,46 @@ async fn with_resends(
     before_again: impl Fn() -> Result<()>,
     pause: std::time::Duration,
     held_bytes: usize,
+    time_limit: (std::time::Duration, String),
 ) -> Result<futures::stream::BoxStream<'static, Result<arrow::array::RecordBatch>>> {
     let mut attempt = 1;
     loop {
         let mut stream = send()?;
         let mut held = Vec::new();
         let mut bytes = 0;
-        let failure = loop {
-            match stream.next().await {
-                None => return Ok(futures::stream::iter(held.into_iter().map(Ok)).boxed()),
-                Some(Ok(batch)) => {
-                    bytes += batch.get_array_memory_size();
-                    held.push(batch);
-                    if bytes > held_bytes {
-                        return Ok(futures::stream::iter(held.into_iter().map(Ok))
-                            .chain(stream)
-                            .boxed());
+        let read = async {
+            loop {
+                match stream.next().await {
+                    None => return Ok(false),
+                    Some(Ok(batch)) => {
+                        bytes += batch.get_array_memory_size();
+                        held.push(batch);
+                        if bytes > held_bytes {
+                            return Ok(true);
+                        }
                     }
+                    Some(Err(e)) => return Err(e),
                 }
-                Some(Err(e)) => break e,
+            }
+        };
+        let failure = match tokio::time::timeout(time_limit.0, read).await {
+            Ok(Ok(more)) => {
+                let held = futures::stream::iter(held.into_iter().map(Ok));
+                return Ok(if more {
+                    held.chain(stream).boxed()
+                } else {
+                    held.boxed()
+                });
+            }
+            Ok(Err(e)) => e,
+            // Dropping the stream stops waiting for the job.
+            Err(_) => {
+                return Err(datafusion::error::DataFusionError::Execution(format!(
+                    "the cluster did not finish the query within {}; check that executors \
+                     (`tessera cluster executor`) are running and registered with the \
+                     scheduler (its log names each one it adds), or raise the limit",
+                    time_limit.1
+                )))
             }
         };
         if attempt >= ATTEMPTS || !unreachable_server(&failure) {
@@ -366,6 +401,7 @@ impl ExecutionPlan for OnCluster {
                 address: self.address.clone(),
                 copy_target: self.copy_target.clone(),
                 partitions: self.partitions,
+                time_limit: self.time_limit.clone(),
             })),
             _ => Err(datafusion::error::DataFusionError::Internal(
                 "OnCluster takes one child".into(),
@@ -385,11 +421,13 @@ impl ExecutionPlan for OnCluster {
         };
         let inner = self.inner.clone();
         let target = self.copy_target.clone();
+        let time_limit = self.time_limit.clone();
         let results = with_resends(
             move || inner.execute(partition, context.clone()),
             move || empty_folder(target.as_deref()),
             std::time::Duration::from_secs(1),
             HELD_BYTES,
+            time_limit,
         );
         let stream = futures::stream::once(results).try_flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(
@@ -483,6 +521,10 @@ mod tests {
         (send, sent)
     }
 
+    fn no_limit() -> (std::time::Duration, String) {
+        (std::time::Duration::MAX, String::new())
+    }
+
     const REFUSED: &str = "GrpcConnectionError(\"Error connecting to Ballista scheduler or executor at http://127.0.0.1:9: Connection refused\")";
 
     async fn rows(
@@ -518,6 +560,7 @@ mod tests {
             || empty_folder(Some(&folder)),
             std::time::Duration::ZERO,
             HELD_BYTES,
+            no_limit(),
         )
         .await
         .unwrap();
@@ -534,24 +577,36 @@ mod tests {
     #[tokio::test]
     async fn only_unread_results_of_unreachable_servers_are_fetched_again() {
         let (send, sent) = job(vec![Err("Execution error: division by zero")]);
-        let e = with_resends(send, || Ok(()), std::time::Duration::ZERO, HELD_BYTES)
-            .await
-            .err()
-            .unwrap();
+        let e = with_resends(
+            send,
+            || Ok(()),
+            std::time::Duration::ZERO,
+            HELD_BYTES,
+            no_limit(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("division by zero"), "{e}");
         assert_eq!(sent.load(Ordering::SeqCst), 1);
 
         let (send, sent) = job(vec![Err(REFUSED); ATTEMPTS as usize + 1]);
-        let e = with_resends(send, || Ok(()), std::time::Duration::ZERO, HELD_BYTES)
-            .await
-            .err()
-            .unwrap();
+        let e = with_resends(
+            send,
+            || Ok(()),
+            std::time::Duration::ZERO,
+            HELD_BYTES,
+            no_limit(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(unreachable_server(&e), "{e}");
         assert_eq!(sent.load(Ordering::SeqCst), ATTEMPTS as usize);
 
         // Nothing held back: the first rows are passed on, so the failure is the query's.
         let (send, sent) = job(vec![Err(REFUSED), Ok(vec![1])]);
-        let stream = with_resends(send, || Ok(()), std::time::Duration::ZERO, 0)
+        let stream = with_resends(send, || Ok(()), std::time::Duration::ZERO, 0, no_limit())
             .await
             .unwrap();
         assert!(rows(stream).await.is_err());

@@ -299,6 +299,8 @@ async fn tidy(engine: &Engine) {
     }
 }
 
+/// The resolved events' queries, as a query timeout names them.
+const RESOLVED_EVENTS: &str = "Tessera's resolved events (events with their profile_id)";
 /// How the query time limit names the writing of the event history and rejected_events.
 const BUILT_IN_EVENTS: &str = "Tessera's event history (checking new events, rejected_events)";
 
@@ -607,11 +609,12 @@ async fn stages(
         materialise_events(engine, report).await?;
         ctx.deregister_table(tables::IDENTITY_GRAPH)?;
         ctx.register_batch(tables::IDENTITY_GRAPH, graph_for_sql.clone())?;
-        report.events_without_profile = ctx
+        let unresolved = ctx
             .table(tables::EVENTS)
             .await?
-            .filter(datafusion::prelude::col(tables::event::PROFILE_ID).is_null())?
-            .count()
+            .filter(datafusion::prelude::col(tables::event::PROFILE_ID).is_null())?;
+        report.events_without_profile = engine
+            .in_time(RESOLVED_EVENTS, async { Ok(unresolved.count().await?) })
             .await? as u64;
         report.identity = identity.stats;
         report.identity.events_with_profile = report.events - report.events_without_profile;
@@ -1167,10 +1170,7 @@ async fn event_history(
 async fn materialise_events(engine: &Engine, report: &mut RunReport) -> Result<()> {
     let meter = engine.meter();
     engine
-        .in_time(
-            "Tessera's resolved events (events with their profile_id)",
-            engine.materialise_events(report.events),
-        )
+        .in_time(RESOLVED_EVENTS, engine.materialise_events(report.events))
         .await
         .map_err(in_stage(engine, "resolved events"))?;
     report

@@ -393,6 +393,42 @@ fn an_executor_killed_mid_run_costs_a_retry_not_a_wrong_table() {
     assert_same_tables(&local, &remote);
 }
 
+/// A scheduler with no executor takes jobs and holds them: the run must not wait for ever.
+/// `run.query_timeout` bounds each job sent to the cluster, as it bounds the queries of a
+/// local run, and the error says what to check.
+#[test]
+fn a_run_on_a_cluster_without_executors_ends_at_the_query_time_limit() {
+    let p = project(30, 4);
+    let config = p.path().join("tessera.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}query_timeout = \"3s\"\n")).unwrap();
+    let cluster = Cluster::start(0);
+    let started = Instant::now();
+    let mut child = spawn_cluster_run(&p, &cluster, "--quiet");
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the run still waits 120 s after it started, with a 3 s query time limit");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success(),
+        "the run succeeded with no executor:\n{text}"
+    );
+    assert!(
+        text.contains("run.query_timeout") && text.contains("tessera cluster executor"),
+        "the error does not say what to check:\n{text}"
+    );
+    let published = run(&mut p.cmd(&["query", "SELECT count(*) AS n FROM profiles", "--quiet"]));
+    assert!(
+        !published.status.success(),
+        "a failed run published profiles"
+    );
+}
+
 #[test]
 fn a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run() {
     if !s3_available("a_run_on_a_cluster_over_s3_gives_the_same_tables_as_a_local_run") {

@@ -169,6 +169,7 @@ async fn within<T>(
         Err(_) => Err(Error::QueryTimeout {
             query: what,
             limit: text.to_string(),
+            hint: String::new(),
         }),
     }
 }
