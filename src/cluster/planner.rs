@@ -544,6 +544,22 @@ mod tests {
             .collect())
     }
 
+    /// [`with_resends`] at once (no pause between attempts, no time limit), results held up to
+    /// `held_bytes`, nothing to do before sending again.
+    async fn resend(
+        send: impl Fn() -> Result<SendableRecordBatchStream>,
+        held_bytes: usize,
+    ) -> Result<futures::stream::BoxStream<'static, Result<arrow::array::RecordBatch>>> {
+        with_resends(
+            send,
+            || Ok(()),
+            std::time::Duration::ZERO,
+            held_bytes,
+            no_limit(),
+        )
+        .await
+    }
+
     /// An executor lost with a finished job's results: the job is sent again, the copy's
     /// folder is emptied first, and the rows are the new job's alone (none of the lost
     /// attempt's rows come through twice).
@@ -577,38 +593,18 @@ mod tests {
     #[tokio::test]
     async fn only_unread_results_of_unreachable_servers_are_fetched_again() {
         let (send, sent) = job(vec![Err("Execution error: division by zero")]);
-        let e = with_resends(
-            send,
-            || Ok(()),
-            std::time::Duration::ZERO,
-            HELD_BYTES,
-            no_limit(),
-        )
-        .await
-        .err()
-        .unwrap();
+        let e = resend(send, HELD_BYTES).await.err().unwrap();
         assert!(e.to_string().contains("division by zero"), "{e}");
         assert_eq!(sent.load(Ordering::SeqCst), 1);
 
         let (send, sent) = job(vec![Err(REFUSED); ATTEMPTS as usize + 1]);
-        let e = with_resends(
-            send,
-            || Ok(()),
-            std::time::Duration::ZERO,
-            HELD_BYTES,
-            no_limit(),
-        )
-        .await
-        .err()
-        .unwrap();
+        let e = resend(send, HELD_BYTES).await.err().unwrap();
         assert!(unreachable_server(&e), "{e}");
         assert_eq!(sent.load(Ordering::SeqCst), ATTEMPTS as usize);
 
         // Nothing held back: the first rows are passed on, so the failure is the query's.
         let (send, sent) = job(vec![Err(REFUSED), Ok(vec![1])]);
-        let stream = with_resends(send, || Ok(()), std::time::Duration::ZERO, 0, no_limit())
-            .await
-            .unwrap();
+        let stream = resend(send, 0).await.unwrap();
         assert!(rows(stream).await.is_err());
         assert_eq!(sent.load(Ordering::SeqCst), 1);
     }

@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -330,6 +330,22 @@ fn spawn_cluster_run(p: &TempProject, cluster: &Cluster, verbosity: &str) -> Chi
     .unwrap()
 }
 
+/// The output of the run `child` and its stdout and stderr as one text, once it ends; it fails
+/// the test if the run has not ended within `limit` (`when`: since what, for the message).
+fn ended_within(mut child: Child, limit: Duration, when: &str) -> (Output, String) {
+    let since = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if since.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the run still waits {} s {when}", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    (out, text)
+}
+
 /// Waits until the executor working in `work_dir` holds shuffle output of a running job.
 fn wait_for_task(work_dir: &Path) {
     let start = Instant::now();
@@ -403,17 +419,12 @@ fn a_run_on_a_cluster_without_executors_ends_at_the_query_time_limit() {
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}query_timeout = \"3s\"\n")).unwrap();
     let cluster = Cluster::start(0);
-    let started = Instant::now();
-    let mut child = spawn_cluster_run(&p, &cluster, "--quiet");
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("the run still waits 120 s after it started, with a 3 s query time limit");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", stdout(&out), stderr(&out));
+    let child = spawn_cluster_run(&p, &cluster, "--quiet");
+    let (out, text) = ended_within(
+        child,
+        Duration::from_secs(120),
+        "after it started, with a 3 s query time limit",
+    );
     assert!(
         !out.status.success(),
         "the run succeeded with no executor:\n{text}"
@@ -478,20 +489,11 @@ fn a_scheduler_killed_mid_run_fails_the_run_and_publishes_nothing() {
     let local = project(400, 12);
     let remote = copy_of(&local);
     let mut cluster = Cluster::start(1);
-    let mut child = spawn_cluster_run(&remote, &cluster, "--quiet");
+    let child = spawn_cluster_run(&remote, &cluster, "--quiet");
     wait_for_task(&cluster.work_dirs[0]);
     cluster.scheduler.kill().unwrap();
     cluster.scheduler.wait().unwrap();
-    let killed = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if killed.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            panic!("the run still waits 180 s after its scheduler died");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", stdout(&out), stderr(&out));
+    let (out, text) = ended_within(child, Duration::from_secs(180), "after its scheduler died");
     assert!(
         !out.status.success(),
         "the run succeeded without its scheduler:\n{text}"
