@@ -61,6 +61,8 @@ pub struct Engine {
     held: std::sync::Mutex<
         std::collections::HashMap<String, datafusion::execution::memory_pool::MemoryReservation>,
     >,
+    /// Tables found too large to hold ([`Engine::too_large_to_hold`]), until released.
+    too_large: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A report table as its query returned it: sorted by [`tables::REPORT_ORDER`], which is
@@ -192,6 +194,7 @@ impl Engine {
             events_copy: std::sync::Mutex::new(None),
             events_on_disk: Default::default(),
             held: std::sync::Mutex::new(Default::default()),
+            too_large: std::sync::Mutex::new(Default::default()),
             outputs: Outputs::new(output),
             project,
             ctx,
@@ -455,7 +458,23 @@ impl Engine {
     pub fn release(&self, name: &str) -> Result<()> {
         self.ctx.deregister_table(name)?;
         self.release_memory(name);
+        self.too_large.lock().expect("not poisoned").remove(name);
         Ok(())
+    }
+
+    /// Records that `name` did not fit its budget in [`Engine::hold`], so that a caller
+    /// holding the same rows for many queries tries (and reads them) once; [`Engine::release`]
+    /// forgets it.
+    pub fn mark_too_large(&self, name: &str) {
+        self.too_large
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string());
+    }
+
+    /// True when [`Engine::mark_too_large`] recorded `name` since it was last released.
+    pub fn too_large_to_hold(&self, name: &str) -> bool {
+        self.too_large.lock().expect("not poisoned").contains(name)
     }
 
     /// Gives back the pool's share that `name` held, if it held any.

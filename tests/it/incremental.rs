@@ -572,3 +572,71 @@ fn a_moved_as_of_recomputes_only_the_profiles_whose_windows_moved() {
         before = after;
     }
 }
+
+/// When the touched profiles' events do not fit in memory (a sixteenth of the memory limit),
+/// the segments that could run over them run over every profile instead. The events are read
+/// for that try once per run, not once for each such segment (at 100M events each try read
+/// gigabytes), and the tables still equal a full run's.
+#[test]
+fn touched_events_too_large_to_hold_are_tried_once_and_the_tables_equal_a_full_run() {
+    let generated = tempfile::tempdir().unwrap();
+    generate(generated.path(), 12_000, 4, 21);
+    let mut days: Vec<_> = std::fs::read_dir(generated.path().join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    days.sort();
+    let last = days.pop().unwrap();
+    let p = project();
+    std::fs::create_dir_all(p.events()).unwrap();
+    let as_of = "2026-10-08T00:00:00Z";
+    let run_with = |extra: &[&str]| {
+        let mut args = vec!["run", "--memory-limit", "128MiB", "--as-of", as_of];
+        args.extend_from_slice(extra);
+        run(&mut p.cmd(&args))
+    };
+    for day in &days {
+        copy_dir(day, &p.events().join(day.file_name().unwrap()));
+    }
+    ok(run_with(&["--quiet"]));
+    copy_dir(&last, &p.events().join(last.file_name().unwrap()));
+    let out = run_with(&["-v", "--json"]);
+    let log = stderr(&out);
+    ok(out);
+    let tries = log
+        .lines()
+        .filter(|l| {
+            l.contains("too large to hold in memory") && l.contains("__tessera_touched_events")
+        })
+        .count();
+    assert_eq!(
+        tries, 1,
+        "the touched events were tried {tries} times (expected once: they must not fit here)"
+    );
+    let every: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"segment\"") && l.contains("\"computed_for\":\"every profile\""))
+        .collect();
+    assert!(
+        every.iter().any(|l| l.contains("cart_abandoners")),
+        "a segment that qualifies for touched profiles did not fall back to every profile:\n{log}"
+    );
+    let micros = chrono::DateTime::parse_from_rfc3339(as_of)
+        .unwrap()
+        .timestamp_micros();
+    let (mine, theirs) = beside_a_full_run(&p, project(), micros, 21, 1);
+    for (table, rows) in &theirs {
+        // Its rows name the file each came from, in each project's own folder.
+        if table == "rejected_events" {
+            continue;
+        }
+        assert!(
+            mine.get(table) == Some(rows),
+            "{table} differs from a full run's"
+        );
+    }
+    assert_eq!(
+        mine.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+}
