@@ -1764,7 +1764,7 @@ impl Config {
             unit,
             why,
         };
-        vec![
+        let mut bounds = vec![
             b("run.lease_seconds", self.run.lease_seconds, 2..=7 * 24 * 3600, "seconds",
               "a run renews its lease every third of it; a week at most, so a dead run's lease ends"),
             b("run.retention_hours", self.run.retention_hours, 0..=100 * 365 * 24, "hours",
@@ -1782,7 +1782,12 @@ impl Config {
               "connecting takes at most this"),
             b("sessions.gap_minutes", self.sessions.gap_minutes as u64, 1..=7 * 24 * 60, "minutes",
               "minutes of inactivity that end a session; a week at most"),
-        ]
+        ];
+        if let Some(n) = self.run.cluster_partitions {
+            bounds.push(b("run.cluster_partitions", n as u64, 1..=100_000, "partitions",
+              "the tasks of each stage of a job sent to a cluster: the executors' task slots together, or remove it"));
+        }
+        bounds
     }
 }
 
@@ -1873,14 +1878,17 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn every_bounded_key_takes_its_range_and_names_itself_outside_it(
-            which in 0usize..9,
+            which in 0usize..10,
             value in proptest::prop_oneof![
                 0u64..2_000_000,
                 0u64..=i64::MAX as u64,
                 proptest::sample::select(vec![0, 1, 2, 3600, 876_000, 876_001, 604_800, 604_801, i64::MAX as u64]),
             ],
         ) {
-            let bounds = Config::default().bounds();
+            // An optional key is bounded when set.
+            let mut config = Config::default();
+            config.run.cluster_partitions = Some(1);
+            let bounds = config.bounds();
             let bound = &bounds[which % bounds.len()];
             let (section, key) = bound.key.rsplit_once('.').unwrap();
             // Keep the other backoff out of the way: the two are also checked against each other.

@@ -125,15 +125,8 @@ pub async fn run(
             message: "a run on a cluster writes the resolved events into run.spill_dir for the executors to read: set run.spill_dir (or --spill-dir) to a folder mounted at the same path on this machine and every executor".into(),
         });
     }
-    let partitions = match project.config.run.cluster_partitions {
-        Some(0) => {
-            return Err(Error::Usage(
-                "run.cluster_partitions = 0: a query needs at least one partition; set it to the task slots of all executors together, or remove it".into(),
-            ))
-        }
-        n => n,
-    };
     reachable(&address)?;
+    let partitions = project.config.run.cluster_partitions;
     let (ctx, split) = crate::cluster::client_context(&address, &limits, Vec::new(), partitions)?;
     let engine = Engine::open_with(project, ctx).await?;
     engine.keep_events_on_disk();
