@@ -54,9 +54,8 @@ pub struct Engine {
     scratch: Scratch,
     /// The resolved events written into the scratch folder, replaced on each materialising.
     events_copy: std::sync::Mutex<Option<tempfile::TempDir>>,
-    /// Set on a cluster's driver: the resolved events go to the scratch folder, where the
-    /// executors read them, never into the driver's memory ([`Engine::keep_events_on_disk`]).
-    events_on_disk: std::sync::atomic::AtomicBool,
+    /// Set on a cluster's driver ([`Engine::run_on_cluster`]).
+    on_cluster: std::sync::atomic::AtomicBool,
     /// The memory pool's share each table held in memory takes ([`Engine::hold`]), by name.
     held: std::sync::Mutex<
         std::collections::HashMap<String, datafusion::execution::memory_pool::MemoryReservation>,
@@ -64,6 +63,11 @@ pub struct Engine {
     /// Tables found too large to hold ([`Engine::too_large_to_hold`]), until released.
     too_large: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// What to check when a run on a cluster waits past its time limit, in the errors that say
+/// so (the query engine's and the cluster's own).
+pub const EXECUTORS_TO_CHECK: &str = "executors (`tessera cluster executor`) are running and \
+     registered with the scheduler (its log names each one it adds)";
 
 /// A report table as its query returned it: sorted by [`tables::REPORT_ORDER`], which is
 /// left out. A table written before reports kept their order is returned as it is.
@@ -192,7 +196,7 @@ impl Engine {
             limits,
             scratch,
             events_copy: std::sync::Mutex::new(None),
-            events_on_disk: Default::default(),
+            on_cluster: Default::default(),
             held: std::sync::Mutex::new(Default::default()),
             too_large: std::sync::Mutex::new(Default::default()),
             outputs: Outputs::new(output),
@@ -212,12 +216,16 @@ impl Engine {
             .map_err(|e| Error::io(self.scratch.path(), e))
     }
 
-    /// Makes [`Engine::materialise_events`] always write the Parquet copy (a cluster's
-    /// executors can read that, not the driver's memory), and a query timeout's error name
-    /// the executors: only a run on a cluster calls it.
-    pub fn keep_events_on_disk(&self) {
-        self.events_on_disk
+    /// Marks the engine as a cluster's driver: [`Engine::materialise_events`] always writes
+    /// the Parquet copy (the executors read that, not the driver's memory), and a query
+    /// timeout's error names the executors.
+    pub fn run_on_cluster(&self) {
+        self.on_cluster
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn on_cluster(&self) -> bool {
+        self.on_cluster.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes `events` as it is now (checked, deduplicated, with profile_id) to local Parquet
@@ -328,11 +336,7 @@ impl Engine {
     async fn events_in_memory(&self, events: &DataFrame, rows: u64) -> Result<bool> {
         const SAMPLE_ROWS: usize = 8192;
         self.release_memory(tables::EVENTS);
-        if crate::faults::events_on_disk()
-            || self
-                .events_on_disk
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if crate::faults::events_on_disk() || self.on_cluster() {
             return Ok(false);
         }
         let budget = self.limits.memory / 4;
@@ -574,14 +578,11 @@ impl Engine {
             Err(_) => Err(Error::QueryTimeout {
                 query: what.to_string(),
                 limit: self.limits.query_timeout_text.clone(),
-                hint: if self
-                    .events_on_disk
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    "; on a cluster, also check that executors (`tessera cluster executor`) are \
-                     running and registered with the scheduler (its log names each one it adds): \
-                     a scheduler with none holds the work"
-                        .into()
+                hint: if self.on_cluster() {
+                    format!(
+                        "; on a cluster, also check that {EXECUTORS_TO_CHECK}: a scheduler with \
+                         none holds the work"
+                    )
                 } else {
                     String::new()
                 },

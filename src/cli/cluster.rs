@@ -129,7 +129,7 @@ pub async fn run(
     let partitions = project.config.run.cluster_partitions;
     let (ctx, split) = crate::cluster::client_context(&address, &limits, Vec::new(), partitions)?;
     let engine = Engine::open_with(project, ctx).await?;
-    engine.keep_events_on_disk();
+    engine.run_on_cluster();
     let report = crate::pipeline::run_on(&engine, options, progress).await;
     tracing::info!(
         on_cluster = split.sent(),

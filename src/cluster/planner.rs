@@ -260,7 +260,7 @@ fn on_cluster(
 
 /// The cluster's plan for one query, whose errors say they came from the cluster, sent again
 /// when an executor holding its results is lost before the driver has read them.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct OnCluster {
     inner: Arc<dyn ExecutionPlan>,
     address: String,
@@ -342,10 +342,10 @@ async fn with_resends(
             // Dropping the stream stops waiting for the job.
             Err(_) => {
                 return Err(datafusion::error::DataFusionError::Execution(format!(
-                    "the cluster did not finish the query within {}; check that executors \
-                     (`tessera cluster executor`) are running and registered with the \
-                     scheduler (its log names each one it adds), or raise the limit",
-                    time_limit.1
+                    "the cluster did not finish the query within {}; check that {}, or raise \
+                     the limit",
+                    time_limit.1,
+                    crate::engine::EXECUTORS_TO_CHECK
                 )))
             }
         };
@@ -398,10 +398,7 @@ impl ExecutionPlan for OnCluster {
         match children.pop() {
             Some(inner) if children.is_empty() => Ok(Arc::new(OnCluster {
                 inner,
-                address: self.address.clone(),
-                copy_target: self.copy_target.clone(),
-                partitions: self.partitions,
-                time_limit: self.time_limit.clone(),
+                ..self.as_ref().clone()
             })),
             _ => Err(datafusion::error::DataFusionError::Internal(
                 "OnCluster takes one child".into(),
