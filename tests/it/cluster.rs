@@ -116,15 +116,19 @@ fn project(people: u64, seed: u64) -> TempProject {
 /// `p` with a `[run] spill_dir` of its own (an absolute path: a relative one is taken from
 /// the working folder).
 fn with_scratch(p: TempProject) -> TempProject {
+    let scratch = p.path().join("scratch");
+    append_to_config(
+        &p,
+        &format!("\n[run]\nspill_dir = \"{}\"\n", scratch.display()),
+    );
+    p
+}
+
+/// Adds `lines` at the end of `p`'s tessera.toml (after [`with_scratch`], into `[run]`).
+fn append_to_config(p: &TempProject, lines: &str) {
     let config = p.path().join("tessera.toml");
     let text = std::fs::read_to_string(&config).unwrap();
-    let scratch = p.path().join("scratch");
-    std::fs::write(
-        &config,
-        format!("{text}\n[run]\nspill_dir = \"{}\"\n", scratch.display()),
-    )
-    .unwrap();
-    p
+    std::fs::write(&config, format!("{text}{lines}")).unwrap();
 }
 
 /// The same project in a second folder.
@@ -217,9 +221,7 @@ fn a_run_on_a_cluster_gives_the_same_tables_as_a_local_run() {
     let local = project(120, 7);
     let remote = copy_of(&local);
     // Planned into 3 partitions on the cluster, not this machine's core count.
-    let config = remote.path().join("tessera.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}cluster_partitions = 3\n")).unwrap();
+    append_to_config(&remote, "cluster_partitions = 3\n");
     let cluster = Cluster::start(2);
     let a = local_run(&local);
     let (b, log) = cluster_run(&remote, &cluster);
@@ -272,9 +274,7 @@ fn a_run_needs_a_reachable_scheduler_and_a_shared_scratch_folder() {
     );
     assert!(!p.path().join("out/runs").exists(), "nothing written");
 
-    let config = p.path().join("tessera.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}cluster_partitions = 0\n")).unwrap();
+    append_to_config(&p, "cluster_partitions = 0\n");
     let out = run(&mut p.cmd(&["run", "--cluster", &format!("df://127.0.0.1:{port}")]));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
@@ -415,9 +415,7 @@ fn an_executor_killed_mid_run_costs_a_retry_not_a_wrong_table() {
 #[test]
 fn a_run_on_a_cluster_without_executors_ends_at_the_query_time_limit() {
     let p = project(30, 4);
-    let config = p.path().join("tessera.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{text}query_timeout = \"3s\"\n")).unwrap();
+    append_to_config(&p, "query_timeout = \"3s\"\n");
     let cluster = Cluster::start(0);
     let child = spawn_cluster_run(&p, &cluster, "--quiet");
     let (out, text) = ended_within(
