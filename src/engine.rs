@@ -476,6 +476,13 @@ impl Engine {
             .insert(name.to_string());
     }
 
+    /// Forgets every [`Engine::mark_too_large`] mark. A run starts with this: a run that
+    /// failed before releasing its tables must not leave the next run on the same engine
+    /// (embedding keeps one) judging by rows it no longer holds.
+    pub fn forget_too_large(&self) {
+        self.too_large.lock().expect("not poisoned").clear();
+    }
+
     /// True when [`Engine::mark_too_large`] recorded `name` since it was last released.
     pub fn too_large_to_hold(&self, name: &str) -> bool {
         self.too_large.lock().expect("not poisoned").contains(name)

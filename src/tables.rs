@@ -60,6 +60,9 @@ pub mod state {
     pub const WINDOWS: &str = "_state/windows";
     /// The graph of the last published run: each node, its inputs and fingerprint.
     pub const NODES: &str = "_state/nodes";
+    /// Each data test's inputs and failing rows at the last published run, so a run with
+    /// nothing to recompute need not run a passing test again.
+    pub const TESTS: &str = "_state/tests";
     /// Each probabilistic block's trained model, kept so later runs score with it.
     pub const MATCH_MODEL: &str = "_state/match_model";
     /// Each probabilistic block's records as digests, so a run knows which are new or changed.

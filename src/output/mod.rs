@@ -402,6 +402,7 @@ pub async fn all_tables(outputs: &Outputs) -> Result<Vec<String>> {
     names.push(crate::tables::state::TRAITS.into());
     names.push(crate::tables::state::SUPPRESSED.into());
     names.push(crate::tables::state::NODES.into());
+    names.push(crate::tables::state::TESTS.into());
     names.push(crate::tables::state::WINDOWS.into());
     names.push(crate::tables::state::MATCH_MODEL.into());
     names.push(crate::tables::state::MATCH_RECORDS.into());

@@ -173,6 +173,45 @@ pub fn is_time_dependent(sql: &str, dialect: &str) -> bool {
     }
 }
 
+/// The SQL dialect the engine parses with.
+fn dialect(engine: &Engine) -> String {
+    engine
+        .ctx
+        .state()
+        .config()
+        .options()
+        .sql_parser
+        .dialect
+        .to_string()
+}
+
+/// What decides the rows of a data test besides the output tables: its SQL, Tessera's
+/// version, the files of each `[[sources]]` table it reads and, when it reads the clock,
+/// the as-of. `None` when its reads cannot be worked out (such a test is always run).
+pub async fn test_inputs(
+    engine: &Engine,
+    name: &str,
+    sql: &str,
+    as_of: DateTime<Utc>,
+) -> Result<Option<String>> {
+    let file = QueryFile {
+        file: name.to_string(),
+        sql: sql.to_string(),
+        path: Default::default(),
+    };
+    let Ok(reads) = reads_of(engine, &file) else {
+        return Ok(None);
+    };
+    let mut text = format!("{sql}\u{0}{}", env!("CARGO_PKG_VERSION"));
+    for (source, digest) in source_digests(engine, &reads.sources, &mut BTreeMap::new()).await? {
+        text.push_str(&format!("\u{0}{source}={digest}"));
+    }
+    if is_time_dependent(sql, &dialect(engine)) {
+        text.push_str(&format!("\u{0}as_of={}", as_of.timestamp_micros()));
+    }
+    Ok(Some(digest(&text)))
+}
+
 fn digest(text: &str) -> String {
     crate::digest::sha256_hex(text)
 }
@@ -374,14 +413,7 @@ impl Graph {
     pub async fn build(engine: &Engine) -> Result<Graph> {
         let project = &engine.project;
         let config = &project.config;
-        let dialect = engine
-            .ctx
-            .state()
-            .config()
-            .options()
-            .sql_parser
-            .dialect
-            .to_string();
+        let dialect = dialect(engine);
         let mut nodes: Vec<Node> = Vec::new();
         // Each source's files are listed once, however many nodes read it.
         let mut listed: BTreeMap<String, String> = BTreeMap::new();

@@ -78,6 +78,7 @@ pub async fn run_on(
 ) -> Result<RunReport> {
     let mut report = RunReport::start(&engine.project.config.project.name);
     report.as_of = options.as_of.unwrap_or(report.started_at);
+    engine.forget_too_large();
     engine
         .ctx
         .register_udf(crate::sql::functions::as_of(report.as_of));
@@ -435,8 +436,9 @@ async fn stages(
     }
     if !plan.has_work() {
         // Nothing to recompute, but a test may be new: tests check the published tables.
+        // One that passed over these same tables at the last run is not run again.
         engine.register_outputs().await?;
-        run_data_tests(engine, progress, report).await?;
+        run_data_tests(engine, progress, report, true).await?;
         return Ok(Work::Nothing);
     }
     report.stages.push(meter.finish("ingest", report.rows_read));
@@ -951,7 +953,19 @@ async fn stages(
 
     // Data tests read the tables as this run would publish them; a failing `error` test
     // stops the publish.
-    run_data_tests(engine, progress, report).await?;
+    let keys = run_data_tests(engine, progress, report, false).await?;
+    let tested = data_tests::state_batch(&report.data_tests, &keys)?;
+    let committed = outputs
+        .write(
+            ctx,
+            data_tests::STATE,
+            ctx.read_batch(tested)?,
+            WriteMode::Replace,
+        )
+        .await?;
+    report
+        .tables
+        .insert(data_tests::STATE.to_string(), committed);
 
     // The graph as this run leaves it, and the tables it carries over unchanged.
     let nodes = graph::state_batch(&graph, &fingerprints, report.as_of)?;
@@ -969,19 +983,31 @@ async fn stages(
 }
 
 /// Runs the project's data tests over the tables registered now; an `error` test that finds
-/// rows fails the run.
-async fn run_data_tests(engine: &Engine, progress: Progress, report: &mut RunReport) -> Result<()> {
+/// rows fails the run. With `carry`, a test that passed at the last published run over the
+/// same inputs is carried over instead (for a run that recomputes nothing). Returns each
+/// test's key for `_state/tests`.
+async fn run_data_tests(
+    engine: &Engine,
+    progress: Progress,
+    report: &mut RunReport,
+    carry: bool,
+) -> Result<BTreeMap<String, String>> {
     let tests = data_tests::collect(&engine.project)?;
     if tests.is_empty() {
-        return Ok(());
+        return Ok(BTreeMap::new());
     }
     let spinner = progress.spinner("data tests");
-    let outcomes = data_tests::run_all(engine, &tests).await?;
+    let keys = data_tests::keys(engine, &tests, report.as_of).await?;
+    let outcomes = if carry {
+        data_tests::run_changed(engine, &tests, &keys).await?
+    } else {
+        data_tests::run_all(engine, &tests).await?
+    };
     spinner.finish_and_clear();
     report.data_tests = outcomes;
     match data_tests::blocking(&report.data_tests) {
         Some(failed) => Err(failed),
-        None => Ok(()),
+        None => Ok(keys),
     }
 }
 

@@ -231,3 +231,124 @@ severity = "warn"
         "{text}"
     );
 }
+
+#[test]
+fn a_run_with_nothing_to_recompute_runs_only_the_tests_whose_inputs_changed() {
+    let p = TempProject::new(
+        r#"[storage]
+events = "data/events"
+output = "out"
+
+[[tests]]
+table = "profiles"
+column = "profile_id"
+unique = true
+"#,
+    );
+    write_parquet(
+        &p.events().join("day1.parquet"),
+        &[events_batch(&[
+            person("m1", "u1", 0),
+            person("m2", "u2", 0),
+        ])],
+    );
+    // Fails (as a warning) once there are fewer than two profiles.
+    write(
+        &p,
+        "queries/tests/two_profiles.sql",
+        "-- severity: warn\nSELECT count(*) AS profiles FROM profiles HAVING count(*) <> 2\n",
+    );
+    use std::collections::BTreeMap;
+    let outcomes = |report: &serde_json::Value| -> BTreeMap<String, (i64, bool)> {
+        report["data_tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["name"].as_str().unwrap().to_string(),
+                    (
+                        o["failing_rows"].as_i64().unwrap(),
+                        o["carried"].as_bool().unwrap_or(false),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let unique = "tests[0] profiles.profile_id unique".to_string();
+    // The default identity rules' audit (one user_id per profile) reads the tables too.
+    let audit = "audit: at most 1 user_id per profile".to_string();
+    let two = "queries/tests/two_profiles.sql".to_string();
+    let first = p.run_json();
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(
+        outcomes(&first),
+        BTreeMap::from([
+            (unique.clone(), (0, false)),
+            (audit.clone(), (0, false)),
+            (two.clone(), (0, false))
+        ])
+    );
+
+    // Nothing new: both passed over the same tables, so neither runs again.
+    let second = p.run_json();
+    assert_eq!(second["status"], "unchanged", "{second}");
+    assert_eq!(
+        outcomes(&second),
+        BTreeMap::from([
+            (unique.clone(), (0, true)),
+            (audit.clone(), (0, true)),
+            (two.clone(), (0, true))
+        ])
+    );
+
+    // A forget request rewrites the tables without a run: every test runs again, and the
+    // count test finds its row (carried over, it would still pass). Until a run publishes,
+    // every test keeps running.
+    ok(run(&mut p.cmd(&["forget", "user_id:u2"])));
+    for _ in 0..2 {
+        let after = p.run_json();
+        assert_eq!(after["status"], "unchanged", "{after}");
+        assert_eq!(
+            outcomes(&after),
+            BTreeMap::from([
+                (unique.clone(), (0, false)),
+                (audit.clone(), (0, false)),
+                (two.clone(), (1, false))
+            ])
+        );
+    }
+
+    // A new person: the run publishes, every test runs, and the count passes again.
+    write_parquet(
+        &p.events().join("day2.parquet"),
+        &[events_batch(&[person("m3", "u3", 1)])],
+    );
+    let published = p.run_json();
+    assert_eq!(published["status"], "succeeded", "{published}");
+    assert_eq!(
+        outcomes(&published),
+        BTreeMap::from([
+            (unique.clone(), (0, false)),
+            (audit.clone(), (0, false)),
+            (two.clone(), (0, false))
+        ])
+    );
+
+    // A changed test runs again; the others are carried over.
+    write(
+        &p,
+        "queries/tests/two_profiles.sql",
+        "-- severity: warn\nSELECT count(*) AS profiles FROM profiles HAVING count(*) < 2\n",
+    );
+    let changed = p.run_json();
+    assert_eq!(changed["status"], "unchanged", "{changed}");
+    assert_eq!(
+        outcomes(&changed),
+        BTreeMap::from([
+            (unique.clone(), (0, true)),
+            (audit.clone(), (0, true)),
+            (two.clone(), (0, false))
+        ])
+    );
+}
