@@ -60,8 +60,62 @@ pub struct Engine {
     held: std::sync::Mutex<
         std::collections::HashMap<String, datafusion::execution::memory_pool::MemoryReservation>,
     >,
-    /// Tables found too large to hold ([`Engine::too_large_to_hold`]), until released.
-    too_large: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The folders of tables [`Engine::hold_or_write`] wrote to the scratch folder, by name.
+    written: std::sync::Mutex<std::collections::HashMap<String, tempfile::TempDir>>,
+}
+
+/// Where [`Engine::hold`] and [`Engine::hold_or_write`] put a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// In memory.
+    InMemory,
+    /// In a Parquet folder in the scratch folder.
+    Written,
+    /// Nowhere: it did not fit, and there was no folder to write it to.
+    No,
+}
+
+/// One partition's Parquet file of a table [`Engine::hold_or_write`] writes.
+struct HeldWriter {
+    writer: parquet::arrow::ArrowWriter<std::fs::File>,
+    schema: arrow::datatypes::SchemaRef,
+    path: std::path::PathBuf,
+}
+
+impl HeldWriter {
+    fn create(
+        folder: &std::path::Path,
+        part: usize,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> Result<HeldWriter> {
+        let path = folder.join(format!("part-{part}.parquet"));
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        // Read back a few times, soon: LZ4 as for the resolved events' copy.
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::LZ4_RAW)
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        Ok(HeldWriter {
+            writer,
+            schema,
+            path,
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.writer.write(batch)?;
+        Ok(())
+    }
+
+    /// Closes the file; returns its rows.
+    fn finish(self) -> Result<u64> {
+        let path = self.path;
+        let meta = self
+            .writer
+            .close()
+            .map_err(|e| Error::Internal(format!("writing {}: {e}", path.display())))?;
+        Ok(meta.file_metadata().num_rows() as u64)
+    }
 }
 
 /// What to check when a run on a cluster waits past its time limit, in the errors that say
@@ -198,7 +252,7 @@ impl Engine {
             events_copy: std::sync::Mutex::new(None),
             on_cluster: Default::default(),
             held: std::sync::Mutex::new(Default::default()),
-            too_large: std::sync::Mutex::new(Default::default()),
+            written: std::sync::Mutex::new(Default::default()),
             outputs: Outputs::new(output),
             project,
             ctx,
@@ -383,13 +437,37 @@ impl Engine {
     /// the limit. The batches are dealt into as many partitions as the engine runs, so scans
     /// of the table run in parallel.
     pub async fn hold(&self, name: &str, df: DataFrame, budget: u64) -> Result<bool> {
+        Ok(self.hold_or(name, df, budget, None).await? == Held::InMemory)
+    }
+
+    /// Registers `df` as the table `name` for many queries to read: held in memory as
+    /// [`Engine::hold`] holds it when it fits `budget`, otherwise written to a Parquet folder
+    /// in the scratch folder and read from there. Either way its rows are computed once: past
+    /// the budget, the batches read so far are written first and the rest follow. The files
+    /// are removed when `name` is [`Engine::release`]d, held again or the engine is dropped.
+    pub async fn hold_or_write(&self, name: &str, df: DataFrame, budget: u64) -> Result<()> {
+        let dir = self.scratch_folder("held-")?;
+        self.hold_or(name, df, budget, Some(dir)).await?;
+        Ok(())
+    }
+
+    async fn hold_or(
+        &self,
+        name: &str,
+        df: DataFrame,
+        budget: u64,
+        spill: Option<tempfile::TempDir>,
+    ) -> Result<Held> {
         self.release_memory(name);
         let planned = Arc::new(df.schema().as_arrow().clone());
         let parts = self.ctx.copied_config().target_partitions().max(1);
         // Each partition is read on its own task (polled together from this one, the
         // partitions' decoding and expressions ran on one core: resolved events at 10M took
-        // 3.7-4.5 s instead of 2.0 s). Reading stops everywhere once the budget is passed.
+        // 3.7-4.5 s instead of 2.0 s). Once the budget is passed, reading stops everywhere
+        // (or, with a folder to write to, every partition writes from then on).
         let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let folder: Option<Arc<std::path::Path>> = spill.as_ref().map(|d| d.path().into());
         let mut tasks = tokio::task::JoinSet::new();
         for (i, mut stream) in df
             .execute_stream_partitioned()
@@ -397,24 +475,40 @@ impl Engine {
             .into_iter()
             .enumerate()
         {
-            let read = read.clone();
+            let (read, over, folder) = (read.clone(), over.clone(), folder.clone());
             tasks.spawn(async move {
                 let mut batches = Vec::new();
+                let mut writer: Option<HeldWriter> = None;
                 while let Some(batch) = futures::StreamExt::next(&mut stream).await {
                     let batch = batch?;
+                    if let Some(w) = writer.as_mut() {
+                        w.write(&batch)?;
+                        continue;
+                    }
                     let bytes = slice_bytes(&batch)?;
                     let before = read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                     if before + bytes > budget {
-                        return Ok::<_, Error>((i, None));
+                        over.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                     batches.push(batch);
+                    if over.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Some(folder) = &folder else {
+                            return Ok::<_, Error>((i, None, None));
+                        };
+                        let mut w = HeldWriter::create(folder, i, batches[0].schema())?;
+                        for b in batches.drain(..) {
+                            w.write(&b)?;
+                        }
+                        writer = Some(w);
+                    }
                 }
-                Ok((i, Some(batches)))
+                Ok((i, Some(batches), writer))
             });
         }
         let mut read_parts = Vec::new();
+        let mut writers = Vec::new();
         while let Some(done) = tasks.join_next().await {
-            let (i, batches) = done.map_err(|e| {
+            let (i, batches, writer) = done.map_err(|e| {
                 Error::Internal(format!("reading `{name}` into memory stopped: {e}"))
             })??;
             let Some(batches) = batches else {
@@ -423,23 +517,68 @@ impl Engine {
                     budget_mib = budget >> 20,
                     "too large to hold in memory: read where it is"
                 );
-                return Ok(false);
+                return Ok(Held::No);
             };
             read_parts.push((i, batches));
+            writers.extend(writer);
         }
         read_parts.sort_unstable_by_key(|(i, _)| *i);
         let size = read.load(std::sync::atomic::Ordering::Relaxed);
-        let mut partitions = vec![Vec::new(); parts];
-        for (n, batch) in read_parts.into_iter().flat_map(|(_, b)| b).enumerate() {
-            partitions[n % parts].push(batch);
-        }
         let reservation = datafusion::execution::memory_pool::MemoryConsumer::new(format!(
             "{name} (held in memory)"
         ))
         .register(&self.ctx.runtime_env().memory_pool);
-        if let Err(e) = reservation.try_grow(size as usize) {
+        let short = if over.load(std::sync::atomic::Ordering::Relaxed) {
+            None
+        } else {
+            reservation.try_grow(size as usize).err()
+        };
+        if let Some(e) = &short {
             tracing::info!(table = name, error = %e, "not held in memory: the pool is short");
-            return Ok(false);
+        }
+        if over.load(std::sync::atomic::Ordering::Relaxed) || short.is_some() {
+            let Some(spill) = spill else {
+                return Ok(Held::No);
+            };
+            // Partitions that ended before the budget passed hold their batches still.
+            for (i, batches) in read_parts {
+                if let Some(first) = batches.first() {
+                    let mut w = HeldWriter::create(spill.path(), i, first.schema())?;
+                    for b in &batches {
+                        w.write(b)?;
+                    }
+                    writers.push(w);
+                }
+            }
+            let mut schema = None;
+            let mut rows = 0;
+            for w in writers {
+                schema.get_or_insert_with(|| w.schema.clone());
+                rows += w.finish()?;
+            }
+            let schema = schema.unwrap_or(planned);
+            let url = format!("{}/", spill.path().display());
+            self.ctx.deregister_table(name)?;
+            let options = datafusion::prelude::ParquetReadOptions {
+                schema: Some(&schema),
+                ..Default::default()
+            };
+            self.ctx.register_parquet(name, &url, options).await?;
+            tracing::info!(
+                table = name,
+                rows,
+                budget_mib = budget >> 20,
+                "too large to hold in memory: written once to the scratch folder"
+            );
+            self.written
+                .lock()
+                .expect("not poisoned")
+                .insert(name.to_string(), spill);
+            return Ok(Held::Written);
+        }
+        let mut partitions = vec![Vec::new(); parts];
+        for (n, batch) in read_parts.into_iter().flat_map(|(_, b)| b).enumerate() {
+            partitions[n % parts].push(batch);
         }
         // The batches' own schema: the plan's may differ from it in nullability.
         let schema = partitions
@@ -455,42 +594,20 @@ impl Engine {
             .lock()
             .expect("not poisoned")
             .insert(name.to_string(), reservation);
-        Ok(true)
+        Ok(Held::InMemory)
     }
 
     /// Deregisters the table `name` and gives back the memory it held ([`Engine::hold`]).
     pub fn release(&self, name: &str) -> Result<()> {
         self.ctx.deregister_table(name)?;
         self.release_memory(name);
-        self.too_large.lock().expect("not poisoned").remove(name);
         Ok(())
-    }
-
-    /// Records that `name` did not fit its budget in [`Engine::hold`], so that a caller
-    /// holding the same rows for many queries tries (and reads them) once; [`Engine::release`]
-    /// forgets it.
-    pub fn mark_too_large(&self, name: &str) {
-        self.too_large
-            .lock()
-            .expect("not poisoned")
-            .insert(name.to_string());
-    }
-
-    /// Forgets every [`Engine::mark_too_large`] mark. A run starts with this: a run that
-    /// failed before releasing its tables must not leave the next run on the same engine
-    /// (embedding keeps one) judging by rows it no longer holds.
-    pub fn forget_too_large(&self) {
-        self.too_large.lock().expect("not poisoned").clear();
-    }
-
-    /// True when [`Engine::mark_too_large`] recorded `name` since it was last released.
-    pub fn too_large_to_hold(&self, name: &str) -> bool {
-        self.too_large.lock().expect("not poisoned").contains(name)
     }
 
     /// Gives back the pool's share that `name` held, if it held any.
     pub(crate) fn release_memory(&self, name: &str) {
         self.held.lock().expect("not poisoned").remove(name);
+        self.written.lock().expect("not poisoned").remove(name);
     }
 
     /// The `events` columns (lowercased) that stages after identity can read: those the
@@ -1085,6 +1202,94 @@ mod tests {
         assert!(!engine.ctx.table_exist("held").unwrap());
         drop(other);
         assert_eq!(pool.reserved(), 0);
+    }
+
+    #[tokio::test]
+    async fn rows_past_the_budget_are_written_once_to_the_scratch_folder_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(crate::config::CONFIG_FILE),
+            "[storage]\nevents = \"events\"\noutput = \"out\"\n[run]\nmemory_limit = \"256MiB\"\n",
+        )
+        .unwrap();
+        let engine = Engine::open(Project::load(dir.path()).unwrap())
+            .await
+            .unwrap();
+        let pool = engine.ctx.runtime_env().memory_pool.clone();
+        // Eight batches over the engine's partitions, counted as they are read.
+        let batches: Vec<RecordBatch> = (0..8)
+            .map(|b| {
+                let values = arrow::array::Int64Array::from_iter_values(b * 1000..(b + 1) * 1000);
+                RecordBatch::try_from_iter([("v", Arc::new(values) as ArrayRef)]).unwrap()
+            })
+            .collect();
+        let size: u64 = batches.iter().map(|b| slice_bytes(b).unwrap()).sum();
+        let table = datafusion::datasource::MemTable::try_new(
+            batches[0].schema(),
+            batches.chunks(2).map(|c| c.to_vec()).collect(),
+        )
+        .unwrap();
+        let df = engine.ctx.read_table(Arc::new(table)).unwrap();
+        let scratch_files = |engine: &Engine| -> usize {
+            walk(engine.scratch.path())
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .count()
+        };
+        let rows = |engine: &Engine| {
+            let ctx = engine.ctx.clone();
+            async move {
+                let batches = ctx
+                    .sql("SELECT count(*), sum(v), count(DISTINCT v) FROM held")
+                    .await?
+                    .collect()
+                    .await?;
+                let value = |i: usize| {
+                    batches[0]
+                        .column(i)
+                        .as_any()
+                        .downcast_ref::<arrow::array::Int64Array>()
+                        .expect("Int64")
+                        .value(0)
+                };
+                Ok::<_, crate::error::Error>((value(0), value(1), value(2)))
+            }
+        };
+        let expected = (8000, (0..8000).sum::<i64>(), 8000);
+
+        // Within the budget: in memory, no file.
+        engine
+            .hold_or_write("held", df.clone(), size * 2)
+            .await
+            .unwrap();
+        assert_eq!(pool.reserved() as u64, size);
+        assert_eq!(scratch_files(&engine), 0);
+        assert_eq!(rows(&engine).await.unwrap(), expected);
+
+        // Past it: every row once (those read before the budget passed, and the rest), in
+        // files, with nothing reserved in the pool.
+        engine.hold_or_write("held", df, size / 3).await.unwrap();
+        assert_eq!(pool.reserved(), 0);
+        assert!(scratch_files(&engine) > 0);
+        assert_eq!(rows(&engine).await.unwrap(), expected);
+
+        engine.release("held").unwrap();
+        assert!(!engine.ctx.table_exist("held").unwrap());
+        assert_eq!(scratch_files(&engine), 0, "released: its files are removed");
+    }
+
+    /// Every file under `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     #[tokio::test]

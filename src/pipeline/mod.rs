@@ -78,7 +78,6 @@ pub async fn run_on(
 ) -> Result<RunReport> {
     let mut report = RunReport::start(&engine.project.config.project.name);
     report.as_of = options.as_of.unwrap_or(report.started_at);
-    engine.forget_too_large();
     engine
         .ctx
         .register_udf(crate::sql::functions::as_of(report.as_of));

@@ -512,13 +512,10 @@ impl Windows {
             &[WINDOW_KEY],
             None,
         )?;
-        if !engine
-            .hold(WINDOW_EVENTS, events, engine.limits.memory / 16)
-            .await?
-        {
-            tracing::info!("the due profiles' events do not fit in a sixteenth of the memory limit: windowed traits and segments run over every profile");
-            return Ok(windows);
-        }
+        // In memory when they fit a sixteenth of the limit, otherwise in the scratch folder.
+        engine
+            .hold_or_write(WINDOW_EVENTS, events, engine.limits.memory / 16)
+            .await?;
         windows.over = Some((
             ctx.table(WINDOW_PROFILES).await?,
             ctx.table_provider(WINDOW_EVENTS).await?,

@@ -334,21 +334,14 @@ SELECT DISTINCT profile_id FROM (
         ),
     )
     .await?;
-    // Held in memory when small (a sixteenth of the limit): the sessions and every carried
-    // trait file read them. As a view, each of those reads filtered all the events again, and
-    // the optimizer moved a trait's own filter below that filter, so its JSON was parsed for
-    // every event (at 10M events, 1,733 changed profiles: the campaign trait took 0.76 s).
-    if !engine
-        .hold(
-            CHANGED_EVENTS,
-            changed_events.clone(),
-            engine.limits.memory / 16,
-        )
-        .await?
-    {
-        ctx.register_table(CHANGED_EVENTS, changed_events.into_view())?;
-    }
-    Ok(())
+    // Computed once: the sessions and every carried trait file read them. As a view, each of
+    // those reads filtered all the events again, and the optimizer moved a trait's own filter
+    // below that filter, so its JSON was parsed for every event (at 10M events, 1,733 changed
+    // profiles: the campaign trait took 0.76 s). Held in memory when small (a sixteenth of the
+    // limit), otherwise written to the scratch folder.
+    engine
+        .hold_or_write(CHANGED_EVENTS, changed_events, engine.limits.memory / 16)
+        .await
 }
 
 /// The profiles this run found changed and their events, when it found them (an incremental
