@@ -688,6 +688,13 @@ pub async fn resolve(
     // Profile ids as a resolution of everything gives them: the published profiles of the
     // touched groups are the candidates; every published id stays taken.
     let in_touched = |t: u8, v: &str| touched_ids.contains(t, v);
+    // What each pass over the whole tables costs, for the log.
+    let mut step = std::time::Instant::now();
+    let mut lap = || {
+        let ms = step.elapsed().as_millis() as u64;
+        step = std::time::Instant::now();
+        ms
+    };
     let previous = super::previous_graph(engine, &resolution, Some(&in_touched)).await?;
     let ids = super::assign_profile_ids(&resolution, &previous);
     let changed_profiles = super::changed_profiles(&resolution, &ids, &previous);
@@ -699,6 +706,7 @@ pub async fn resolve(
         run_id,
         now,
     )?;
+    let previous_ms = lap();
 
     // Every other group keeps its published rows.
     let keep = |t: &str, v: &str| -> bool {
@@ -715,7 +723,9 @@ pub async fn resolve(
         &keep,
     )
     .await?;
+    let graph_kept_ms = lap();
     tables.graph = sort_graph(tables.graph, &rules)?;
+    let sort_ms = lap();
     tables.links = with_kept(
         engine,
         tables::IDENTITY_LINKS,
@@ -732,6 +742,7 @@ pub async fn resolve(
         &keep,
     )
     .await?;
+    let others_kept_ms = lap();
     tables.stats.identifiers = tables.graph.num_rows() as u64;
     tables.stats.profiles = sorted_distinct(texts(&tables.graph, "profile_id"));
     tables.stats.links_accepted = tables.links.num_rows() as u64;
@@ -759,11 +770,17 @@ pub async fn resolve(
     links_out.push(state.links);
     state.links = concat_batches(&links_schema(), &links_out)?;
     tables.groups = Some(state);
+    let state_ms = lap();
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         groups = touched.len(),
         identifiers = resolution.len(),
         new_files = new.files.len(),
+        previous_ms,
+        graph_kept_ms,
+        sort_ms,
+        others_kept_ms,
+        state_ms,
         "identity: resolved only the groups the new events reach"
     );
     Ok(Ok(tables))
@@ -808,12 +825,36 @@ fn sorted_distinct(sorted: &StringArray) -> u64 {
 }
 
 /// `identity_graph` in its published order: profile, then type priority, then value.
+///
+/// Profile ids that Tessera wrote (`p_` and 16 hex digits) sort as their numbers, so the sort
+/// compares a number and a rank per row and looks at the values only within a profile; any
+/// other id sends the whole table through Arrow's general sort (at 100M events, 17.3M rows).
 fn sort_graph(graph: RecordBatch, rules: &Rules) -> Result<RecordBatch> {
     let types = texts(&graph, "identifier_type");
     let rank: UInt8Array = types
         .iter()
         .map(|t| t.and_then(|t| rules.type_index(t)))
         .collect();
+    let profiles = texts(&graph, "profile_id");
+    let values = texts(&graph, "identifier_value");
+    let numbered: Option<Vec<(u64, u8, u32)>> = (0..graph.num_rows())
+        .map(|r| {
+            if profiles.is_null(r) || rank.is_null(r) || values.is_null(r) {
+                return None;
+            }
+            let number = tables::profile_id_number(profiles.value(r))?;
+            Some((number, rank.value(r), r as u32))
+        })
+        .collect();
+    if let Some(mut keys) = numbered {
+        keys.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| values.value(a.2 as usize).cmp(values.value(b.2 as usize)))
+        });
+        let order = arrow::array::UInt32Array::from_iter_values(keys.into_iter().map(|k| k.2));
+        return Ok(arrow::compute::take_record_batch(&graph, &order)?);
+    }
     let columns = [
         arrow::compute::SortColumn {
             values: graph.column_by_name("profile_id").expect("graph").clone(),
@@ -1045,6 +1086,88 @@ mod tests {
         ]);
         assert_eq!(sorted_distinct(&sorted), 3);
         assert_eq!(sorted_distinct(&StringArray::from(Vec::<&str>::new())), 0);
+    }
+
+    #[test]
+    fn the_graph_sorts_by_profile_number_as_by_its_text_and_other_ids_still_sort() {
+        use crate::config::{IdentifierConfig, IdentityConfig, Normalize};
+        let id = |name: &str| IdentifierConfig {
+            name: name.into(),
+            normalize: Normalize::Trim,
+            limit: None,
+            blocklist: Vec::new(),
+            max_links: None,
+        };
+        let rules = Rules::from_config(&IdentityConfig {
+            identifiers: vec![id("user_id"), id("email"), id("anonymous_id")],
+            default_country_code: "1".into(),
+            probabilistic: Vec::new(),
+        });
+        let names = ["user_id", "email", "anonymous_id"];
+        // Pseudo-random rows: 3000 identifiers over 400 profiles, types and values mixed.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let rows: Vec<(String, String, String)> = (0..3000)
+            .map(|i| {
+                let r = next();
+                (
+                    names[(r % 3) as usize].to_string(),
+                    format!("v{}", (r >> 8) % 50_000 + i),
+                    tables::profile_id_text((r >> 32) % 400 * 0x1_0000_0001),
+                )
+            })
+            .collect();
+        let batch = |rows: &[(String, String, String)]| {
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![
+                    Field::new("identifier_type", DataType::Utf8, false),
+                    Field::new("identifier_value", DataType::Utf8, false),
+                    Field::new("profile_id", DataType::Utf8, false),
+                ])),
+                vec![
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.0))),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.1))),
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.2))),
+                ],
+            )
+            .unwrap()
+        };
+        let listed = |b: &RecordBatch| -> Vec<(String, String, String)> {
+            let (t, v, p) = (
+                texts(b, "identifier_type"),
+                texts(b, "identifier_value"),
+                texts(b, "profile_id"),
+            );
+            (0..b.num_rows())
+                .map(|r| (p.value(r).into(), t.value(r).into(), v.value(r).into()))
+                .collect()
+        };
+        // Expected: by profile text, then type priority, then value.
+        let mut expected: Vec<(String, String, String)> = rows
+            .iter()
+            .map(|r| (r.2.clone(), r.0.clone(), r.1.clone()))
+            .collect();
+        let rank = |t: &str| names.iter().position(|n| *n == t).unwrap();
+        expected.sort_by(|a, b| (&a.0, rank(&a.1), &a.2).cmp(&(&b.0, rank(&b.1), &b.2)));
+        assert_eq!(listed(&sort_graph(batch(&rows), &rules).unwrap()), expected);
+
+        // One id Tessera did not write: the general sort, to the same order.
+        let mut other = rows.clone();
+        other[17].2 = "legacy-profile".into();
+        let mut expected: Vec<(String, String, String)> = other
+            .iter()
+            .map(|r| (r.2.clone(), r.0.clone(), r.1.clone()))
+            .collect();
+        expected.sort_by(|a, b| (&a.0, rank(&a.1), &a.2).cmp(&(&b.0, rank(&b.1), &b.2)));
+        assert_eq!(
+            listed(&sort_graph(batch(&other), &rules).unwrap()),
+            expected
+        );
     }
 
     #[test]
