@@ -556,7 +556,16 @@ impl Engine {
                 schema.get_or_insert_with(|| w.schema.clone());
                 rows += w.finish()?;
             }
+            // Every column nullable: partitions' batches may differ from each other and from
+            // the plan in nullability, and the files are read with one schema.
             let schema = schema.unwrap_or(planned);
+            let schema = arrow::datatypes::Schema::new(
+                schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone().with_nullable(true))
+                    .collect::<Vec<_>>(),
+            );
             let url = format!("{}/", spill.path().display());
             self.ctx.deregister_table(name)?;
             let options = datafusion::prelude::ParquetReadOptions {

@@ -260,7 +260,7 @@ unique = true
     );
     use std::collections::BTreeMap;
     let outcomes = |report: &serde_json::Value| -> BTreeMap<String, (i64, bool)> {
-        report["data_tests"]
+        let mut all: BTreeMap<String, (i64, bool)> = report["data_tests"]
             .as_array()
             .unwrap()
             .iter()
@@ -273,7 +273,11 @@ unique = true
                     ),
                 )
             })
-            .collect()
+            .collect();
+        // The test over `runs` (from the second run on) is never carried over.
+        let over_runs = all.remove("queries/tests/no_failed_runs.sql");
+        assert!(matches!(over_runs, None | Some((0, false))), "{report}");
+        all
     };
     let unique = "tests[0] profiles.profile_id unique".to_string();
     // The default identity rules' audit (one user_id per profile) reads the tables too.
@@ -281,6 +285,12 @@ unique = true
     let two = "queries/tests/two_profiles.sql".to_string();
     let first = p.run_json();
     assert_eq!(first["status"], "succeeded", "{first}");
+    // Reads `runs`, which a failed run changes without publishing: it runs every time.
+    write(
+        &p,
+        "queries/tests/no_failed_runs.sql",
+        "-- severity: warn\nSELECT run_id FROM runs WHERE status = 'failed'\n",
+    );
     assert_eq!(
         outcomes(&first),
         BTreeMap::from([
@@ -293,6 +303,14 @@ unique = true
     // Nothing new: both passed over the same tables, so neither runs again.
     let second = p.run_json();
     assert_eq!(second["status"], "unchanged", "{second}");
+    assert!(
+        second["data_tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["name"] == "queries/tests/no_failed_runs.sql"),
+        "{second}"
+    );
     assert_eq!(
         outcomes(&second),
         BTreeMap::from([
