@@ -535,16 +535,24 @@ async fn stages(
         let mut writes = vec![
             (
                 tables::IDENTITY_GRAPH,
-                identity.graph.clone(),
+                vec![identity.graph.clone()],
                 WriteMode::Replace,
             ),
-            (tables::IDENTITY_LINKS, identity.links, WriteMode::Replace),
+            (
+                tables::IDENTITY_LINKS,
+                vec![identity.links],
+                WriteMode::Replace,
+            ),
             (
                 tables::IDENTITY_CONFLICTS,
-                identity.conflicts,
+                vec![identity.conflicts],
                 WriteMode::Replace,
             ),
-            (tables::PROFILE_MERGES, identity.merges, WriteMode::Append),
+            (
+                tables::PROFILE_MERGES,
+                vec![identity.merges],
+                WriteMode::Append,
+            ),
         ];
         // The groups kept for the next incremental run (see identity::groups).
         let groups_meta = match identity.groups {
@@ -556,8 +564,8 @@ async fn stages(
             }
             None => None,
         };
-        let writes = writes.into_iter().map(|(name, batch, mode)| async move {
-            let df = ctx.read_batch(batch)?;
+        let writes = writes.into_iter().map(|(name, batches, mode)| async move {
+            let df = ctx.read_batches(batches)?;
             let committed = outputs.write(ctx, name, df, mode).await?;
             Ok::<_, Error>((name, committed))
         });

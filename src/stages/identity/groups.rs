@@ -30,7 +30,7 @@
 //! them. Anything else (`--full`, changed rules or queries, a `forget` that rewrote the graph
 //! or the history, missing state, another release) resolves every group, as before.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -71,9 +71,9 @@ pub const EVERY_EVENT: &str = "every event";
 /// The groups a run leaves, to publish with its identity tables.
 pub struct Groups {
     /// `_state/identity_ids` rows.
-    pub ids: RecordBatch,
+    pub ids: Vec<RecordBatch>,
     /// `_state/identity_links` rows.
-    pub links: RecordBatch,
+    pub links: Vec<RecordBatch>,
     /// See [`fingerprint`].
     pub fingerprint: String,
 }
@@ -197,7 +197,7 @@ struct IdSet(Vec<HashSet<Box<str>>>);
 
 impl IdSet {
     fn new(types: usize) -> Self {
-        IdSet(vec![HashSet::new(); types])
+        IdSet(vec![HashSet::default(); types])
     }
 
     fn insert(&mut self, t: u8, v: &str) {
@@ -571,7 +571,7 @@ pub async fn resolve(
     for (t, v) in fresh.identifiers() {
         fresh_ids.insert(t, v);
     }
-    let mut touched: HashSet<i64> = HashSet::new();
+    let mut touched: HashSet<i64> = HashSet::default();
     for batch in &kept.ids {
         let (g, t, v) = (
             groups_column(batch),
@@ -759,16 +759,17 @@ pub async fn resolve(
             .collect();
         Ok(filter_record_batch(batch, &mask)?)
     };
+    // Kept as the batches they are: one table of them would copy every kept row again.
     let mut ids_out = kept.ids.iter().map(untouched).collect::<Result<Vec<_>>>()?;
-    ids_out.push(state.ids);
-    state.ids = concat_batches(&ids_schema(), &ids_out)?;
+    ids_out.extend(state.ids);
+    state.ids = ids_out;
     let mut links_out = kept
         .links
         .iter()
         .map(untouched)
         .collect::<Result<Vec<_>>>()?;
-    links_out.push(state.links);
-    state.links = concat_batches(&links_schema(), &links_out)?;
+    links_out.extend(state.links);
+    state.links = links_out;
     tables.groups = Some(state);
     let state_ms = lap();
     tracing::info!(
@@ -1049,8 +1050,8 @@ pub(super) fn of_resolution(
         ],
     )?;
     Ok(Groups {
-        ids: ids_batch,
-        links: links_batch,
+        ids: vec![ids_batch],
+        links: vec![links_batch],
         fingerprint,
     })
 }
@@ -1202,8 +1203,8 @@ mod tests {
             merges: Vec::new(),
         };
         let groups = of_resolution(&res, &ids, String::new()).unwrap();
-        let g = groups_column(&groups.ids);
-        let v = texts(&groups.ids, "identifier_value");
+        let g = groups_column(&groups.ids[0]);
+        let v = texts(&groups.ids[0], "identifier_value");
         let of = |value: &str| {
             (0..v.len())
                 .find(|&r| v.value(r) == value)
@@ -1214,7 +1215,7 @@ mod tests {
         assert_ne!(of("u3"), of("a1"));
         // Numbered by the least member, whichever order the graph was built in.
         assert_eq!(of("a1"), Some(group_number(0, b"u1")));
-        let kinds: Vec<&str> = texts(&groups.links, "kind").iter().flatten().collect();
+        let kinds: Vec<&str> = texts(&groups.links[0], "kind").iter().flatten().collect();
         assert_eq!(kinds.iter().filter(|k| **k == KIND_LINK).count(), 2);
         assert_eq!(kinds.iter().filter(|k| **k == KIND_DROPPED).count(), 1);
     }
