@@ -1157,8 +1157,8 @@ mod tests {
         assert!(is_json(r#"{"emoji": "\ud83d\ude00", "n": -1.5e3}"#));
     }
 
-    #[tokio::test]
-    async fn a_held_table_takes_its_share_of_the_pool_until_released() {
+    /// An engine over an empty project with a 256 MiB memory limit (and its folder).
+    async fn engine_with_256_mib() -> (tempfile::TempDir, Engine) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(crate::config::CONFIG_FILE),
@@ -1168,6 +1168,12 @@ mod tests {
         let engine = Engine::open(Project::load(dir.path()).unwrap())
             .await
             .unwrap();
+        (dir, engine)
+    }
+
+    #[tokio::test]
+    async fn a_held_table_takes_its_share_of_the_pool_until_released() {
+        let (_dir, engine) = engine_with_256_mib().await;
         let pool = engine.ctx.runtime_env().memory_pool.clone();
         let values = arrow::array::Int64Array::from_iter_values(0..1_000_000);
         let batch = RecordBatch::try_from_iter([("v", Arc::new(values) as ArrayRef)]).unwrap();
@@ -1215,15 +1221,7 @@ mod tests {
 
     #[tokio::test]
     async fn rows_past_the_budget_are_written_once_to_the_scratch_folder_until_released() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(crate::config::CONFIG_FILE),
-            "[storage]\nevents = \"events\"\noutput = \"out\"\n[run]\nmemory_limit = \"256MiB\"\n",
-        )
-        .unwrap();
-        let engine = Engine::open(Project::load(dir.path()).unwrap())
-            .await
-            .unwrap();
+        let (_dir, engine) = engine_with_256_mib().await;
         let pool = engine.ctx.runtime_env().memory_pool.clone();
         // Eight batches over the engine's partitions, counted as they are read.
         let batches: Vec<RecordBatch> = (0..8)

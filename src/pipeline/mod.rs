@@ -961,30 +961,24 @@ async fn stages(
     // Data tests read the tables as this run would publish them; a failing `error` test
     // stops the publish.
     let keys = run_data_tests(engine, progress, report, false).await?;
-    let tested = data_tests::state_batch(&report.data_tests, &keys)?;
-    let committed = outputs
-        .write(
-            ctx,
-            data_tests::STATE,
-            ctx.read_batch(tested)?,
-            WriteMode::Replace,
-        )
-        .await?;
-    report
-        .tables
-        .insert(data_tests::STATE.to_string(), committed);
 
-    // The graph as this run leaves it, and the tables it carries over unchanged.
-    let nodes = graph::state_batch(&graph, &fingerprints, report.as_of)?;
-    let committed = outputs
-        .write(
-            ctx,
+    // The tests' keys, the graph as this run leaves it, and the tables it carries over
+    // unchanged.
+    for (name, state) in [
+        (
+            data_tests::STATE,
+            data_tests::state_batch(&report.data_tests, &keys)?,
+        ),
+        (
             graph::STATE,
-            ctx.read_batch(nodes)?,
-            WriteMode::Replace,
-        )
-        .await?;
-    report.tables.insert(graph::STATE.to_string(), committed);
+            graph::state_batch(&graph, &fingerprints, report.as_of)?,
+        ),
+    ] {
+        let committed = outputs
+            .write(ctx, name, ctx.read_batch(state)?, WriteMode::Replace)
+            .await?;
+        report.tables.insert(name.to_string(), committed);
+    }
     carry_tables(engine, &plan, previous.as_ref(), report).await?;
     Ok(Work::Done)
 }

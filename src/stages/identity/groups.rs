@@ -838,8 +838,12 @@ fn sort_graph(graph: RecordBatch, rules: &Rules) -> Result<RecordBatch> {
         .collect();
     let profiles = texts(&graph, "profile_id");
     let values = texts(&graph, "identifier_value");
-    let numbered: Option<Vec<(u64, u8, u32)>> = (0..graph.num_rows())
+    let rows = graph.num_rows();
+    let numbered: Option<Vec<(u64, u8, u32)>> = (0..rows)
         .map(|r| {
+            if r > u32::MAX as usize {
+                return None;
+            }
             if profiles.is_null(r) || rank.is_null(r) || values.is_null(r) {
                 return None;
             }
