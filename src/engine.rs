@@ -102,6 +102,24 @@ impl HeldWriter {
         })
     }
 
+    /// A writer for partition `part` that starts with `batches` (the rows read before the
+    /// budget passed); `None` when there are none.
+    fn starting_with(
+        folder: &std::path::Path,
+        part: usize,
+        batches: impl IntoIterator<Item = RecordBatch>,
+    ) -> Result<Option<HeldWriter>> {
+        let mut batches = batches.into_iter().peekable();
+        let Some(first) = batches.peek() else {
+            return Ok(None);
+        };
+        let mut writer = HeldWriter::create(folder, part, first.schema())?;
+        for batch in batches {
+            writer.write(&batch)?;
+        }
+        Ok(Some(writer))
+    }
+
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         self.writer.write(batch)?;
         Ok(())
@@ -495,11 +513,7 @@ impl Engine {
                         let Some(folder) = &folder else {
                             return Ok::<_, Error>((i, None, None));
                         };
-                        let mut w = HeldWriter::create(folder, i, batches[0].schema())?;
-                        for b in batches.drain(..) {
-                            w.write(&b)?;
-                        }
-                        writer = Some(w);
+                        writer = HeldWriter::starting_with(folder, i, batches.drain(..))?;
                     }
                 }
                 Ok((i, Some(batches), writer))
@@ -542,13 +556,7 @@ impl Engine {
             };
             // Partitions that ended before the budget passed hold their batches still.
             for (i, batches) in read_parts {
-                if let Some(first) = batches.first() {
-                    let mut w = HeldWriter::create(spill.path(), i, first.schema())?;
-                    for b in &batches {
-                        w.write(b)?;
-                    }
-                    writers.push(w);
-                }
+                writers.extend(HeldWriter::starting_with(spill.path(), i, batches)?);
             }
             let mut schema = None;
             let mut rows = 0;

@@ -286,9 +286,11 @@ pub async fn keys(
         None => None,
     };
     let mut out = BTreeMap::new();
+    let mut listed = BTreeMap::new();
     for test in tests {
         let inputs =
-            crate::pipeline::graph::test_inputs(engine, &test.name, &test.sql, as_of).await?;
+            crate::pipeline::graph::test_inputs(engine, &test.name, &test.sql, as_of, &mut listed)
+                .await?;
         if let Some(inputs) = inputs {
             out.insert(
                 test.name.clone(),

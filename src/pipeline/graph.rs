@@ -188,12 +188,14 @@ fn dialect(engine: &Engine) -> String {
 /// What decides the rows of a data test besides the output tables: its SQL, Tessera's
 /// version, the files of each `[[sources]]` table it reads and, when it reads the clock,
 /// the as-of. `None` when its reads cannot be worked out, or when it reads `runs` (a failed
-/// run appends to it without publishing anything): such a test is always run.
+/// run appends to it without publishing anything): such a test is always run. `listed`
+/// holds the sources' digests already listed, so tests reading one source list it once.
 pub async fn test_inputs(
     engine: &Engine,
     name: &str,
     sql: &str,
     as_of: DateTime<Utc>,
+    listed: &mut BTreeMap<String, String>,
 ) -> Result<Option<String>> {
     let file = QueryFile {
         file: name.to_string(),
@@ -206,8 +208,8 @@ pub async fn test_inputs(
     if reads.runs {
         return Ok(None);
     }
-    let mut text = format!("{sql}\u{0}{}", env!("CARGO_PKG_VERSION"));
-    for (source, digest) in source_digests(engine, &reads.sources, &mut BTreeMap::new()).await? {
+    let mut text = sql_code(&file);
+    for (source, digest) in source_digests(engine, &reads.sources, listed).await? {
         text.push_str(&format!("\u{0}{source}={digest}"));
     }
     if is_time_dependent(sql, &dialect(engine)) {
