@@ -1,6 +1,8 @@
 //! `tessera validate` plans every SQL file against the schemas a run would give it, and data
 //! tests (`queries/tests/*.sql`, `[[tests]]`, the identity audits) run before the publish.
 
+use std::collections::BTreeMap;
+
 use crate::common::*;
 
 fn person(id: &'static str, user: &'static str, day: i64) -> Ev {
@@ -103,6 +105,24 @@ fn validate_finds_misspelt_columns_and_missing_segments_with_their_place() {
     );
 }
 
+/// A run report's data tests: name → (failing rows, carried over).
+fn data_tests(report: &serde_json::Value) -> BTreeMap<String, (i64, bool)> {
+    report["data_tests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no data_tests in {report}"))
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap().to_string(),
+                (
+                    o["failing_rows"].as_i64().unwrap(),
+                    o["carried"].as_bool().unwrap_or(false),
+                ),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn an_error_data_test_blocks_the_publish_and_a_warn_test_is_reported() {
     let p = TempProject::new(
@@ -159,14 +179,12 @@ severity = "warn"
     let first = p.run_json();
     assert_eq!(first["status"], "succeeded");
     let outcome = |report: &serde_json::Value, name: &str| -> i64 {
-        report["data_tests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|o| o["name"].as_str().unwrap().starts_with(name))
-            .unwrap_or_else(|| panic!("{name} in {report}"))["failing_rows"]
-            .as_i64()
-            .unwrap()
+        data_tests(report)
+            .into_iter()
+            .find(|(test, _)| test.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .1
+             .0
     };
     // u2 breaks accepted_values; each profile holds a user id and a device id (2 > 1).
     assert_eq!(
@@ -258,22 +276,8 @@ unique = true
         "queries/tests/two_profiles.sql",
         "-- severity: warn\nSELECT count(*) AS profiles FROM profiles HAVING count(*) <> 2\n",
     );
-    use std::collections::BTreeMap;
     let outcomes = |report: &serde_json::Value| -> BTreeMap<String, (i64, bool)> {
-        let mut all: BTreeMap<String, (i64, bool)> = report["data_tests"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| {
-                (
-                    o["name"].as_str().unwrap().to_string(),
-                    (
-                        o["failing_rows"].as_i64().unwrap(),
-                        o["carried"].as_bool().unwrap_or(false),
-                    ),
-                )
-            })
-            .collect();
+        let mut all = data_tests(report);
         // The test over `runs` (from the second run on) is never carried over.
         let over_runs = all.remove("queries/tests/no_failed_runs.sql");
         assert!(matches!(over_runs, None | Some((0, false))), "{report}");
