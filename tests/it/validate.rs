@@ -251,6 +251,31 @@ severity = "warn"
 }
 
 #[test]
+fn a_test_over_runs_passes_on_a_projects_first_run() {
+    // `runs` is written at the end of a run, so the first run's tests find no table yet.
+    let p = project();
+    write(
+        &p,
+        "queries/tests/no_failed_runs.sql",
+        "SELECT run_id, error FROM runs WHERE status = 'failed'\n",
+    );
+    let first = p.run_json();
+    assert_eq!(first["status"], "succeeded", "{first}");
+    let name = "queries/tests/no_failed_runs.sql".to_string();
+    assert_eq!(data_tests(&first).get(&name), Some(&(0, false)), "{first}");
+    // The run published `runs`; the next run's test reads it, and still finds no failed run.
+    assert_eq!(p.query("SELECT count(*) AS n FROM runs")[0]["n"], 1);
+    let text = ok(run(&mut p.cmd(&["run", "--full", "--json", "--quiet"])));
+    let second: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(second["status"], "succeeded", "{second}");
+    assert_eq!(
+        data_tests(&second).get(&name),
+        Some(&(0, false)),
+        "{second}"
+    );
+}
+
+#[test]
 fn a_run_with_nothing_to_recompute_runs_only_the_tests_whose_inputs_changed() {
     let p = TempProject::new(
         r#"[storage]
