@@ -245,23 +245,6 @@ pub async fn run_all(engine: &Engine, tests: &[DataTest]) -> Result<Vec<Outcome>
         .ctx
         .table_exist(tables::IDENTITY_GRAPH)
         .unwrap_or(false);
-    // `runs` is first written at the end of a project's first run: until then a test over it
-    // reads it empty, as it would read a table of no failed runs.
-    let no_runs_yet = !engine.ctx.table_exist(tables::RUNS)?;
-    if no_runs_yet {
-        let schema = crate::pipeline::runs::RunReport::schema();
-        let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
-        engine.ctx.register_table(tables::RUNS, Arc::new(empty))?;
-    }
-    let outcomes = run_each(engine, tests, has_graph).await;
-    if no_runs_yet {
-        engine.ctx.deregister_table(tables::RUNS)?;
-    }
-    outcomes
-}
-
-/// Runs `tests` in turn (the audits only when there is an identity graph).
-async fn run_each(engine: &Engine, tests: &[DataTest], has_graph: bool) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
     for test in tests {
         if test.name.starts_with("audit:") && !has_graph {

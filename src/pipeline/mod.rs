@@ -999,11 +999,22 @@ async fn run_data_tests(
     }
     let spinner = progress.spinner("data tests");
     let keys = data_tests::keys(engine, &tests, report.as_of).await?;
+    // `runs` is first written at the end of a project's first run: until then a test over it
+    // reads it empty, as it would read a table of no failed runs.
+    let no_runs_yet = !engine.ctx.table_exist(tables::RUNS)?;
+    if no_runs_yet {
+        let empty = datafusion::datasource::MemTable::try_new(RunReport::schema(), vec![vec![]])?;
+        engine.ctx.register_table(tables::RUNS, Arc::new(empty))?;
+    }
     let outcomes = if carry {
-        data_tests::run_changed(engine, &tests, &keys).await?
+        data_tests::run_changed(engine, &tests, &keys).await
     } else {
-        data_tests::run_all(engine, &tests).await?
+        data_tests::run_all(engine, &tests).await
     };
+    if no_runs_yet {
+        engine.ctx.deregister_table(tables::RUNS)?;
+    }
+    let outcomes = outcomes?;
     spinner.finish_and_clear();
     report.data_tests = outcomes;
     match data_tests::blocking(&report.data_tests) {
