@@ -436,7 +436,7 @@ async fn stages(
     if !plan.has_work() {
         // Nothing to recompute, but a test may be new: tests check the published tables.
         // One that passed over these same tables at the last run is not run again.
-        engine.register_outputs().await?;
+        register_outputs(engine).await?;
         run_data_tests(engine, progress, report, true).await?;
         return Ok(Work::Nothing);
     }
@@ -444,7 +444,7 @@ async fn stages(
     let previous = previous_run(engine).await?;
     // Every published table stands in for its node until (unless) the node is recomputed;
     // the tables of retired nodes and of built-in nodes nothing needs are not read.
-    engine.register_outputs().await?;
+    register_outputs(engine).await?;
     for table in plan
         .steps
         .iter()
@@ -999,22 +999,11 @@ async fn run_data_tests(
     }
     let spinner = progress.spinner("data tests");
     let keys = data_tests::keys(engine, &tests, report.as_of).await?;
-    // `runs` is first written at the end of a project's first run: until then a test over it
-    // reads it empty, as it would read a table of no failed runs.
-    let no_runs_yet = !engine.ctx.table_exist(tables::RUNS)?;
-    if no_runs_yet {
-        let empty = datafusion::datasource::MemTable::try_new(RunReport::schema(), vec![vec![]])?;
-        engine.ctx.register_table(tables::RUNS, Arc::new(empty))?;
-    }
     let outcomes = if carry {
-        data_tests::run_changed(engine, &tests, &keys).await
+        data_tests::run_changed(engine, &tests, &keys).await?
     } else {
-        data_tests::run_all(engine, &tests).await
+        data_tests::run_all(engine, &tests).await?
     };
-    if no_runs_yet {
-        engine.ctx.deregister_table(tables::RUNS)?;
-    }
-    let outcomes = outcomes?;
     spinner.finish_and_clear();
     report.data_tests = outcomes;
     match data_tests::blocking(&report.data_tests) {
@@ -1202,6 +1191,18 @@ async fn event_history(
     let valid = report.rows_read.saturating_sub(report.rows_rejected);
     report.rows_duplicate = valid.saturating_sub(report.new_events + report.suppressed);
     Ok(read_ids)
+}
+
+/// Registers the published tables for the run's SQL. `runs` is first written when a
+/// project's first run ends: until then SQL over it (a data test, a report) reads it empty,
+/// as a table of no earlier runs.
+async fn register_outputs(engine: &Engine) -> Result<()> {
+    engine.register_outputs().await?;
+    if !engine.ctx.table_exist(tables::RUNS)? {
+        let empty = datafusion::datasource::MemTable::try_new(RunReport::schema(), vec![vec![]])?;
+        engine.ctx.register_table(tables::RUNS, Arc::new(empty))?;
+    }
+    Ok(())
 }
 
 /// Copies the resolved events once for the many stages that read them.

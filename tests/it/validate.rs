@@ -251,18 +251,27 @@ severity = "warn"
 }
 
 #[test]
-fn a_test_over_runs_passes_on_a_projects_first_run() {
-    // `runs` is written at the end of a run, so the first run's tests find no table yet.
+fn sql_over_runs_reads_it_empty_on_a_projects_first_run() {
+    // `runs` is written at the end of a run, so the first run's SQL finds no table yet.
     let p = project();
     write(
         &p,
         "queries/tests/no_failed_runs.sql",
         "SELECT run_id, error FROM runs WHERE status = 'failed'\n",
     );
+    write(
+        &p,
+        "queries/reports/earlier_runs.sql",
+        "SELECT count(*) AS runs FROM runs\n",
+    );
     let first = p.run_json();
     assert_eq!(first["status"], "succeeded", "{first}");
     let name = "queries/tests/no_failed_runs.sql".to_string();
     assert_eq!(data_tests(&first).get(&name), Some(&(0, false)), "{first}");
+    assert_eq!(
+        p.query("SELECT runs FROM reports.earlier_runs")[0]["runs"],
+        0
+    );
     // The run published `runs`; the next run's test reads it, and still finds no failed run.
     assert_eq!(p.query("SELECT count(*) AS n FROM runs")[0]["n"], 1);
     let text = ok(run(&mut p.cmd(&["run", "--full", "--json", "--quiet"])));
